@@ -1,0 +1,33 @@
+"""Exception types. Every message names the argument or Pyro site, what was expected, what was found,
+and the fix, in the style of Pyro's own ``check_site_shape``."""
+
+from __future__ import annotations
+
+
+class PyroVAEError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(PyroVAEError, ValueError):
+    """An argument (of a constructor, of ``fit`` or of the command line) is out of range or unknown."""
+
+
+class DataError(PyroVAEError, ValueError):
+    """Data that cannot be used as given: empty, non-finite, wrong shape, or outside a likelihood's support."""
+
+
+class ShapeError(PyroVAEError, ValueError):
+    """A network, prior or likelihood produced a tensor or distribution of the wrong shape."""
+
+
+class CheckpointError(PyroVAEError):
+    """A run folder or checkpoint that does not exist, is not a run, or does not fit this configuration."""
+
+
+class NonFiniteLossError(PyroVAEError, FloatingPointError):
+    """Training produced a non-finite loss or gradient."""
+
+
+def message(what: str, expected: str, found: str, fix: str) -> str:
+    """One error line: ``what: expected ..., found .... Fix: ...``."""
+    return f"{what}: expected {expected}, found {found}. Fix: {fix}"

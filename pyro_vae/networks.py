@@ -1,0 +1,143 @@
+"""Encoder and decoder networks: pure ``torch.nn`` modules with no probabilistic primitives.
+
+Every network accepts any number of leading batch dimensions, so Pyro's vectorized particles
+(``Trace_ELBO(num_particles=P, vectorize_particles=True)``) pass a ``(P, batch, z_dim)`` latent
+straight through a decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, message
+
+__all__ = ["MLP", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "image_shape"]
+
+
+def _check_positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    if any(v < 1 for v in values):
+        raise ConfigError(message(name, "positive integers", str(values), f"pass {name} with every entry >= 1"))
+    return values
+
+
+class MLP(nn.Module):
+    """Linear layers with an activation between them, acting on the last dimension."""
+
+    def __init__(self, sizes: Sequence[int], activation: type[nn.Module] = nn.Softplus) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(activation())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLPEncoder(nn.Module):
+    """Flattens ``(..., *data_shape)`` and maps it to ``(..., out_features)``."""
+
+    def __init__(self, data_shape: Sequence[int], out_features: int, hidden: Sequence[int] = (400,)) -> None:
+        super().__init__()
+        self.data_shape = _check_positive_ints("data_shape", data_shape)
+        hidden = _check_positive_ints("hidden", hidden)
+        self.mlp = MLP((math.prod(self.data_shape), *hidden, int(out_features)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[: x.dim() - len(self.data_shape)]
+        return self.mlp(x.reshape(*batch, -1))
+
+
+class MLPDecoder(nn.Module):
+    """Maps ``(..., z_dim)`` to ``(..., *data_shape)`` (logits or means, one per data entry)."""
+
+    def __init__(self, z_dim: int, data_shape: Sequence[int], hidden: Sequence[int] = (400,)) -> None:
+        super().__init__()
+        self.data_shape = _check_positive_ints("data_shape", data_shape)
+        hidden = _check_positive_ints("hidden", hidden)
+        self.mlp = MLP((int(z_dim), *hidden, math.prod(self.data_shape)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mlp(z).reshape(*z.shape[:-1], *self.data_shape)
+
+
+def image_shape(data_shape: Sequence[int]) -> tuple[int, int, int]:
+    """``(C, H, W)`` for an image ``data_shape`` of ``(C, H, W)`` or ``(H, W)``."""
+    shape = tuple(int(s) for s in data_shape)
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) == 3:
+        return shape  # type: ignore[return-value]
+    raise ConfigError(
+        message(
+            "data_shape",
+            "an image shape (C, H, W) or (H, W) for a convolutional network",
+            str(shape),
+            "reshape the data to images (e.g. (1, 8, 8) for the digits) or use net='mlp'",
+        )
+    )
+
+
+def _conv_sizes(h: int) -> tuple[int, int]:
+    h1 = (h - 1) // 2 + 1  # 3x3, stride 2, padding 1
+    return h1, (h1 - 1) // 2 + 1
+
+
+class ConvEncoder(nn.Module):
+    """Two stride-2 3x3 convolutions (16, 32 channels), then a convolution covering the remaining
+    feature map (7x7 for 28x28 input) to ``out_features`` channels."""
+
+    def __init__(self, data_shape: Sequence[int], out_features: int, channels: Sequence[int] = (16, 32)) -> None:
+        super().__init__()
+        self.data_shape = tuple(int(s) for s in data_shape)
+        c, h, w = image_shape(data_shape)
+        c1, c2 = _check_positive_ints("channels", channels)
+        (_, h2), (_, w2) = _conv_sizes(h), _conv_sizes(w)
+        self.net = nn.Sequential(
+            nn.Conv2d(c, c1, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c2, int(out_features), (h2, w2)),
+        )
+        self._chw = (c, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[: x.dim() - len(self.data_shape)]
+        out = self.net(x.reshape(-1, *self._chw))
+        return out.reshape(*batch, -1)
+
+
+class ConvDecoder(nn.Module):
+    """The mirror of :class:`ConvEncoder`: a transposed convolution from ``z`` to the small feature map,
+    then two stride-2 transposed 3x3 convolutions (32 -> 16 -> C channels) back to ``data_shape``."""
+
+    def __init__(self, z_dim: int, data_shape: Sequence[int], channels: Sequence[int] = (16, 32)) -> None:
+        super().__init__()
+        self.data_shape = tuple(int(s) for s in data_shape)
+        c, h, w = image_shape(data_shape)
+        c1, c2 = _check_positive_ints("channels", channels)
+        (h1, h2), (w1, w2) = _conv_sizes(h), _conv_sizes(w)
+        # output = (in - 1) * 2 - 2 + 3 + output_padding = 2 * in - 1 + output_padding
+        op1 = (h1 - (2 * h2 - 1), w1 - (2 * w2 - 1))
+        op2 = (h - (2 * h1 - 1), w - (2 * w1 - 1))
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(int(z_dim), c2, (h2, w2)),
+            nn.ReLU(),
+            nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=op1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(c1, c, 3, stride=2, padding=1, output_padding=op2),
+        )
+        self.z_dim = int(z_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[:-1]
+        out = self.net(z.reshape(-1, self.z_dim, 1, 1))
+        return out.reshape(*batch, *self.data_shape)

@@ -1,0 +1,122 @@
+"""Pictures, drawn with matplotlib's Agg backend (no screen needed). Each function writes one PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["image_grid", "save_image_grid", "save_reconstructions", "save_elbo_curve", "save_latent_map",
+           "as_images"]
+
+PathLike = Union[str, Path]
+
+
+def as_images(x: torch.Tensor) -> Optional[np.ndarray]:
+    """``(N, H, W)`` grey images from ``(N, 1, H, W)``, ``(N, H, W)`` or square flat ``(N, D)``; else ``None``."""
+    x = x.detach().cpu().float()
+    if x.dim() == 4 and x.shape[1] == 1:
+        return x[:, 0].numpy()
+    if x.dim() == 3:
+        return x.numpy()
+    if x.dim() == 2 and int(math.isqrt(x.shape[1])) ** 2 == x.shape[1]:
+        s = math.isqrt(x.shape[1])
+        return x.reshape(-1, s, s).numpy()
+    return None
+
+
+def image_grid(images: np.ndarray, ncol: Optional[int] = None, pad: int = 1) -> np.ndarray:
+    n, h, w = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.float32)
+    for k in range(n):
+        r, c = divmod(k, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[k]
+    return grid
+
+
+def _save(fig: plt.Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _show_grid(grid: np.ndarray, title: str, path: PathLike) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1]))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title)
+    ax.axis("off")
+    return _save(fig, path)
+
+
+def save_image_grid(x: torch.Tensor, path: PathLike, title: str = "", ncol: Optional[int] = None) -> Path:
+    """A grid of images (values in [0, 1]); non-image data is drawn as one row of bars per data point."""
+    imgs = as_images(x)
+    if imgs is None:
+        flat = x.detach().cpu().reshape(x.shape[0], -1).numpy()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.imshow(flat, aspect="auto", cmap="viridis")
+        ax.set_xlabel("data entry")
+        ax.set_ylabel("sample")
+        ax.set_title(title)
+        return _save(fig, path)
+    return _show_grid(image_grid(np.clip(imgs, 0, 1), ncol), title, path)
+
+
+def save_reconstructions(x: torch.Tensor, recon: torch.Tensor, path: PathLike, n: int = 16) -> Path:
+    """Originals (odd rows) above their reconstructions (even rows)."""
+    x, recon = x[:n], recon[:n]
+    imgs, rimgs = as_images(x), as_images(recon)
+    if imgs is None or rimgs is None:
+        return save_image_grid(torch.cat([x.reshape(len(x), -1), recon.reshape(len(x), -1)]), path,
+                               "data (top) / reconstructions (bottom)")
+    ncol = min(8, len(imgs))
+    rows = []
+    for i in range(0, len(imgs), ncol):
+        rows += [imgs[i: i + ncol], rimgs[i: i + ncol]]
+    stacked = np.concatenate([r for r in rows if len(r) == ncol] or [imgs, rimgs])
+    return _show_grid(image_grid(np.clip(stacked, 0, 1), ncol), "data / reconstruction (alternate rows)", path)
+
+
+def save_elbo_curve(history: Sequence[dict], path: PathLike) -> Path:
+    """Train and validation ELBO per data point against the epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_elbo"] for h in history], label="train")
+    if any(h.get("val_elbo") is not None for h in history):
+        ax.plot(epochs, [h["val_elbo"] for h in history], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO (nats per data point)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def save_latent_map(z: torch.Tensor, labels: Optional[torch.Tensor], path: PathLike) -> Path:
+    """2-D map of latent codes coloured by label; a PCA projection when ``z_dim > 2``."""
+    z = z.detach().cpu().reshape(z.shape[0], -1).numpy()
+    title = "posterior means"
+    if z.shape[1] > 2:
+        from sklearn.decomposition import PCA
+
+        z = PCA(n_components=2, random_state=0).fit_transform(z)
+        title += " (PCA to 2-D)"
+    elif z.shape[1] == 1:
+        z = np.concatenate([z, np.zeros_like(z)], axis=1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    c = None if labels is None else labels.detach().cpu().numpy()
+    sc = ax.scatter(z[:, 0], z[:, 1], c=c, cmap="tab10", s=6)
+    if c is not None:
+        fig.colorbar(sc, ax=ax, label="label")
+    ax.set_title(title)
+    return _save(fig, path)
