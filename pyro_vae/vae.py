@@ -234,6 +234,11 @@ class VAE(nn.Module):
         if isinstance(self.likelihood, Likelihood):
             self.likelihood.check_data(x, what)
 
+    def _batch_size(self, x: torch.Tensor) -> int:
+        # The "data" plate covers the dimension just left of data_shape; any further leading dimensions of x
+        # belong to the caller's outer plates (declared with dim=-2 or lower).
+        return x.shape[x.dim() - len(self.data_shape) - 1]
+
     def _check_x(self, x: torch.Tensor) -> None:
         if tuple(x.shape[1:]) != self.data_shape:
             self.check_data(x)  # raises with the shape message
@@ -257,7 +262,7 @@ class VAE(nn.Module):
         self._register("likelihood", self.likelihood)
         if x is not None:
             self._check_x(x)
-            batch, device = x.shape[0], x.device
+            batch, device = self._batch_size(x), x.device
         else:
             if batch_size is None:
                 raise ConfigError(message("batch_size", "an integer when x is None", "None",
@@ -282,7 +287,7 @@ class VAE(nn.Module):
             raise ConfigError(message("guide x", "a data batch", "None",
                                       "the guide encodes data: sample from the prior with vae.sample(n)"))
         self._check_x(x)
-        with self._plate(x.shape[0], num_data, x.device):
+        with self._plate(self._batch_size(x), num_data, x.device):
             with self._kl_scale():
                 return pyro.sample(self._site("z"), self.encoder.distribution(x))
 
