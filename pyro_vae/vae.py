@@ -17,6 +17,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
+from pyro.params import param_with_module_name
 from torch import nn
 
 from .encoders import Encoder, GaussianEncoder
@@ -174,7 +175,7 @@ class VAE(nn.Module):
         if not pyro.settings.get("module_local_params"):
             store = pyro.get_param_store()
             for pname, param in module.named_parameters():
-                full = f"{name}${pname}"
+                full = param_with_module_name(name, pname)
                 if full in store._params and store._params[full] is not param:
                     raise ConfigError(message(
                         f'Pyro param "{full}"', "the parameter of this VAE's module",
