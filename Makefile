@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/pyro-vae train --data digits --z-dim 8 --likelihood continuous-bernoulli \
-	    --elbo meanfield --epochs 60 --batch-size 64 --lr 3e-3 --seed 0 --out runs/demo
+	    --elbo meanfield --epochs 100 --batch-size 64 --lr 3e-3 --seed 0 --out runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
