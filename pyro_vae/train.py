@@ -8,8 +8,12 @@ wrappers is what lets its state go into one checkpoint and lets the same loop ru
 
 from __future__ import annotations
 
+import json
 import math
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -18,7 +22,7 @@ import pyro
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from .errors import ConfigError, NonFiniteLossError, message
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, message
 from .step import svi_step
 from .vae import VAE
 
@@ -86,14 +90,15 @@ class History:
 @dataclass
 class TrainState:
     """What callbacks see: ``on_step(state)`` after every optimizer step, ``on_epoch_end(state)`` after
-    every epoch (``state.stop = True`` ends training)."""
+    every epoch (``state.stop = True`` ends training). ``loss`` is the last step's loss as a 0-dim tensor on
+    the device (``float(state.loss)`` waits for it)."""
 
     vae: VAE
     optimizer: torch.optim.Optimizer
     history: History
     epoch: int = 0
     step: int = 0
-    loss: float = math.nan
+    loss: Any = math.nan
     stop: bool = False
 
 
@@ -118,6 +123,104 @@ def _check_positive(name: str, value: Any, integer: bool) -> None:
         raise ConfigError(message(name, kind, repr(value), f"pass a valid {name}"))
 
 
+SYNC_EVERY = 20
+"""Steps between host synchronizations: the non-finite check, the progress bar and, in distributed runs, the
+agreement on a stop request. Steps in between queue their work on the device without waiting for it."""
+
+
+class _StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM set a flag that training reads between steps; a second signal acts at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _StepGuard:
+    """An optimizer step pre-hook: in distributed runs it sums the ranks' weighted gradients (and clips the
+    result); always it records, without waiting for the device, the first step whose loss or gradient is not
+    finite. :meth:`sync` reads those records on the host and raises."""
+
+    def __init__(self, params: Sequence[torch.Tensor], device: torch.device, ctx: Any,
+                 clip_norm: Optional[float], steps_per_epoch: int, ckpt_dir: Optional[Path]) -> None:
+        self.params, self.ctx, self.clip_norm = list(params), ctx, clip_norm
+        self.steps_per_epoch, self.ckpt_dir = steps_per_epoch, ckpt_dir
+        self.bad_loss = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_grad = torch.zeros((), dtype=torch.int64, device=device)
+        self.step = 0
+        self.weight = 1.0
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        from . import distributed
+
+        if self.ctx.enabled:
+            distributed.reduce_gradients(self.params, self.weight, ())
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        if self.clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        self._record(self.bad_grad, norm)
+
+    def _record(self, flag: torch.Tensor, value: torch.Tensor) -> None:
+        flag.copy_(torch.where((flag == 0) & ~torch.isfinite(value).to(flag.device), self.step, flag))
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        self._record(self.bad_loss, loss.detach())
+
+    def sync(self, stop: bool) -> bool:
+        """Raise :class:`NonFiniteLossError` if any step so far had a non-finite loss or gradient (on any
+        rank); return whether any rank asked to stop."""
+        bad_loss, bad_grad = int(self.bad_loss), int(self.bad_grad)
+        if self.ctx.enabled:
+            bad_loss, bad_grad, stop = _reduce_flags(bad_loss, bad_grad, stop)
+        if bad_loss or bad_grad:
+            step = min(s for s in (bad_loss, bad_grad) if s)
+            kind = " and ".join(k for k, s in (("loss", bad_loss), ("gradient", bad_grad)) if s == step)
+            epoch = (step - 1) // self.steps_per_epoch + 1
+            kept = (f"; the last good checkpoint in {self.ckpt_dir} is untouched (resume_from / --resume)"
+                    if self.ckpt_dir is not None else "")
+            raise NonFiniteLossError(message(
+                f"{kind} at epoch {epoch}, step {step}", "finite values", "NaN or infinite values",
+                "lower the learning rate, clip the gradient (clip_norm / --clip-norm), check the data against "
+                "the likelihood's support, or use a likelihood with a learned or larger scale" + kept))
+        return stop
+
+
+def _reduce_flags(bad_loss: int, bad_grad: int, stop: bool) -> tuple[int, int, bool]:
+    """Across ranks: the earliest bad step of each kind (0 = none) and whether any rank asked to stop."""
+    import torch.distributed as tdist
+
+    from .distributed import _comm_device
+
+    big = 2 ** 62
+    t = torch.tensor([bad_loss or big, bad_grad or big, 0 if stop else 1], dtype=torch.int64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    lo, gr, go = t.tolist()
+    return (0 if lo == big else lo), (0 if gr == big else gr), go == 0
+
+
 def fit(
     vae: VAE,
     train_data: Any,
@@ -135,32 +238,61 @@ def fit(
     clip_norm: Optional[float] = None,
     progress: bool = True,
     checkpoint_dir: Union[str, Path, None] = None,
+    checkpoint_every: Optional[int] = None,
+    resume_from: Union[str, Path, None] = None,
 ) -> History:
     """Train ``vae`` by minibatch SVI with Adam.
+
+    Runs as one process, or data-parallel under an initialized ``torch.distributed`` process group (see
+    :mod:`pyro_vae.distributed`): ``batch_size`` is then the global batch, shared out among the ranks.
 
     Args:
         vae: the model/guide pair to train (moved to ``device``).
         train_data: ``(N, *data_shape)`` tensor or :class:`pyro_vae.data.Dataset`.
         elbo: ``"trace"``, ``"meanfield"`` or any ``pyro.infer.ELBO``.
         num_particles: Monte Carlo particles per step (vectorized).
-        epochs, batch_size, lr: the usual.
+        epochs, batch_size, lr: the usual (``batch_size`` over all processes together).
         val_data: optional validation data; its ELBO is recorded every epoch.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
-        seed: seeds Pyro, torch, numpy and Python (``None`` leaves the RNGs alone).
-        callbacks: objects with optional ``on_step(state)`` / ``on_epoch_end(state)`` (:class:`TrainState`).
+        seed: seeds Pyro, torch, numpy and Python (rank ``r`` uses ``seed + r``) and the epochs' shuffles
+            (``seed + epoch``, as ``DistributedSampler``); ``None`` leaves the RNGs alone.
+        callbacks: objects with optional ``on_step(state)`` / ``on_epoch_end(state)`` (:class:`TrainState`),
+            and ``on_fit_start(state)`` before the first step (the schedules of :mod:`pyro_vae.schedules`).
+            Under ``TraceMeanField_ELBO``, which latent sites get an analytic KL is logged once at the start
+            (logger ``"pyro_vae"``, and above the progress bar).
         dynamic_binarize: resample binary data from the grey levels every batch (Burda et al. 2016).
         clip_norm: clip the gradient's global norm to this value.
         progress: show a tqdm progress bar with the running ELBO.
-        checkpoint_dir: write ``checkpoint.pt`` (last epoch) and ``best.pt`` (best validation ELBO) here.
+        checkpoint_dir: write ``checkpoint.pt`` (the last state: weights, optimizer, RNGs, epoch, step, history)
+            at every epoch end, every ``checkpoint_every`` steps and on SIGINT/SIGTERM, and ``best.pt`` (best
+            validation ELBO, or training ELBO without validation data); atomically, rank 0 only.
+        checkpoint_every: also checkpoint every this many optimizer steps.
+        resume_from: a ``checkpoint.pt`` (or the folder holding one) to continue from; with the same
+            configuration and seed, the result is bit for bit that of an uninterrupted run on the same device.
 
     Returns:
         :class:`History` of per-epoch train and validation ELBOs (nats per data point).
+
+    Raises:
+        NonFiniteLossError: a loss or gradient turned NaN or infinite (the message gives epoch and step; no
+            checkpoint is written after it).
+        TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was written first when ``checkpoint_dir``
+            is set.
     """
+    from . import checkpoint as ckpt
+    from . import distributed
+
     _check_positive("epochs", epochs, True)
     _check_positive("batch_size", batch_size, True)
     _check_positive("lr", lr, False)
     if clip_norm is not None:
         _check_positive("clip_norm", clip_norm, False)
+    if checkpoint_every is not None:
+        _check_positive("checkpoint_every", checkpoint_every, True)
+    ctx = distributed.context()
+    if batch_size < ctx.world_size:
+        raise ConfigError(message("batch_size", f"at least the number of processes ({ctx.world_size}); it is the "
+                                  "global batch", repr(batch_size), f"pass batch_size >= {ctx.world_size}"))
     dev = resolve_device(device)
     x = as_tensor_data(train_data, "train_data")
     xv = as_tensor_data(val_data, "val_data") if val_data is not None else None
@@ -169,87 +301,213 @@ def fit(
     if xv is not None:
         vae.check_data(xv, "val_data")
     if seed is not None:
-        pyro.set_rng_seed(seed)
+        pyro.set_rng_seed(seed + ctx.rank)
     loss_fn = make_elbo(elbo, num_particles)
     vae.to(dev)
+    distributed.broadcast_module(vae)
     x = x.to(dev)
     n = x.shape[0]
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    history = History()
-    state = TrainState(vae=vae, optimizer=optimizer, history=history)
     params = [p for p in vae.parameters() if p.requires_grad]
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    best = -math.inf
+    if ckpt_dir is not None:
+        size = sum(t.numel() * t.element_size() for t in vae.state_dict().values())
+        distributed.rank0_call(lambda: ckpt.check_writable(ckpt_dir, 9 * size + 2 ** 20))
+    history = History()
+    state = TrainState(vae=vae, optimizer=optimizer, history=history)
+    signature = {"num_data": n, "batch_size": batch_size, "lr": lr, "clip_norm": clip_norm,
+                 "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__, "num_particles": num_particles,
+                 "dynamic_binarize": dynamic_binarize, "seed": seed}
+    vae_config = vae.config
+    shuffle_seed = seed if seed is not None else distributed.broadcast_object(int(torch.randint(2 ** 31 - 1, ())))
     steps_per_epoch = math.ceil(n / batch_size)
+    best, start_epoch, start_batch, carried = -math.inf, 1, 0, 0.0
+    if resume_from is not None:
+        payload = distributed.rank0_call(
+            lambda: ckpt.load_training_state(resume_from, vae_config=vae_config, signature=signature))
+        _restore(payload, vae, optimizer, ctx, resume_from)
+        history.epochs = list(payload["history"])
+        best, state.step, shuffle_seed = payload["best"], payload["step"], payload["shuffle_seed"]
+        if payload["epoch_complete"]:
+            start_epoch = payload["epoch"] + 1
+        else:
+            start_epoch, start_batch, carried = payload["epoch"], payload["batch"], payload["epoch_total"]
+    guard = _StepGuard(params, dev, ctx, clip_norm if ctx.enabled else None, steps_per_epoch, ckpt_dir)
+    hook = optimizer.register_step_pre_hook(guard)
+
+    def save(epoch: int, batch: int, complete: bool, total: float, record: Optional[dict] = None) -> None:
+        nonlocal best
+        rngs = distributed.all_gather_object(ckpt.rng_state())
+        score = None if record is None else (record["val_elbo"] if record["val_elbo"] is not None
+                                             else record["train_elbo"])
+        is_best = score is not None and score > best
+        if is_best:
+            best = score
+        if not ctx.is_main or ckpt_dir is None:
+            return
+        from . import __version__
+
+        payload = {
+            "format": ckpt.FORMAT, "version": __version__, "signature": signature,
+            "vae_config": json.dumps(vae_config) if vae_config is not None else None,
+            "vae": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "epoch_complete": complete,
+            "step": state.step, "epoch_total": total, "history": history.epochs, "best": best,
+            "shuffle_seed": shuffle_seed, "world_size": ctx.world_size, "rng": rngs,
+        }
+        ckpt.save_tensors(ckpt_dir / ckpt.CHECKPOINT, payload)
+        if is_best:
+            ckpt.save_tensors(ckpt_dir / ckpt.BEST, payload)
+            ckpt.write_json(ckpt_dir / "best.json", {"epoch": epoch, "step": state.step, "elbo": score})
+
+    def interrupted(stopper: _StopOnSignal, epoch: int) -> TrainingInterrupted:
+        where = f"training stopped by {stopper.signal_name or 'a signal'} at epoch {epoch}, step {state.step}"
+        if ckpt_dir is None:
+            return TrainingInterrupted(f"{where}; no checkpoint_dir was given, so nothing was saved (the VAE "
+                                       "holds the parameters of that step)", None, epoch, state.step)
+        path = ckpt_dir / ckpt.CHECKPOINT
+        return TrainingInterrupted(f"{where}; checkpoint written to {path}. Resume with the same options and "
+                                   f"fit(..., resume_from={str(ckpt_dir)!r}) or `pyro-vae train ... --resume`",
+                                   str(path), epoch, state.step)
+
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs * steps_per_epoch, unit="step", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=epochs * steps_per_epoch, initial=state.step, unit="step", dynamic_ncols=True,
+                   leave=False)
+    _fit_start(state, callbacks, loss_fn, x[:2], bar if ctx.is_main else False, dynamic_binarize)
+    first_step = state.step
     vae.train()
     try:
-        for epoch in range(1, epochs + 1):
-            state.epoch = epoch
-            start = time.perf_counter()
-            total = 0.0
-            perm = torch.randperm(n, device=dev)
-            for i in range(steps_per_epoch):
-                xb = x[perm[i * batch_size: (i + 1) * batch_size]]
-                if dynamic_binarize:
-                    xb = torch.bernoulli(xb)
-                loss = svi_step(loss_fn, vae, xb, n, optimizer, params, clip_norm)
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(message(
-                        f"loss at epoch {epoch}, step {state.step + 1}", "a finite value", repr(loss),
-                        "lower the learning rate, set clip_norm, check the data against the likelihood's "
-                        "support, or use a likelihood with a learned or larger scale"
-                        + (f"; the last good checkpoint in {ckpt_dir} is untouched" if ckpt_dir else "")))
-                state.step += 1
-                state.loss = loss
-                total += loss * xb.shape[0] / n
+        with _StopOnSignal() as stopper:
+            for epoch in range(start_epoch, epochs + 1):
+                state.epoch = epoch
+                start = time.perf_counter()
+                first = start_batch if epoch == start_epoch else 0
+                total = torch.zeros((), dtype=torch.float64, device=dev)
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed + epoch)).to(dev)
+                shown = state.step
+                for i in range(first, steps_per_epoch):
+                    idx = perm[i * batch_size: (i + 1) * batch_size]
+                    b = idx.numel()
+                    if ctx.enabled:
+                        idx = idx[ctx.rank:: ctx.world_size]
+                    guard.step, guard.weight = state.step + 1, idx.numel() / b
+                    if idx.numel() == 0:  # this rank's share of a short last batch is empty
+                        for p in params:
+                            p.grad = torch.zeros_like(p)
+                        optimizer.step()
+                        loss = torch.zeros((), device=dev)
+                    else:
+                        xb = x[idx]
+                        if dynamic_binarize:
+                            xb = torch.bernoulli(xb)
+                        loss = torch.as_tensor(svi_step(
+                            loss_fn, vae, xb, n, optimizer, params, None if ctx.enabled else clip_norm,
+                            validate=None if state.step == first_step else False, check_finite=False))
+                    guard.note_loss(loss)
+                    state.step += 1
+                    state.loss = loss
+                    total += loss.detach().to(total.dtype) * (idx.numel() / n)
+                    for cb in callbacks:
+                        if hasattr(cb, "on_step"):
+                            cb.on_step(state)
+                    last = i == steps_per_epoch - 1
+                    ckpt_now = checkpoint_every is not None and state.step % checkpoint_every == 0 and not last
+                    if last or ckpt_now or state.step % SYNC_EVERY == 0 or (stopper.requested and not ctx.enabled):
+                        stop = guard.sync(stopper.requested)
+                        if bar is not None:
+                            bar.update(state.step - shown)
+                            shown = state.step
+                            bar.set_postfix(epoch=epoch, elbo=f"{-float(loss) / n:.2f}")
+                        if stop or ckpt_now:
+                            save(epoch, i + 1, False, carried + _global_sum(total, ctx))
+                        if stop:
+                            raise interrupted(stopper, epoch)
+                total_f = carried + _global_sum(total, ctx)
+                carried = 0.0
+                record: dict[str, Any] = {"epoch": epoch, "step": state.step, "train_elbo": -total_f / n,
+                                          "val_elbo": None}
+                if xv is not None:
+                    vae.eval()
+                    record["val_elbo"] = _val_elbo(vae, xv, loss_fn, max(batch_size, 512), ctx)
+                    vae.train()
+                record["seconds"] = time.perf_counter() - start
+                history.epochs.append(record)
+                save(epoch, steps_per_epoch, True, 0.0, record)
                 for cb in callbacks:
-                    if hasattr(cb, "on_step"):
-                        cb.on_step(state)
-                if bar is not None:
-                    bar.update(1)
-                    if state.step % 10 == 0:
-                        bar.set_postfix(epoch=epoch, elbo=f"{-loss / n:.2f}")
-            record: dict[str, Any] = {"epoch": epoch, "step": state.step, "train_elbo": -total / n,
-                                      "val_elbo": None}
-            if xv is not None:
-                vae.eval()
-                record["val_elbo"] = evaluate_elbo(vae, xv, elbo=loss_fn, batch_size=max(batch_size, 512))
-                vae.train()
-            record["seconds"] = time.perf_counter() - start
-            history.epochs.append(record)
-            if ckpt_dir is not None:
-                _save_checkpoint(ckpt_dir, state, record, best)
-                score = record["val_elbo"] if record["val_elbo"] is not None else record["train_elbo"]
-                best = max(best, score)
-            for cb in callbacks:
-                if hasattr(cb, "on_epoch_end"):
-                    cb.on_epoch_end(state)
-            if state.stop:
-                break
+                    if hasattr(cb, "on_epoch_end"):
+                        cb.on_epoch_end(state)
+                if guard.sync(stopper.requested):
+                    raise interrupted(stopper, epoch)
+                if state.stop:
+                    break
     finally:
+        hook.remove()
         if bar is not None:
             bar.close()
         vae.eval()
     return history
 
 
-def _save_checkpoint(ckpt_dir: Path, state: TrainState, record: dict[str, Any], best: float) -> None:
-    from .checkpoint import save_tensors, write_json
+def _global_sum(total: torch.Tensor, ctx: Any) -> float:
+    from . import distributed
 
-    payload = {
-        "vae": {k: v.detach().cpu() for k, v in state.vae.state_dict().items()},
-        "optimizer": state.optimizer.state_dict(),
-        "epoch": state.epoch,
-        "step": state.step,
-        "torch_rng": torch.get_rng_state(),
-    }
-    save_tensors(ckpt_dir / "checkpoint.pt", payload)
-    score = record["val_elbo"] if record["val_elbo"] is not None else record["train_elbo"]
-    if score > best:
-        save_tensors(ckpt_dir / "best.pt", payload)
-        write_json(ckpt_dir / "best.json", {"epoch": state.epoch, "step": state.step, "elbo": score})
+    return distributed.all_reduce_sum([float(total)], total.device)[0] if ctx.enabled else float(total)
+
+
+def _val_elbo(vae: VAE, xv: torch.Tensor, loss_fn: ELBO, batch_size: int, ctx: Any) -> float:
+    """Validation ELBO per data point; in distributed runs each rank evaluates its interleaved share."""
+    from . import distributed
+
+    if not ctx.enabled:
+        return evaluate_elbo(vae, xv, elbo=loss_fn, batch_size=batch_size)
+    share = xv[ctx.rank:: ctx.world_size]
+    part = evaluate_elbo(vae, share, elbo=loss_fn, batch_size=batch_size) * len(share) if len(share) else 0.0
+    return distributed.all_reduce_sum([part], xv.device)[0] / len(xv)
+
+
+def _restore(payload: dict[str, Any], vae: VAE, optimizer: torch.optim.Optimizer, ctx: Any,
+             source: Union[str, Path]) -> None:
+    from .checkpoint import set_rng_state
+
+    try:
+        vae.load_state_dict(payload["vae"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(message(f"checkpoint {source}", "weights and optimizer state of this VAE",
+                                      f"a mismatch ({first})",
+                                      "resume with the VAE configuration of the original run")) from None
+    rngs = payload.get("rng") or []
+    if len(rngs) == ctx.world_size:
+        set_rng_state(rngs[ctx.rank])
+    else:
+        warnings.warn(f"checkpoint {source} was written by {len(rngs)} process(es), this run has "
+                      f"{ctx.world_size}: the random streams are reseeded, so the run continues correctly but not "
+                      "bit for bit as the original would have", stacklevel=3)
+        pyro.set_rng_seed((int(payload["shuffle_seed"]) * 1_000_003 + int(payload["step"])) % 2 ** 31 + ctx.rank)
+
+
+def _fit_start(state: TrainState, callbacks: Sequence[Any], loss_fn: ELBO, x: torch.Tensor, bar: Any,
+               dynamic_binarize: bool) -> None:
+    """Call ``on_fit_start(state)`` of the callbacks that have it (schedules set their step-``state.step``
+    value), and under ``TraceMeanField_ELBO`` log once which latent sites get an analytic KL."""
+    for cb in callbacks:
+        if hasattr(cb, "on_fit_start"):
+            cb.on_fit_start(state)
+    if bar is False or not isinstance(loss_fn, TraceMeanField_ELBO):
+        return
+    import logging
+
+    from .kl import kl_report
+
+    dev = x.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # leave the training RNG alone
+        state.vae.eval()
+        report = str(kl_report(state.vae, torch.bernoulli(x) if dynamic_binarize else x))
+        state.vae.train()
+    logging.getLogger("pyro_vae").info(report)
+    if bar is not None:
+        bar.write(report)
