@@ -1,0 +1,478 @@
+"""Evaluation of a trained VAE: the importance-sampled log-likelihood, the gap to the ELBO, active units,
+Pareto-k diagnostics of the importance weights, export to ArviZ, and the amortization gap.
+
+Every estimate is read off Pyro traces of ``vae.model`` and ``vae.guide``: the guide runs once per batch
+under an outer ``pyro.plate`` over ``K`` particles (so the encoder runs once and the decoder sees a
+``(K, batch, z_dim)`` tensor), the model is replayed against the guide's trace, and each site's
+``log_prob`` (unscaled: minibatch and beta scaling are training devices, not part of ``p``) is reduced to
+``(K, batch)``. Any prior, likelihood or latent type that the model/guide pair accepts works unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import prune_subsample_sites
+
+from .errors import ConfigError, DataError, message
+from .train import as_tensor_data
+from .vae import VAE
+
+__all__ = ["LogLikelihood", "log_likelihood", "importance_log_weights", "pareto_k", "active_units",
+           "latent_variances", "to_inference_data", "AmortizationGap", "amortization_gap", "posterior_means"]
+
+PARTICLES = "_iw_particles"
+MAX_ELEMENTS = 2 ** 24  # bound on K * batch * data size held at once (64 MiB of float32)
+
+
+# ----------------------------------------------------------------------------------------- the traces
+def _check_count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(message(name, f"an integer >= {minimum}", repr(value), f"pass {name} >= {minimum}"))
+    return value
+
+
+def _data(vae: VAE, data: Any, what: str = "data") -> torch.Tensor:
+    x = as_tensor_data(data, what)
+    if not torch.is_tensor(x) or x.dim() < 2 or tuple(x.shape[1:]) != vae.data_shape:
+        vae.check_data(x, what)
+    return x
+
+
+def _plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, **kwargs: Any) -> int:
+    """Deepest vectorized plate dimension used by the model or the guide on the batch ``x``."""
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
+    dims = [-f.dim for tr in (guide_trace, model_trace) for site in tr.nodes.values()
+            if site["type"] == "sample" for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+    return max(dims, default=1)
+
+
+def _per_point(site: dict, log_p: torch.Tensor, particle_dim: int, data_plate: str, k: int, batch: int) -> torch.Tensor:
+    """Reduce a site's log-density to ``(k, batch)``: sum every batch dimension other than the particle
+    plate and the data plate."""
+    data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == data_plate]
+    if not data_dims:
+        raise ConfigError(message(
+            f'site "{site["name"]}"', f'a site inside the data plate "{data_plate}" (one value per data point)',
+            "a site outside it (a global latent variable)",
+            "log p(x) per data point needs per-data-point sites; integrate global latents out in the model"))
+    data_dim = data_dims[0]
+    nd = max(-particle_dim, log_p.dim())
+    log_p = log_p.reshape((1,) * (nd - log_p.dim()) + tuple(log_p.shape))
+    other = [d for d in range(-nd, 0) if d not in (particle_dim, data_dim)]
+    if other:
+        log_p = log_p.sum(dim=other, keepdim=True)
+    log_p = log_p.movedim((particle_dim, data_dim), (0, 1))
+    return log_p.reshape(log_p.shape[0], log_p.shape[1]).expand(k, batch)
+
+
+def _masked_obs_log_prob(site: dict, mask: torch.Tensor) -> torch.Tensor:
+    """``log p(x_obs | z)`` of an observed site: entry-wise log-densities summed over observed entries only."""
+    fn, n_event = site["fn"], 0
+    while isinstance(fn, dist.Independent):
+        n_event += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    if fn.event_shape:
+        raise ConfigError(message(
+            f'likelihood at site "{site["name"]}"', "a distribution over single entries (event shape ())",
+            f"event shape {tuple(fn.event_shape)} for the whole data point",
+            "return an entry-wise distribution from the likelihood so missing entries can be left out"))
+    value = site["value"]
+    log_p = fn.log_prob(value)
+    log_p = torch.where(mask.to(log_p.device).expand_as(log_p), log_p, torch.zeros((), device=log_p.device))
+    return log_p.sum(dim=tuple(range(-n_event, 0))) if n_event else log_p
+
+
+def _weights_chunk(vae: VAE, model: Callable, guide: Callable, x: torch.Tensor, k: int, particle_dim: int,
+                   obs_mask: Optional[torch.Tensor] = None, keep: Sequence[str] = ()) -> dict[str, Any]:
+    """One chunk of ``k`` importance samples for the batch ``x``.
+
+    Returns ``{"log_w", "log_p_latent", "log_p_obs", "log_q"}``, each ``(k, batch)``, plus
+    ``"z"`` (the guide's latent values) and ``"x_mean"`` (the observed site's mean) when named in ``keep``.
+    """
+    batch = x.shape[0]
+    data_plate = vae._site("data")
+    x_site = vae._site("x")
+    with pyro.plate(PARTICLES, k, dim=particle_dim):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    zero = torch.zeros(k, batch, device=x.device)
+    out: dict[str, Any] = {"log_q": zero, "log_p_latent": zero, "log_p_obs": zero}
+    for key, trace in (("log_q", guide_trace), ("model", model_trace)):
+        trace = prune_subsample_sites(trace)
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"] and name == x_site and obs_mask is not None:
+                log_p = _masked_obs_log_prob(site, obs_mask)
+            else:
+                log_p = site["fn"].log_prob(site["value"])
+                log_p = scale_and_mask(log_p, 1.0, site["mask"])
+            lp = _per_point(site, log_p, particle_dim, data_plate, k, batch)
+            slot = key if key == "log_q" else ("log_p_obs" if site["is_observed"] else "log_p_latent")
+            out[slot] = out[slot] + lp
+            if key == "model" and name == x_site and "x_mean" in keep:
+                out["x_mean"] = site["fn"].mean.expand(k, batch, *vae.data_shape)
+    if "z" in keep:
+        z = guide_trace.nodes[vae._site("z")]["value"]
+        out["z"] = z.expand(k, batch, *z.shape[2:]) if z.dim() >= 2 else z
+    out["log_w"] = out["log_p_latent"] + out["log_p_obs"] - out["log_q"]
+    return out
+
+
+def _chunk_size(k: int, batch: int, vae: VAE, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        return min(_check_count("chunk_size", chunk_size), k)
+    per_sample = batch * max(math.prod(vae.data_shape), 1)
+    return max(1, min(k, MAX_ELEMENTS // per_sample))
+
+
+def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, *,
+                           model: Optional[Callable] = None, guide: Optional[Callable] = None,
+                           chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Log importance weights ``log p(x, z_k) - log q(z_k | x)``, ``z_k ~ q(z | x)``, as a
+    ``(batch, num_samples)`` tensor on ``x``'s device (no gradients)."""
+    model, guide = model or vae.model, guide or vae.guide
+    num_samples = _check_count("num_samples", num_samples)
+    particle_dim = -(_plate_nesting(model, guide, x) + 1)
+    k = _chunk_size(num_samples, x.shape[0], vae, chunk_size)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, num_samples, k):
+            parts.append(_weights_chunk(vae, model, guide, x, min(k, num_samples - start), particle_dim)["log_w"])
+    return torch.cat(parts).T
+
+
+# ------------------------------------------------------------------------------------ log-likelihood
+@dataclass
+class LogLikelihood:
+    """Importance-sampled log-likelihood of a data set, in nats per data point.
+
+    Attributes:
+        mean: mean over data points of the estimate ``log p(x)`` (the IWAE bound with ``num_samples``).
+        se: its standard error over data points (``std / sqrt(N)``).
+        per_point: ``(N,)`` estimates of ``log p(x_n)``.
+        elbo: mean ELBO per data point, estimated from the same samples (the mean log-weight).
+        elbo_per_point: ``(N,)`` ELBO estimates.
+        num_samples: importance samples per data point ``K``.
+        log_weights: ``(N, K)`` log importance weights when requested, else ``None``.
+    """
+
+    mean: float
+    se: float
+    per_point: torch.Tensor
+    elbo: float
+    elbo_per_point: torch.Tensor
+    num_samples: int
+    log_weights: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def gap_per_point(self) -> torch.Tensor:
+        """``(N,)`` estimates of ``log p(x) - ELBO``, i.e. of ``KL(q(z|x) || p(z|x))``."""
+        return self.per_point - self.elbo_per_point
+
+    @property
+    def gap(self) -> float:
+        """Mean of :attr:`gap_per_point` (nats per data point)."""
+        return float(self.gap_per_point.mean())
+
+    @property
+    def gap_se(self) -> float:
+        g = self.gap_per_point
+        return float(g.std() / math.sqrt(len(g))) if len(g) > 1 else math.nan
+
+    def pareto_k(self) -> torch.Tensor:
+        """``(N,)`` Pareto-k of each data point's importance weights (needs ``return_log_weights=True``)."""
+        if self.log_weights is None:
+            raise ConfigError(message("LogLikelihood.pareto_k", "log weights kept", "log_weights=None",
+                                      "call log_likelihood(..., return_log_weights=True)"))
+        return pareto_k(self.log_weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able summary (nats per data point)."""
+        out = {"log_likelihood": self.mean, "log_likelihood_se": self.se, "elbo_iw": self.elbo, "gap": self.gap,
+               "gap_se": self.gap_se, "num_samples": self.num_samples, "num_points": int(len(self.per_point))}
+        if self.log_weights is not None:
+            k = self.pareto_k()
+            out.update({"pareto_k_mean": float(k.mean()), "pareto_k_max": float(k.max()),
+                        "pareto_k_frac_above_0.7": float((k > 0.7).float().mean()),
+                        "pareto_k_frac_above_0.5": float((k > 0.5).float().mean())})
+        return out
+
+
+def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: int = 256,
+                   chunk_size: Optional[int] = None, return_log_weights: bool = False,
+                   model: Optional[Callable] = None, guide: Optional[Callable] = None) -> LogLikelihood:
+    """Importance-sampled log-likelihood (Burda et al. 2016, "Importance Weighted Autoencoders"):
+
+    ``log p(x) ~ logsumexp_k [log p(x, z_k) - log q(z_k | x)] - log K``, ``z_k ~ q(z | x)``,
+
+    a lower bound in expectation for every ``K`` that tightens to ``log p(x)`` as ``K`` grows. Data points
+    go through in batches of ``batch_size`` and samples in chunks (at most ``chunk_size``, by default
+    sized so that ``chunk * batch * data size`` stays under 2^24 elements), combined by a running
+    logsumexp, so memory stays bounded for any ``K``. Runs on the VAE's device.
+
+    Args:
+        vae: the VAE (its ``model`` and ``guide`` are traced unless ``model``/``guide`` are given).
+        data: ``(N, *data_shape)`` tensor or :class:`pyro_vae.data.Dataset`.
+        num_samples: ``K``, importance samples per data point.
+        batch_size: data points per batch.
+        chunk_size: samples per chunk (``None``: automatic).
+        return_log_weights: keep the ``(N, K)`` log weights (for Pareto-k and ArviZ).
+        model, guide: Pyro callables with the VAE's signature and sites, replacing ``vae.model`` /
+            ``vae.guide`` (e.g. a per-data-point optimized guide).
+
+    Returns:
+        :class:`LogLikelihood` with the mean, its standard error, the per-point values, the ELBO and the gap.
+    """
+    x = _data(vae, data)
+    num_samples = _check_count("num_samples", num_samples)
+    batch_size = _check_count("batch_size", batch_size)
+    model, guide = model or vae.model, guide or vae.guide
+    device = vae._device()
+    was_training = vae.training
+    vae.eval()
+    lls, elbos, lws = [], [], []
+    try:
+        with torch.no_grad():
+            particle_dim = -(_plate_nesting(model, guide, x[:batch_size].to(device)) + 1)
+            for i in range(0, x.shape[0], batch_size):
+                xb = x[i: i + batch_size].to(device)
+                k = _chunk_size(num_samples, xb.shape[0], vae, chunk_size)
+                lse = torch.full((xb.shape[0],), -math.inf, device=device)
+                total = torch.zeros(xb.shape[0], device=device)
+                kept = []
+                for start in range(0, num_samples, k):
+                    lw = _weights_chunk(vae, model, guide, xb, min(k, num_samples - start), particle_dim)["log_w"]
+                    lse = torch.logaddexp(lse, lw.logsumexp(0))
+                    total += lw.sum(0)
+                    if return_log_weights:
+                        kept.append(lw.T.cpu())
+                lls.append((lse - math.log(num_samples)).cpu())
+                elbos.append((total / num_samples).cpu())
+                if return_log_weights:
+                    lws.append(torch.cat(kept, dim=1))
+    finally:
+        vae.train(was_training)
+    per_point, elbo_pp = torch.cat(lls), torch.cat(elbos)
+    if not bool(torch.isfinite(per_point).all()):
+        bad = int((~torch.isfinite(per_point)).sum())
+        raise DataError(message("log_likelihood", "finite log-weights", f"{bad} data points with non-finite log p(x)",
+                                "check the data against the likelihood's support and the guide's scales"))
+    n = per_point.shape[0]
+    se = float(per_point.std() / math.sqrt(n)) if n > 1 else math.nan
+    return LogLikelihood(mean=float(per_point.mean()), se=se, per_point=per_point, elbo=float(elbo_pp.mean()),
+                         elbo_per_point=elbo_pp, num_samples=num_samples,
+                         log_weights=torch.cat(lws) if return_log_weights else None)
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+def _arviz():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
+    return az
+
+
+def pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
+    """Pareto-k of each row of ``(N, K)`` log importance weights (Yao et al. 2018, "Yes, but did it work?:
+    Evaluating variational inference"; Vehtari et al. 2024, PSIS), through ``arviz.psislw``.
+
+    ``k < 0.5``: the importance-sampled estimate is reliable; ``0.5 <= k < 0.7``: usable but slow to
+    converge; ``k > 0.7``: the guide misses mass of the posterior and ``log p(x)`` is unreliable for that point.
+    Returns ``(N,)``.
+    """
+    az = _arviz()
+    lw = log_weights.detach().cpu().double()
+    if lw.dim() != 2 or lw.shape[1] < 2:
+        raise ConfigError(message("log_weights", "an (N, K) tensor with K >= 2", f"shape {tuple(lw.shape)}",
+                                  "keep more importance samples per data point"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, k = az.psislw(lw.numpy())
+    return torch.as_tensor(k, dtype=torch.float32).reshape(lw.shape[0])
+
+
+def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples: int = 64) -> torch.Tensor:
+    """``E_q[z | x]`` for every data point, ``(N, *latent_event_shape)``: the guide distribution's mean,
+    or a Monte Carlo mean of ``num_samples`` guide draws where the distribution has none."""
+    x = _data(vae, data)
+    device = vae._device()
+    means = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i: i + batch_size].to(device)
+            q = poutine.trace(vae.guide).get_trace(xb).nodes[vae._site("z")]["fn"]
+            try:
+                m = q.mean
+            except NotImplementedError:
+                m = q.sample((num_samples,)).mean(0)
+            means.append(m.reshape(xb.shape[0], *q.event_shape).cpu())
+    return torch.cat(means)
+
+
+def latent_variances(vae: VAE, data: Any, *, batch_size: int = 1024) -> torch.Tensor:
+    """``Cov_x(E_q[z_j | x])`` for each latent entry ``j`` (flattened), ``(prod(latent_event_shape),)``."""
+    m = posterior_means(vae, data, batch_size=batch_size)
+    m = m.reshape(m.shape[0], -1)
+    if m.shape[0] < 2:
+        raise DataError(message("data", "at least 2 data points", f"{m.shape[0]}", "pass more data points"))
+    return m.var(dim=0)
+
+
+def active_units(vae: VAE, data: Any, threshold: float = 0.01, *, batch_size: int = 1024) -> int:
+    """Number of active latent units (Burda et al. 2016, Sec. 5.2): entries ``j`` with
+    ``Cov_x(E_q[z_j | x]) > threshold``. Few active units mean posterior collapse."""
+    return int((latent_variances(vae, data, batch_size=batch_size) > threshold).sum())
+
+
+def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: bool = False,
+                      seed: Optional[int] = None):
+    """Posterior draws of ``z`` for the given data points as an ``arviz.InferenceData``.
+
+    Groups: ``posterior`` (``z``, dims ``(chain, draw, point, latent[, category])``), ``log_likelihood``
+    (``x``: ``log p(x_n | z)`` per draw), ``sample_stats`` (``log_weight``: ``log p(x_n, z) - log q(z | x_n)``
+    per draw) and ``observed_data`` (``x`` flattened, dims ``(point, entry)``); ``attrs`` hold the
+    importance-sampled ``log_likelihood`` per point and the Pareto-k values. So ``az.summary``,
+    ``az.plot_posterior`` and ``az.plot_khat`` work on it.
+
+    Args:
+        num_samples: draws per data point from the guide ``q(z | x)``.
+        resample: replace the draws by sampling-importance-resampling draws (closer to the exact
+            posterior ``p(z | x)``; ``log_weight`` then refers to the original draws).
+        seed: seeds Pyro before drawing.
+    """
+    az = _arviz()
+    x = _data(vae, data)
+    num_samples = _check_count("num_samples", num_samples, 2)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    device = vae._device()
+    xb = x.to(device)
+    with torch.no_grad():
+        particle_dim = -(_plate_nesting(vae.model, vae.guide, xb) + 1)
+        out = _weights_chunk(vae, vae.model, vae.guide, xb, num_samples, particle_dim, keep=("z",))
+    z, log_w, log_px = out["z"].cpu(), out["log_w"].cpu(), out["log_p_obs"].cpu()  # (S, N, ...), (S, N)
+    if resample:
+        idx = torch.distributions.Categorical(logits=log_w.T).sample((num_samples,))  # (S, N)
+        z = torch.gather(z, 0, idx.reshape(*idx.shape, *([1] * (z.dim() - 2))).expand_as(z))
+        log_px = torch.gather(log_px, 0, idx)
+    event = z.shape[2:]
+    latent_dims = ["latent", "category"][: len(event)] if len(event) <= 2 else [f"latent_{i}" for i in range(len(event))]
+    kss = pareto_k(log_w.T)
+    ll = log_w.logsumexp(0) - math.log(num_samples)
+    return az.from_dict(
+        posterior={"z": z.unsqueeze(0).numpy()},
+        log_likelihood={"x": log_px.unsqueeze(0).numpy()},
+        sample_stats={"log_weight": log_w.unsqueeze(0).numpy()},
+        observed_data={"x": x.reshape(x.shape[0], -1).numpy()},
+        dims={"z": ["point", *latent_dims], "x": ["point"], "log_weight": ["point"]},
+        attrs={"log_likelihood": ll.tolist(), "pareto_k": kss.tolist(), "num_samples": num_samples,
+               "resampled": int(resample)},
+    )
+
+
+# ----------------------------------------------------------------------------------- amortization gap
+@dataclass
+class AmortizationGap:
+    """Per-data-point ELBOs of the encoder's guide and of a guide optimized for each point alone
+    (Cremer et al. 2018, "Inference Suboptimality in Variational Autoencoders"), nats per data point.
+
+    ``gap = elbo_optimized - elbo_amortized`` (>= 0 up to noise) is the amortization gap; the rest of the
+    inference gap, ``log p(x) - elbo_optimized``, is the approximation gap of the Gaussian family.
+    """
+
+    elbo_amortized: torch.Tensor
+    elbo_optimized: torch.Tensor
+    num_steps: int
+
+    @property
+    def gap_per_point(self) -> torch.Tensor:
+        return self.elbo_optimized - self.elbo_amortized
+
+    @property
+    def gap(self) -> float:
+        return float(self.gap_per_point.mean())
+
+    @property
+    def gap_se(self) -> float:
+        g = self.gap_per_point
+        return float(g.std() / math.sqrt(len(g))) if len(g) > 1 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"amortization_gap": self.gap, "amortization_gap_se": self.gap_se,
+                "elbo_amortized": float(self.elbo_amortized.mean()),
+                "elbo_optimized": float(self.elbo_optimized.mean()), "num_points": len(self.gap_per_point),
+                "num_steps": self.num_steps}
+
+
+def _local_guide(vae: VAE, loc: torch.Tensor, raw: torch.Tensor, min_scale: float) -> Callable:
+    def guide(x: torch.Tensor, num_data: Optional[int] = None, batch_size: Optional[int] = None) -> torch.Tensor:
+        with vae._plate(x.shape[0], None, x.device), vae._kl_scale():
+            return pyro.sample(vae._site("z"), dist.Normal(loc, F.softplus(raw) + min_scale).to_event(1))
+
+    return guide
+
+
+def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1e-2, num_particles: int = 8,
+                     num_eval_samples: int = 256, seed: Optional[int] = 0) -> AmortizationGap:
+    """Optimize a separate Gaussian guide ``N(m_n, diag(s_n^2))`` for each data point, starting from the
+    encoder's output, with the decoder and prior fixed (Adam on Pyro's vectorized ``Trace_ELBO``), and
+    compare its ELBO with the encoder's (Cremer et al. 2018).
+
+    Args:
+        data: ``(N, *data_shape)``: the points (a few hundred at most; all are optimized at once).
+        num_steps, lr: Adam steps and learning rate of the per-point optimization.
+        num_particles: Monte Carlo particles per step.
+        num_eval_samples: samples per point for the final ELBO estimates.
+        seed: seeds Pyro first (``None``: leave the RNG alone).
+
+    Needs a Gaussian encoder (:class:`pyro_vae.GaussianEncoder`).
+    """
+    from pyro.infer import Trace_ELBO
+
+    from .encoders import GaussianEncoder
+
+    if not isinstance(vae.encoder, GaussianEncoder):
+        raise ConfigError(message("vae.encoder", "a GaussianEncoder (the per-point guide is Gaussian)",
+                                  type(vae.encoder).__name__, "use the amortization gap with Gaussian latents"))
+    num_steps = _check_count("num_steps", num_steps, 0)
+    num_particles = _check_count("num_particles", num_particles)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    x = _data(vae, data).to(vae._device())
+    was_training = vae.training
+    vae.eval()
+    try:
+        with torch.no_grad():
+            loc0, scale0 = vae.encoder(x)
+        min_scale = vae.encoder.min_scale
+        loc = loc0.detach().clone().requires_grad_(True)
+        raw = torch.log(torch.expm1((scale0 - min_scale).clamp_min(1e-6))).detach().clone().requires_grad_(True)
+        guide = _local_guide(vae, loc, raw, min_scale)
+        nesting = _plate_nesting(vae.model, guide, x)
+        loss_fn = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                             max_plate_nesting=nesting)
+        opt = torch.optim.Adam([loc, raw], lr=lr)
+        for _ in range(num_steps):
+            loss = loss_fn.differentiable_loss(vae.model, guide, x)
+            grads = torch.autograd.grad(loss, [loc, raw])
+            opt.zero_grad()
+            loc.grad, raw.grad = grads
+            opt.step()
+        amortized = log_likelihood(vae, x, num_eval_samples, batch_size=x.shape[0]).elbo_per_point
+        optimized = log_likelihood(vae, x, num_eval_samples, batch_size=x.shape[0], guide=guide).elbo_per_point
+    finally:
+        vae.train(was_training)
+    return AmortizationGap(elbo_amortized=amortized, elbo_optimized=optimized, num_steps=num_steps)

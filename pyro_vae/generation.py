@@ -1,0 +1,203 @@
+"""Generation from a trained VAE: ancestral samples from the prior, from the aggregate posterior and from a
+Gaussian mixture fitted to the posterior means; reconstructions; linear and spherical interpolation;
+latent traversals.
+
+Latents from the data go through a Pyro trace of ``vae.guide``, so any guide (Gaussian or categorical)
+works; decoding goes through the VAE's likelihood (its mean, or a draw).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from pyro import poutine
+
+from .errors import ConfigError, DataError, message
+from .evaluation import _data, posterior_means
+from .vae import VAE
+
+__all__ = ["SOURCES", "sample", "sample_latents", "posterior_samples", "fit_mixture", "reconstruct", "lerp",
+           "slerp", "interpolate", "traverse"]
+
+SOURCES = ("prior", "aggregate", "mixture")
+
+
+def _count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(message(name, f"an integer >= {minimum}", repr(value), f"pass {name} >= {minimum}"))
+    return value
+
+
+def posterior_samples(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+    """One draw ``z ~ q(z | x)`` per data point (a trace of ``vae.guide``), ``(N, *latent_event_shape)``
+    on the VAE's device."""
+    device = vae._device()
+    out = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            tr = poutine.trace(vae.guide).get_trace(x[i: i + batch_size].to(device))
+            out.append(tr.nodes[vae._site("z")]["value"])
+    return torch.cat(out)
+
+
+def fit_mixture(vae: VAE, data: Any, n_components: int = 10, *, covariance_type: str = "full",
+                seed: int = 0):
+    """A Gaussian mixture fitted to the posterior means ``E_q[z | x]`` of ``data`` (scikit-learn's
+    ``GaussianMixture``), as Pythae's GMM sampler does (Ghosh et al. 2020, "From variational to deterministic
+    autoencoders", ex-post density estimation). Returns the fitted ``sklearn.mixture.GaussianMixture``."""
+    from sklearn.mixture import GaussianMixture
+
+    n_components = _count("n_components", n_components)
+    m = posterior_means(vae, data)
+    if m.dim() != 2:
+        raise ConfigError(message("fit_mixture latents", "a vector latent (event shape (z_dim,))",
+                                  f"event shape {tuple(m.shape[1:])}", "sample categorical latents from the prior"))
+    if m.shape[0] < n_components:
+        raise DataError(message("data", f"at least n_components = {n_components} points", f"{m.shape[0]}",
+                                "pass more data or fewer components"))
+    gmm = GaussianMixture(n_components=n_components, covariance_type=covariance_type, random_state=seed,
+                          reg_covar=1e-5)
+    return gmm.fit(m.double().numpy())
+
+
+def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None, mixture: Any = None,
+                   n_components: int = 10) -> torch.Tensor:
+    """``n`` latents ``(n, *latent_event_shape)`` on the VAE's device.
+
+    Args:
+        source: ``"prior"`` (``z ~ p(z)``); ``"aggregate"`` (the aggregate posterior
+            ``q(z) = mean_n q(z | x_n)``: pick a data point at random, then ``z ~ q(z | x)``; Makhzani et al.
+            2016, Tomczak & Welling 2018); ``"mixture"`` (a Gaussian mixture fitted to the posterior means).
+        data: the data the aggregate posterior or the mixture is built from (``"aggregate"``, ``"mixture"``).
+        mixture: a fitted mixture from :func:`fit_mixture` to reuse (``"mixture"``).
+        n_components: mixture components when the mixture is fitted here.
+    """
+    n = _count("n", n)
+    if source not in SOURCES:
+        raise ConfigError(message("source", f"one of {SOURCES}", repr(source), 'pass source="prior"'))
+    device = vae._device()
+    with torch.no_grad():
+        if source == "prior":
+            return vae.prior().sample((n,))
+        if source == "mixture" and mixture is not None:
+            z, _ = mixture.sample(n)
+            return torch.as_tensor(z, dtype=torch.float32, device=device)[torch.randperm(n, device=device)]
+        if data is None:
+            raise ConfigError(message("data", f'the data set the {source} sampler is built from', "None",
+                                      f'pass data=train_x with source="{source}"'))
+        x = _data(vae, data)
+        if source == "aggregate":
+            idx = torch.randint(x.shape[0], (n,))
+            return posterior_samples(vae, x[idx])
+        gmm = fit_mixture(vae, x, n_components)
+        z, _ = gmm.sample(n)
+        return torch.as_tensor(z, dtype=torch.float32, device=device)[torch.randperm(n, device=device)]
+
+
+def sample(vae: VAE, n: int, source: str = "prior", *, data: Any = None, mean: bool = True, mixture: Any = None,
+           n_components: int = 10) -> torch.Tensor:
+    """``n`` generated data points ``(n, *data_shape)``: latents from :func:`sample_latents`, decoded to the
+    likelihood's mean (``mean=True``) or a draw from it."""
+    z = sample_latents(vae, n, source, data=data, mixture=mixture, n_components=n_components)
+    return vae.decode(z, mean=mean)
+
+
+def reconstruct(vae: VAE, x: torch.Tensor, *, mean: bool = True, draw_z: bool = False) -> torch.Tensor:
+    """Reconstructions ``(batch, *data_shape)``: decode the posterior mean (or, with ``draw_z=True``, one
+    draw ``z ~ q(z | x)``)."""
+    x = _data(vae, x, "x")
+    z = posterior_samples(vae, x) if draw_z else posterior_means(vae, x).to(vae._device())
+    return vae.decode(z, mean=mean)
+
+
+def lerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation ``(1 - t) z0 + t z1``: ``z0``, ``z1`` ``(..., d)``, ``t`` ``(T,)`` gives
+    ``(..., T, d)``."""
+    t = t.to(z0).reshape(-1, 1)
+    return (1 - t) * z0.unsqueeze(-2) + t * z1.unsqueeze(-2)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Spherical linear interpolation (Shoemake 1985; White 2016, "Sampling Generative Networks"):
+    ``sin((1 - t) w) / sin(w) z0 + sin(t w) / sin(w) z1`` with ``w`` the angle between ``z0`` and ``z1``;
+    it keeps the path near the shell where a high-dimensional Gaussian prior puts its mass. Falls back to
+    :func:`lerp` for (anti)parallel endpoints. Shapes as :func:`lerp`."""
+    t = t.to(z0).reshape(-1, 1)
+    a, b = z0.unsqueeze(-2), z1.unsqueeze(-2)
+    cos = (_unit(a) * _unit(b)).sum(-1, keepdim=True).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    so = torch.sin(omega)
+    small = so.abs() < eps
+    safe = torch.where(small, torch.ones_like(so), so)
+    out = torch.sin((1 - t) * omega) / safe * a + torch.sin(t * omega) / safe * b
+    return torch.where(small, (1 - t) * a + t * b, out)
+
+
+def _unit(z: torch.Tensor) -> torch.Tensor:
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def interpolate(vae: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int = 10, method: str = "slerp", *,
+                mean: bool = True) -> torch.Tensor:
+    """Decode a path between the posterior means of ``x0`` and ``x1``.
+
+    Args:
+        x0, x1: ``(batch, *data_shape)`` endpoints (or single points ``data_shape``).
+        steps: points on each path, endpoints included.
+        method: ``"lerp"`` or ``"slerp"``.
+
+    Returns:
+        ``(batch, steps, *data_shape)`` (``(steps, *data_shape)`` for single points).
+    """
+    steps = _count("steps", steps, 2)
+    if method not in ("lerp", "slerp"):
+        raise ConfigError(message("method", '"lerp" or "slerp"', repr(method), 'pass method="slerp"'))
+    single = x0.dim() == len(vae.data_shape)
+    if single:
+        x0, x1 = x0.unsqueeze(0), x1.unsqueeze(0)
+    device = vae._device()
+    z0, z1 = posterior_means(vae, x0).to(device), posterior_means(vae, x1).to(device)
+    if z0.shape != z1.shape:
+        raise DataError(message("x1", f"as many points as x0 ({z0.shape[0]})", f"{z1.shape[0]}",
+                                "pass endpoints in pairs"))
+    t = torch.linspace(0, 1, steps, device=device)
+    flat0, flat1 = z0.reshape(z0.shape[0], -1), z1.reshape(z1.shape[0], -1)
+    path = (slerp if method == "slerp" else lerp)(flat0, flat1, t)  # (batch, steps, d)
+    out = vae.decode(path.reshape(*path.shape[:2], *z0.shape[1:]), mean=mean)
+    return out[0] if single else out
+
+
+def traverse(vae: VAE, x: Optional[torch.Tensor] = None, dims: Optional[Sequence[int]] = None,
+             values: Union[Sequence[float], torch.Tensor, None] = None, *, mean: bool = True) -> torch.Tensor:
+    """Latent traversals: vary one latent dimension at a time over ``values`` (default ``-3 .. 3`` in 9
+    steps), the others held at the posterior mean of ``x`` (a single data point) or at the prior's mean.
+
+    Returns:
+        ``(len(dims), len(values), *data_shape)`` decoded means (or draws with ``mean=False``).
+    """
+    device = vae._device()
+    if x is not None:
+        x = x.unsqueeze(0) if x.dim() == len(vae.data_shape) else x[:1]
+        base = posterior_means(vae, x)[0].to(device)
+    else:
+        prior = vae.prior()
+        try:
+            base = prior.mean
+        except NotImplementedError:
+            base = prior.sample((256,)).mean(0)
+        base = base.reshape(prior.event_shape).to(device)
+    if base.dim() != 1:
+        raise ConfigError(message("traverse latents", "a vector latent (event shape (z_dim,))",
+                                  f"event shape {tuple(base.shape)}", "traverse Gaussian latents"))
+    d = base.shape[0]
+    dims = list(range(d)) if dims is None else [int(i) for i in dims]
+    bad = [i for i in dims if not 0 <= i < d]
+    if bad:
+        raise ConfigError(message("dims", f"latent indices in [0, {d})", str(bad), f"pick dims below z_dim = {d}"))
+    vals = torch.linspace(-3, 3, 9) if values is None else torch.as_tensor(values, dtype=torch.float32)
+    vals = vals.to(device).reshape(-1)
+    z = base.expand(len(dims), len(vals), d).clone()
+    for row, j in enumerate(dims):
+        z[row, :, j] = vals
+    return vae.decode(z, mean=mean)
