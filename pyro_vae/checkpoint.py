@@ -230,8 +230,8 @@ def load_training_state(path: PathLike, *, vae_config: Any = None, signature: Op
     if vae_config is not None and stored_cfg is not None and json.loads(stored_cfg) != vae_config:
         old, new = json.loads(stored_cfg), vae_config
         key = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), "?")
-        raise CheckpointError(message(f"checkpoint {path}", f"a VAE with {key} = {new.get(key)!r}",
-                                      f"{key} = {old.get(key)!r}",
+        raise CheckpointError(message(f"checkpoint {path}", f"{key} = {new.get(key)!r} (this VAE)",
+                                      f"{key} = {old.get(key)!r} in the checkpoint",
                                       "build the VAE with the options of the run being resumed, or train into a "
                                       "new folder"))
     stored_sig = payload.get("signature") or {}

@@ -55,6 +55,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>-<time>)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint.pt (same options as the original run; "
+                        "--epochs may grow)")
+    p.add_argument("--clip-norm", type=float, default=None, help="clip the gradient's global norm to this value")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="also checkpoint every this many steps (besides every epoch end and on Ctrl-C)")
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
@@ -66,6 +72,10 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--out", default=None, help="PNG file (default RUN/samples.png)")
     p.add_argument("--draw", action="store_true", help="draw x from the likelihood instead of its mean")
+    p.add_argument("--from", dest="source", default="prior", choices=("prior", "aggregate", "mixture"),
+                   help="prior: z ~ p(z); aggregate: z ~ q(z|x) for random training points; mixture: a Gaussian "
+                        "mixture fitted to the training posterior means")
+    p.add_argument("--components", type=int, default=10, help="mixture components for --from mixture")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
 
@@ -76,14 +86,53 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder written by `pyro-vae train`")
     p.add_argument("--particles", type=int, default=10, help="Monte Carlo particles for the ELBO")
     p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size")
+    p.add_argument("--iw-samples", type=int, default=1000,
+                   help="importance samples K per test point for log p(x), its gap to the ELBO and Pareto-k "
+                        "(0 skips them)")
+    p.add_argument("--iw-batch-size", type=int, default=100, help="test points per importance-sampling batch")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_interpolate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("interpolate", help="interpolation strips and latent traversals into PNGs",
+                       description="Decode paths between the posterior means of pairs of test points "
+                                   "(RUN/interpolations.png) and one-dimension latent traversals around a test "
+                                   "point (RUN/traversals.png).")
+    p.add_argument("run", help="run folder written by `pyro-vae train`")
+    p.add_argument("--method", default="slerp", choices=("lerp", "slerp"), help="linear or spherical")
+    p.add_argument("--pairs", type=int, default=8, help="number of test-point pairs (one row each)")
+    p.add_argument("--steps", type=int, default=10, help="points on each path, endpoints included")
+    p.add_argument("--span", type=float, default=3.0, help="traversal values run from -SPAN to +SPAN")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default RUN)")
+    _add_common(p)
+    p.set_defaults(func=cmd_interpolate)
+
+
+def _add_impute(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("impute", help="fill in masked entries of test points and score the completions",
+                       description="Hide part of each test point, impute it with the VAE, and report the mean "
+                                   "squared error on the hidden entries against filling with the per-entry "
+                                   "training mean (RUN/imputations.png, RUN/imputation.json).")
+    p.add_argument("run", help="run folder written by `pyro-vae train`")
+    p.add_argument("--mask", default="bottom",
+                   help="hidden part: top, bottom, left, right (half of each image), random:P (each entry with "
+                        "probability P), or a .npy/.pt boolean array (True = observed) of shape data_shape or "
+                        "(N, *data_shape)")
+    p.add_argument("--method", default="importance", choices=("importance", "gibbs"),
+                   help="importance: self-normalized importance sampling; gibbs: pseudo-Gibbs iterations")
+    p.add_argument("--samples", type=int, default=500, help="importance samples per point")
+    p.add_argument("--iters", type=int, default=10, help="pseudo-Gibbs iterations")
+    p.add_argument("--n", type=int, default=None, help="number of test points (default all)")
+    p.add_argument("--out", default=None, help="folder for the PNG and JSON (default RUN)")
+    _add_common(p)
+    p.set_defaults(func=cmd_impute)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders in Pyro.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_sample, _add_evaluate):
+    for add in (_add_train, _add_sample, _add_evaluate, _add_interpolate, _add_impute):
         add(sub)
     return parser
 
@@ -132,16 +181,54 @@ def write_pictures(vae, splits, run: Path, history: Optional[list] = None, n: in
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    if args.resume and not args.out:
+        raise ConfigError(message("--resume", "--out RUN naming the run folder to continue", "no --out",
+                                  "pass --out RUN with the options of the original run"))
+    ctx, device = distributed.init_from_env(args.device)
+    try:
+        code = _train(args, ctx, device)
+    except BaseException:
+        if ctx.enabled:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+        raise
+    distributed.shutdown()
+    return code
+
+
+def _check_resume(out: Path, data_cfg: dict[str, Any]) -> None:
+    from . import checkpoint
+
+    if not (out / checkpoint.CONFIG).is_file():
+        raise checkpoint.CheckpointError(message(
+            f"--out {out}", f"a run folder ({checkpoint.CONFIG}) to resume", "none" if not out.exists() else
+            "a folder that is not a pyro-vae run", "drop --resume to start a new run, or pass the run's folder"))
+    stored = checkpoint.read_json(out / checkpoint.CONFIG).get("data", {})
+    for key, value in data_cfg.items():
+        if key in stored and stored[key] != value:
+            raise checkpoint.CheckpointError(message(
+                f"--resume {out}", f"--{key.replace('_', '-')} {stored[key]} (as in the run's config.json)",
+                repr(value), "pass the options of the original run"))
+
+
+def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
+    import pyro
     import torch
 
-    from . import checkpoint
-    from .train import evaluate_elbo, fit, resolve_device
+    from . import checkpoint, distributed
+    from .train import evaluate_elbo, fit
     from .vae import VAE
 
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_out(out)
-    device = resolve_device(args.device)
+    if args.out is None:
+        out = Path(distributed.broadcast_object(str(out)))
+    distributed.rank0_call(lambda: _check_out(out))
     data_cfg = {"data": args.data, "data_dir": args.data_dir, "binarize": args.binarize, "seed": args.seed}
+    if args.resume:
+        distributed.rank0_call(lambda: _check_resume(out, data_cfg))
     splits = _load_data(data_cfg)
     likelihood: Any = args.likelihood
     if args.likelihood_scale is not None:
@@ -149,16 +236,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(message("--likelihood-scale", "--likelihood normal", args.likelihood,
                                       "drop --likelihood-scale or use --likelihood normal"))
         likelihood = {"name": "normal", "scale": args.likelihood_scale}
+    pyro.set_rng_seed(args.seed)
     vae = VAE(splits.data_shape, args.z_dim, encoder=args.net, decoder=args.net, prior=args.prior,
               likelihood=likelihood, hidden=args.hidden)
     train_cfg = {"elbo": args.elbo, "particles": args.particles, "epochs": args.epochs,
-                 "batch_size": args.batch_size, "lr": args.lr, "device": str(device)}
-    checkpoint.save(vae, out, data=data_cfg, train=train_cfg)
+                 "batch_size": args.batch_size, "lr": args.lr, "device": str(device), "clip_norm": args.clip_norm}
+    if ctx.world_size > 1:
+        train_cfg["processes"] = ctx.world_size
+    if ctx.is_main and not args.resume:
+        checkpoint.save(vae, out, data=data_cfg, train=train_cfg)
     start = time.perf_counter()
     history = fit(vae, splits.train, elbo=args.elbo, num_particles=args.particles, epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, val_data=splits.val, device=device, seed=args.seed,
-                  dynamic_binarize=splits.dynamic_binarize, progress=not args.no_progress, checkpoint_dir=out)
+                  dynamic_binarize=splits.dynamic_binarize, progress=not args.no_progress, checkpoint_dir=out,
+                  clip_norm=args.clip_norm, checkpoint_every=args.checkpoint_every or None,
+                  resume_from=out if args.resume else None)
     seconds = time.perf_counter() - start
+    if not ctx.is_main:
+        return 0
     checkpoint.save(vae, out, data=data_cfg, train=train_cfg)
     train_x = splits.train.x
     if splits.dynamic_binarize:
@@ -198,9 +293,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(message("--n", "an integer >= 1", str(args.n), "pass --n 64"))
     pyro.set_rng_seed(args.seed)
-    vae, _ = _load_run(args.run, args.device)
-    out = Path(args.out) if args.out else Path(args.run) / "samples.png"
-    plots.save_image_grid(vae.sample(args.n, mean=not args.draw).cpu(), out, "samples from the prior")
+    vae, cfg = _load_run(args.run, args.device)
+    out = Path(args.out) if args.out else Path(args.run) / ("samples.png" if args.source == "prior"
+                                                             else f"samples-{args.source}.png")
+    if args.source == "prior":
+        x = vae.sample(args.n, mean=not args.draw)
+    else:
+        from . import generation
+
+        x = generation.sample(vae, args.n, args.source, data=_train_x(cfg), mean=not args.draw,
+                              n_components=args.components)
+    title = {"prior": "samples from the prior", "aggregate": "samples from the aggregate posterior",
+             "mixture": f"samples from a {args.components}-component mixture fitted to the posterior means"}
+    plots.save_image_grid(x.cpu(), out, title[args.source])
     print(f"samples: {out}")
     return 0
 
@@ -219,9 +324,128 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     path = Path(args.run) / checkpoint.METRICS
     metrics = checkpoint.read_json(path) if path.is_file() else {}
     metrics.update({"elbo": elbo, "elbo_particles": args.particles, "units": "nats per data point"})
+    if args.iw_samples < 0:
+        raise ConfigError(message("--iw-samples", "an integer >= 0", str(args.iw_samples), "pass --iw-samples 1000"))
+    if args.iw_samples:
+        metrics.update(_importance_metrics(vae, splits.test, args))
     checkpoint.write_json(path, metrics)
     print(f"test ELBO {elbo:.3f} nats per data point ({len(splits.test)} points, {args.particles} particles)")
+    if args.iw_samples:
+        print(f"test log p(x) {metrics['log_likelihood']:.3f} +- {metrics['log_likelihood_se']:.3f} "
+              f"(K = {args.iw_samples}), gap log p(x) - ELBO {metrics['gap']:.3f}, "
+              f"{metrics['active_units']} active units, Pareto k > 0.7 for "
+              f"{metrics['pareto_k_frac_above_0.7']:.1%} of points")
     print(f"metrics: {path}")
+    return 0
+
+
+def _train_x(cfg: dict[str, Any]):
+    """The run's training data as the model saw it (binarized once when it was binarized on the fly)."""
+    splits = _load_data(cfg["data"])
+    x = splits.train.x
+    if splits.dynamic_binarize:
+        from .data import binarize
+
+        x = binarize(x, cfg["data"].get("seed", 0))
+    return x
+
+
+def _importance_metrics(vae, test, args: argparse.Namespace) -> dict[str, Any]:
+    from . import evaluation, plots
+
+    ll = evaluation.log_likelihood(vae, test, args.iw_samples, batch_size=args.iw_batch_size,
+                                   return_log_weights=args.iw_samples >= 2)
+    out = ll.to_dict()
+    out["elbo_iw"] = ll.elbo
+    out["active_units"] = evaluation.active_units(vae, test)
+    if ll.log_weights is not None:
+        plots.save_pareto_k(ll.pareto_k(), Path(args.run) / "pareto_k.png")
+    return out
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    import pyro
+    import torch
+
+    from . import generation, plots
+
+    for name in ("pairs", "steps"):
+        if getattr(args, name) < (1 if name == "pairs" else 2):
+            raise ConfigError(message(f"--{name}", "a positive integer (steps >= 2)", str(getattr(args, name)),
+                                      f"pass --{name} 8"))
+    pyro.set_rng_seed(args.seed)
+    vae, cfg = _load_run(args.run, args.device)
+    test = _load_data(cfg["data"]).test.x
+    if len(test) < 2 * args.pairs:
+        raise ConfigError(message("--pairs", f"at most {len(test) // 2} (half the test points)", str(args.pairs),
+                                  "pass fewer pairs"))
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(test), generator=g)[: 2 * args.pairs]
+    x = test[idx].to(vae._device())
+    out = Path(args.out) if args.out else Path(args.run)
+    paths = generation.interpolate(vae, x[: args.pairs], x[args.pairs:], args.steps, args.method)
+    p1 = plots.save_interpolations(paths.cpu(), out / "interpolations.png", args.method)
+    values = torch.linspace(-args.span, args.span, 9)
+    grid = generation.traverse(vae, x[0], values=values)
+    p2 = plots.save_traversals(grid.cpu(), out / "traversals.png", values.tolist())
+    print(f"interpolations: {p1}")
+    print(f"traversals: {p2}")
+    return 0
+
+
+def _load_mask(spec: str, data_shape: tuple, n: int, seed: int):
+    import torch
+
+    from . import checkpoint, imputation
+
+    if spec.endswith((".npy", ".pt")):
+        if spec.endswith(".npy"):
+            import numpy as np
+
+            try:
+                arr = torch.as_tensor(np.load(spec, allow_pickle=False))
+            except (OSError, ValueError) as e:
+                raise ConfigError(message("--mask", "a readable .npy boolean array", f"{spec} ({e})",
+                                          "save the mask with np.save")) from None
+        else:
+            arr = checkpoint.load_tensors(spec)
+        if not torch.is_tensor(arr) or tuple(arr.shape[-len(data_shape):]) != tuple(data_shape):
+            raise ConfigError(message("--mask", f"a boolean array of shape {tuple(data_shape)} or (N, ...)",
+                                      f"shape {tuple(arr.shape) if torch.is_tensor(arr) else type(arr).__name__}",
+                                      "save one mask per data point or one for all"))
+        arr = arr.bool()
+        return arr.expand(n, *data_shape) if arr.dim() == len(data_shape) else arr[:n]
+    return imputation.make_mask(data_shape, spec, n, seed=seed)
+
+
+def cmd_impute(args: argparse.Namespace) -> int:
+    import pyro
+    import torch
+
+    from . import checkpoint, imputation, plots
+
+    pyro.set_rng_seed(args.seed)
+    vae, cfg = _load_run(args.run, args.device)
+    splits = _load_data(cfg["data"])
+    test = splits.test.x if args.n is None else splits.test.x[: max(args.n, 1)]
+    mask = _load_mask(args.mask, vae.data_shape, len(test), args.seed)
+    if mask.shape[0] != len(test):
+        raise ConfigError(message("--mask", f"{len(test)} masks (one per test point)", f"{mask.shape[0]}",
+                                  "pass one mask for all points or pass --n"))
+    imputed = imputation.impute(vae, test, mask, method=args.method, num_samples=args.samples,
+                                num_iters=args.iters, seed=args.seed).cpu()
+    err = imputation.masked_error(test, imputed, mask)
+    base = imputation.masked_error(test, torch.where(mask, test, _train_x(cfg).mean(0)), mask)
+    out = Path(args.out) if args.out else Path(args.run)
+    picture = plots.save_imputations(test[:16], mask[:16], imputed[:16], out / "imputations.png")
+    result = {"mask": args.mask, "method": args.method, "num_points": len(test),
+              "mse_missing": float(err.mean()), "mse_missing_se": float(err.std() / len(err) ** 0.5),
+              "mse_missing_mean_fill": float(base.mean()), "missing_fraction": float((~mask).float().mean())}
+    checkpoint.write_json(out / "imputation.json", result)
+    print(f"imputation ({args.method}, mask {args.mask}): mean squared error on the hidden entries "
+          f"{result['mse_missing']:.4f} +- {result['mse_missing_se']:.4f}, per-entry training mean "
+          f"{result['mse_missing_mean_fill']:.4f}")
+    print(f"pictures: {picture}; results: {out / 'imputation.json'}")
     return 0
 
 
@@ -236,8 +460,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+    except OSError as e:  # a disk that fills up or a folder that disappears during the run
+        if args.debug:
+            raise
+        print(f"pyro-vae {args.command}: error: {e.filename or 'file system'}: {e.strerror or e}. Fix: check "
+              "the path, its permissions and the free space", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        from .errors import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted) and e.checkpoint:
+            import shlex
+
+            words = list(sys.argv[1:] if argv is None else argv)
+            resume = shlex.join(["pyro-vae", *words, *([] if "--resume" in words else ["--resume"])])
+            print(f"pyro-vae {args.command}: {str(e).split('; checkpoint')[0]}; checkpoint written to "
+                  f"{e.checkpoint}\nresume with: {resume}", file=sys.stderr)
+        else:
+            print(f"pyro-vae {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 
