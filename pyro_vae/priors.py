@@ -1,20 +1,25 @@
-"""Priors p(z): callables with no arguments returning a Pyro distribution of event shape ``(z_dim,)``.
+"""Priors p(z): callables with no arguments returning a Pyro distribution of event shape ``(z_dim,)``
+(``(n, k)`` for a categorical latent).
 
 Any such callable works; an ``nn.Module`` prior is registered with Pyro by the model, so its parameters
-learn with the rest of the VAE.
+learn with the rest of the VAE. Built in: :class:`StandardNormal`, :class:`MixtureOfGaussians`,
+:class:`VampPrior`, :class:`FlowPrior`, :class:`Laplace`, :class:`StudentT`, and for categorical latents
+:class:`RelaxedCategoricalPrior` (uniform or learnable logits).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, message
 
-__all__ = ["StandardNormal", "PRIORS", "build_prior"]
+__all__ = ["StandardNormal", "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
+           "RelaxedCategoricalPrior", "PRIORS", "CATEGORICAL_PRIORS", "build_prior"]
 
 PriorFn = Callable[[], dist.Distribution]
 
@@ -36,26 +41,303 @@ class StandardNormal(nn.Module):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
-PRIORS: dict[str, Callable[..., nn.Module]] = {"normal": StandardNormal}
+def _positive(name: str, value: Any, integer: bool = False) -> Any:
+    import math
+
+    ok = (isinstance(value, int) and not isinstance(value, bool)) if integer else (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    if not ok or value <= 0:
+        raise ConfigError(message(name, "an integer >= 1" if integer else "a finite number > 0", repr(value),
+                                  f"pass a valid {name}"))
+    return value
 
 
-def build_prior(spec: Union[str, dict, PriorFn, None], z_dim: int) -> PriorFn:
-    """A prior from a name, a config dict (``{"name": ..., **options}``) or a callable (returned as is)."""
+class MixtureOfGaussians(nn.Module):
+    """Learnable mixture of ``components`` diagonal Gaussians: weights, means and scales all learn.
+
+    ``p(z) = sum_c pi_c N(z; mu_c, diag(sigma_c^2))`` with ``pi = softmax(logits)`` and
+    ``sigma = softplus(raw) + 1e-4``. Means start at seeded ``N(0, I)`` draws so the components differ.
+    There is no closed-form KL from a Gaussian to a mixture: under ``TraceMeanField_ELBO`` the latent site
+    falls back to Monte Carlo.
+
+    Args:
+        z_dim: latent dimensions.
+        components: number of mixture components ``C``.
+    """
+
+    name = "mixture"
+
+    def __init__(self, z_dim: int, components: int = 10) -> None:
+        super().__init__()
+        self.z_dim, self.components = int(z_dim), _positive("components", components, integer=True)
+        self.logits = nn.Parameter(torch.zeros(components))
+        self.locs = nn.Parameter(torch.randn(components, self.z_dim))
+        self.raw_scales = nn.Parameter(torch.full((components, self.z_dim), 0.5413))  # softplus -> 1.0
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "components": self.components}
+
+    def forward(self) -> dist.Distribution:
+        scales = F.softplus(self.raw_scales) + 1e-4
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits),
+                                      dist.Normal(self.locs, scales).to_event(1))
+
+
+class VampPrior(nn.Module):
+    """Variational mixture of posteriors (Tomczak & Welling 2018): ``p(z) = 1/C sum_c q(z | u_c)``, the
+    encoder's own distribution at ``C`` learnable pseudo-inputs ``u_c`` of shape ``data_shape``.
+
+    The encoder is held by reference, not as a submodule: its parameters stay registered once (by the
+    guide) and receive gradients from both the guide and this prior. :class:`pyro_vae.VAE` builds it from
+    ``prior="vamp"`` (or ``{"name": "vamp", "components": C}``) with its own encoder; build it by hand as
+    ``VampPrior(encoder, data_shape)`` for a VAE given that encoder.
+
+    Args:
+        encoder: an :class:`~pyro_vae.encoders.Encoder` (``distribution(u)`` gives ``q(z | u)``).
+        data_shape: shape of one data point.
+        components: number of pseudo-inputs ``C``.
+        init: optional ``(C, *data_shape)`` starting pseudo-inputs (e.g. a random data subset); default
+            uniform draws in [0, 1].
+    """
+
+    name = "vamp"
+    needs_encoder = True
+
+    def __init__(self, encoder: nn.Module, data_shape: Sequence[int], components: int = 50,
+                 init: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        if not hasattr(encoder, "distribution"):
+            raise ConfigError(message("VampPrior encoder", "an Encoder with distribution(x)",
+                                      type(encoder).__name__, "pass vae.encoder or build the VAE with prior='vamp'"))
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.components = _positive("components", components, integer=True)
+        self._encoder = (encoder,)  # a tuple hides it from nn.Module: not a submodule, not in state_dict
+        if init is None:
+            init = torch.rand(components, *self.data_shape)
+        elif tuple(init.shape) != (components, *self.data_shape):
+            raise ConfigError(message("VampPrior init", f"shape (components, *data_shape) = "
+                                      f"{(components, *self.data_shape)}", f"shape {tuple(init.shape)}",
+                                      "pass e.g. x[torch.randperm(len(x))[:components]]"))
+        self.pseudo_inputs = nn.Parameter(init.detach().clone().float())
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self._encoder[0]
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "components": self.components}
+
+    def forward(self) -> dist.Distribution:
+        q = self.encoder.distribution(self.pseudo_inputs)
+        mix = dist.Categorical(logits=torch.zeros(self.components, device=self.pseudo_inputs.device))
+        return dist.MixtureSameFamily(mix, q)
+
+
+class FlowPrior(nn.Module):
+    """Normalizing-flow prior built from Pyro's own transforms (``pyro.distributions.transforms``):
+    ``z = f_L(... f_1(e))``, ``e ~ N(0, I)``, with ``flows`` autoregressive layers (affine: MAF,
+    Papamakarios et al. 2017; or rational-quadratic spline: Durkan et al. 2019) and a reversal of the
+    dimensions between layers.
+
+    Each layer is used in its inverse direction, so ``log_prob(z)`` (needed at every training step) is one
+    pass through the autoregressive networks; sampling (generation only) is the sequential direction.
+
+    Args:
+        z_dim: latent dimensions.
+        flows: number of autoregressive layers.
+        kind: ``"affine"`` or ``"spline"`` (with ``z_dim = 1``: an elementwise spline either way).
+        hidden: hidden sizes of each layer's autoregressive network (default ``(4 * z_dim,) * 2``).
+    """
+
+    name = "flow"
+    KINDS = ("affine", "spline")
+
+    def __init__(self, z_dim: int, flows: int = 2, kind: str = "affine", hidden: Optional[Sequence[int]] = None) -> None:
+        super().__init__()
+        from pyro.distributions import transforms as T
+
+        self.z_dim, self.flows = int(z_dim), _positive("flows", flows, integer=True)
+        if kind not in self.KINDS:
+            raise ConfigError(message("flow kind", f"one of {self.KINDS}", repr(kind), "pass kind='affine'"))
+        self.kind = kind
+        self.hidden = [int(h) for h in hidden] if hidden is not None else [max(8, 4 * self.z_dim)] * 2
+        layers = []
+        for _ in range(self.flows):
+            if self.z_dim == 1:
+                layers.append(T.Spline(1))  # one dimension: nothing to condition on
+            elif kind == "affine":
+                layers.append(T.affine_autoregressive(self.z_dim, hidden_dims=self.hidden))
+            else:
+                layers.append(T.spline_autoregressive(self.z_dim, hidden_dims=self.hidden))
+        self.layers = nn.ModuleList(layers)
+        self.register_buffer("loc", torch.zeros(self.z_dim))
+        self.register_buffer("scale", torch.ones(self.z_dim))
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "flows": self.flows, "kind": self.kind, "hidden": list(self.hidden)}
+
+    def forward(self) -> dist.Distribution:
+        from pyro.distributions import transforms as T
+
+        reverse = T.Permute(torch.arange(self.z_dim - 1, -1, -1, device=self.loc.device))
+        transforms: list = []
+        for i, layer in enumerate(self.layers):
+            if i:
+                transforms.append(reverse)
+            transforms.append(layer.inv)
+        return dist.TransformedDistribution(dist.Normal(self.loc, self.scale).to_event(1), transforms)
+
+
+class Laplace(nn.Module):
+    """Heavy-tailed ``Laplace(0, scale)`` on every dimension (analytic KL from a diagonal Gaussian guide)."""
+
+    name = "laplace"
+
+    def __init__(self, z_dim: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale_value = float(_positive("scale", scale))
+        self.register_buffer("loc", torch.zeros(int(z_dim)))
+        self.register_buffer("scale", torch.full((int(z_dim),), self.scale_value))
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "scale": self.scale_value}
+
+    def forward(self) -> dist.Distribution:
+        return dist.Laplace(self.loc, self.scale).to_event(1)
+
+
+class StudentT(nn.Module):
+    """Heavy-tailed Student-t with ``df`` degrees of freedom on every dimension (no closed-form KL from a
+    Gaussian: Monte Carlo under ``TraceMeanField_ELBO``)."""
+
+    name = "student-t"
+
+    def __init__(self, z_dim: int, df: float = 3.0, scale: float = 1.0) -> None:
+        super().__init__()
+        self.df_value, self.scale_value = float(_positive("df", df)), float(_positive("scale", scale))
+        self.register_buffer("df", torch.full((int(z_dim),), self.df_value))
+        self.register_buffer("loc", torch.zeros(int(z_dim)))
+        self.register_buffer("scale", torch.full((int(z_dim),), self.scale_value))
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "df": self.df_value, "scale": self.scale_value}
+
+    def forward(self) -> dist.Distribution:
+        return dist.StudentT(self.df, self.loc, self.scale).to_event(1)
+
+
+class RelaxedCategoricalPrior(nn.Module):
+    """Relaxed one-hot categorical prior over ``n`` variables of ``k`` classes, event shape ``(n, k)``:
+    uniform (``learnable=False``, Jang et al. 2017) or with learnable logits.
+
+    Its temperature follows the guide's: built by :class:`pyro_vae.VAE` it reads
+    ``vae.encoder.temperature`` at every call, so an annealing schedule moves both. Standalone it uses its
+    own ``temperature``. Samples and scores come from
+    :class:`~pyro_vae.relaxed.StableRelaxedOneHotCategorical`: a straight-through guide's hard one-hot draw
+    is scored through its relaxed value, and any hard one-hot gets a finite log-density.
+
+    Args:
+        n: number of categorical variables.
+        k: classes per variable.
+        learnable: learn the logits (start uniform).
+        temperature: used when no encoder is attached.
+        encoder: an object with a ``temperature`` attribute to follow (held by reference).
+    """
+
+    name = "categorical"
+
+    def __init__(self, n: int, k: int, learnable: bool = False, temperature: float = 1.0,
+                 encoder: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        from .relaxed import check_temperature
+
+        self.n, self.k = _positive("n", n, integer=True), _positive("categories", k, integer=True)
+        self.learnable = bool(learnable)
+        self._temperature = check_temperature(temperature)
+        self._encoder = (encoder,) if encoder is not None else ()
+        if self.learnable:
+            self.logits = nn.Parameter(torch.zeros(self.n, self.k))
+        else:
+            self.register_buffer("logits", torch.zeros(self.n, self.k))
+
+    @property
+    def temperature(self) -> float:
+        return float(self._encoder[0].temperature) if self._encoder else self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        from .relaxed import check_temperature
+
+        if self._encoder:
+            self._encoder[0].temperature = value
+        else:
+            self._temperature = check_temperature(value)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": "categorical-learned" if self.learnable else "categorical"}
+
+    def forward(self) -> dist.Distribution:
+        from .relaxed import StableRelaxedOneHotCategorical
+
+        t = torch.tensor(self.temperature, dtype=self.logits.dtype, device=self.logits.device)
+        return StableRelaxedOneHotCategorical(t, logits=self.logits).to_event(1)
+
+
+def _categorical_learned(n: int, k: int, **kwargs: Any) -> RelaxedCategoricalPrior:
+    return RelaxedCategoricalPrior(n, k, learnable=True, **kwargs)
+
+
+PRIORS: dict[str, Callable[..., nn.Module]] = {
+    "normal": StandardNormal, "mixture": MixtureOfGaussians, "vamp": VampPrior, "flow": FlowPrior,
+    "laplace": Laplace, "student-t": StudentT,
+}
+CATEGORICAL_PRIORS: dict[str, Callable[..., nn.Module]] = {
+    "categorical": RelaxedCategoricalPrior, "categorical-learned": _categorical_learned,
+}
+
+
+def build_prior(spec: Union[str, dict, PriorFn, None], z_dim: int, *, categories: Optional[int] = None,
+                encoder: Optional[nn.Module] = None, data_shape: Optional[Sequence[int]] = None) -> PriorFn:
+    """A prior from a name, a config dict (``{"name": ..., **options}``) or a callable (returned as is).
+
+    Args:
+        spec: ``None`` (standard normal, or the uniform relaxed categorical when ``categories`` is given),
+            a name of :data:`PRIORS` / :data:`CATEGORICAL_PRIORS`, a config dict, or a callable.
+        z_dim: latent dimensions (the number of categorical variables ``n`` for a categorical latent).
+        categories: classes per variable for a categorical latent, ``None`` for a Gaussian one.
+        encoder: the VAE's encoder (for ``vamp``, and the temperature of the categorical priors).
+        data_shape: shape of one data point (for ``vamp``).
+    """
+    table = CATEGORICAL_PRIORS if categories is not None else PRIORS
     if spec is None:
-        spec = "normal"
+        spec = "categorical" if categories is not None else "normal"
     if callable(spec):
         return spec
     kwargs: dict[str, Any] = {}
     if isinstance(spec, dict):
         kwargs = dict(spec)
         spec = kwargs.pop("name", None)
-    if spec not in PRIORS:
+    if spec not in table:
+        other = PRIORS if categories is not None else CATEGORICAL_PRIORS
+        hint = (f"{spec!r} is a prior for a {'Gaussian' if categories is not None else 'categorical'} latent; "
+                if spec in other else "")
         raise ConfigError(
             message(
                 "prior",
-                "one of " + ", ".join(sorted(PRIORS)) + " or a callable returning a distribution",
+                "one of " + ", ".join(sorted(table)) + " or a callable returning a distribution",
                 repr(spec),
-                "pick one of the known names or pass your own callable",
+                hint + "pick one of the known names or pass your own callable",
             )
         )
-    return PRIORS[spec](z_dim, **kwargs)
+    try:
+        if categories is not None:
+            return table[spec](z_dim, categories, encoder=encoder, **kwargs)
+        if getattr(table[spec], "needs_encoder", False):
+            if encoder is None or data_shape is None:
+                raise ConfigError(message(f"prior {spec!r}", "the VAE's encoder and data_shape", "none",
+                                          f"build it through VAE(..., prior={spec!r})"))
+            return table[spec](encoder, data_shape, **kwargs)
+        return table[spec](z_dim, **kwargs)
+    except TypeError as e:
+        raise ConfigError(message(f"prior {spec!r} options", "the constructor's keyword arguments",
+                                  f"{sorted(kwargs)} ({e})", f"see help(pyro_vae.priors) for {spec!r}")) from None

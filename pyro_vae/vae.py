@@ -20,15 +20,17 @@ from pyro.infer.util import is_validation_enabled
 from pyro.params import param_with_module_name
 from torch import nn
 
-from .encoders import Encoder, GaussianEncoder
+from .encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder
 from .errors import ConfigError, DataError, ShapeError, message
 from .likelihoods import Likelihood, build_likelihood
 from .networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from .priors import build_prior
+from .relaxed import check_temperature
 
 __all__ = ["VAE"]
 
 NETS = ("mlp", "conv")
+LATENTS = ("gaussian", "categorical")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -57,6 +59,12 @@ class VAE(nn.Module):
             the plate ``"a/data"``), so several VAEs can live in one model.
         beta: weight of the latent site (KL weighting, Higgins et al. 2017), applied with
             ``poutine.scale`` in both model and guide.
+        latent: ``"gaussian"`` (diagonal Gaussian guide) or ``"categorical"``: ``z_dim`` relaxed one-hot
+            categorical variables of ``categories`` classes (Gumbel-softmax, Jang et al. 2017), latent
+            event shape ``(z_dim, categories)``, the decoder fed the flattened ``z_dim * categories``.
+        categories: classes per categorical variable (``latent="categorical"`` only).
+        temperature: starting relaxation temperature of a categorical latent (> 0).
+        straight_through: hard one-hot samples with relaxed gradients (categorical latent).
 
     Sites (with ``name=""``): plate ``"data"`` over the batch, latent ``"z"`` of shape
     ``(batch, z_dim)``, observed ``"x"`` of shape ``(batch, *data_shape)``.
@@ -74,6 +82,10 @@ class VAE(nn.Module):
         hidden: Sequence[int] = (400,),
         name: str = "",
         beta: float = 1.0,
+        latent: str = "gaussian",
+        categories: Optional[int] = None,
+        temperature: float = 1.0,
+        straight_through: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(data_shape, int):
@@ -88,10 +100,12 @@ class VAE(nn.Module):
         self.beta = beta
         self._config: dict[str, Any] = {"data_shape": list(self.data_shape), "z_dim": self.z_dim,
                                         "hidden": list(self.hidden), "name": self.name}
+        self._init_latent(latent, categories, temperature, straight_through)
 
         self.encoder = self._build_encoder(encoder)
         self.decoder = self._build_decoder(decoder)
-        self.prior = build_prior(prior, self.z_dim)
+        self.prior = build_prior(prior, self.z_dim, categories=self.categories, encoder=self.encoder,
+                                 data_shape=self.data_shape)
         self.likelihood = build_likelihood(likelihood, self.data_shape)
         for key, part in (("prior", self.prior), ("likelihood", self.likelihood)):
             cfg = getattr(part, "config", None)
@@ -99,6 +113,35 @@ class VAE(nn.Module):
         self._check_shapes()
 
     # ----------------------------------------------------------------------------------- building
+    def _init_latent(self, latent: str, categories: Optional[int], temperature: float,
+                     straight_through: bool) -> None:
+        if latent not in LATENTS:
+            raise ConfigError(message("latent", f"one of {LATENTS}", repr(latent), 'pass latent="categorical"'))
+        self.latent = latent
+        if latent == "categorical":
+            self.categories: Optional[int] = _check_int("categories", categories, 2)
+            self._temperature0 = check_temperature(temperature)
+            self._straight_through = bool(straight_through)
+            self._config.update(latent=latent, categories=self.categories, temperature=self._temperature0,
+                                straight_through=self._straight_through)
+            self._encoder_features = self._decoder_features = self.z_dim * self.categories
+        else:
+            if categories is not None or straight_through:
+                raise ConfigError(message("categories / straight_through", 'latent="categorical"',
+                                          f"latent={latent!r}", 'pass latent="categorical" or drop them'))
+            self.categories = None
+            self._encoder_features, self._decoder_features = 2 * self.z_dim, self.z_dim
+
+    def _wrap_encoder(self, net: nn.Module) -> Encoder:
+        if self.latent == "categorical":
+            return RelaxedCategoricalEncoder(net, self.z_dim, self.categories, self._temperature0,
+                                             self._straight_through)
+        return GaussianEncoder(net, self.z_dim)
+
+    def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` as the decoder takes it: a categorical ``(..., n, k)`` flattened to ``(..., n * k)``."""
+        return z if self.categories is None else z.reshape(*z.shape[:-2], self._decoder_features)
+
     def _build_encoder(self, encoder: Union[str, nn.Module]) -> Encoder:
         if isinstance(encoder, Encoder):
             self._config["encoder"] = None
@@ -106,16 +149,16 @@ class VAE(nn.Module):
         if isinstance(encoder, str):
             self._config["encoder"] = encoder
             if encoder == "mlp":
-                net: nn.Module = MLPEncoder(self.data_shape, 2 * self.z_dim, self.hidden)
+                net: nn.Module = MLPEncoder(self.data_shape, self._encoder_features, self.hidden)
             elif encoder == "conv":
-                net = ConvEncoder(self.data_shape, 2 * self.z_dim)
+                net = ConvEncoder(self.data_shape, self._encoder_features)
             else:
                 raise ConfigError(message("encoder", f"one of {NETS} or an nn.Module", repr(encoder),
                                           "pick a known network or pass your own module"))
-            return GaussianEncoder(net, self.z_dim)
+            return self._wrap_encoder(net)
         if isinstance(encoder, nn.Module):
             self._config["encoder"] = None
-            return GaussianEncoder(encoder, self.z_dim)
+            return self._wrap_encoder(encoder)
         raise ConfigError(message("encoder", f"one of {NETS} or an nn.Module", type(encoder).__name__,
                                   "pass a name or an nn.Module"))
 
@@ -123,9 +166,9 @@ class VAE(nn.Module):
         if isinstance(decoder, str):
             self._config["decoder"] = decoder
             if decoder == "mlp":
-                return MLPDecoder(self.z_dim, self.data_shape, self.hidden)
+                return MLPDecoder(self._decoder_features, self.data_shape, self.hidden)
             if decoder == "conv":
-                return ConvDecoder(self.z_dim, self.data_shape)
+                return ConvDecoder(self._decoder_features, self.data_shape)
             raise ConfigError(message("decoder", f"one of {NETS} or an nn.Module", repr(decoder),
                                       "pick a known network or pass your own module"))
         if isinstance(decoder, nn.Module):
@@ -154,7 +197,7 @@ class VAE(nn.Module):
                     f'guide at site "{self._site("z")}"', "batch shape (batch,) = (2,) for an input batch of 2",
                     f"batch shape {tuple(q.batch_shape)}", "make the encoder return (batch, 2 * z_dim)"))
             z = q.sample()
-            out = self.decoder(z)
+            out = self.decoder(self._decoder_input(z))
             if tuple(out.shape[:1]) != (2,):
                 raise ShapeError(message("decoder output", "leading batch dimension 2 for a batch of 2 latents",
                                          f"shape {tuple(out.shape)}",
@@ -168,8 +211,10 @@ class VAE(nn.Module):
     def _site(self, name: str) -> str:
         return f"{self.name}/{name}" if self.name else name
 
+    _registered = False  # True while pyro_vae.step runs a step after the first: modules already registered
+
     def _register(self, key: str, module: Any) -> None:
-        if not isinstance(module, nn.Module) or next(module.parameters(), None) is None:
+        if self._registered or not isinstance(module, nn.Module) or next(module.parameters(), None) is None:
             return
         name = self._site(key)
         if not pyro.settings.get("module_local_params"):
@@ -272,7 +317,7 @@ class VAE(nn.Module):
         with self._plate(batch, num_data, device):
             with self._kl_scale():
                 z = pyro.sample(self._site("z"), self.prior())
-            out = self.decoder(z)
+            out = self.decoder(self._decoder_input(z))
             pyro.sample(self._site("x"), self._likelihood_dist(out), obs=x)
         return out
 
@@ -307,7 +352,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, mean: bool = True) -> torch.Tensor:
         """Likelihood means (``mean=True``) or draws for latents ``(..., z_dim)``."""
-        px = self._likelihood_dist(self.decoder(z))
+        px = self._likelihood_dist(self.decoder(self._decoder_input(z)))
         return px.mean if mean else px.sample()
 
     @torch.no_grad()
@@ -316,6 +361,9 @@ class VAE(nn.Module):
         (``mean=True``) or a draw from it."""
         n = _check_int("n", n, 1)
         z = self.prior().sample((n,))
+        if self.categories is not None:
+            # arg-max of a Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max)
+            z = torch.nn.functional.one_hot(z.argmax(-1), self.categories).to(z.dtype)
         return self.decode(z, mean=mean)
 
     @torch.no_grad()
@@ -335,7 +383,9 @@ class VAE(nn.Module):
         cfg = dict(config)
         return cls(cfg.pop("data_shape"), cfg.pop("z_dim"), encoder=cfg.pop("encoder"), decoder=cfg.pop("decoder"),
                    prior=cfg.pop("prior"), likelihood=cfg.pop("likelihood"), hidden=cfg.pop("hidden"),
-                   name=cfg.pop("name", ""))
+                   name=cfg.pop("name", ""), latent=cfg.pop("latent", "gaussian"),
+                   categories=cfg.pop("categories", None), temperature=cfg.pop("temperature", 1.0),
+                   straight_through=cfg.pop("straight_through", False))
 
     def extra_repr(self) -> str:
         return f"data_shape={self.data_shape}, z_dim={self.z_dim}, name={self.name!r}"
