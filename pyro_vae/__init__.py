@@ -10,6 +10,12 @@ from .likelihoods import Bernoulli, ContinuousBernoulli, Normal, NormalLearnedSc
 from .priors import StandardNormal  # noqa: E402
 from .train import History, evaluate_elbo, fit, make_elbo  # noqa: E402
 from .vae import VAE  # noqa: E402
+from . import kl, relaxed, schedules  # noqa: E402  (importing kl registers its closed-form KLs)
+from .encoders import RelaxedCategoricalEncoder  # noqa: E402
+from .kl import KLReport, kl_report  # noqa: E402
+from .priors import FlowPrior, Laplace, MixtureOfGaussians, RelaxedCategoricalPrior, StudentT, VampPrior  # noqa: E402
+from .relaxed import StableRelaxedOneHotCategorical  # noqa: E402
+from .schedules import ConstantBeta, ConstantTemperature, ExponentialTemperature, KLWarmup  # noqa: E402
 
 __all__ = [
     "VAE", "fit", "evaluate_elbo", "make_elbo", "History", "load", "save",
@@ -17,4 +23,7 @@ __all__ = [
     "Bernoulli", "ContinuousBernoulli", "Normal", "NormalLearnedScale",
     "PyroVAEError", "ConfigError", "DataError", "ShapeError", "CheckpointError", "NonFiniteLossError",
     "data", "encoders", "errors", "likelihoods", "networks", "plots", "priors",
+    "kl", "relaxed", "schedules", "kl_report", "KLReport", "RelaxedCategoricalEncoder",
+    "StableRelaxedOneHotCategorical", "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
+    "RelaxedCategoricalPrior", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup",
 ]
