@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 __all__ = ["image_grid", "save_image_grid", "save_reconstructions", "save_elbo_curve", "save_latent_map",
-           "as_images"]
+           "as_images", "save_interpolations", "save_traversals", "save_pareto_k", "save_imputations"]
 
 PathLike = Union[str, Path]
 
@@ -120,3 +120,53 @@ def save_latent_map(z: torch.Tensor, labels: Optional[torch.Tensor], path: PathL
         fig.colorbar(sc, ax=ax, label="label")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def _rows_grid(rows: torch.Tensor, path: PathLike, title: str) -> Path:
+    """``(R, C, *data_shape)`` drawn as R rows of C images (or bars for non-image data)."""
+    r, c = rows.shape[:2]
+    flat = rows.reshape(r * c, *rows.shape[2:])
+    imgs = as_images(flat)
+    if imgs is None:
+        return save_image_grid(flat.reshape(r * c, -1), path, title)
+    return _show_grid(image_grid(np.clip(imgs, 0, 1), ncol=c), title, path)
+
+
+def save_interpolations(paths: torch.Tensor, path: PathLike, method: str = "slerp") -> Path:
+    """Interpolation strips: ``(pairs, steps, *data_shape)``, one path between two data points per row."""
+    return _rows_grid(paths, path, f"{method} interpolation between posterior means (one pair a row)")
+
+
+def save_traversals(grid: torch.Tensor, path: PathLike, values: Optional[Sequence[float]] = None) -> Path:
+    """Latent traversals: ``(dims, values, *data_shape)``, one latent dimension varied along each row."""
+    title = "latent traversals (row j: z_j varied"
+    if values is not None and len(values):
+        title += f" from {float(values[0]):.3g} to {float(values[-1]):.3g}"
+    return _rows_grid(grid, path, title + ")")
+
+
+def save_pareto_k(k: torch.Tensor, path: PathLike) -> Path:
+    """Pareto-k of each data point's importance weights, with the 0.5 / 0.7 / 1 reliability thresholds
+    (Vehtari et al. 2024)."""
+    k = torch.as_tensor(k).detach().cpu().reshape(-1).numpy()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(np.arange(len(k)), k, s=6, c=np.where(k > 0.7, "tab:red", np.where(k > 0.5, "tab:orange", "tab:blue")))
+    for level, style in ((0.5, ":"), (0.7, "--"), (1.0, "-")):
+        ax.axhline(level, color="grey", linestyle=style, linewidth=1)
+    ax.set_xlabel("data point")
+    ax.set_ylabel("Pareto k")
+    ax.set_title(f"importance weights: {np.mean(k > 0.7):.1%} of points with k > 0.7")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def save_imputations(x: torch.Tensor, mask: torch.Tensor, imputed: torch.Tensor, path: PathLike) -> Path:
+    """Three rows per block: the observed entries (missing ones drawn grey), the completion, the truth."""
+    masked = torch.where(mask.expand_as(x), x, torch.full_like(x, 0.5))
+    n = x.shape[0]
+    ncol = min(8, n)
+    blocks = []
+    for i in range(0, n - n % ncol or n, ncol):
+        blocks += [masked[i: i + ncol], imputed[i: i + ncol], x[i: i + ncol]]
+    rows = torch.stack([b for b in blocks if b.shape[0] == ncol])
+    return _rows_grid(rows, path, "observed (missing in grey) / imputed / truth")
