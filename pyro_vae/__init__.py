@@ -10,6 +10,9 @@ from .likelihoods import Bernoulli, ContinuousBernoulli, Normal, NormalLearnedSc
 from .priors import StandardNormal  # noqa: E402
 from .train import History, evaluate_elbo, fit, make_elbo  # noqa: E402
 from .vae import VAE  # noqa: E402
+from . import evaluation, generation, imputation  # noqa: E402
+from .evaluation import active_units, amortization_gap, log_likelihood, pareto_k, to_inference_data  # noqa: E402
+from .imputation import impute  # noqa: E402
 from . import kl, relaxed, schedules  # noqa: E402  (importing kl registers its closed-form KLs)
 from .encoders import RelaxedCategoricalEncoder  # noqa: E402
 from .kl import KLReport, kl_report  # noqa: E402
@@ -23,6 +26,8 @@ __all__ = [
     "Bernoulli", "ContinuousBernoulli", "Normal", "NormalLearnedScale",
     "PyroVAEError", "ConfigError", "DataError", "ShapeError", "CheckpointError", "NonFiniteLossError",
     "data", "encoders", "errors", "likelihoods", "networks", "plots", "priors",
+    "evaluation", "generation", "imputation", "log_likelihood", "active_units", "pareto_k", "to_inference_data",
+    "amortization_gap", "impute",
     "kl", "relaxed", "schedules", "kl_report", "KLReport", "RelaxedCategoricalEncoder",
     "StableRelaxedOneHotCategorical", "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
     "RelaxedCategoricalPrior", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup",

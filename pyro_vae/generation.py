@@ -79,7 +79,11 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
     device = vae._device()
     with torch.no_grad():
         if source == "prior":
-            return vae.prior().sample((n,))
+            z = vae.prior().sample((n,))
+            categories = getattr(vae, "categories", None)
+            if categories is not None:  # as VAE.sample: the arg-max of a Concrete draw is a categorical draw
+                z = torch.nn.functional.one_hot(z.argmax(-1), categories).to(z.dtype)
+            return z
         if source == "mixture" and mixture is not None:
             z, _ = mixture.sample(n)
             return torch.as_tensor(z, dtype=torch.float32, device=device)[torch.randperm(n, device=device)]

@@ -356,9 +356,16 @@ class VAE(nn.Module):
         return px.mean if mean else px.sample()
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = True) -> torch.Tensor:
+    def sample(self, n: int, mean: bool = True, source: str = "prior", data: Optional[torch.Tensor] = None,
+               **kwargs: Any) -> torch.Tensor:
         """``n`` ancestral samples ``(n, *data_shape)``: ``z ~ p(z)``, then the likelihood's mean
-        (``mean=True``) or a draw from it."""
+        (``mean=True``) or a draw from it. ``source="aggregate"`` or ``"mixture"`` draws ``z`` from the
+        aggregate posterior of ``data`` or a Gaussian mixture fitted to it instead
+        (:func:`pyro_vae.generation.sample`, which takes the extra ``kwargs``)."""
+        if source != "prior":
+            from .generation import sample
+
+            return sample(self, n, source, data=data, mean=mean, **kwargs)
         n = _check_int("n", n, 1)
         z = self.prior().sample((n,))
         if self.categories is not None:
