@@ -19,7 +19,6 @@ from typing import Optional, Union
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from torch.distributions.utils import clamp_probs
 
 __all__ = ["StableRelaxedOneHotCategorical", "check_temperature"]
 
@@ -49,7 +48,8 @@ class StableRelaxedOneHotCategorical(dist.RelaxedOneHotCategorical):
     ``rsample`` draws ``x ~ ExpRelaxedCategorical(temperature, logits)`` (a point of the log-simplex,
     ``log_softmax((logits + Gumbel) / temperature)``) and returns ``exp(x)`` carrying ``x`` as an attribute.
     ``log_prob(y)`` scores that ``x`` when present (so model and guide score the guide's draw exactly,
-    whatever the temperature) and ``log(clamp_probs(y))`` otherwise (a hard one-hot gets a finite score).
+    whatever the temperature) and ``log(y)`` otherwise, zeros raised to the smallest positive float (a hard one-hot gets a
+    finite score; elsewhere it equals Pyro's).
     With ``straight_through=True`` the sample is the one-hot of the arg-max in the forward pass, with the
     gradient of the relaxed sample in the backward pass, as in Pyro's
     ``RelaxedOneHotCategoricalStraightThrough``; its ``log_prob`` scores the relaxed sample.
@@ -95,7 +95,7 @@ class StableRelaxedOneHotCategorical(dist.RelaxedOneHotCategorical):
         if x is None:
             if self._validate_args:
                 self._validate_sample(value)
-            x = clamp_probs(value).log()
+            x = value.clamp(min=torch.finfo(value.dtype).tiny).log()
         # Concrete density on the simplex: the ExpRelaxedCategorical density of x = log y, minus
         # log|dy/dx| = sum(x) of y = exp(x) (as torch's TransformedDistribution computes it).
         return self.base_dist.log_prob(x) - x.sum(-1)
