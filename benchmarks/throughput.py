@@ -1,0 +1,319 @@
+"""Training throughput: pyro-vae's training step against a hand-written PyTorch VAE step (and Pythae's VAE).
+
+Every contender trains the same encoder and decoder networks (copies of one initialization) on the same
+minibatches with the same optimizer (Adam, lr 1e-3). Contenders:
+
+- ``torch``: the hand-written step: encoder, reparameterized Gaussian sample, decoder, Bernoulli
+  log-likelihood by ``binary_cross_entropy_with_logits``, analytic KL, backward, Adam.
+- ``pyro-before``: Pyro's ``Trace_ELBO.loss_and_grads`` with Pyro's validation on, as ``fit`` ran it before.
+- ``fit-trace`` / ``fit-meanfield``: :func:`pyro_vae.step.svi_step` exactly as :func:`pyro_vae.fit` calls
+  it (validation checked on the first step, one host read of the loss per step).
+- CUDA only: ``nosync-trace`` (``check_finite=False``; losses stay on the device and are checked every
+  100 steps) and ``graph-trace`` / ``graph-meanfield`` (:class:`pyro_vae.step.CUDAGraphStep`).
+- ``pythae``: Pythae's ``VAE`` (``reconstruction_loss="bce"``) around the same networks, when importable.
+
+Repetitions are interleaved (every contender once per round, in one process), so drifts in machine load hit
+all of them alike; the JSON keeps every repetition, the table shows the median images/s, the spread
+(min-max over repetitions) and the ratio of median step times to ``torch``.
+
+    python benchmarks/throughput.py --device auto            # full run, CPU and (when present) CUDA
+    python benchmarks/throughput.py --quick --out /tmp/tp     # CPU smoke run, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+import pyro_vae
+from pyro_vae.step import CUDAGraphStep, svi_step
+
+CONFIGS = {
+    # name: (data_shape, z_dim, net, hidden, batch)
+    "digits-mlp-b128": ((64,), 8, "mlp", (400,), 128),
+    "mnist-mlp-b128": ((784,), 20, "mlp", (400,), 128),
+    "mnist-mlp-b256": ((784,), 20, "mlp", (400,), 256),
+    "mnist-mlp-b1024": ((784,), 20, "mlp", (400,), 1024),
+    "mnist-conv-b128": ((1, 28, 28), 20, "conv", (400,), 128),
+}
+QUICK = ("digits-mlp-b128", "mnist-mlp-b128")
+LR = 1e-3
+NUM_DATA = 60000
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class HandWritten:
+    """The plain PyTorch VAE step (what a user writes without Pyro)."""
+
+    def __init__(self, vae: pyro_vae.VAE, num_data: int, capturable: bool) -> None:
+        self.enc = copy.deepcopy(vae.encoder.net)
+        self.dec = copy.deepcopy(vae.decoder)
+        self.z_dim, self.min_scale, self.num_data = vae.z_dim, vae.encoder.min_scale, num_data
+        params = list(self.enc.parameters()) + list(self.dec.parameters())
+        self.opt = torch.optim.Adam(params, lr=LR, capturable=capturable)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loc, raw = self.enc(x).split(self.z_dim, dim=-1)
+        scale = F.softplus(raw) + self.min_scale
+        z = loc + scale * torch.randn_like(loc)
+        logits = self.dec(z)
+        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1).sum() - scale.log().sum()
+        loss = (rec + kl) * (self.num_data / x.shape[0])
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
+class PyroStep:
+    """``svi_step`` as ``fit`` calls it, or Pyro's ``loss_and_grads`` as before (``before=True``)."""
+
+    instances = 0
+
+    def __init__(self, vae: pyro_vae.VAE, elbo: type, num_data: int, before: bool = False,
+                 check_every: int = 1, graph: bool = False, example: Any = None) -> None:
+        self.vae = copy.deepcopy(vae)
+        PyroStep.instances += 1
+        self.vae.name = f"c{PyroStep.instances}"  # own Pyro param names: the copies must not share parameters
+        self.loss_fn = elbo(max_plate_nesting=1)
+        self.params = list(self.vae.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=LR, capturable=graph)
+        self.num_data, self.before, self.check_every = num_data, before, check_every
+        self.count, self.losses = 0, []
+        self.graph = CUDAGraphStep(self.loss_fn, self.vae, example, num_data, self.opt, self.params) \
+            if graph else None
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        if self.graph is not None:
+            self.losses.append(self.graph(x).clone())
+        elif self.before:
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn.loss_and_grads(self.vae.model, self.vae.guide, x, num_data=self.num_data)
+            if math.isfinite(loss):
+                self.opt.step()
+            return loss
+        elif self.check_every == 1:
+            loss = float(svi_step(self.loss_fn, self.vae, x, self.num_data, self.opt, self.params,
+                                  validate=False))
+            if not math.isfinite(loss):
+                raise FloatingPointError("non-finite loss")
+            return loss
+        else:
+            self.losses.append(svi_step(self.loss_fn, self.vae, x, self.num_data, self.opt, self.params,
+                                        validate=False, check_finite=False))
+        self.count += 1
+        if self.count % self.check_every == 0:
+            if not bool(torch.isfinite(torch.stack(self.losses)).all()):
+                raise FloatingPointError("non-finite loss")
+            self.losses.clear()
+        return None
+
+
+class Pythae:
+    """Pythae's VAE (bce reconstruction, analytic KL) around copies of the same networks."""
+
+    def __init__(self, vae: pyro_vae.VAE) -> None:
+        from pythae.models import VAE, VAEConfig
+        from pythae.models.base.base_utils import ModelOutput
+        from pythae.models.nn import BaseDecoder, BaseEncoder
+
+        z_dim = vae.z_dim
+
+        class Enc(BaseEncoder):
+            def __init__(self, net: torch.nn.Module) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, x: torch.Tensor) -> Any:
+                loc, log_var = self.net(x).split(z_dim, dim=-1)
+                return ModelOutput(embedding=loc, log_covariance=log_var)
+
+        class Dec(BaseDecoder):
+            def __init__(self, net: torch.nn.Module) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, z: torch.Tensor) -> Any:
+                return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
+
+        config = VAEConfig(input_dim=tuple(vae.data_shape), latent_dim=z_dim, reconstruction_loss="bce")
+        self.model = VAE(config, encoder=Enc(copy.deepcopy(vae.encoder.net)),
+                         decoder=Dec(copy.deepcopy(vae.decoder))).to(next(vae.parameters()).device)
+        self.model.train()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.model({"data": x}).loss
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
+def contenders(vae: pyro_vae.VAE, device: torch.device, example: torch.Tensor) -> dict[str, Callable]:
+    out: dict[str, Callable] = {"torch": HandWritten(vae, NUM_DATA, capturable=False)}
+    out["pyro-before"] = PyroStep(vae, Trace_ELBO, NUM_DATA, before=True)
+    out["fit-trace"] = PyroStep(vae, Trace_ELBO, NUM_DATA)
+    out["fit-meanfield"] = PyroStep(vae, TraceMeanField_ELBO, NUM_DATA)
+    if device.type == "cuda":
+        out["nosync-trace"] = PyroStep(vae, Trace_ELBO, NUM_DATA, check_every=100)
+        for name, elbo in (("graph-trace", Trace_ELBO), ("graph-meanfield", TraceMeanField_ELBO)):
+            try:
+                out[name] = PyroStep(vae, elbo, NUM_DATA, graph=True, example=example)
+            except Exception as exc:  # reported, not hidden: the row says why it is missing
+                print(f"  {name}: CUDA graph capture failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    try:
+        out["pythae"] = Pythae(vae)
+    except ImportError:
+        pass
+    return out
+
+
+def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: int) -> dict[str, Any]:
+    data_shape, z_dim, net, hidden, batch = CONFIGS[name]
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    vae = pyro_vae.VAE(data_shape, z_dim, encoder=net, decoder=net, hidden=hidden).to(device)
+    pool = torch.bernoulli(torch.full((8 * batch, *data_shape), 0.3, device=device))
+    batches = [pool[i * batch:(i + 1) * batch] for i in range(8)]
+    vae.check_data(pool, "benchmark data")  # what fit does once before its loop
+    steps_fns = contenders(vae, device, batches[0])
+    times: dict[str, list[float]] = {k: [] for k in steps_fns}
+    for k, fn in steps_fns.items():
+        for i in range(warmup):
+            fn(batches[i % 8])
+    sync(device)
+    for _ in range(reps):
+        for k, fn in steps_fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                fn(batches[i % 8])
+            if isinstance(fn, PyroStep) and fn.losses:  # the deferred finiteness check ends the timing
+                if not bool(torch.isfinite(torch.stack(fn.losses)).all()):
+                    raise FloatingPointError(f"{k}: non-finite loss")
+                fn.losses.clear()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / steps)
+    rows = {}
+    base = statistics.median(times["torch"])
+    for k, ts in times.items():
+        med = statistics.median(ts)
+        rows[k] = {"ms_per_step": [1e3 * t for t in ts], "median_ms": 1e3 * med,
+                   "images_per_s": batch / med, "images_per_s_min": batch / max(ts),
+                   "images_per_s_max": batch / min(ts), "ratio_to_torch": med / base}
+    return {"config": name, "data_shape": list(data_shape), "z_dim": z_dim, "net": net, "hidden": list(hidden),
+            "batch": batch, "device": str(device), "steps_per_rep": steps, "reps": reps, "results": rows}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| device | config | contender | images/s (median) | min-max | x torch |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for r in results:
+        for k, row in r["results"].items():
+            lines.append(f"| {r['device']} | {r['config']} | {k} | {row['images_per_s']:,.0f} | "
+                         f"{row['images_per_s_min']:,.0f}-{row['images_per_s_max']:,.0f} | "
+                         f"{row['ratio_to_torch']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 0.45 * sum(len(r["results"]) for r in results) + 1))
+    labels, vals, lo, hi = [], [], [], []
+    for r in results:
+        for k, row in r["results"].items():
+            labels.append(f"{r['device']} {r['config']} {k}")
+            vals.append(row["images_per_s"])
+            lo.append(row["images_per_s"] - row["images_per_s_min"])
+            hi.append(row["images_per_s_max"] - row["images_per_s"])
+    y = list(range(len(labels)))[::-1]
+    ax.barh(y, vals, xerr=[lo, hi], color=["C0" if "torch" in s else "C1" for s in labels])
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images / second (median, min-max over repetitions)")
+    ax.set_title("VAE training throughput: hand-written PyTorch (blue) vs pyro-vae and others")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Any = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto (CPU, then CUDA when present), cpu or cuda")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per repetition")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: two configs, 3 reps of 5 steps")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pyro.enable_validation(True)  # Pyro's default (__debug__); pyro-before pays for it on every step
+    if args.quick:
+        args.configs, args.reps, args.steps, args.warmup = [c for c in args.configs if c in QUICK], 3, 5, 2
+    devices = [torch.device("cpu")]
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available() and not args.quick):
+        devices = [torch.device("cuda")] if args.device == "cuda" else devices + [torch.device("cuda")]
+    results = []
+    for device in devices:
+        for name in args.configs:
+            print(f"{device} {name} ...", flush=True)
+            results.append(run_config(name, device, args.reps, args.steps, args.warmup))
+    try:
+        import pythae
+
+        pythae_version = getattr(pythae, "__version__", "installed")
+    except ImportError:
+        pythae_version = None
+    report = {
+        "benchmark": "throughput",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "devices": {str(d): device_name(d) for d in devices},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__,
+                     "pyro_vae": pyro_vae.__version__, "pythae": pythae_version,
+                     "cuda": torch.version.cuda if torch.cuda.is_available() else None},
+        "lr": LR, "num_data": NUM_DATA, "quick": args.quick, "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if devices == [torch.device("cpu")] else "_" + "_".join(d.type for d in devices)
+    (out / f"throughput{suffix}.json").write_text(json.dumps(report, indent=1))
+    plot(results, out / f"throughput{suffix}.png")
+    print(table(results))
+    print(f"wrote {out / f'throughput{suffix}.json'} and .png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
