@@ -19,6 +19,9 @@ from .kl import KLReport, kl_report  # noqa: E402
 from .priors import FlowPrior, Laplace, MixtureOfGaussians, RelaxedCategoricalPrior, StudentT, VampPrior  # noqa: E402
 from .relaxed import StableRelaxedOneHotCategorical  # noqa: E402
 from .schedules import ConstantBeta, ConstantTemperature, ExponentialTemperature, KLWarmup  # noqa: E402
+from . import estimators, variance  # noqa: E402
+from .estimators import ESTIMATORS, ScoreFunction, make_estimator_elbo, score_function  # noqa: E402
+from .variance import exact_gradient, gradient_samples, gradient_statistics  # noqa: E402
 
 __all__ = [
     "VAE", "fit", "evaluate_elbo", "make_elbo", "History", "load", "save",
@@ -31,4 +34,6 @@ __all__ = [
     "kl", "relaxed", "schedules", "kl_report", "KLReport", "RelaxedCategoricalEncoder",
     "StableRelaxedOneHotCategorical", "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
     "RelaxedCategoricalPrior", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup",
+    "estimators", "variance", "ESTIMATORS", "ScoreFunction", "score_function", "make_estimator_elbo",
+    "gradient_samples", "gradient_statistics", "exact_gradient",
 ]

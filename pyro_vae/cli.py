@@ -25,6 +25,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .data import BINARIZE
+    from .estimators import ESTIMATORS
     from .likelihoods import LIKELIHOODS
     from .priors import PRIORS
     from .train import ELBOS
@@ -47,8 +48,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--likelihood-scale", type=float, default=None,
                    help="standard deviation of the 'normal' likelihood (default 0.1)")
     p.add_argument("--prior", default="normal", choices=sorted(PRIORS), help="p(z)")
-    p.add_argument("--elbo", default="meanfield", choices=sorted(ELBOS),
-                   help="trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL)")
+    p.add_argument("--elbo", default=None, choices=sorted(ELBOS),
+                   help="trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL); "
+                        "default meanfield, trace for the score-function estimators")
+    p.add_argument("--estimator", default="pathwise", choices=list(ESTIMATORS),
+                   help="gradient estimator: pathwise (reparameterized), score-function (REINFORCE), "
+                        "score-function-baseline (TraceGraph_ELBO, decaying-average baseline), "
+                        "score-function-neural-baseline, relaxed and straight-through (categorical latents)")
     p.add_argument("--particles", type=int, default=1, help="Monte Carlo particles per step (vectorized)")
     p.add_argument("--epochs", type=int, default=50, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
@@ -186,6 +192,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise ConfigError(message("--resume", "--out RUN naming the run folder to continue", "no --out",
                                   "pass --out RUN with the options of the original run"))
+    if args.elbo is None:
+        from .estimators import get_estimator
+
+        args.elbo = "trace" if get_estimator(args.estimator).score_function else "meanfield"
     ctx, device = distributed.init_from_env(args.device)
     try:
         code = _train(args, ctx, device)
@@ -239,14 +249,15 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
     pyro.set_rng_seed(args.seed)
     vae = VAE(splits.data_shape, args.z_dim, encoder=args.net, decoder=args.net, prior=args.prior,
               likelihood=likelihood, hidden=args.hidden)
-    train_cfg = {"elbo": args.elbo, "particles": args.particles, "epochs": args.epochs,
+    train_cfg = {"elbo": args.elbo, "estimator": args.estimator, "particles": args.particles, "epochs": args.epochs,
                  "batch_size": args.batch_size, "lr": args.lr, "device": str(device), "clip_norm": args.clip_norm}
     if ctx.world_size > 1:
         train_cfg["processes"] = ctx.world_size
     if ctx.is_main and not args.resume:
         checkpoint.save(vae, out, data=data_cfg, train=train_cfg)
     start = time.perf_counter()
-    history = fit(vae, splits.train, elbo=args.elbo, num_particles=args.particles, epochs=args.epochs,
+    history = fit(vae, splits.train, elbo=args.elbo, num_particles=args.particles, estimator=args.estimator,
+                  epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, val_data=splits.val, device=device, seed=args.seed,
                   dynamic_binarize=splits.dynamic_binarize, progress=not args.no_progress, checkpoint_dir=out,
                   clip_norm=args.clip_norm, checkpoint_every=args.checkpoint_every or None,

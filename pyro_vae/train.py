@@ -32,11 +32,21 @@ __all__ = ["fit", "make_elbo", "evaluate_elbo", "History", "TrainState", "resolv
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
 
-def make_elbo(elbo: Union[str, ELBO] = "trace", num_particles: int = 1) -> ELBO:
+def make_elbo(elbo: Union[str, ELBO] = "trace", num_particles: int = 1, estimator: str = "pathwise",
+              data_shape: Optional[Sequence[int]] = None) -> ELBO:
     """``"trace"`` (``Trace_ELBO``, Monte Carlo KL) or ``"meanfield"`` (``TraceMeanField_ELBO``, analytic KL
-    where one is registered), with ``num_particles`` vectorized particles; an ELBO object is returned as is."""
+    where one is registered), with ``num_particles`` vectorized particles; an ELBO object is returned as is.
+    Any ``estimator`` but ``"pathwise"`` gets the ELBO of :func:`pyro_vae.estimators.make_estimator_elbo`
+    (``TraceGraph_ELBO`` for baselines; ``data_shape`` sizes a neural baseline)."""
     if isinstance(elbo, ELBO):
+        if estimator != "pathwise":
+            raise ConfigError(message("estimator", '"pathwise" when elbo is an ELBO object', repr(estimator),
+                                      'pass elbo="trace" with the estimator name'))
         return elbo
+    if estimator != "pathwise":
+        from .estimators import make_estimator_elbo
+
+        return make_estimator_elbo(estimator, elbo, num_particles, data_shape=data_shape)
     if elbo not in ELBOS:
         raise ConfigError(message("elbo", f"one of {sorted(ELBOS)} or a pyro.infer.ELBO", repr(elbo),
                                   "pick a known name"))
@@ -227,6 +237,7 @@ def fit(
     *,
     elbo: Union[str, ELBO] = "trace",
     num_particles: int = 1,
+    estimator: str = "pathwise",
     epochs: int = 10,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -251,6 +262,8 @@ def fit(
         train_data: ``(N, *data_shape)`` tensor or :class:`pyro_vae.data.Dataset`.
         elbo: ``"trace"``, ``"meanfield"`` or any ``pyro.infer.ELBO``.
         num_particles: Monte Carlo particles per step (vectorized).
+        estimator: gradient estimator, a name of :data:`pyro_vae.estimators.ESTIMATORS` (``"pathwise"``,
+            ``"score-function"``, ``"score-function-baseline"``, ``"straight-through"``, ...).
         epochs, batch_size, lr: the usual (``batch_size`` over all processes together).
         val_data: optional validation data; its ELBO is recorded every epoch.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
@@ -302,12 +315,13 @@ def fit(
         vae.check_data(xv, "val_data")
     if seed is not None:
         pyro.set_rng_seed(seed + ctx.rank)
-    loss_fn = make_elbo(elbo, num_particles)
+    loss_fn = make_elbo(elbo, num_particles, estimator, vae.data_shape)
     vae.to(dev)
     distributed.broadcast_module(vae)
     x = x.to(dev)
     n = x.shape[0]
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    extra = [m.to(dev) for m in getattr(loss_fn, "extra_modules", list)()]  # e.g. a neural baseline
+    optimizer = torch.optim.Adam([*vae.parameters(), *(p for m in extra for p in m.parameters())], lr=lr)
     params = [p for p in vae.parameters() if p.requires_grad]
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
@@ -317,7 +331,7 @@ def fit(
     state = TrainState(vae=vae, optimizer=optimizer, history=history)
     signature = {"num_data": n, "batch_size": batch_size, "lr": lr, "clip_norm": clip_norm,
                  "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__, "num_particles": num_particles,
-                 "dynamic_binarize": dynamic_binarize, "seed": seed}
+                 "estimator": estimator, "dynamic_binarize": dynamic_binarize, "seed": seed}
     vae_config = vae.config
     shuffle_seed = seed if seed is not None else distributed.broadcast_object(int(torch.randint(2 ** 31 - 1, ())))
     steps_per_epoch = math.ceil(n / batch_size)
