@@ -289,9 +289,12 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
 
 
 def _load_run(run: str, device: str):
+    import pyro
+
     from . import checkpoint
     from .train import resolve_device
 
+    pyro.clear_param_store()  # each command works on one VAE; main() may be called again in one process
     vae = checkpoint.load(run, map_location="cpu")
     return vae.to(resolve_device(device)), checkpoint.read_json(Path(run) / checkpoint.CONFIG)
 
