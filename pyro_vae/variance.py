@@ -293,7 +293,8 @@ def _iter_vectorized(vae, x, est, num_samples, num_particles, elbo, baseline, kw
     frozen = {n: t.detach() for n, t in surrogate.named_parameters() if n not in params}
     frozen.update({n: b for n, b in surrogate.named_buffers()})
     # One plain trace gives every latent guide site's shape and noise kind.
-    with torch.no_grad(), pyro.validation_enabled(False):
+    with torch.no_grad(), pyro.validation_enabled(False), _ParamsFromModules(), \
+            pyro.settings.context(module_local_params=True):
         _, guide_tr = surrogate.traces(None, x)
     shapes = {n: (tuple(s["value"].shape), _noise_kind(s["fn"], n)) for n, s in guide_tr.nodes.items()
               if s["type"] == "sample" and not s["is_observed"] and type(s["fn"]).__name__ != "_Subsample"}
