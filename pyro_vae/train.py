@@ -321,8 +321,10 @@ def fit(
     x = x.to(dev)
     n = x.shape[0]
     extra = [m.to(dev) for m in getattr(loss_fn, "extra_modules", list)()]  # e.g. a neural baseline
+    for m in extra:
+        distributed.broadcast_module(m)
     optimizer = torch.optim.Adam([*vae.parameters(), *(p for m in extra for p in m.parameters())], lr=lr)
-    params = [p for p in vae.parameters() if p.requires_grad]
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         size = sum(t.numel() * t.element_size() for t in vae.state_dict().values())
@@ -339,7 +341,7 @@ def fit(
     if resume_from is not None:
         payload = distributed.rank0_call(
             lambda: ckpt.load_training_state(resume_from, vae_config=vae_config, signature=signature))
-        _restore(payload, vae, optimizer, ctx, resume_from)
+        _restore(payload, vae, optimizer, ctx, resume_from, extra)
         history.epochs = list(payload["history"])
         best, state.step, shuffle_seed = payload["best"], payload["step"], payload["shuffle_seed"]
         if payload["epoch_complete"]:
@@ -351,7 +353,7 @@ def fit(
 
     def save(epoch: int, batch: int, complete: bool, total: float, record: Optional[dict] = None) -> None:
         nonlocal best
-        rngs = distributed.all_gather_object(ckpt.rng_state())
+        ranks = distributed.all_gather_object((ckpt.rng_state(), _pyro_params()))
         score = None if record is None else (record["val_elbo"] if record["val_elbo"] is not None
                                              else record["train_elbo"])
         is_best = score is not None and score > best
@@ -365,9 +367,11 @@ def fit(
             "format": ckpt.FORMAT, "version": __version__, "signature": signature,
             "vae_config": json.dumps(vae_config) if vae_config is not None else None,
             "vae": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+            "extra_modules": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in extra],
             "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "epoch_complete": complete,
             "step": state.step, "epoch_total": total, "history": history.epochs, "best": best,
-            "shuffle_seed": shuffle_seed, "world_size": ctx.world_size, "rng": rngs,
+            "shuffle_seed": shuffle_seed, "world_size": ctx.world_size, "rng": [r for r, _ in ranks],
+            "pyro_params": [p for _, p in ranks],
         }
         ckpt.save_tensors(ckpt_dir / ckpt.CHECKPOINT, payload)
         if is_best:
@@ -483,11 +487,13 @@ def _val_elbo(vae: VAE, xv: torch.Tensor, loss_fn: ELBO, batch_size: int, ctx: A
 
 
 def _restore(payload: dict[str, Any], vae: VAE, optimizer: torch.optim.Optimizer, ctx: Any,
-             source: Union[str, Path]) -> None:
+             source: Union[str, Path], extra: Sequence[torch.nn.Module] = ()) -> None:
     from .checkpoint import set_rng_state
 
     try:
         vae.load_state_dict(payload["vae"])
+        for module, sd in zip(extra, payload.get("extra_modules", [])):
+            module.load_state_dict(sd)
         optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -497,6 +503,7 @@ def _restore(payload: dict[str, Any], vae: VAE, optimizer: torch.optim.Optimizer
     rngs = payload.get("rng") or []
     if len(rngs) == ctx.world_size:
         set_rng_state(rngs[ctx.rank])
+        _set_pyro_params((payload.get("pyro_params") or [{}] * ctx.world_size)[ctx.rank])
     else:
         warnings.warn(f"checkpoint {source} was written by {len(rngs)} process(es), this run has "
                       f"{ctx.world_size}: the random streams are reseeded, so the run continues correctly but not "
@@ -525,3 +532,19 @@ def _fit_start(state: TrainState, callbacks: Sequence[Any], loss_fn: ELBO, x: to
     logging.getLogger("pyro_vae").info(report)
     if bar is not None:
         bar.write(report)
+
+
+def _pyro_params() -> dict[str, torch.Tensor]:
+    """Pyro param-store entries that belong to no ``nn.Module`` (e.g. ``TraceGraph_ELBO``'s decaying-average
+    baselines) and live on the real line; module parameters travel in the state dicts."""
+    from torch.distributions import constraints
+
+    store = pyro.get_param_store()
+    return {name: store._params[name].detach().cpu() for name in store.keys()
+            if "$$$" not in name and store._constraints.get(name, constraints.real) is constraints.real}
+
+
+def _set_pyro_params(values: dict[str, torch.Tensor]) -> None:
+    store = pyro.get_param_store()
+    for name, value in values.items():
+        store[name] = value
