@@ -27,7 +27,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .data import BINARIZE
     from .estimators import ESTIMATORS
     from .likelihoods import LIKELIHOODS
-    from .priors import PRIORS
+    from .priors import CATEGORICAL_PRIORS, PRIORS
     from .train import ELBOS
 
     p = sub.add_parser("train", help="train a VAE and write its run folder",
@@ -47,7 +47,28 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "normal-learned")
     p.add_argument("--likelihood-scale", type=float, default=None,
                    help="standard deviation of the 'normal' likelihood (default 0.1)")
-    p.add_argument("--prior", default="normal", choices=sorted(PRIORS), help="p(z)")
+    p.add_argument("--prior", default=None, choices=sorted(PRIORS) + sorted(CATEGORICAL_PRIORS),
+                   help="p(z): normal (default), mixture, vamp, flow, laplace, student-t; with --latent "
+                        "categorical: categorical (uniform, default) or categorical-learned")
+    p.add_argument("--components", type=int, default=None, help="mixture / vamp: components (default 10 / 50)")
+    p.add_argument("--flows", type=int, default=None, help="flow: autoregressive layers (default 2)")
+    p.add_argument("--flow-kind", default=None, choices=("affine", "spline"), help="flow: layer type (affine)")
+    p.add_argument("--prior-scale", type=float, default=None, help="laplace / student-t: scale (default 1)")
+    p.add_argument("--df", type=float, default=None, help="student-t: degrees of freedom (default 3)")
+    p.add_argument("--latent", default="gaussian", choices=("gaussian", "categorical"),
+                   help="gaussian, or categorical: --z-dim relaxed one-hot variables of --categories classes "
+                        "(Gumbel-softmax)")
+    p.add_argument("--categories", type=int, default=10, help="classes per categorical variable")
+    p.add_argument("--temperature", type=float, default=1.0, help="categorical: (initial) temperature")
+    p.add_argument("--temperature-min", type=float, default=0.5, help="categorical: floor of the annealing")
+    p.add_argument("--anneal-rate", type=float, default=0.0,
+                   help="categorical: tau = max(temperature-min, temperature * exp(-rate * step)); 0 keeps it "
+                        "constant (Jang et al. 2017 use 3e-5)")
+    p.add_argument("--straight-through", action="store_true",
+                   help="categorical: hard one-hot samples with relaxed gradients")
+    p.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
+    p.add_argument("--kl-warmup", type=int, default=0, help="raise the KL weight linearly to --beta over this "
+                                                          "many steps (0: no warm-up)")
     p.add_argument("--elbo", default=None, choices=sorted(ELBOS),
                    help="trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL); "
                         "default meanfield, trace for the score-function estimators")
@@ -69,6 +90,46 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="also checkpoint every this many steps (besides every epoch end and on Ctrl-C)")
     _add_common(p)
     p.set_defaults(func=cmd_train)
+
+
+def _prior_spec(args: argparse.Namespace) -> Any:
+    """``--prior`` and its options as the config dict :func:`pyro_vae.priors.build_prior` takes."""
+    options = {"components": args.components, "flows": args.flows, "kind": args.flow_kind,
+               "scale": args.prior_scale, "df": args.df}
+    given = {k: v for k, v in options.items() if v is not None}
+    if not given:
+        return args.prior
+    takes = {"mixture": {"components"}, "vamp": {"components"}, "flow": {"flows", "kind"},
+             "laplace": {"scale"}, "student-t": {"scale", "df"}}.get(args.prior, set())
+    wrong = sorted(set(given) - takes)
+    if wrong:
+        flags = {"components": "--components", "flows": "--flows", "kind": "--flow-kind", "scale": "--prior-scale",
+                 "df": "--df"}
+        raise ConfigError(message(", ".join(flags[k] for k in wrong), "options of the chosen --prior",
+                                  f"--prior {args.prior or 'normal'}", "drop them or pick the prior they belong to"))
+    return {"name": args.prior, **given}
+
+
+def _latent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.latent != "categorical":
+        if args.straight_through or args.anneal_rate:
+            raise ConfigError(message("--straight-through / --anneal-rate", "--latent categorical",
+                                      f"--latent {args.latent}", "add --latent categorical or drop them"))
+        return {"beta": args.beta}
+    return {"latent": "categorical", "categories": args.categories, "temperature": args.temperature,
+            "straight_through": args.straight_through, "beta": args.beta}
+
+
+def _schedules(args: argparse.Namespace) -> list:
+    from .schedules import ConstantTemperature, ExponentialTemperature, KLWarmup
+
+    out: list = []
+    if args.latent == "categorical":
+        out.append(ExponentialTemperature(args.temperature, args.anneal_rate, args.temperature_min)
+                   if args.anneal_rate else ConstantTemperature(args.temperature))
+    if args.kl_warmup:
+        out.append(KLWarmup(args.kl_warmup, end=args.beta))
+    return out
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -247,8 +308,8 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
                                       "drop --likelihood-scale or use --likelihood normal"))
         likelihood = {"name": "normal", "scale": args.likelihood_scale}
     pyro.set_rng_seed(args.seed)
-    vae = VAE(splits.data_shape, args.z_dim, encoder=args.net, decoder=args.net, prior=args.prior,
-              likelihood=likelihood, hidden=args.hidden)
+    vae = VAE(splits.data_shape, args.z_dim, encoder=args.net, decoder=args.net, prior=_prior_spec(args),
+              likelihood=likelihood, hidden=args.hidden, **_latent_kwargs(args))
     train_cfg = {"elbo": args.elbo, "estimator": args.estimator, "particles": args.particles, "epochs": args.epochs,
                  "batch_size": args.batch_size, "lr": args.lr, "device": str(device), "clip_norm": args.clip_norm}
     if ctx.world_size > 1:
@@ -261,7 +322,7 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
                   batch_size=args.batch_size, lr=args.lr, val_data=splits.val, device=device, seed=args.seed,
                   dynamic_binarize=splits.dynamic_binarize, progress=not args.no_progress, checkpoint_dir=out,
                   clip_norm=args.clip_norm, checkpoint_every=args.checkpoint_every or None,
-                  resume_from=out if args.resume else None)
+                  resume_from=out if args.resume else None, callbacks=_schedules(args))
     seconds = time.perf_counter() - start
     if not ctx.is_main:
         return 0
