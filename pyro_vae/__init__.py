@@ -22,6 +22,8 @@ from .schedules import ConstantBeta, ConstantTemperature, ExponentialTemperature
 from . import estimators, variance  # noqa: E402
 from .estimators import ESTIMATORS, ScoreFunction, make_estimator_elbo, score_function  # noqa: E402
 from .variance import exact_gradient, gradient_samples, gradient_statistics  # noqa: E402
+from . import conditional  # noqa: E402
+from .conditional import CVAE, SSVAE  # noqa: E402
 
 __all__ = [
     "VAE", "fit", "evaluate_elbo", "make_elbo", "History", "load", "save",
@@ -36,4 +38,5 @@ __all__ = [
     "RelaxedCategoricalPrior", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup",
     "estimators", "variance", "ESTIMATORS", "ScoreFunction", "score_function", "make_estimator_elbo",
     "gradient_samples", "gradient_statistics", "exact_gradient",
+    "conditional", "SSVAE", "CVAE",
 ]
