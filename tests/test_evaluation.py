@@ -247,3 +247,21 @@ def test_cli_evaluate_writes_the_importance_sampled_metrics(tmp_path, capsys):
     assert metrics["gap"] == pytest.approx(metrics["log_likelihood"] - metrics["elbo_iw"], abs=1e-5)
     assert (run / "pareto_k.png").is_file()
     assert main(["evaluate", str(run), "--iw-samples", "-1"]) == 2
+
+
+@pytest.mark.gpu
+def test_cuda_log_likelihood_imputation_and_generation_match_the_closed_forms():
+    from pyro_vae import generation, imputation
+
+    vae, marginal, _ = linear_gaussian()
+    vae = vae.to("cuda")
+    x = marginal.sample((64,))
+    res = evaluation.log_likelihood(vae, x.cuda(), 100, return_log_weights=True)
+    assert torch.allclose(res.per_point, marginal.log_prob(x), atol=1e-3)
+    mask = torch.tensor([True, False, True, False, True, False])
+    filled = imputation.impute(vae, x.cuda(), mask.cuda(), num_samples=50)
+    assert filled.is_cuda and torch.equal(filled[:, mask].cpu(), x[:, mask])
+    assert generation.sample(vae, 8, "aggregate", data=x).is_cuda
+    assert generation.sample(vae, 8, "mixture", data=x, n_components=2).is_cuda
+    assert generation.interpolate(vae, x[:2], x[2:4], 4).shape == (2, 4, D)
+    assert evaluation.active_units(vae, x) == 3
