@@ -173,7 +173,9 @@ def _step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
 class CUDAGraphStep:
     """The training step captured once as a CUDA graph and replayed for every minibatch of the same shape.
 
-    Sound for a model and guide whose structure does not depend on the data's values (the built-in VAEs):
+    Sound for a model and guide whose structure does not depend on the data's values and that read no
+    Python state that changes between steps (the built-in Gaussian VAEs; not a relaxed categorical latent,
+    whose temperature a schedule may change):
     the graph replays the kernels of one recorded step (guide, model, ``Trace_ELBO`` or
     ``TraceMeanField_ELBO`` surrogate, backward, optimizer step) on a static input buffer, with fresh random
     numbers at every replay. Validation is off inside the graph (check the data once beforehand, as
@@ -198,6 +200,10 @@ class CUDAGraphStep:
         if type(loss_fn) not in (Trace_ELBO, TraceMeanField_ELBO):
             raise ConfigError(message("CUDAGraphStep loss_fn", "Trace_ELBO or TraceMeanField_ELBO",
                                       type(loss_fn).__name__, "use svi_step for other ELBOs"))
+        if getattr(vae, "latent", "gaussian") != "gaussian":
+            raise ConfigError(message("CUDAGraphStep vae", 'a Gaussian latent (latent="gaussian")',
+                                      f"latent={vae.latent!r}, whose temperature is read from Python every step",
+                                      "use svi_step for relaxed categorical latents"))
         if any(not g.get("capturable", False) for g in optimizer.param_groups if "capturable" in g):
             raise ConfigError(message("CUDAGraphStep optimizer", "a capturable optimizer", "capturable=False",
                                       "build it with torch.optim.Adam(params, lr=..., capturable=True)"))

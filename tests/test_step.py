@@ -210,3 +210,24 @@ def test_throughput_benchmark_quick(tmp_path):
     assert {"torch", "fit-trace", "fit-meanfield"} <= set(rows)
     assert rows["torch"]["ratio_to_torch"] == 1.0 and rows["fit-trace"]["images_per_s"] > 0
     assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+MNIST = Path("/work/shared/data/mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="needs the MNIST files")
+def test_likelihood_benchmark_quick(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "likelihood.py"), "--quick", "--loop", "fast",
+                          "--device", "cpu", "--data-dir", str(MNIST), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    report = json.loads((tmp_path / "likelihood.json").read_text())
+    test = report["test"]
+    # the IWAE bound at K=50 lies above the ELBO estimated from the same samples (Jensen), per point
+    assert test["num_samples"] == 50 and test["num_points"] == 200
+    assert test["log_likelihood"] >= test["elbo_iw"] and test["log_likelihood_se"] > 0
+    assert report["epochs_run"] == 1 and report["device"] == "cpu"
+    assert (tmp_path / "likelihood.png").stat().st_size > 0

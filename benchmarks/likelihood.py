@@ -1,0 +1,271 @@
+"""Test log-likelihood on dynamically binarized MNIST, beside the published numbers.
+
+Trains one VAE with :func:`pyro_vae.fit` (Adam, the training images re-binarized every batch, Burda et al.
+2016), then estimates the test log-likelihood ``log p(x)`` with ``K`` importance samples
+(:func:`pyro_vae.log_likelihood`, the IWAE bound at ``K``) and its standard error over test points, and the
+test ELBO. Published numbers, same protocol (one stochastic layer, K = 5000):
+
+- VAE -86.76, IWAE (k=50) -84.78 nats (Burda et al. 2016, Table 1; 784-200-200-50, tanh, 3280 epochs);
+- Pythae's VAE reproduction (784-400-40): -89.78;
+- categorical VAE (20 x 10, Gumbel-softmax): negative ELBO 101.5 (Jang et al. 2017, Table 1).
+
+    # reduced-budget CPU run (about 15 minutes on one core)
+    python benchmarks/likelihood.py --device cpu --threads 1 --time-budget 600 --eval-points 1000 --tag cpu
+    # GPU: train for at most 6 minutes, then K = 5000 on the whole test set
+    python benchmarks/likelihood.py --device cuda --data-dir .mnist --time-budget 360 --tag gpu
+    # smoke run (tiny IDX files work too)
+    python benchmarks/likelihood.py --quick --out /tmp/ll
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pyro
+import torch
+
+import pyro_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = {
+    "gaussian": [
+        {"name": "VAE (Burda et al. 2016)", "log_likelihood": -86.76, "architecture": "784-200-200-50"},
+        {"name": "IWAE k=50 (Burda et al. 2016)", "log_likelihood": -84.78, "architecture": "784-200-200-50"},
+        {"name": "Pythae VAE", "log_likelihood": -89.78, "architecture": "784-400-40"},
+    ],
+    "categorical": [
+        {"name": "Gumbel-softmax (Jang et al. 2017)", "neg_elbo": 101.5, "architecture": "784-512-256-(20x10)"},
+    ],
+}
+ARCHS = {  # name: (hidden, z_dim)
+    "burda": ((200, 200), 50),
+    "pythae": ((400,), 40),
+    "jang": ((512, 256), 20),
+}
+
+
+def default_data_dir() -> str:
+    for cand in (ROOT / ".mnist", Path("/work/shared/data/mnist"), ROOT.parent / "shared" / "data" / "mnist"):
+        if cand.exists():
+            return str(cand)
+    return str(ROOT / ".mnist")
+
+
+class TimeBudget:
+    """Stops training at the end of the first epoch that ends after ``seconds`` of training."""
+
+    def __init__(self, seconds: Optional[float]) -> None:
+        self.seconds, self.start = seconds, None
+
+    def on_fit_start(self, state: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, state: Any) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+        if self.seconds is not None and time.perf_counter() - self.start >= self.seconds:
+            state.stop = True
+
+
+def train_fast(vae: pyro_vae.VAE, train: torch.Tensor, args: Any, device: torch.device,
+               budget: TimeBudget) -> list[dict[str, Any]]:
+    """The training loop without ``fit``'s bookkeeping: on CUDA every full minibatch goes through one
+    :class:`pyro_vae.step.CUDAGraphStep` (Adam with ``capturable=True``), elsewhere through
+    ``svi_step(validate=False, check_finite=False)``; a fresh dynamic binarization and shuffle every epoch
+    (the last partial batch is dropped); the loss is read on the host once per epoch."""
+    from pyro_vae.step import CUDAGraphStep, svi_step
+
+    vae.to(device)
+    x = train.to(device)
+    n, b = x.shape[0], args.batch_size
+    vae.check_data(torch.bernoulli(x), "train_data")  # the whole data once; the loop runs unvalidated
+    params = list(vae.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.lr, capturable=device.type == "cuda")
+    loss_fn = pyro_vae.make_elbo(args.elbo, args.particles)
+    # a schedule (the categorical latent's temperature) changes Python state every step: no graph then
+    schedules = [cb for cb in args.callbacks if hasattr(cb, "on_step")]
+    graphed = device.type == "cuda" and not schedules and vae.latent == "gaussian"
+    step: Any = None
+    history = []
+    state = argparse.Namespace(vae=vae, step=0, epoch=0, stop=False)
+    for cb in args.callbacks:
+        if hasattr(cb, "on_fit_start"):
+            cb.on_fit_start(state)
+    vae.train()
+    for epoch in range(1, args.epochs + 1):
+        state.epoch = epoch
+        start = time.perf_counter()
+        perm = torch.randperm(n, device=device)
+        total = torch.zeros((), device=device)
+        steps = n // b
+        for i in range(steps):
+            xb = torch.bernoulli(x[perm[i * b:(i + 1) * b]])
+            if step is None:
+                step = (CUDAGraphStep(loss_fn, vae, xb, n, optimizer, params) if graphed else
+                        lambda xb: svi_step(loss_fn, vae, xb, n, optimizer, params, validate=False,
+                                            check_finite=False))
+            total += step(xb)
+            state.step += 1
+            for cb in schedules:
+                cb.on_step(state)
+        mean = float(total) / steps / n
+        if not math.isfinite(mean):
+            raise pyro_vae.NonFiniteLossError(f"non-finite training loss in epoch {epoch}")
+        history.append({"epoch": epoch, "step": state.step, "train_elbo": -mean, "val_elbo": None,
+                        "seconds": time.perf_counter() - start, "graphed": graphed})
+        budget.on_epoch_end(state)
+        if state.stop:
+            break
+    vae.eval()
+    return history
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    hist = report["history"]
+    a.plot([h["epoch"] for h in hist], [h["train_elbo"] for h in hist], label="train ELBO (dynamic binarization)")
+    if report["test"].get("log_likelihood") is not None:
+        a.axhline(report["test"]["log_likelihood"], color="C1", ls="--", label=f"test log p(x), K={report['k']}")
+    a.set_xlabel("epoch")
+    a.set_ylabel("nats per image")
+    a.legend()
+    a.set_title(f"{report['latent']} VAE {report['architecture']} on {report['device']}")
+    names, vals, errs = [], [], []
+    key = "log_likelihood" if report["latent"] == "gaussian" else "neg_elbo"
+    for p in report["published"]:
+        names.append(p["name"])
+        vals.append(p[key])
+        errs.append(0.0)
+    names.append(f"pyro-vae ({report['epochs_run']} epochs)")
+    vals.append(report["test"][key])
+    errs.append(report["test"].get(key + "_se", 0.0) or 0.0)
+    y = list(range(len(names)))[::-1]
+    b.errorbar(vals, y, xerr=errs, fmt="o")
+    b.set_yticks(y, names, fontsize=8)
+    b.set_xlabel("test log p(x) (nats)" if key == "log_likelihood" else "test negative ELBO (nats)")
+    b.set_title("MNIST, dynamically binarized")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Any = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=default_data_dir(),
+                        help="folder with the four MNIST IDX files or a torchvision root")
+    parser.add_argument("--latent", choices=("gaussian", "categorical"), default="gaussian")
+    parser.add_argument("--arch", choices=list(ARCHS), default=None,
+                        help="burda (default for gaussian), pythae, jang (default for categorical)")
+    parser.add_argument("--elbo", choices=("trace", "meanfield"), default="meanfield")
+    parser.add_argument("--particles", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3280, help="upper bound; --time-budget usually ends it")
+    parser.add_argument("--time-budget", type=float, default=None, help="training seconds (checked per epoch)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--k", type=int, default=5000, help="importance samples per test point")
+    parser.add_argument("--eval-points", type=int, default=None, help="first N test points (default: all)")
+    parser.add_argument("--eval-batch", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loop", choices=("fit", "fast"), default="fit",
+                        help="fit: pyro_vae.fit; fast: a CUDA-graph step on CUDA (see train_fast)")
+    parser.add_argument("--checkpoint-dir", default=None, help="checkpoint here (and resume from it if present)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch on 2000 images, K=50, 200 points")
+    parser.add_argument("--tag", default=None, help="results file suffix (likelihood_TAG.json)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arch = args.arch or ("burda" if args.latent == "gaussian" else "jang")
+    hidden, z_dim = ARCHS[arch]
+    device = pyro_vae.train.resolve_device(args.device)
+
+    splits = pyro_vae.data.load("mnist", args.data_dir, binarize_mode="dynamic", seed=args.seed)
+    train, test = splits.train.x.flatten(1), splits.test.x.flatten(1)
+    if args.quick:
+        train, args.epochs, args.k, args.eval_points = train[:2000], 1, 50, 200
+    if args.eval_points:
+        test = test[: args.eval_points]
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    kwargs: dict[str, Any] = {"hidden": hidden}
+    callbacks: list[Any] = [TimeBudget(args.time_budget)]
+    if args.latent == "categorical":
+        kwargs.update(latent="categorical", categories=10)
+        from pyro_vae.schedules import ExponentialTemperature
+
+        callbacks.append(ExponentialTemperature(initial=1.0, rate=3e-5, minimum=0.5, every=1000))
+    vae = pyro_vae.VAE((784,), z_dim, likelihood="bernoulli", **kwargs)
+    resume = None
+    if args.checkpoint_dir and (Path(args.checkpoint_dir) / "checkpoint.pt").exists():
+        resume = args.checkpoint_dir
+    t0 = time.perf_counter()
+    if args.loop == "fit":
+        epochs = pyro_vae.fit(vae, train, elbo=args.elbo, num_particles=args.particles, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
+                              callbacks=callbacks, dynamic_binarize=True, progress=False,
+                              checkpoint_dir=args.checkpoint_dir, resume_from=resume).epochs
+    else:
+        args.callbacks = callbacks
+        epochs = train_fast(vae, train, args, device, callbacks[0])
+        del args.callbacks
+    train_seconds = time.perf_counter() - t0
+    epochs_run = epochs[-1]["epoch"] if epochs else 0
+    print(f"trained {epochs_run} epochs in {train_seconds:.0f} s; train ELBO {epochs[-1]['train_elbo']:.2f}",
+          flush=True)
+
+    t0 = time.perf_counter()
+    vae.eval()
+    test_dev = test.to(device)
+    ll = pyro_vae.log_likelihood(vae, test_dev, num_samples=args.k,
+                                 batch_size=args.eval_batch or (1000 if device.type == "cuda" else 100))
+    result: dict[str, Any] = ll.to_dict()
+    elbo_pp = ll.elbo_per_point  # each point's ELBO averaged over the same K samples
+    test_elbo = float(elbo_pp.mean())
+    result["neg_elbo"] = -test_elbo
+    result["neg_elbo_se"] = float(elbo_pp.std() / math.sqrt(len(elbo_pp))) if len(elbo_pp) > 1 else math.nan
+    eval_seconds = time.perf_counter() - t0
+    print(f"test log p(x) = {result['log_likelihood']:.2f} +- {result['log_likelihood_se']:.2f} (K={args.k}, "
+          f"{len(test)} points, {eval_seconds:.0f} s); test ELBO {test_elbo:.2f}", flush=True)
+
+    report = {
+        "benchmark": "likelihood",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__,
+                     "pyro_vae": pyro_vae.__version__},
+        "data": "MNIST, training images dynamically binarized every batch, test images binarized once (seeded)",
+        "num_train": len(train), "latent": args.latent, "architecture": f"784-{'-'.join(map(str, hidden))}-"
+        + (f"{z_dim}" if args.latent == "gaussian" else f"({z_dim}x10)"),
+        "activation": "softplus", "elbo": args.elbo, "particles": args.particles, "batch_size": args.batch_size,
+        "lr": args.lr, "optimizer": "Adam", "seed": args.seed, "epochs_run": epochs_run,
+        "time_budget_s": args.time_budget, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "k": args.k, "quick": args.quick, "reduced_budget": bool(args.quick or args.time_budget or args.eval_points),
+        "loop": args.loop, "test": result, "published": PUBLISHED[args.latent], "history": epochs,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "likelihood" + (f"_{args.latent}" if args.latent != "gaussian" else "") + (f"_{args.tag}" if args.tag else "")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=float))
+    plot(report, out / f"{name}.png")
+    print(f"wrote {out / name}.json and .png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
