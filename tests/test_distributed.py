@@ -164,3 +164,17 @@ def test_torchrun_two_processes_cli(tmp_path):
     done = subprocess.run(base + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert pyro_vae.checkpoint.load_training_state(tmp_path / "run")["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_quick(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    result = json.loads((tmp_path / "scaling_cpu_quick.json").read_text())
+    assert [r["processes"] for r in result["results"]] == [1, 2]
+    assert all(r["points_per_s"] > 0 for r in result["results"]) and result["torch"] == torch.__version__
+    assert (tmp_path / "scaling_cpu_quick.png").is_file()
