@@ -237,3 +237,17 @@ def test_command_line_refuses_categorical_flags_on_a_gaussian_latent(tmp_path, c
 
     assert main(["train", "--data", "digits", "--anneal-rate", "0.1", "--out", str(tmp_path / "bad")]) == 2
     assert "--latent categorical" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_categorical_vae_trains_on_cuda(straight_through, digits):
+    from pyro_vae.schedules import ExponentialTemperature
+
+    vae = make_vae(straight_through=straight_through, temperature=0.5, prior="categorical-learned")
+    history = pyro_vae.fit(vae, digits[:256], epochs=2, batch_size=64, progress=False, device="cuda",
+                           callbacks=[ExponentialTemperature(0.5, rate=0.05, minimum=0.1)])
+    assert all(math.isfinite(e["train_elbo"]) for e in history.epochs)
+    assert vae.encoder.temperature < 0.5
+    x = vae.sample(8)
+    assert x.device.type == "cuda" and x.shape == (8, 64)

@@ -164,3 +164,12 @@ def test_custom_prior_example_runs(tmp_path):
                            "--hidden", "16"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "analytic" in proc.stdout and "ELBO" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key", sorted(GAUSSIAN))
+def test_every_prior_trains_on_cuda(key, digits):
+    vae = make_vae(GAUSSIAN[key])
+    pyro_vae.fit(vae, digits, epochs=1, batch_size=64, progress=False, device="cuda", elbo="meanfield")
+    assert vae.sample(4).device.type == "cuda"
+    assert torch.isfinite(vae.prior().log_prob(torch.randn(3, Z, device="cuda"))).all()
