@@ -421,9 +421,14 @@ def fit(
                         xb = x[idx]
                         if dynamic_binarize:
                             xb = torch.bernoulli(xb)
-                        loss = torch.as_tensor(svi_step(
-                            loss_fn, vae, xb, n, optimizer, params, None if ctx.enabled else clip_norm,
-                            validate=None if state.step == first_step else False, check_finite=False))
+                        try:
+                            loss = torch.as_tensor(svi_step(
+                                loss_fn, vae, xb, n, optimizer, params, None if ctx.enabled else clip_norm,
+                                validate=None if state.step == first_step else False, check_finite=False))
+                        except Exception:
+                            if not ctx.enabled:
+                                guard.sync(False)  # an earlier NaN explains this failure: report that instead
+                            raise
                     guard.note_loss(loss)
                     state.step += 1
                     state.loss = loss
