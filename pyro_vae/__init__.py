@@ -24,6 +24,8 @@ from .estimators import ESTIMATORS, ScoreFunction, make_estimator_elbo, score_fu
 from .variance import exact_gradient, gradient_samples, gradient_statistics  # noqa: E402
 from . import conditional  # noqa: E402
 from .conditional import CVAE, SSVAE  # noqa: E402
+from . import checkpoint, distributed  # noqa: E402
+from .errors import TrainingInterrupted  # noqa: E402
 
 __all__ = [
     "VAE", "fit", "evaluate_elbo", "make_elbo", "History", "load", "save",
@@ -39,4 +41,5 @@ __all__ = [
     "estimators", "variance", "ESTIMATORS", "ScoreFunction", "score_function", "make_estimator_elbo",
     "gradient_samples", "gradient_statistics", "exact_gradient",
     "conditional", "SSVAE", "CVAE",
+    "checkpoint", "distributed", "TrainingInterrupted",
 ]
