@@ -6,6 +6,8 @@ half of each test digit, and completes it two ways:
 - importance sampling: E[x_missing | x_observed] = E_{p(z | x_observed)} E[x_missing | z], estimated with
   the encoder as the proposal and weights p(z) p(x_observed | z) / q(z | x) that score only the observed
   pixels;
+- Metropolis-within-Gibbs (Mattei & Frellsen 2018): propose z ~ q(z | x), accept or reject it with the
+  ratio of importance weights, draw x_missing ~ p(x_missing | z); a chain targeting p(x_missing | x_observed);
 - pseudo-Gibbs (Rezende et al. 2014): alternate z ~ q(z | x) and x_missing <- E[x_missing | z].
 
 Both are compared with the simplest baseline, filling each hidden pixel with its mean over the training set.
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--mask", default="bottom", help="top, bottom, left, right or random:P")
     parser.add_argument("--samples", type=int, default=500, help="importance samples per digit")
-    parser.add_argument("--iters", type=int, default=10, help="pseudo-Gibbs iterations")
+    parser.add_argument("--iters", type=int, default=60, help="chain length of the metropolis and gibbs methods")
     parser.add_argument("--n", type=int, default=None, help="number of test digits (default all)")
     parser.add_argument("--out", default="runs/impute-digits", help="folder for the picture and the JSON")
     parser.add_argument("--device", default="auto")

@@ -186,10 +186,11 @@ def _add_impute(sub: argparse._SubParsersAction) -> None:
                    help="hidden part: top, bottom, left, right (half of each image), random:P (each entry with "
                         "probability P), or a .npy/.pt boolean array (True = observed) of shape data_shape or "
                         "(N, *data_shape)")
-    p.add_argument("--method", default="importance", choices=("importance", "gibbs"),
-                   help="importance: self-normalized importance sampling; gibbs: pseudo-Gibbs iterations")
+    p.add_argument("--method", default="importance", choices=("importance", "metropolis", "gibbs"),
+                   help="importance: self-normalized importance sampling; metropolis: Metropolis-within-Gibbs "
+                        "chain; gibbs: pseudo-Gibbs iterations")
     p.add_argument("--samples", type=int, default=500, help="importance samples per point")
-    p.add_argument("--iters", type=int, default=10, help="pseudo-Gibbs iterations")
+    p.add_argument("--iters", type=int, default=10, help="chain length of the metropolis and gibbs methods")
     p.add_argument("--n", type=int, default=None, help="number of test points (default all)")
     p.add_argument("--out", default=None, help="folder for the PNG and JSON (default RUN)")
     _add_common(p)

@@ -12,6 +12,12 @@ so missing entries never enter a weight. Two methods:
   as the proposal and weights ``p(z) p(x_obs | z) / q(z | x)``, read off Pyro traces of the model and the
   guide. It targets the exact conditional as ``num_samples`` grows.
 
+- ``"metropolis"``: Metropolis-within-Gibbs (Mattei & Frellsen 2018, "Leveraging the Exact Likelihood of
+  Deep Latent Variable Models", Alg. 1): propose ``z' ~ q(z | x_obs, x_mis)``, accept with the ratio of
+  importance weights ``p(x, z') q(z | x) / (p(x, z) q(z' | x))``, then draw ``x_mis ~ p(x_mis | z)``. A Markov
+  chain whose stationary distribution is the exact ``p(z, x_mis | x_obs)``; the imputation is the average of
+  ``E[x_mis | z]`` over the second half of the chain.
+
 Pseudo-Gibbs is not a sampler of ``p(x_mis | x_obs)``: the observed entries enter only through the encoder,
 and with an imperfect encoder the chain can drift away from them as it runs (Mattei & Frellsen 2018,
 "Leveraging the Exact Likelihood of Deep Latent Variable Models"); on a small digits model its error grows
@@ -33,7 +39,7 @@ from .vae import VAE
 
 __all__ = ["impute", "make_mask", "masked_error", "METHODS", "MASKS"]
 
-METHODS = ("importance", "gibbs")
+METHODS = ("importance", "metropolis", "gibbs")
 MASKS = ("top", "bottom", "left", "right", "random:P")
 
 
@@ -103,8 +109,8 @@ def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "impo
         vae: a trained VAE whose likelihood factorizes over entries.
         x: ``(N, *data_shape)``; missing entries may hold anything, NaN included.
         mask: boolean, ``True`` where observed; shape ``data_shape`` or ``(N, *data_shape)``.
-        method: ``"importance"`` or ``"gibbs"`` (see the module docstring).
-        num_iters: pseudo-Gibbs iterations (``"gibbs"``).
+        method: ``"importance"``, ``"metropolis"`` or ``"gibbs"`` (see the module docstring).
+        num_iters: chain length (``"gibbs"``, ``"metropolis"``; the first half is burn-in).
         num_samples: importance samples per point (``"importance"``).
         init: starting values of the missing entries, ``data_shape`` (default: the model's marginal mean).
         batch_size: data points per batch.
@@ -137,6 +143,8 @@ def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "impo
                 filled = torch.where(mb, xb, start.expand_as(xb))
                 if method == "importance":
                     filled = _importance(vae, xb, mb, filled, num_samples)
+                elif method == "metropolis":
+                    filled = _metropolis(vae, xb, mb, filled, num_iters)
                 else:
                     filled = _gibbs(vae, xb, mb, filled, num_iters)
                 out.append(filled.to(x.device))
@@ -156,6 +164,32 @@ def _gibbs(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, 
             filled = torch.where(mask, x, x_mean)
             if t >= num_iters // 2:
                 total += x_mean
+                count += 1
+    return torch.where(mask, x, total / count)
+
+
+def _metropolis(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_iters: int) -> torch.Tensor:
+    from pyro import poutine
+
+    site = vae._site("z")
+    total = torch.zeros_like(filled)
+    count = 0
+    with pyro.validation_enabled(False):
+        particle_dim = -(_plate_nesting(vae.model, vae.guide, filled) + 1)
+        z = posterior_samples(vae, filled).unsqueeze(0)  # (1, B, *latent_event_shape)
+        for t in range(num_iters):
+            proposal = _weights_chunk(vae, vae.model, vae.guide, filled, 1, particle_dim, keep=("z",))
+            data = {site: z}
+            current = _weights_chunk(vae, poutine.condition(vae.model, data=data),
+                                     poutine.condition(vae.guide, data=data), filled, 1, particle_dim)
+            log_rho = (proposal["log_w"] - current["log_w"])[0]  # (B,)
+            accept = torch.rand_like(log_rho).log() < log_rho
+            shape = (1, -1, *([1] * (z.dim() - 2)))
+            z = torch.where(accept.reshape(shape), proposal["z"], z)
+            px = vae._likelihood_dist(vae.decoder(z[0]))
+            filled = torch.where(mask, x, px.sample())
+            if t >= num_iters // 2:
+                total += px.mean
                 count += 1
     return torch.where(mask, x, total / count)
 
