@@ -2,26 +2,25 @@
 
 A boolean ``mask`` marks the observed entries (``True`` = observed, as Pyro's ``obs_mask``). The model
 scores only observed entries: the likelihood's entry-wise log-densities are masked before they are summed,
-so missing entries never enter a weight. Two methods:
+so missing entries never enter a weight. Three methods:
 
-- ``"gibbs"``: pseudo-Gibbs sampling (Rezende et al. 2014, "Stochastic Backpropagation and Approximate
-  Inference in Deep Generative Models", Sec. 5): alternate ``z ~ q(z | x_obs, x_mis)`` and
-  ``x_mis <- E[x_mis | z]``; the imputation is the average of ``E[x_mis | z]`` over the second half of the chain.
 - ``"importance"`` (the default): self-normalized importance sampling of
   ``E[x_mis | x_obs] = E_{p(z | x_obs)} E[x_mis | z]`` with the guide evaluated at the initial completion
   as the proposal and weights ``p(z) p(x_obs | z) / q(z | x)``, read off Pyro traces of the model and the
-  guide. It targets the exact conditional as ``num_samples`` grows.
-
+  guide. It targets the exact conditional mean as ``num_samples`` grows.
 - ``"metropolis"``: Metropolis-within-Gibbs (Mattei & Frellsen 2018, "Leveraging the Exact Likelihood of
   Deep Latent Variable Models", Alg. 1): propose ``z' ~ q(z | x_obs, x_mis)``, accept with the ratio of
-  importance weights ``p(x, z') q(z | x) / (p(x, z) q(z' | x))``, then draw ``x_mis ~ p(x_mis | z)``. A Markov
-  chain whose stationary distribution is the exact ``p(z, x_mis | x_obs)``; the imputation is the average of
+  importance weights ``p(x, z') q(z | x) / (p(x, z) q(z' | x))``, then draw ``x_mis ~ p(x_mis | z)``: a Markov
+  chain whose stationary distribution is the exact ``p(z, x_mis | x_obs)``. The imputation is the average of
   ``E[x_mis | z]`` over the second half of the chain.
+- ``"gibbs"``: pseudo-Gibbs sampling (Rezende et al. 2014, "Stochastic Backpropagation and Approximate
+  Inference in Deep Generative Models", Sec. 5): alternate ``z ~ q(z | x_obs, x_mis)`` and
+  ``x_mis <- E[x_mis | z]``, averaging ``E[x_mis | z]`` over the second half of the chain.
 
-Pseudo-Gibbs is not a sampler of ``p(x_mis | x_obs)``: the observed entries enter only through the encoder,
-and with an imperfect encoder the chain can drift away from them as it runs (Mattei & Frellsen 2018,
-"Leveraging the Exact Likelihood of Deep Latent Variable Models"); on a small digits model its error grows
-with the number of iterations, while the importance estimate beats it. Prefer ``"importance"``.
+Pseudo-Gibbs is an exact Gibbs sampler only when the encoder is the exact posterior. Otherwise the observed
+entries enter only through the encoder and the chain can drift away from them as it runs (Mattei &
+Frellsen 2018); on a small digits model its error grows with the number of iterations, while the importance
+estimate beats it.
 """
 
 from __future__ import annotations
