@@ -27,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import socket
 import statistics
 import sys
@@ -96,16 +97,18 @@ def run_one(world: int, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory() as out:
-        procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, out)) for r in range(world)]
+        procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, out), daemon=True) for r in range(world)]
         start = time.perf_counter()
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(max(1.0, timeout - (time.perf_counter() - start)))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        try:
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(max(1.0, timeout - (time.perf_counter() - start)))
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
         errors = [f.read_text() for f in Path(out).glob("rank*.err")]
         if errors or not Path(out, "result.json").is_file():
             raise RuntimeError(f"{world} process(es) failed:\n" + "\n".join(errors or ["timed out"]))
@@ -155,6 +158,7 @@ def main(argv: Any = None) -> int:
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 3072 points, 2 epochs, strong scaling")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers are stopped with this process
 
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and device != "cuda":
