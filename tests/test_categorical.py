@@ -217,14 +217,15 @@ def test_example_runs(tmp_path):
     assert result["reference_jang_2017"]["gumbel-softmax"] == 101.5
 
 
-def test_command_line_trains_and_samples_a_categorical_vae(tmp_path):
+def test_command_line_trains_and_samples_a_categorical_vae(tmp_path, capsys):
+    from pyro_vae.cli import main
+
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pyro_vae", "train", "--data", "digits", "--latent", "categorical",
+    cmd = ["train", "--data", "digits", "--latent", "categorical",
            "--categories", "4", "--z-dim", "3", "--temperature", "1.0", "--temperature-min", "0.5",
            "--anneal-rate", "0.05", "--straight-through", "--prior", "categorical-learned", "--epochs", "1",
            "--hidden", "16", "--no-progress", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
+    assert main(cmd) == 0, capsys.readouterr().err
     cfg = json.loads((out / "config.json").read_text())["vae"]
     assert (cfg["latent"], cfg["categories"], cfg["straight_through"]) == ("categorical", 4, True)
     assert cfg["prior"] == {"name": "categorical-learned"}
