@@ -47,11 +47,15 @@ class VAE(nn.Module):
         z_dim: number of latent dimensions.
         encoder: ``"mlp"``, ``"conv"``, an :class:`~pyro_vae.encoders.Encoder` (used as the guide
             distribution as is), or any ``nn.Module`` mapping ``(batch, *data_shape)`` to
-            ``(batch, 2 * z_dim)``, wrapped in a :class:`~pyro_vae.encoders.GaussianEncoder`.
+            ``(batch, 2 * z_dim)``, wrapped in a :class:`~pyro_vae.encoders.GaussianEncoder` (for a
+            categorical latent: ``(batch, z_dim * categories)`` logits, wrapped in a
+            :class:`~pyro_vae.encoders.RelaxedCategoricalEncoder`).
         decoder: ``"mlp"``, ``"conv"``, or any ``nn.Module`` mapping ``(..., z_dim)`` to
-            ``(..., *data_shape)``.
-        prior: ``None`` (standard normal), a name, or a callable returning a distribution with event
-            shape ``(z_dim,)``; an ``nn.Module`` prior learns with the rest.
+            ``(..., *data_shape)`` (``(..., z_dim * categories)`` for a categorical latent).
+        prior: ``None`` (standard normal; uniform relaxed categorical for a categorical latent), a name
+            of :data:`pyro_vae.priors.PRIORS` / ``CATEGORICAL_PRIORS``, a config dict
+            (``{"name": "mixture", "components": 10}``), or a callable returning a distribution with event
+            shape ``(z_dim,)`` (``(z_dim, categories)``); an ``nn.Module`` prior learns with the rest.
         likelihood: ``"bernoulli"``, ``"continuous-bernoulli"``, ``"normal"``, ``"normal-learned"``, a
             config dict, or a callable ``decoder_output -> Distribution``.
         hidden: hidden layer sizes of the MLP networks.
