@@ -231,8 +231,9 @@ class RelaxedCategoricalPrior(nn.Module):
     uniform (``learnable=False``, Jang et al. 2017) or with learnable logits.
 
     Its temperature follows the guide's: built by :class:`pyro_vae.VAE` it reads
-    ``vae.encoder.temperature`` at every call, so an annealing schedule moves both. Standalone it uses its
-    own ``temperature``. Samples and scores come from
+    ``vae.encoder.temperature`` at every call, so an annealing schedule moves both. Standalone
+    (``prior=RelaxedCategoricalPrior(n, k, temperature=0.5)``) it keeps its own fixed ``temperature``:
+    Maddison et al. (2017) recommend a prior temperature different from the posterior's (1/2 vs 2/3). Samples and scores come from
     :class:`~pyro_vae.relaxed.StableRelaxedOneHotCategorical`: a straight-through guide's hard one-hot draw
     is scored through its relaxed value, and any hard one-hot gets a finite log-density.
 
