@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -338,7 +338,7 @@ def active_units(vae: VAE, data: Any, threshold: float = 0.01, *, batch_size: in
 
 
 def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: bool = False,
-                      seed: Optional[int] = None):
+                      seed: Optional[int] = None, batch_size: int = 256):
     """Posterior draws of ``z`` for the given data points as an ``arviz.InferenceData``.
 
     Groups: ``posterior`` (``z``, dims ``(chain, draw, point, latent[, category])``), ``log_likelihood``
@@ -352,24 +352,30 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
         resample: replace the draws by sampling-importance-resampling draws (closer to the exact
             posterior ``p(z | x)``; ``log_weight`` then refers to the original draws).
         seed: seeds Pyro before drawing.
+        batch_size: data points traced at once (all ``num_samples`` draws of a batch are held together).
     """
     az = _arviz()
     x = _data(vae, data)
     num_samples = _check_count("num_samples", num_samples, 2)
     if seed is not None:
         pyro.set_rng_seed(seed)
+    batch_size = _check_count("batch_size", batch_size)
     device = vae._device()
-    xb = x.to(device)
+    parts = []
     with torch.no_grad():
-        particle_dim = -(_plate_nesting(vae.model, vae.guide, xb) + 1)
-        out = _weights_chunk(vae, vae.model, vae.guide, xb, num_samples, particle_dim, keep=("z",))
-    z, log_w, log_px = out["z"].cpu(), out["log_w"].cpu(), out["log_p_obs"].cpu()  # (S, N, ...), (S, N)
+        particle_dim = -(_plate_nesting(vae.model, vae.guide, x[:batch_size].to(device)) + 1)
+        for i in range(0, x.shape[0], batch_size):
+            out = _weights_chunk(vae, vae.model, vae.guide, x[i: i + batch_size].to(device), num_samples,
+                                 particle_dim, keep=("z",))
+            parts.append((out["z"].cpu(), out["log_w"].cpu(), out["log_p_obs"].cpu()))
+    z, log_w, log_px = (torch.cat(p, dim=1) for p in zip(*parts))  # (S, N, ...), (S, N), (S, N)
     if resample:
         idx = torch.distributions.Categorical(logits=log_w.T).sample((num_samples,))  # (S, N)
         z = torch.gather(z, 0, idx.reshape(*idx.shape, *([1] * (z.dim() - 2))).expand_as(z))
         log_px = torch.gather(log_px, 0, idx)
     event = z.shape[2:]
-    latent_dims = ["latent", "category"][: len(event)] if len(event) <= 2 else [f"latent_{i}" for i in range(len(event))]
+    latent_dims = (["latent", "category"][: len(event)] if len(event) <= 2
+                   else [f"latent_{i}" for i in range(len(event))])
     kss = pareto_k(log_w.T)
     ll = log_w.logsumexp(0) - math.log(num_samples)
     return az.from_dict(

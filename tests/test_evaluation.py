@@ -172,7 +172,7 @@ def test_to_inference_data_works_with_arviz():
     matplotlib.use("Agg")
     vae, marginal, posterior = linear_gaussian(shift=0.3)
     x = marginal.sample((4,))
-    idata = evaluation.to_inference_data(vae, x, 200)
+    idata = evaluation.to_inference_data(vae, x, 200, batch_size=3)
     z = idata.posterior["z"]
     assert z.dims == ("chain", "draw", "point", "latent") and z.shape == (1, 200, 4, 3)
     assert idata.log_likelihood["x"].shape == (1, 200, 4)
