@@ -275,7 +275,10 @@ class RelaxedCategoricalPrior(nn.Module):
             self._temperature = check_temperature(value)
 
     def config(self) -> dict[str, Any]:
-        return {"name": "categorical-learned" if self.learnable else "categorical"}
+        cfg: dict[str, Any] = {"name": "categorical-learned" if self.learnable else "categorical"}
+        if not self._encoder:
+            cfg["temperature"] = self._temperature  # a fixed temperature of its own
+        return cfg
 
     def forward(self) -> dist.Distribution:
         from .relaxed import StableRelaxedOneHotCategorical
@@ -331,8 +334,8 @@ def build_prior(spec: Union[str, dict, PriorFn, None], z_dim: int, *, categories
             )
         )
     try:
-        if categories is not None:
-            return table[spec](z_dim, categories, encoder=encoder, **kwargs)
+        if categories is not None:  # a given temperature is fixed; otherwise it follows the encoder's
+            return table[spec](z_dim, categories, encoder=None if "temperature" in kwargs else encoder, **kwargs)
         if getattr(table[spec], "needs_encoder", False):
             if encoder is None or data_shape is None:
                 raise ConfigError(message(f"prior {spec!r}", "the VAE's encoder and data_shape", "none",

@@ -252,3 +252,17 @@ def test_categorical_vae_trains_on_cuda(straight_through, digits):
     assert vae.encoder.temperature < 0.5
     x = vae.sample(8)
     assert x.device.type == "cuda" and x.shape == (8, 64)
+
+
+def test_a_fixed_temperature_prior_keeps_it_through_save_and_load(tmp_path):
+    from pyro_vae.priors import RelaxedCategoricalPrior
+
+    vae = make_vae(temperature=0.9, prior=RelaxedCategoricalPrior(4, 5, temperature=0.5))
+    vae.encoder.temperature = 0.7
+    assert vae.prior.temperature == 0.5
+    pyro_vae.save(vae, tmp_path / "run")
+    pyro.clear_param_store()
+    loaded = pyro_vae.load(tmp_path / "run")
+    loaded.encoder.temperature = 0.3
+    assert loaded.prior.temperature == 0.5
+    assert make_vae(prior={"name": "categorical", "temperature": 0.25}).prior.temperature == 0.25
