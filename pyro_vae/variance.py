@@ -113,6 +113,11 @@ def _noise_kind(fn: dist.Distribution, site: str) -> str:
         type(base).__name__, 'use method="loop"'))
 
 
+def _one_hot_argmax(t: torch.Tensor) -> torch.Tensor:
+    # F.one_hot checks its input's range with .item(), which vmap refuses
+    return torch.zeros_like(t).scatter(-1, t.argmax(-1, keepdim=True), 1.0)
+
+
 def _draw(fn: dist.Distribution, eps: torch.Tensor, site: str) -> torch.Tensor:
     detach = isinstance(fn, ScoreFunction) or not fn.has_rsample
     base = fn.base if isinstance(fn, ScoreFunction) else fn
@@ -120,12 +125,12 @@ def _draw(fn: dist.Distribution, eps: torch.Tensor, site: str) -> torch.Tensor:
     if isinstance(base, torch.distributions.Normal):
         value = base.loc + base.scale * eps
     elif isinstance(base, torch.distributions.OneHotCategorical):
-        value = nn.functional.one_hot((base.logits + eps).argmax(-1), base.logits.shape[-1]).to(eps.dtype)
+        value = _one_hot_argmax(base.logits + eps)
     elif _is_relaxed_categorical(base):
         logx = torch.log_softmax((base.logits + eps) / base.temperature, dim=-1)
         soft = logx.exp()
         if getattr(base, "straight_through", False):
-            hard = nn.functional.one_hot(logx.argmax(-1), logx.shape[-1]).to(soft.dtype)
+            hard = _one_hot_argmax(logx)
             value = hard + (soft - soft.detach())
         else:
             value = soft
@@ -145,7 +150,7 @@ def _standard_noise(kind: str, shape: tuple, device: torch.device, dtype: torch.
     if kind == "normal":
         return torch.randn(shape, device=device, dtype=dtype)
     u = torch.rand(shape, device=device, dtype=dtype).clamp(torch.finfo(dtype).tiny, 1.0)
-    return -torch.log(-torch.log(u).clamp_min(torch.finfo(dtype).tiny))
+    return -torch.log((-torch.log(u)).clamp_min(torch.finfo(dtype).tiny))
 
 
 class _ParamsFromModules(Messenger):
