@@ -227,6 +227,8 @@ def load_training_state(path: PathLike, *, vae_config: Any = None, signature: Op
             "resume with the pyro-vae release that wrote it, or load only its weights (pyro_vae.load) and "
             "train anew"))
     stored_cfg = payload.get("vae_config")
+    if vae_config is not None:
+        vae_config = json.loads(json.dumps(vae_config))  # tuples become lists, as in the stored copy
     if vae_config is not None and stored_cfg is not None and json.loads(stored_cfg) != vae_config:
         old, new = json.loads(stored_cfg), vae_config
         key = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), "?")
