@@ -157,6 +157,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="importance samples K per test point for log p(x), its gap to the ELBO and Pareto-k "
                         "(0 skips them)")
     p.add_argument("--iw-batch-size", type=int, default=100, help="test points per importance-sampling batch")
+    p.add_argument("--amortization-points", type=int, default=0,
+                   help="also measure the amortization gap (Cremer et al. 2018) on this many test points "
+                        "(0 skips it)")
+    p.add_argument("--amortization-steps", type=int, default=300,
+                   help="Adam steps of each test point's own Gaussian guide")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -404,6 +409,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(message("--iw-samples", "an integer >= 0", str(args.iw_samples), "pass --iw-samples 1000"))
     if args.iw_samples:
         metrics.update(_importance_metrics(vae, splits.test, args))
+    if args.amortization_points > 0:
+        from .evaluation import amortization_gap
+
+        metrics.update(amortization_gap(vae, splits.test.x[: args.amortization_points],
+                                        num_steps=args.amortization_steps, seed=args.seed).to_dict())
+        print(f"amortization gap {metrics['amortization_gap']:.3f} +- {metrics['amortization_gap_se']:.3f} "
+              f"nats per data point ({metrics['amortization_points']} test points)")
     checkpoint.write_json(path, metrics)
     print(f"test ELBO {elbo:.3f} nats per data point ({len(splits.test)} points, {args.particles} particles)")
     if args.iw_samples:

@@ -419,8 +419,8 @@ class AmortizationGap:
     def to_dict(self) -> dict[str, Any]:
         return {"amortization_gap": self.gap, "amortization_gap_se": self.gap_se,
                 "elbo_amortized": float(self.elbo_amortized.mean()),
-                "elbo_optimized": float(self.elbo_optimized.mean()), "num_points": len(self.gap_per_point),
-                "num_steps": self.num_steps}
+                "elbo_optimized": float(self.elbo_optimized.mean()), "amortization_points": len(self.gap_per_point),
+                "amortization_steps": self.num_steps}
 
 
 def _local_guide(vae: VAE, loc: torch.Tensor, raw: torch.Tensor, min_scale: float) -> Callable:

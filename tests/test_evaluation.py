@@ -197,7 +197,7 @@ def test_amortization_gap_recovers_the_kl_of_a_shifted_encoder():
     res = pyro_vae.amortization_gap(vae, x, num_steps=100, lr=0.1, num_particles=16, num_eval_samples=2000)
     assert res.gap_per_point.shape == (8,)
     assert abs(res.gap - float(kl.mean())) < 0.1 * float(kl.mean()) + 4 * res.gap_se
-    assert res.to_dict()["num_points"] == 8
+    assert res.to_dict()["amortization_points"] == 8
 
 
 def test_categorical_latent_log_likelihood_is_finite_and_above_the_elbo():
@@ -237,13 +237,15 @@ def test_cli_evaluate_writes_the_importance_sampled_metrics(tmp_path, capsys):
     from pyro_vae.cli import main
 
     run = make_run(tmp_path / "run")
-    assert main(["evaluate", str(run), "--iw-samples", "20", "--particles", "2", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(run), "--iw-samples", "20", "--particles", "2", "--device", "cpu",
+                 "--amortization-points", "3", "--amortization-steps", "5"]) == 0
     assert "log p(x)" in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("elbo", "log_likelihood", "log_likelihood_se", "gap", "active_units", "num_samples",
                 "pareto_k_frac_above_0.7"):
         assert key in metrics, key
-    assert metrics["num_samples"] == 20
+    assert metrics["num_samples"] == 20 and metrics["num_points"] == 180
+    assert metrics["amortization_points"] == 3 and "amortization_gap" in metrics
     assert metrics["gap"] == pytest.approx(metrics["log_likelihood"] - metrics["elbo_iw"], abs=1e-5)
     assert (run / "pareto_k.png").is_file()
     assert main(["evaluate", str(run), "--iw-samples", "-1"]) == 2
