@@ -154,6 +154,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     y = list(range(len(names)))[::-1]
     b.errorbar(vals, y, xerr=errs, fmt="o")
     b.set_yticks(y, names, fontsize=8)
+    b.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
     b.set_xlabel("test log p(x) (nats)" if key == "log_likelihood" else "test negative ELBO (nats)")
     b.set_title("MNIST, dynamically binarized")
     fig.tight_layout()
