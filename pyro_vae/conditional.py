@@ -25,7 +25,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
@@ -532,7 +532,8 @@ def fit_semisupervised(
     xl, yl, xu = x_labelled.to(device), y_labelled.to(device), x_unlabelled.to(device)
     n_l, n_u = xl.shape[0], xu.shape[0]
     guide = config_enumerate(ssvae.guide, enumeration) if enumeration else ssvae.guide
-    elbo_u = TraceEnum_ELBO(max_plate_nesting=1)
+    # Sampled y: TraceGraph_ELBO's score-function term for it, with Rao-Blackwellization over the plate.
+    elbo_u = TraceEnum_ELBO(max_plate_nesting=1) if enumeration else TraceGraph_ELBO(max_plate_nesting=1)
     elbo_l = Trace_ELBO(max_plate_nesting=1)  # nothing to enumerate where y is observed
     gen = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
