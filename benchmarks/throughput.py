@@ -282,6 +282,7 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
         rows[k] = {"ms_per_step": [1e3 * t for t in ts], "median_ms": 1e3 * med,
                    "images_per_s": batch / med, "images_per_s_min": batch / max(ts),
                    "images_per_s_max": batch / min(ts), "ratio_to_torch": med / base,
+                   "ratio_to_torch_paired": statistics.median(a / b for a, b in zip(ts, times["torch"])),
                    ("wall" if clock == "process" else "process") + "_ms_per_step": [1e3 * t for t in other[k]]}
     return {"config": name, "data_shape": list(data_shape), "z_dim": z_dim, "net": net, "hidden": list(hidden),
             "batch": batch, "device": str(device), "clock": clock, "steps_per_rep": steps, "reps": reps,
@@ -301,6 +302,19 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['device']} ({r['clock']}) | {r['config']} | {k} | {row['images_per_s']:,.0f} | "
                          f"{row['images_per_s_min']:,.0f}-{row['images_per_s_max']:,.0f} | "
                          f"{row['ratio_to_torch']:.2f} |")
+    return "\n".join(lines)
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """One row per device and config: the hand-written step's images/s, then each contender's ratio to it."""
+    names = [k for k in ("torch-graph", "fit-trace", "fit-meanfield", "graph-trace", "graph-meanfield", "fit()-trace",
+                         "pyro-before", "pythae") if any(k in r["results"] for r in results)]
+    lines = ["| device | config | torch images/s | " + " | ".join(f"{k} x" for k in names) + " |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+    for r in results:
+        rows = r["results"]
+        cells = [f"{rows[k]['ratio_to_torch']:.2f}" if k in rows else "-" for k in names]
+        lines.append(f"| {r['device']} | {r['config']} | {rows['torch']['images_per_s']:,.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -342,7 +356,13 @@ def main(argv: Any = None) -> dict[str, Any]:
                              "CPU: robust to other jobs sharing the machine; use with --threads 1); both are kept")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: two configs, 3 reps of 5 steps")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--summary", metavar="JSON", default=None,
+                        help="print the README summary table of an earlier run's JSON and exit")
     args = parser.parse_args(argv)
+    if args.summary:
+        report = json.loads(Path(args.summary).read_text())
+        print(summary(report["results"]))
+        return report
     if args.threads:
         torch.set_num_threads(args.threads)
     pyro.enable_validation(True)  # Pyro's default (__debug__); pyro-before pays for it on every step
@@ -358,10 +378,10 @@ def main(argv: Any = None) -> dict[str, Any]:
             clock = args.clock or ("process" if device.type == "cpu" else "wall")
             results.append(run_config(name, device, args.reps, args.steps, args.warmup, clock))
     try:
-        import pythae
+        import importlib.metadata
 
-        pythae_version = getattr(pythae, "__version__", "installed")
-    except ImportError:
+        pythae_version: Any = importlib.metadata.version("pythae")
+    except importlib.metadata.PackageNotFoundError:
         pythae_version = None
     report = {
         "benchmark": "throughput",
@@ -378,6 +398,7 @@ def main(argv: Any = None) -> dict[str, Any]:
     (out / f"throughput{suffix}.json").write_text(json.dumps(report, indent=1))
     plot(results, out / f"throughput{suffix}.png")
     print(table(results))
+    print(summary(results))
     print(f"wrote {out / f'throughput{suffix}.json'} and .png")
     return report
 
