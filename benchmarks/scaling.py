@@ -10,8 +10,10 @@ Each process count runs in freshly spawned workers joined by a process group on 
   adds GPUs and keeps each one equally busy.
 
 Throughput is the number of training points over the median seconds of the timed epochs (the first epoch,
-with its one-off checks and warm-up, is not timed). On the CPU the cores are split evenly among the processes
-(``--threads`` in total), so the comparison is one process using all cores against several sharing them.
+with its one-off checks and warm-up, is not timed). On the CPU every process gets the same number of threads
+(``--threads`` divided by the largest process count), so the comparison is between processes, not between
+thread pools; ``--split-threads`` instead gives one process all the threads and N processes 1/N each (on a
+busy machine OpenMP thread pools lose much more than processes do, which exaggerates the speed-up).
 The data are synthetic binary images of MNIST's shape by default (throughput does not depend on the values);
 ``--data mnist --data-dir DIR`` uses the real files.
 
@@ -56,6 +58,13 @@ def _load(cfg: dict[str, Any]) -> torch.Tensor:
     return splits.train.x.flatten(1)[: cfg["n"]]
 
 
+def _threads(cfg: dict[str, Any], world: int) -> int:
+    """Threads per process: ``--threads`` split among the processes with ``--split-threads``, else the same
+    for every process count (``--threads`` divided by the largest count), so the comparison is between
+    processes, not between thread pools."""
+    return max(1, cfg["threads"] // (world if cfg["split_threads"] else cfg["max_procs"]))
+
+
 def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
     import datetime as dt
 
@@ -67,7 +76,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> 
     try:
         cuda = cfg["device"] == "cuda"
         if not cuda:
-            torch.set_num_threads(max(1, cfg["threads"] // world))
+            torch.set_num_threads(_threads(cfg, world))
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
@@ -117,7 +126,7 @@ def run_one(world: int, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     return {"processes": world, "mode": cfg["mode"], "device": cfg["device"], "global_batch": res["global_batch"],
             "seconds_per_epoch": res["seconds_per_epoch"], "median_seconds_per_epoch": sec,
             "points_per_s": cfg["n"] / sec, "final_train_elbo": res["final_train_elbo"],
-            "threads_per_process": None if cfg["device"] == "cuda" else max(1, cfg["threads"] // world)}
+            "threads_per_process": None if cfg["device"] == "cuda" else _threads(cfg, world)}
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -154,6 +163,9 @@ def main(argv: Any = None) -> int:
     p.add_argument("--z-dim", type=int, default=20)
     p.add_argument("--hidden", type=int, nargs="+", default=[400])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the processes")
+    p.add_argument("--split-threads", action="store_true",
+                   help="give one process all --threads and N processes --threads / N each (default: every "
+                        "process gets --threads / max(--procs), the same in every run)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per process count")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 3072 points, 2 epochs, strong scaling")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -177,7 +189,8 @@ def main(argv: Any = None) -> int:
         for world in args.procs:
             cfg = {"device": device, "mode": mode, "data": args.data, "data_dir": args.data_dir, "n": args.n,
                    "batch_size": args.batch_size, "epochs": args.epochs, "z_dim": args.z_dim,
-                   "hidden": args.hidden, "threads": args.threads}
+                   "hidden": args.hidden, "threads": args.threads, "split_threads": args.split_threads,
+                   "max_procs": max(args.procs)}
             row = run_one(world, cfg, args.timeout)
             base = next((r for r in rows if r["mode"] == mode and r["processes"] == 1), row)
             row["speedup"] = row["points_per_s"] / base["points_per_s"]
@@ -196,7 +209,8 @@ def main(argv: Any = None) -> int:
         "torch": torch.__version__, "pyro": pyro.__version__, "quick": args.quick,
         "backend": "nccl" if device == "cuda" else "gloo",
         "load_average_before_after": [load_before, os.getloadavg() if hasattr(os, "getloadavg") else None],
-        "config": {k: getattr(args, k) for k in ("data", "n", "batch_size", "epochs", "z_dim", "hidden", "threads")},
+        "config": {k: getattr(args, k) for k in ("data", "n", "batch_size", "epochs", "z_dim", "hidden", "threads",
+                                                 "split_threads")},
         "model": "MLP VAE, Bernoulli likelihood, TraceMeanField_ELBO, Adam lr 1e-3",
     }
     out = Path(args.out)
