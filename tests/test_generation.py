@@ -163,3 +163,18 @@ def test_trained_digits_model_aggregate_samples_are_closer_to_held_out_digits():
     aggregate = _nn_distance(generation.sample(vae, n, "aggregate", data=train), test)
     se = math.sqrt(prior.var() / n + aggregate.var() / n)
     assert prior.mean() - aggregate.mean() > 4 * se
+
+
+def test_plots_draw_non_image_data(tmp_path):
+    from pyro_vae import plots
+
+    vae, marginal, _ = linear_gaussian()
+    x = marginal.sample((4,))
+    paths = generation.interpolate(vae, x[:2], x[2:], steps=4)
+    assert plots.save_interpolations(paths, tmp_path / "i.png").stat().st_size > 0
+    values = [-1.0, 0.0, 1.0]
+    assert plots.save_traversals(generation.traverse(vae, x[0], values=values), tmp_path / "t.png",
+                                 values).stat().st_size > 0
+    mask = torch.tensor([True, False] * 3)
+    assert plots.save_imputations(x, mask, x, tmp_path / "m.png").stat().st_size > 0
+    assert plots.save_pareto_k(torch.tensor([0.1, 0.6, 0.9]), tmp_path / "k.png").stat().st_size > 0
