@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pyro
 import pytest
@@ -14,10 +16,10 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro_vae import ShapeError
 from pyro_vae.conditional import (CVAE, SSVAE, ClassConditionalNormal, ConcatMLP, ConditionalNormalPrior, accuracy,
                                   fit_classifier, fit_semisupervised, split_labelled)
-from pyro_vae.data import digits
 from pyro_vae.errors import ConfigError, DataError
 
 K, D, Z, B = 3, 4, 2, 5
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_concat_mlp_broadcasts_enumerated_inputs():
@@ -132,16 +134,38 @@ def test_cvae_sites_completions_and_training():
     assert losses[-1] < losses[0]
 
 
-def _digits_semisupervised(per_class: int, epochs: int, seed: int = 0):
-    splits = digits(seed)
-    x, y = splits.train.x.flatten(1), splits.train.y
-    x_eval = torch.cat([splits.val.x, splits.test.x]).flatten(1)
-    y_eval = torch.cat([splits.val.y, splits.test.y])
-    lab, unlab = split_labelled(y, per_class, seed=seed)
-    pyro.set_rng_seed(seed)
-    ss = SSVAE((64,), 10, 2, hidden=(256,), likelihood={"name": "normal", "scale": 0.2}, aux_weight=20.0)
-    fit_semisupervised(ss, x[lab], y[lab], x[unlab], epochs=epochs, batch_size=128, lr=3e-3, seed=seed)
-    torch.manual_seed(seed)
-    baseline = fit_classifier(ConcatMLP([(64,)], (10,), (256,)), x[lab], y[lab], steps=2000)
-    with torch.no_grad():
-        return accuracy(ss.classify(x_eval), y_eval), accuracy(baseline(x_eval).argmax(-1), y_eval), len(y_eval)
+@pytest.mark.parametrize("enumeration", ["parallel", "sequential", None])
+def test_fit_semisupervised_runs_with_each_treatment_of_y(enumeration):
+    ss = SSVAE((D,), K, Z, hidden=(8,), likelihood="normal", aux_weight=1.0)
+    x, y = torch.randn(12, D), torch.arange(12) % K
+    history = fit_semisupervised(ss, x[:6], y[:6], x[6:], epochs=2, batch_size=4, enumeration=enumeration)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(math.isfinite(h["loss_unlabelled"]) and math.isfinite(h["loss_labelled"]) for h in history)
+    with pytest.raises(ConfigError, match="enumeration"):
+        fit_semisupervised(ss, x[:6], y[:6], x[6:], epochs=1, enumeration="exact")
+
+
+def _run_ss_example(tmp_path, *args: str) -> dict:
+    spec = importlib.util.spec_from_file_location("ss_vae_example", ROOT / "examples" / "ss_vae.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(["--device", "cpu", "--threads", "1", "--out", str(tmp_path / "ss.json"),
+                        "--plot", str(tmp_path / "ss.png"), *args])
+
+
+@pytest.mark.slow
+def test_semisupervised_beats_the_labelled_only_classifier_on_digits(tmp_path):
+    """M2 with 10 labels per class on the 8x8 digits (examples/ss_vae.py defaults, seed 0, 30 epochs, about
+    25 s of CPU): q(y|x) is more accurate on the 180 test digits than the same network trained on the 100
+    labelled points alone. Measured: 0.922 vs 0.883. Seeded and deterministic on one platform; the margin is
+    7 test digits, so a change of thread count or torch version could in principle flip a few predictions."""
+    result = _run_ss_example(tmp_path)
+    assert result["num_labelled"] == 100 and result["epochs_run"] == 30
+    assert result["test_accuracy"] > result["baseline_test_accuracy"]
+
+
+def test_semisupervised_beats_the_labelled_only_classifier_on_digits_fast(tmp_path):
+    """The same comparison stopped after 15 epochs (about 12 s of CPU); measured 0.917 vs 0.883."""
+    result = _run_ss_example(tmp_path, "--epochs", "15")
+    assert result["epochs_run"] == 15
+    assert result["test_accuracy"] > result["baseline_test_accuracy"]
