@@ -25,7 +25,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
@@ -509,8 +509,9 @@ def fit_semisupervised(
     """Train an :class:`SSVAE` by minibatch SVI under ``TraceEnum_ELBO``.
 
     Each step takes one unlabelled batch (``y`` enumerated in the guide with ``config_enumerate``, or
-    sampled when ``enumeration=None``) and one labelled batch (``y`` observed), each scaled to its full set, so
-    an epoch of unlabelled batches is an unbiased pass over the whole bound of Kingma et al. (2014), eq. 9.
+    sampled, with a score-function gradient, when ``enumeration=None``) and one labelled batch (``y``
+    observed), each scaled to its full set, so each pair of steps is an unbiased estimate of the whole
+    objective of Kingma et al. (2014): the labelled and the unlabelled bounds plus the classification term.
 
     Args:
         ssvae: the model, already on its device (the data are moved there).
@@ -532,21 +533,18 @@ def fit_semisupervised(
     xl, yl, xu = x_labelled.to(device), y_labelled.to(device), x_unlabelled.to(device)
     n_l, n_u = xl.shape[0], xu.shape[0]
     guide = config_enumerate(ssvae.guide, enumeration) if enumeration else ssvae.guide
-    # Sampled y: TraceGraph_ELBO's score-function term for it, with Rao-Blackwellization over the plate.
-    elbo_u = TraceEnum_ELBO(max_plate_nesting=1) if enumeration else TraceGraph_ELBO(max_plate_nesting=1)
+    # Sampled y: Trace_ELBO adds the score-function term for it.
+    elbo_u = TraceEnum_ELBO(max_plate_nesting=1) if enumeration else Trace_ELBO(max_plate_nesting=1)
     elbo_l = Trace_ELBO(max_plate_nesting=1)  # nothing to enumerate where y is observed
     gen = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
-    optim: Optional[torch.optim.Optimizer] = None
+    optim = torch.optim.Adam(ssvae.parameters(), lr=lr)
 
     def step(xb: torch.Tensor, yb: Optional[torch.Tensor], n: int) -> float:
-        nonlocal optim
         if dynamic_binarize:
             xb = torch.bernoulli(xb)
         elbo = elbo_u if yb is None else elbo_l
         loss = elbo.differentiable_loss(ssvae.model, guide, xb, yb, n)
-        if optim is None:  # after the first trace has registered every module
-            optim = torch.optim.Adam(ssvae.parameters(), lr=lr)
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(message("SSVAE loss", "a finite value", str(loss.item()),
                                              "lower the learning rate or check the data"))
