@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import pyro
 import torch
@@ -216,27 +216,43 @@ class FitLoop:
                      seed=None, progress=False)
 
 
-def contenders(vae: pyro_vae.VAE, device: torch.device, example: torch.Tensor) -> dict[str, Callable]:
-    out: dict[str, Callable] = {"torch": HandWritten(vae, NUM_DATA, capturable=False)}
-    out["pyro-before"] = PyroStep(vae, Trace_ELBO, NUM_DATA, before=True)
-    out["fit-trace"] = PyroStep(vae, Trace_ELBO, NUM_DATA, check_every=SYNC_EVERY)
-    out["fit-meanfield"] = PyroStep(vae, TraceMeanField_ELBO, NUM_DATA, check_every=SYNC_EVERY)
-    out["fit()-trace"] = FitLoop(vae, "trace")
+def contenders(vae: pyro_vae.VAE, device: torch.device, example: torch.Tensor, skip: Sequence[str] = (),
+               failed: Optional[dict[str, str]] = None) -> dict[str, Callable]:
+    """The contenders by name (``skip`` leaves some out); a CUDA-graph capture that fails is reported in
+    ``failed`` (and the JSON) instead of ending the run."""
+    makers: dict[str, Callable[[], Callable]] = {
+        "torch": lambda: HandWritten(vae, NUM_DATA, capturable=False),
+        "pyro-before": lambda: PyroStep(vae, Trace_ELBO, NUM_DATA, before=True),
+        "fit-trace": lambda: PyroStep(vae, Trace_ELBO, NUM_DATA, check_every=SYNC_EVERY),
+        "fit-meanfield": lambda: PyroStep(vae, TraceMeanField_ELBO, NUM_DATA, check_every=SYNC_EVERY),
+        "fit()-trace": lambda: FitLoop(vae, "trace"),
+    }
     if device.type == "cuda":
-        out["torch-graph"] = GraphedTorch(vae, NUM_DATA, example)
+        makers["torch-graph"] = lambda: GraphedTorch(vae, NUM_DATA, example)
         for name, elbo in (("graph-trace", Trace_ELBO), ("graph-meanfield", TraceMeanField_ELBO)):
-            try:
-                out[name] = PyroStep(vae, elbo, NUM_DATA, check_every=SYNC_EVERY, graph=True, example=example)
-            except Exception as exc:  # reported, not hidden: the row says why it is missing
-                print(f"  {name}: CUDA graph capture failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    try:
-        out["pythae"] = Pythae(vae)
-    except ImportError:
-        pass
+            makers[name] = (lambda elbo=elbo: PyroStep(vae, elbo, NUM_DATA, check_every=SYNC_EVERY, graph=True,
+                                                       example=example))
+    makers["pythae"] = lambda: Pythae(vae)
+    out: dict[str, Callable] = {}
+    for name, make in makers.items():
+        if name in skip and name != "torch":
+            continue
+        try:
+            out[name] = make()
+        except ImportError:  # Pythae not installed
+            continue
+        except Exception as exc:
+            if "graph" not in name:
+                raise
+            msg = f"{type(exc).__name__}: {exc}"
+            print(f"  {name}: CUDA graph capture failed: {msg}", file=sys.stderr)
+            if failed is not None:
+                failed[name] = msg
     return out
 
 
-def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: int, clock: str) -> dict[str, Any]:
+def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: int, clock: str,
+               skip: Sequence[str] = ()) -> dict[str, Any]:
     data_shape, z_dim, net, hidden, batch = CONFIGS[name]
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
@@ -244,7 +260,8 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
     pool = torch.bernoulli(torch.full((8 * batch, *data_shape), 0.3, device=device))
     batches = [pool[i * batch:(i + 1) * batch] for i in range(8)]
     vae.check_data(pool, "benchmark data")  # what fit does once before its loop
-    steps_fns = contenders(vae, device, batches[0])
+    failed: dict[str, str] = {}
+    steps_fns = contenders(vae, device, batches[0], skip, failed)
     times: dict[str, list[float]] = {k: [] for k in steps_fns}
     epoch_data = torch.cat([batches[i % 8] for i in range(steps)])  # fit(): one epoch of `steps` batches
     for k, fn in steps_fns.items():
@@ -286,7 +303,7 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
                    ("wall" if clock == "process" else "process") + "_ms_per_step": [1e3 * t for t in other[k]]}
     return {"config": name, "data_shape": list(data_shape), "z_dim": z_dim, "net": net, "hidden": list(hidden),
             "batch": batch, "device": str(device), "clock": clock, "steps_per_rep": steps, "reps": reps,
-            "results": rows}
+            "results": rows, "failed": failed}
 
 
 def device_name(device: torch.device) -> str:
@@ -356,6 +373,7 @@ def main(argv: Any = None) -> dict[str, Any]:
                              "CPU: robust to other jobs sharing the machine; use with --threads 1); both are kept")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: two configs, 3 reps of 5 steps")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (e.g. pythae fit()-trace)")
     parser.add_argument("--summary", metavar="JSON", default=None,
                         help="print the README summary table of an earlier run's JSON and exit")
     args = parser.parse_args(argv)
@@ -376,7 +394,7 @@ def main(argv: Any = None) -> dict[str, Any]:
         for name in args.configs:
             print(f"{device} {name} ...", flush=True)
             clock = args.clock or ("process" if device.type == "cpu" else "wall")
-            results.append(run_config(name, device, args.reps, args.steps, args.warmup, clock))
+            results.append(run_config(name, device, args.reps, args.steps, args.warmup, clock, args.skip))
     try:
         import importlib.metadata
 
