@@ -313,6 +313,7 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
             raise ConfigError(message("--likelihood-scale", "--likelihood normal", args.likelihood,
                                       "drop --likelihood-scale or use --likelihood normal"))
         likelihood = {"name": "normal", "scale": args.likelihood_scale}
+    pyro.clear_param_store()  # a new run: main() may be called more than once in one process
     pyro.set_rng_seed(args.seed)
     vae = VAE(splits.data_shape, args.z_dim, encoder=args.net, decoder=args.net, prior=_prior_spec(args),
               likelihood=likelihood, hidden=args.hidden, **_latent_kwargs(args))

@@ -232,3 +232,19 @@ def test_resume_on_cuda_matches_an_uninterrupted_run(tmp_path):
     assert checkpoint.load_training_state(tmp_path)["rng"][0]["cuda"] is not None
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_resume_continues_and_refuses_other_options(tmp_path, capsys):
+    from pyro_vae import cli
+
+    run = tmp_path / "run"
+    args = ["train", "--hidden", "8", "--z-dim", "2", "--device", "cpu", "--no-progress", "--out", str(run)]
+    assert cli.main(args + ["--epochs", "1"]) == 0
+    assert cli.main(args + ["--epochs", "2", "--resume"]) == 0
+    state = checkpoint.load_training_state(run)
+    assert (state["epoch"], state["epoch_complete"], len(state["history"])) == (2, True, 2)
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+    capsys.readouterr()
+    assert cli.main(args + ["--epochs", "3", "--resume", "--seed", "1"]) == 2
+    assert "--seed 0 (as in the run's config.json)" in capsys.readouterr().err
