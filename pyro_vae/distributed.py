@@ -102,7 +102,7 @@ def shutdown() -> None:
             dist.destroy_process_group()
 
 
-def _comm_device(ref: Optional[torch.Tensor] = None) -> torch.device:
+def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
