@@ -197,6 +197,26 @@ def test_cuda_graph_step_trains_like_the_eager_step(elbo_cls):
     assert abs(runs[1] - runs[0]) < 0.05 * (start - runs[0])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("elbo_cls", [Trace_ELBO, TraceMeanField_ELBO])
+def test_step_does_not_synchronize_on_cuda(elbo_cls):
+    """After the first (validated) step, ``svi_step(validate=False, check_finite=False)`` queues its work
+    without waiting for the GPU: CUDA's sync debug mode turns any synchronizing call into an error."""
+    x = _data(128, 12, "cuda")
+    vae = _vae().cuda()
+    params = list(vae.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    loss_fn = elbo_cls(max_plate_nesting=1)
+    svi_step(loss_fn, vae, x, N, opt, params)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [svi_step(loss_fn, vae, x, N, opt, params, validate=False, check_finite=False) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(math.isfinite(float(v)) for v in losses)
+
+
 def test_throughput_benchmark_quick(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick",
                           "--configs", "digits-mlp-b128", "--skip", "pythae", "pyro-before", "--out", str(tmp_path)],
