@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -58,6 +59,20 @@ def _params(vae: pyro_vae.VAE) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in vae.state_dict().items()}
 
 
+class _At:
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_step(self, state):
+        if state.step == self.step:
+            self.action(state)
+
+
+def _poison(state) -> None:
+    with torch.no_grad():
+        next(state.vae.decoder.parameters()).fill_(float("nan"))
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import datetime
 
@@ -90,6 +105,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         pyro_vae.fit(resumed, x, checkpoint_dir=os.path.join(out, "part"), resume_from=os.path.join(out, "part"),
                      **kw)
         result["full"], result["resumed"] = _params(full), _params(resumed)
+        # 3. a NaN on rank 1 alone, and 4. Ctrl-C on rank 1 alone: both ranks stop at the same step, no hang
+        poison = [_At(3, _poison)] if rank == 1 else []
+        try:
+            pyro_vae.fit(_gauss_vae(), x, callbacks=poison, **kw)
+        except pyro_vae.NonFiniteLossError as e:
+            result["nan"] = str(e)
+        ctrl_c = [_At(2, lambda s: signal.raise_signal(signal.SIGINT))] if rank == 1 else []
+        try:
+            pyro_vae.fit(_gauss_vae(), x, callbacks=ctrl_c, checkpoint_dir=os.path.join(out, "stop"), **kw)
+        except pyro_vae.TrainingInterrupted as e:
+            result["stop"] = e.step
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         tdist.barrier()
     except BaseException:
@@ -140,6 +166,11 @@ def test_two_gloo_processes_match_one_process_and_resume_bit_for_bit(tmp_path):
     for key in ranks[0]["full"]:
         assert torch.equal(ranks[0]["full"][key], ranks[0]["resumed"][key]), key
         assert torch.equal(ranks[0]["full"][key], ranks[1]["full"][key]), key
+    # a NaN on one rank and Ctrl-C on one rank stop both at the same step (the first sync after it)
+    for r in ranks:
+        assert r["nan"].startswith("loss and gradient at epoch 1, step 4:"), r["nan"]
+        assert r["stop"] == 5
+    assert pyro_vae.checkpoint.load_training_state(tmp_path / "stop")["step"] == 5
     # rank 0 alone wrote the checkpoints, in the single-process format
     payload = pyro_vae.checkpoint.load_training_state(tmp_path / "full")
     assert payload["world_size"] == 2 and len(payload["rng"]) == 2
