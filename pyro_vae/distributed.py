@@ -65,7 +65,8 @@ def env_world_size() -> int:
 def init_from_env(device: str = "auto") -> tuple[Context, torch.device]:
     """Join the process group that ``torchrun`` describes in ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
     ``MASTER_PORT`` (a no-op outside ``torchrun``). The backend is NCCL when the device is CUDA, gloo
-    otherwise; ``device="auto"`` or ``"cuda"`` become ``cuda:LOCAL_RANK``.
+    otherwise (``PYRO_VAE_DIST_BACKEND`` overrides it, e.g. ``gloo`` to run two ranks on one GPU for a
+    test); ``device="auto"`` or ``"cuda"`` become ``cuda:LOCAL_RANK``.
 
     Returns:
         The :class:`Context` and this rank's device.
@@ -85,9 +86,9 @@ def init_from_env(device: str = "auto") -> tuple[Context, torch.device]:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = os.environ.get("PYRO_VAE_DIST_BACKEND") or ("nccl" if dev.type == "cuda" else "gloo")
         kwargs: dict[str, Any] = {"backend": backend, "timeout": TIMEOUT}
-        if dev.type == "cuda":
+        if backend == "nccl":
             kwargs["device_id"] = dev
         dist.init_process_group(**kwargs)
     return context(), dev
