@@ -80,16 +80,28 @@ def _mean_field_particle(model_trace: Any, guide_trace: Any) -> tuple[torch.Tens
     return surrogate.detach(), surrogate
 
 
+def _fast_kind(loss_fn: ELBO) -> Optional[type]:
+    """``Trace_ELBO`` or ``TraceMeanField_ELBO`` when ``loss_fn`` is one of them, or a subclass that keeps
+    their ``loss_and_grads`` and particle loss (e.g. one that only changes how traces are drawn); else ``None``."""
+    cls = type(loss_fn)
+    for base in (TraceMeanField_ELBO, Trace_ELBO):
+        if (isinstance(loss_fn, base) and cls.loss_and_grads is base.loss_and_grads
+                and cls._differentiable_loss_particle is base._differentiable_loss_particle):
+            return base
+    return None
+
+
 def elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, *args: Any,
               **kwargs: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """``(loss, surrogate_loss)`` as tensors, with no host synchronization, for ``Trace_ELBO`` and
-    ``TraceMeanField_ELBO`` (exactly these classes); ``None`` for any other ELBO.
+    ``TraceMeanField_ELBO`` (and subclasses that keep their ``loss_and_grads`` and particle loss, such as
+    :class:`pyro_vae.estimators.EstimatorTrace_ELBO`); ``None`` for any other ELBO.
 
     ``loss`` is the detached negative ELBO estimate (averaged over particles); ``surrogate_loss`` is what
     Pyro differentiates (equal to ``loss`` in value unless a guide site has a score-function term).
     """
-    kind = type(loss_fn)
-    if kind is not Trace_ELBO and kind is not TraceMeanField_ELBO:
+    kind = _fast_kind(loss_fn)
+    if kind is None:
         return None
     loss: Any = 0.0
     surrogate: Any = 0.0
@@ -129,16 +141,17 @@ def svi_step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: in
     """
     if validate is None:
         return _step(loss_fn, vae, xb, num_data, optimizer, params, clip_norm, check_finite)
-    with _hot_loop(vae, validate):
+    with _hot_loop(vae, validate, loss_fn):
         return _step(loss_fn, vae, xb, num_data, optimizer, params, clip_norm, check_finite)
 
 
 @contextlib.contextmanager
-def _hot_loop(vae: torch.nn.Module, validate: bool) -> Iterator[None]:
-    """Pyro's validation set to ``validate``; with ``validate=False`` a :class:`~pyro_vae.VAE` also skips
-    re-registering its modules with Pyro's param store (registered by an earlier step; the step itself
-    differentiates the modules' own parameters)."""
-    skip = not validate and isinstance(vae, VAE)
+def _hot_loop(vae: torch.nn.Module, validate: bool, loss_fn: ELBO) -> Iterator[None]:
+    """Pyro's validation set to ``validate``. With ``validate=False`` and an ELBO that :func:`elbo_loss`
+    handles, a :class:`~pyro_vae.VAE` also skips re-registering its modules with Pyro's param store
+    (registered by an earlier step; the step differentiates the modules' own parameters). Other ELBOs keep
+    the registration: their ``loss_and_grads`` differentiates only when the trace holds param sites."""
+    skip = not validate and isinstance(vae, VAE) and _fast_kind(loss_fn) is not None
     with contextlib.ExitStack() as stack:
         if validate != is_validation_enabled():
             stack.enter_context(pyro.validation_enabled(validate))
@@ -197,7 +210,7 @@ class CUDAGraphStep:
         if not example.is_cuda:
             raise ConfigError(message("CUDAGraphStep example", "a CUDA tensor", f"a tensor on {example.device}",
                                       "move the VAE and the data to a CUDA device, or use svi_step"))
-        if type(loss_fn) not in (Trace_ELBO, TraceMeanField_ELBO):
+        if _fast_kind(loss_fn) is None:
             raise ConfigError(message("CUDAGraphStep loss_fn", "Trace_ELBO or TraceMeanField_ELBO",
                                       type(loss_fn).__name__, "use svi_step for other ELBOs"))
         if getattr(vae, "latent", "gaussian") != "gaussian":
@@ -211,13 +224,13 @@ class CUDAGraphStep:
         self._args = (loss_fn, vae, num_data, optimizer, params, clip_norm)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _hot_loop(vae, False):
+        with torch.cuda.stream(side), _hot_loop(vae, False, loss_fn):
             for _ in range(warmup):
                 _step(loss_fn, vae, self.static_x, num_data, optimizer, params, clip_norm, False)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph), _hot_loop(vae, False):
+        with torch.cuda.graph(self.graph), _hot_loop(vae, False, loss_fn):
             self.static_loss = _step(loss_fn, vae, self.static_x, num_data, optimizer, params, clip_norm, False)
 
     def __call__(self, xb: torch.Tensor) -> torch.Tensor:

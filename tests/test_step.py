@@ -72,6 +72,16 @@ def test_step_matches_pyro_svi(elbo_cls, particles):
     assert len(set(losses_ref)) == 5  # the steps moved: the comparison is not between frozen parameters
 
 
+def test_subclasses_that_keep_the_estimator_take_the_fast_path():
+    x = _data()
+    ref, ours = _vae(), _vae()
+    ours.load_state_dict(ref.state_dict())
+    losses_ref = _pyro_svi_run(ref, Trace_ELBO(max_plate_nesting=1), x, 3)
+    losses_ours = _our_run(ours, _OwnTraces(max_plate_nesting=1), x, 3)
+    assert losses_ours == pytest.approx(losses_ref, rel=1e-5)
+    assert elbo_loss(_OwnTraces(max_plate_nesting=1), ours.model, ours.guide, x) is not None
+
+
 @pytest.mark.parametrize("elbo_cls", [Trace_ELBO, TraceMeanField_ELBO])
 def test_gradients_match_loss_and_grads(elbo_cls):
     x = _data()
@@ -127,6 +137,33 @@ def test_other_elbos_go_through_pyro():
     pyro.set_rng_seed(2)
     expected = TraceGraph_ELBO(max_plate_nesting=1).loss(vae.model, vae.guide, x, num_data=N)
     assert torch.is_tensor(loss) and float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+class _OwnLossAndGrads(Trace_ELBO):
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        return super().loss_and_grads(model, guide, *args, **kwargs)
+
+
+class _OwnTraces(Trace_ELBO):
+    def _get_trace(self, model, guide, args, kwargs):
+        return super()._get_trace(model, guide, args, kwargs)
+
+
+@pytest.mark.parametrize("elbo_cls", [TraceGraph_ELBO, _OwnLossAndGrads])
+def test_unvalidated_steps_under_other_elbos_still_train(elbo_cls):
+    """Pyro's Trace_ELBO.loss_and_grads differentiates only when the trace holds param sites, so a step
+    under an ELBO that goes through it keeps registering the modules even with validate=False."""
+    x = _data()
+    vae = _vae()
+    params = list(vae.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    loss_fn = elbo_cls(max_plate_nesting=1)
+    assert elbo_loss(loss_fn, vae.model, vae.guide, x) is None
+    svi_step(loss_fn, vae, x, N, opt, params)
+    before = [p.detach().clone() for p in params]
+    svi_step(loss_fn, vae, x, N, opt, params, validate=False)
+    assert all(p.grad is not None for p in params)
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
 
 
 def test_non_finite_loss_skips_the_step():
