@@ -412,7 +412,7 @@ def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: Union[str, E
                         **model_kwargs: Any) -> dict[str, dict[str, Any]]:
     """Per-group (and ``"all"``) :func:`summarize` statistics of :func:`gradient_samples`, accumulated
     chunk by chunk so that ``num_samples x num_params`` never has to fit in memory. Also records
-    ``seconds`` (wall time of the sampling, synchronized on CUDA).
+    ``seconds`` (wall time of the sampling, synchronized on CUDA; a baseline's warm-up is not counted).
 
     Args:
         exact: the exact gradient ``(num_params,)`` (e.g. :func:`exact_gradient`) for the bias.
@@ -422,12 +422,13 @@ def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: Union[str, E
         pyro.set_rng_seed(seed)
     groups = parameter_groups(vae)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    chunks = _iter_gradients(vae, x, estimator, num_samples, num_particles, method, elbo, nn_baseline,
+                             baseline_warmup, chunk_size, model_kwargs)  # baselines warmed up here, untimed
     sync()
     start = time.perf_counter()
     total = total_sq = None
     n = 0
-    for chunk in _iter_gradients(vae, x, estimator, num_samples, num_particles, method, elbo, nn_baseline,
-                                 baseline_warmup, chunk_size, model_kwargs):
+    for chunk in chunks:
         c = chunk.double()
         total = c.sum(0) if total is None else total + c.sum(0)
         total_sq = c.pow(2).sum(0) if total_sq is None else total_sq + c.pow(2).sum(0)

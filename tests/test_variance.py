@@ -226,3 +226,39 @@ def test_straight_through_and_relaxed_differ_only_in_the_sample():
     tr = poutine.trace(EstimatorMessenger("straight-through", "guide")(_categorical()[0].guide)).get_trace(x)
     z = tr.nodes["z"]["value"]
     assert bool(((z == 0) | (z == 1)).all()) and z.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------- benchmarks
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gradient_variance_benchmark_smoke(tmp_path):
+    import json
+
+    out = _run("gradient_variance.py", "--quick", "--device", "cpu", "--models", "linear-gaussian",
+               "--particles", "1", "--num-samples", "50", "--loop-samples", "2", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "gradient_variance.json").read_text())
+    assert (tmp_path / "gradient_variance.png").stat().st_size > 0
+    cells = {(r["checkpoint"], r["estimator"], r["group"]) for r in report["records"]}
+    assert ("trained", "score-function-baseline", "encoder") in cells and ("untrained", "pathwise", "all") in cells
+    for r in report["records"]:
+        assert r["device"] and r["torch"] == torch.__version__ and r["pyro"] == pyro.__version__ and r["date"]
+        assert r["bias"] is not None and r["loop_seconds_per_1000"] > 0
+    assert "score-function" in out and "device:" in out
+
+
+@pytest.mark.slow
+def test_full_quick_benchmarks(tmp_path):
+    import json
+
+    _run("gradient_variance.py", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    models = {r["model"] for r in json.loads((tmp_path / "gradient_variance.json").read_text())["records"]}
+    assert {"linear-gaussian", "digits-mlp", "categorical"} <= models
+    _run("estimator_training.py", "--quick", "--seconds", "0.5", "--device", "cpu", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "estimator_training.json").read_text())["results"]
+    assert {r["estimator"] for r in results} >= {"pathwise", "score-function", "straight-through"}
+    assert (tmp_path / "estimator_training.png").stat().st_size > 0
