@@ -160,9 +160,18 @@ def test_score_function_elbo_on_vae_matches_loss_value():
 def test_fit_with_estimator(estimator):
     x = torch.rand(100, 6)
     vae = pyro_vae.VAE((6,), 2, likelihood="continuous-bernoulli", hidden=(8,))
+    seen = []
+
+    class Watch:
+        def on_step(self, state):
+            seen.append([p.detach().clone() for p in (vae.encoder.net.mlp.net[0].weight, vae.decoder.mlp.net[0].weight)])
+
     history = pyro_vae.fit(vae, x, estimator=estimator, epochs=2, batch_size=32, progress=False, device="cpu",
-                           val_data=x[:20])
+                           val_data=x[:20], callbacks=[Watch()])
     assert len(history) == 2 and all(math.isfinite(v) for v in history["val_elbo"])
+    # every step (validation is off after the first) moves both networks
+    assert len(seen) == 8
+    assert all(not torch.equal(a, b) for prev, cur in zip(seen, seen[1:]) for a, b in zip(prev, cur))
 
 
 def test_cli_train_estimator(tmp_path):
