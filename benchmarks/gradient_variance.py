@@ -186,6 +186,16 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write(out: Path, meta: dict[str, Any], args: argparse.Namespace, started: float,
+          records: list[dict[str, Any]]) -> dict[str, Any]:
+    report = {**meta, "args": {k: v for k, v in vars(args).items()}, "seconds": time.perf_counter() - started,
+              "records": records}
+    tmp = out / ".gradient_variance.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(out / "gradient_variance.json")
+    return report
+
+
 def title_of(report: dict[str, Any]) -> str:
     return (f"ELBO gradient variance at fixed parameters, batch {report['args']['batch_size']}, {report['device']}, "
             f"torch {report['torch']}, pyro {report['pyro']}, {report['date'][:10]}")
@@ -276,9 +286,8 @@ def main(argv: Any = None) -> dict[str, Any]:
                             "train_epochs": spec["epochs"] if checkpoint == "trained" else 0,
                             "train_seconds": train_seconds, **meta})
             print(f"[{time.perf_counter() - started:6.1f} s] {model} {checkpoint} done", flush=True)
-    report = {**meta, "args": {k: v for k, v in vars(args).items()}, "seconds": time.perf_counter() - started,
-              "records": records}
-    (out / "gradient_variance.json").write_text(json.dumps(report, indent=1, default=str))
+            write(out, meta, args, started, records)  # after every cell group: a long run keeps what it did
+    report = write(out, meta, args, started, records)
     plot(records, out / "gradient_variance.png", title_of(report))
     print(table(records))
     print(f"device: {meta['device']}; total {report['seconds']:.1f} s")
