@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import data, encoders, errors, likelihoods, networks, plots, priors  # noqa: E402
+from . import data, encoders, errors, likelihoods, networks, priors  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 from .encoders import Encoder, GaussianEncoder  # noqa: E402
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError, ShapeError  # noqa: E402
@@ -26,6 +26,17 @@ from . import conditional  # noqa: E402
 from .conditional import CVAE, SSVAE  # noqa: E402
 from . import checkpoint, distributed  # noqa: E402
 from .errors import TrainingInterrupted  # noqa: E402
+
+
+
+def __getattr__(name: str):
+    # matplotlib is imported only when pictures are drawn: ``pyro_vae.plots`` loads on first use.
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module(".plots", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "VAE", "fit", "evaluate_elbo", "make_elbo", "History", "load", "save",
