@@ -144,6 +144,24 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(records: list[dict[str, Any]]) -> str:
+    """The README's summary: trained checkpoint, one particle, per model and estimator."""
+    lines = ["| model | estimator | encoder variance | encoder SNR | decoder variance | max bias / s.e. | "
+             "vectorized s / 1000 | loop s / 1000 | speed-up |", "|" + " --- |" * 9]
+    by = {(r["model"], r["estimator"], r["group"]): r for r in records
+          if r["checkpoint"] == "trained" and r["num_particles"] == 1}
+    for (model, est, group), r in by.items():
+        if group != "encoder":
+            continue
+        dec = by.get((model, est, "decoder"), {})
+        allg = by.get((model, est, "all"), {})
+        rb = "" if allg.get("max_bias_z") is None else f"{allg['max_bias_z']:.1f}"
+        lines.append(f"| {model} | {est} | {r['mean_variance']:.3g} | {r['snr']:.3f} | "
+                     f"{dec.get('mean_variance', float('nan')):.3g} | {rb} | {r['seconds_per_1000_samples']:.2f} | "
+                     f"{r['loop_seconds_per_1000']:.1f} | {r['speedup']:.0f}x |")
+    return "\n".join(lines)
+
+
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -225,11 +243,12 @@ def main(argv: Any = None) -> dict[str, Any]:
     p.add_argument("--train-epochs", type=int, default=None, help="epochs of the 'trained' checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replot", default=None, help="redraw the PNG and table of an existing JSON, then stop")
+    p.add_argument("--markdown", action="store_true", help="with --replot: print the README's summary table")
     args = p.parse_args(argv)
     if args.replot:
         report = json.loads(Path(args.replot).read_text())
         plot(report["records"], Path(args.replot).with_suffix(".png"), title_of(report))
-        print(table(report["records"]))
+        print(markdown(report["records"]) if args.markdown else table(report["records"]))
         return report
 
     device = resolve_device(args.device)
