@@ -11,7 +11,8 @@ Three test numbers are reported, all in nats per image on statically binarized t
     discrete KL, which is how the paper's code computes its 101.5;
   * relaxed negative ELBO: the objective Pyro optimizes here (Concrete densities, Monte Carlo KL).
 
-    python examples/categorical_vae.py --data mnist --data-dir /work/shared/data/mnist --minutes 15
+    python examples/categorical_vae.py --data mnist --data-dir /work/shared/data/mnist --cpu-minutes 15
+    python examples/categorical_vae.py ... --kl discrete    # the paper's analytic categorical KL instead
     python examples/categorical_vae.py --data digits --epochs 1 --limit 256      # seconds, for the tests
 """
 
