@@ -41,6 +41,7 @@ __all__ = [
     "Estimator",
     "ESTIMATORS",
     "get_estimator",
+    "check_estimator",
     "NeuralBaseline",
     "EstimatorTrace_ELBO",
     "EstimatorTraceGraph_ELBO",
@@ -151,6 +152,20 @@ def get_estimator(estimator: Union[str, Estimator]) -> Estimator:
         raise ConfigError(message("estimator", "one of " + ", ".join(ESTIMATORS), repr(estimator),
                                   "pick a known estimator name"))
     return ESTIMATORS[estimator]
+
+
+def check_estimator(estimator: Union[str, Estimator], vae: nn.Module) -> Estimator:
+    """The :class:`Estimator`, or :class:`ConfigError` when it does not fit the VAE's latent (``relaxed`` and
+    ``straight-through`` need a relaxed-categorical encoder)."""
+    from .encoders import RelaxedCategoricalEncoder
+
+    est = get_estimator(estimator)
+    if not est.gaussian and not isinstance(getattr(vae, "encoder", None), RelaxedCategoricalEncoder):
+        raise ConfigError(message(f'estimator "{est.name}"', "a VAE with categorical latents",
+                                  f"encoder {type(getattr(vae, 'encoder', None)).__name__}",
+                                  'build the VAE with latent="categorical" (--latent categorical) or use '
+                                  '"pathwise" or a "score-function" estimator'))
+    return est
 
 
 def _unwrap_independent(fn: dist.Distribution) -> tuple[dist.Distribution, list[int]]:

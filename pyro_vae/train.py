@@ -315,6 +315,10 @@ def fit(
         vae.check_data(xv, "val_data")
     if seed is not None:
         pyro.set_rng_seed(seed + ctx.rank)
+    if estimator != "pathwise":
+        from .estimators import check_estimator
+
+        check_estimator(estimator, vae)
     loss_fn = make_elbo(elbo, num_particles, estimator, vae.data_shape)
     vae.to(dev)
     distributed.broadcast_module(vae)

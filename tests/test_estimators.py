@@ -143,6 +143,8 @@ def test_bad_estimator_choices_raise_clear_errors():
     vae = linear_gaussian_vae()
     with pytest.raises(ConfigError, match="relaxed one-hot categorical"):
         make_estimator_elbo("straight-through").loss(vae.model, vae.guide, torch.randn(4, 5))
+    with pytest.raises(ConfigError, match="categorical latents"):
+        pyro_vae.fit(vae, torch.randn(8, 5), estimator="relaxed", epochs=1, progress=False, device="cpu")
 
 
 def test_score_function_elbo_on_vae_matches_loss_value():
