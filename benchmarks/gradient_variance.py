@@ -232,11 +232,11 @@ def main(argv: Any = None) -> dict[str, Any]:
                    help="fewest samples per cell at many particles (default 100 on CUDA, 50 on CPU)")
     p.add_argument("--mnist-cpu-samples", type=int, default=200, help="samples per MNIST cell on the CPU")
     p.add_argument("--baseline-warmup", type=int, default=None,
-                   help="TraceGraph_ELBO calls warming up the decaying-average baseline (default 50, 10 quick)")
+                   help="TraceGraph_ELBO calls warming up the decaying-average baseline (default 50, 3 quick)")
     p.add_argument("--particle-budget", type=int, default=None,
                    help="cap on samples x particles per cell (default 100000 on CUDA, 2000 on CPU)")
     p.add_argument("--loop-samples", type=int, default=None,
-                   help="samples timed with the plain loop (default 100, 5 quick)")
+                   help="samples timed with the plain loop (default 100, 3 quick)")
     p.add_argument("--mnist-loop-samples", type=int, default=1000,
                    help="samples timed with the loop for the trained MNIST VAE, pathwise and score function")
     p.add_argument("--batch-size", type=int, default=32, help="data points in the fixed batch")
@@ -254,11 +254,11 @@ def main(argv: Any = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     args.particles = args.particles or ([1, 10] if args.quick else [1, 10, 100])
-    args.num_samples = args.num_samples or (100 if args.quick else 1000)
-    args.min_samples = args.min_samples or (100 if cuda else 50)
+    args.num_samples = args.num_samples or (50 if args.quick else 1000)
+    args.min_samples = args.min_samples or (20 if args.quick else 100 if cuda else 50)
     args.particle_budget = args.particle_budget or (500 if args.quick else 100000 if cuda else 2000)
-    args.loop_samples = args.loop_samples or (5 if args.quick else 100)
-    args.baseline_warmup = args.baseline_warmup or (10 if args.quick else 50)
+    args.loop_samples = args.loop_samples or (3 if args.quick else 100)
+    args.baseline_warmup = args.baseline_warmup or (3 if args.quick else 50)
     args.mnist_dir = find_mnist(args.data_dir)
     models = args.models or [m for m in MODELS if not (m == "mnist-mlp" and (args.mnist_dir is None or args.quick))]
     if "mnist-mlp" in models and args.mnist_dir is None:
@@ -277,7 +277,8 @@ def main(argv: Any = None) -> dict[str, Any]:
             spec["vae"].eval()
             exact = exact_gradient(spec["vae"], spec["x"]).detach() if spec["exact"] else None
             for label, name, elbo in spec["estimators"]:
-                run_cell(spec, name, elbo, 1, 8, None, args.seed, 1)  # warm-up, untimed
+                if not args.quick:
+                    run_cell(spec, name, elbo, 1, 8, None, args.seed, 1)  # warm-up, untimed
                 loop_ms = None
                 for num_particles in args.particles:
                     n = samples_for(num_particles, args, model, cuda)
