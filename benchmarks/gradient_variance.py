@@ -157,7 +157,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
         allg = by.get((model, est, "all"), {})
         rb = "" if allg.get("max_bias_z") is None else f"{allg['max_bias_z']:.1f}"
         lines.append(f"| {model} | {est} | {r['mean_variance']:.3g} | {r['snr']:.3f} | "
-                     f"{dec.get('mean_variance', float('nan')):.3g} | {rb} | {r['seconds_per_1000_samples']:.2f} | "
+                     f"{dec.get('mean_variance', float('nan')):.3g} | {rb} | {r['seconds_per_1000_samples']:.3g} | "
                      f"{r['loop_seconds_per_1000']:.1f} | {r['speedup']:.0f}x |")
     return "\n".join(lines)
 
