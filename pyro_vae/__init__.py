@@ -2,31 +2,30 @@
 
 __version__ = "0.1.0"
 
-from . import data, encoders, errors, likelihoods, networks, priors  # noqa: E402
+# Modules (importing ``kl`` registers its closed-form KL divergences with torch).
+from . import (  # noqa: E402
+    checkpoint, conditional, data, distributed, encoders, errors, estimators, evaluation, generation, imputation,
+    kl, likelihoods, linear_gaussian, networks, priors, relaxed, schedules, variance,
+)
 from .checkpoint import load, save  # noqa: E402
-from .encoders import Encoder, GaussianEncoder  # noqa: E402
-from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError, ShapeError  # noqa: E402
-from .likelihoods import Bernoulli, ContinuousBernoulli, Normal, NormalLearnedScale  # noqa: E402
-from .priors import StandardNormal  # noqa: E402
-from .train import History, evaluate_elbo, fit, make_elbo  # noqa: E402
-from .vae import VAE  # noqa: E402
-from . import evaluation, generation, imputation  # noqa: E402
+from .conditional import CVAE, SSVAE  # noqa: E402
+from .encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError, ShapeError, TrainingInterrupted,
+)
+from .estimators import ESTIMATORS, ScoreFunction, make_estimator_elbo, score_function  # noqa: E402
 from .evaluation import active_units, amortization_gap, log_likelihood, pareto_k, to_inference_data  # noqa: E402
 from .imputation import impute  # noqa: E402
-from . import kl, relaxed, schedules  # noqa: E402  (importing kl registers its closed-form KLs)
-from .encoders import RelaxedCategoricalEncoder  # noqa: E402
 from .kl import KLReport, kl_report  # noqa: E402
-from .priors import FlowPrior, Laplace, MixtureOfGaussians, RelaxedCategoricalPrior, StudentT, VampPrior  # noqa: E402
+from .likelihoods import Bernoulli, ContinuousBernoulli, Normal, NormalLearnedScale  # noqa: E402
+from .priors import (  # noqa: E402
+    FlowPrior, Laplace, MixtureOfGaussians, RelaxedCategoricalPrior, StandardNormal, StudentT, VampPrior,
+)
 from .relaxed import StableRelaxedOneHotCategorical  # noqa: E402
 from .schedules import ConstantBeta, ConstantTemperature, ExponentialTemperature, KLWarmup  # noqa: E402
-from . import estimators, variance  # noqa: E402
-from .estimators import ESTIMATORS, ScoreFunction, make_estimator_elbo, score_function  # noqa: E402
+from .train import History, evaluate_elbo, fit, make_elbo  # noqa: E402
+from .vae import VAE  # noqa: E402
 from .variance import exact_gradient, gradient_samples, gradient_statistics  # noqa: E402
-from . import conditional  # noqa: E402
-from .conditional import CVAE, SSVAE  # noqa: E402
-from . import checkpoint, distributed  # noqa: E402
-from .errors import TrainingInterrupted  # noqa: E402
-
 
 
 def __getattr__(name: str):
@@ -51,6 +50,6 @@ __all__ = [
     "RelaxedCategoricalPrior", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup",
     "estimators", "variance", "ESTIMATORS", "ScoreFunction", "score_function", "make_estimator_elbo",
     "gradient_samples", "gradient_statistics", "exact_gradient",
-    "conditional", "SSVAE", "CVAE",
+    "conditional", "SSVAE", "CVAE", "linear_gaussian",
     "checkpoint", "distributed", "TrainingInterrupted",
 ]
