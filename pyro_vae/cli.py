@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command line: ``train``, ``sample``, ``evaluate``.
+"""The ``pyro-vae`` command line: ``train``, ``sample``, ``evaluate``, ``interpolate``, ``impute``.
 
 Every run writes its folder: ``config.json``, ``model.pt``, ``metrics.json``, ``history.json`` and the
 pictures. Errors print one line and exit with status 2 (``--debug`` shows the traceback).
