@@ -23,7 +23,7 @@ from .priors import (  # noqa: E402
 )
 from .relaxed import StableRelaxedOneHotCategorical  # noqa: E402
 from .schedules import ConstantBeta, ConstantTemperature, ExponentialTemperature, KLWarmup  # noqa: E402
-from .train import History, evaluate_elbo, fit, make_elbo  # noqa: E402
+from .train import EarlyStopping, History, evaluate_elbo, fit, make_elbo  # noqa: E402
 from .vae import VAE  # noqa: E402
 from .variance import exact_gradient, gradient_samples, gradient_statistics  # noqa: E402
 
@@ -38,7 +38,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "VAE", "fit", "evaluate_elbo", "make_elbo", "History", "load", "save",
+    "VAE", "fit", "EarlyStopping", "evaluate_elbo", "make_elbo", "History", "load", "save",
     "Encoder", "GaussianEncoder", "StandardNormal",
     "Bernoulli", "ContinuousBernoulli", "Normal", "NormalLearnedScale",
     "PyroVAEError", "ConfigError", "DataError", "ShapeError", "CheckpointError", "NonFiniteLossError",

@@ -69,6 +69,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
     p.add_argument("--kl-warmup", type=int, default=0, help="raise the KL weight linearly to --beta over this "
                                                           "many steps (0: no warm-up)")
+    p.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
+                   help="stop when the validation ELBO has not improved for this many epochs (0: never)")
     p.add_argument("--elbo", default=None, choices=sorted(ELBOS),
                    help="trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL); "
                         "default meanfield, trace for the score-function estimators")
@@ -129,6 +131,10 @@ def _schedules(args: argparse.Namespace) -> list:
                    if args.anneal_rate else ConstantTemperature(args.temperature))
     if args.kl_warmup:
         out.append(KLWarmup(args.kl_warmup, end=args.beta))
+    if args.early_stopping:
+        from .train import EarlyStopping
+
+        out.append(EarlyStopping(args.early_stopping))
     return out
 
 

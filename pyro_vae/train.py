@@ -26,7 +26,7 @@ from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingIn
 from .step import svi_step
 from .vae import VAE
 
-__all__ = ["fit", "make_elbo", "evaluate_elbo", "History", "TrainState", "resolve_device", "as_tensor_data",
+__all__ = ["fit", "EarlyStopping", "make_elbo", "evaluate_elbo", "History", "TrainState", "resolve_device", "as_tensor_data",
            "ELBOS"]
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
@@ -518,6 +518,36 @@ def _restore(payload: dict[str, Any], vae: VAE, optimizer: torch.optim.Optimizer
                       f"{ctx.world_size}: the random streams are reseeded, so the run continues correctly but not "
                       "bit for bit as the original would have", stacklevel=3)
         pyro.set_rng_seed((int(payload["shuffle_seed"]) * 1_000_003 + int(payload["step"])) % 2 ** 31 + ctx.rank)
+
+
+class EarlyStopping:
+    """Stop training when the validation ELBO (the training ELBO without validation data) has not improved by
+    more than ``min_delta`` nats per data point for ``patience`` epochs. On resume it re-reads the restored
+    history, so a resumed run stops where the uninterrupted one would have."""
+
+    def __init__(self, patience: int = 10, min_delta: float = 0.0) -> None:
+        _check_positive("patience", patience, True)
+        if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
+            raise ConfigError(message("min_delta", "a finite number >= 0", repr(min_delta), "pass min_delta=0"))
+        self.patience, self.min_delta = patience, float(min_delta)
+        self.best, self.bad_epochs = -math.inf, 0
+
+    def _update(self, record: dict[str, Any]) -> bool:
+        score = record["val_elbo"] if record.get("val_elbo") is not None else record["train_elbo"]
+        if score > self.best + self.min_delta:
+            self.best, self.bad_epochs = score, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def on_fit_start(self, state: TrainState) -> None:
+        self.best, self.bad_epochs = -math.inf, 0
+        for record in state.history.epochs:
+            self._update(record)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        if self._update(state.history.epochs[-1]):
+            state.stop = True
 
 
 def _fit_start(state: TrainState, callbacks: Sequence[Any], loss_fn: ELBO, x: torch.Tensor, bar: Any,

@@ -223,3 +223,27 @@ def test_param_store_clash_is_explained():
     pyro_vae.VAE((4,), 2, likelihood="normal").model(torch.zeros(2, 4))
     with pytest.raises(pyro_vae.ConfigError, match="clear_param_store"):
         pyro_vae.VAE((4,), 2, likelihood="normal").model(torch.zeros(2, 4))
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    from pyro_vae.train import History, TrainState
+
+    stopper = pyro_vae.EarlyStopping(patience=2, min_delta=0.5)
+    state = TrainState(vae=None, optimizer=None, history=History())
+    stops = []
+    for val in (1.0, 2.0, 2.3, 2.4, 3.0, 3.1, 3.2):  # 2.3 and 2.4 are within min_delta of 2.0
+        state.history.epochs.append({"val_elbo": val, "train_elbo": 0.0})
+        stopper.on_epoch_end(state)
+        stops.append(state.stop)
+    assert stops == [False, False, False, True, True, True, True]
+    resumed = pyro_vae.EarlyStopping(patience=2, min_delta=0.5)
+    resumed.on_fit_start(state)  # re-reads the history of a resumed run
+    assert (resumed.best, resumed.bad_epochs) == (3.0, 2)
+
+
+def test_fit_stops_early():
+    x = pyro_vae.data.load("digits").train.x[:100]
+    vae = pyro_vae.VAE((1, 8, 8), 2, likelihood="continuous-bernoulli", hidden=(8,))
+    hist = pyro_vae.fit(vae, x, epochs=20, batch_size=50, lr=1e-9, progress=False, device="cpu",
+                        callbacks=[pyro_vae.EarlyStopping(patience=2, min_delta=5.0)])
+    assert len(hist) == 3  # lr 1e-9 cannot improve the ELBO by 5 nats: epochs 2 and 3 count, then stop
