@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import pyro
 import pyro.distributions as dist
@@ -34,6 +34,7 @@ from .errors import ConfigError, DataError, NonFiniteLossError, ShapeError, mess
 from .likelihoods import Likelihood, build_likelihood
 from .networks import MLP
 from .priors import StandardNormal
+from .vae import _check_int
 
 __all__ = [
     "ConcatMLP",
@@ -58,12 +59,6 @@ def _shape(s: Shape) -> tuple[int, ...]:
     if not shape or any(v < 1 for v in shape):
         raise ConfigError(message("shape", "a non-empty tuple of positive integers", repr(s), "pass e.g. (64,)"))
     return shape
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(message(name, f"an integer >= {minimum}", repr(value), f"pass {name} >= {minimum}"))
-    return value
 
 
 class ConcatMLP(nn.Module):

@@ -118,7 +118,7 @@ def torchvision_dataset(name: str, root: Union[str, Path], seed: int = 0, n_val:
         raise DataError(message(
             f"data {name} under {root}", f"the four {TORCHVISION[name]} IDX files (train/t10k images and labels, "
             "optionally .gz) in ROOT or ROOT/" + TORCHVISION[name] + "/raw", f"{type(e).__name__}: {e}",
-            f"copy the files there (e.g. --data-dir ../shared/data/mnist) or run once with network access")) from None
+            "copy the files there (e.g. --data-dir ../shared/data/mnist) or run once with network access")) from None
     x = tr.data.to(torch.float32).div_(255.0).unsqueeze(1)
     y = tr.targets.long()
     n_val = min(n_val, x.shape[0] // 6)

@@ -155,6 +155,11 @@ def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, *,
 
 
 # ------------------------------------------------------------------------------------ log-likelihood
+def _standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of ``values`` (NaN for fewer than two)."""
+    return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
 @dataclass
 class LogLikelihood:
     """Importance-sampled log-likelihood of a data set, in nats per data point.
@@ -189,8 +194,7 @@ class LogLikelihood:
 
     @property
     def gap_se(self) -> float:
-        g = self.gap_per_point
-        return float(g.std() / math.sqrt(len(g))) if len(g) > 1 else math.nan
+        return _standard_error(self.gap_per_point)
 
     def pareto_k(self) -> torch.Tensor:
         """``(N,)`` Pareto-k of each data point's importance weights (needs ``return_log_weights=True``)."""
@@ -270,8 +274,7 @@ def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: 
         bad = int((~torch.isfinite(per_point)).sum())
         raise DataError(message("log_likelihood", "finite log-weights", f"{bad} data points with non-finite log p(x)",
                                 "check the data against the likelihood's support and the guide's scales"))
-    n = per_point.shape[0]
-    se = float(per_point.std() / math.sqrt(n)) if n > 1 else math.nan
+    se = _standard_error(per_point)
     return LogLikelihood(mean=float(per_point.mean()), se=se, per_point=per_point, elbo=float(elbo_pp.mean()),
                          elbo_per_point=elbo_pp, num_samples=num_samples,
                          log_weights=torch.cat(lws) if return_log_weights else None)
@@ -413,8 +416,7 @@ class AmortizationGap:
 
     @property
     def gap_se(self) -> float:
-        g = self.gap_per_point
-        return float(g.std() / math.sqrt(len(g))) if len(g) > 1 else math.nan
+        return _standard_error(self.gap_per_point)
 
     def to_dict(self) -> dict[str, Any]:
         return {"amortization_gap": self.gap, "amortization_gap_se": self.gap_se,
