@@ -34,7 +34,7 @@ from .errors import ConfigError, DataError, NonFiniteLossError, ShapeError, mess
 from .likelihoods import Likelihood, build_likelihood
 from .networks import MLP
 from .priors import StandardNormal
-from .vae import _check_int
+from .vae import _check_int, data_plate
 
 __all__ = [
     "ConcatMLP",
@@ -203,12 +203,7 @@ class _Sites(nn.Module):
                 pyro.module(self._site(key), module)
 
     def _plate(self, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
-        if num_data is None or num_data == batch:
-            return pyro.plate(self._site("data"), batch, device=device)
-        if num_data < batch:
-            raise ConfigError(message("num_data", f"the full data-set size, >= the batch size {batch}",
-                                      repr(num_data), "pass num_data=len(train_data)"))
-        return pyro.plate(self._site("data"), num_data, subsample=torch.arange(batch, device=device))
+        return data_plate(self._site("data"), batch, num_data, device)
 
     def _px(self, out: torch.Tensor) -> dist.Distribution:
         px = self.likelihood(out)

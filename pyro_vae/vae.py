@@ -39,6 +39,17 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def data_plate(name: str, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
+    """The plate over a batch of ``batch`` data points. With ``num_data`` (the full data-set size) the plate
+    has the full size and a subsample of ``batch``, so Pyro scales the log-densities by ``num_data / batch``."""
+    if num_data is None or num_data == batch:
+        return pyro.plate(name, batch, device=device)
+    if num_data < batch:
+        raise ConfigError(message("num_data", f"the full data-set size, >= the batch size {batch}",
+                                  repr(num_data), "pass num_data=len(train_data)"))
+    return pyro.plate(name, num_data, subsample=torch.arange(batch, device=device))
+
+
 class VAE(nn.Module):
     """A VAE whose parts are all swappable.
 
@@ -233,13 +244,7 @@ class VAE(nn.Module):
         pyro.module(name, module)
 
     def _plate(self, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
-        if num_data is None or num_data == batch:
-            return pyro.plate(self._site("data"), batch, device=device)
-        if num_data < batch:
-            raise ConfigError(message("num_data", f"the full data-set size, >= the batch size {batch}",
-                                      repr(num_data), "pass num_data=len(train_data)"))
-        # Minibatch: the plate has the full size, so Pyro scales log-densities by num_data / batch.
-        return pyro.plate(self._site("data"), num_data, subsample=torch.arange(batch, device=device))
+        return data_plate(self._site("data"), batch, num_data, device)
 
     def _kl_scale(self) -> ExitStack:
         stack = ExitStack()
