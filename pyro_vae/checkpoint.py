@@ -151,7 +151,7 @@ def check_writable(folder: PathLike, need_bytes: int = 0, what: str = "checkpoin
             os.fsync(f.fileno())
         free = shutil.disk_usage(folder).free
     except OSError as e:
-        raise ConfigError(message(what, "a folder this process can create and write", f"{folder} "
+        raise ConfigError(message(what, "a writable folder (one this process can create and write)", f"{folder} "
                                   f"({e.strerror or type(e).__name__})",
                                   "pick another folder, fix its permissions or free some space")) from None
     if free < need_bytes:

@@ -224,22 +224,6 @@ def _load_data(cfg: dict[str, Any]):
                      seed=cfg.get("seed", 0))
 
 
-def _check_out(path: Path) -> None:
-    """Fail before training when the run folder cannot be written."""
-    import os
-    import tempfile
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-") as f:
-            f.write(b"0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise ConfigError(message("--out", "a writable folder", f"{path} ({e.strerror})",
-                                  "pick another folder or free some space")) from None
-
-
 def write_pictures(vae, splits, run: Path, history: Optional[list] = None, n: int = 64) -> list[Path]:
     import torch
 
@@ -308,7 +292,7 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.out is None:
         out = Path(distributed.broadcast_object(str(out)))
-    distributed.rank0_call(lambda: _check_out(out))
+    distributed.rank0_call(lambda: checkpoint.check_writable(out, what="--out"))
     data_cfg = {"data": args.data, "data_dir": args.data_dir, "binarize": args.binarize, "seed": args.seed}
     if args.resume:
         distributed.rank0_call(lambda: _check_resume(out, data_cfg))

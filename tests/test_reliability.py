@@ -146,7 +146,7 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     counter = At(-1, None)
-    with pytest.raises(ConfigError, match="checkpoint_dir: expected a folder this process can create and write"):
+    with pytest.raises(ConfigError, match=r"checkpoint_dir: expected a writable folder \(one this process can create and write\)"):
         _fit(_vae(), checkpoint_dir=blocker / "run", callbacks=[counter])
     assert counter.steps == 0
 
