@@ -74,57 +74,32 @@ class TimeBudget:
             state.stop = True
 
 
-def train_fast(vae: pyro_vae.VAE, train: torch.Tensor, args: Any, device: torch.device,
-               budget: TimeBudget) -> list[dict[str, Any]]:
-    """The training loop without ``fit``'s bookkeeping: on CUDA every full minibatch goes through one
-    :class:`pyro_vae.step.CUDAGraphStep` (Adam with ``capturable=True``), elsewhere through
-    ``svi_step(validate=False, check_finite=False)``; a fresh dynamic binarization and shuffle every epoch
-    (the last partial batch is dropped); the loss is read on the host once per epoch."""
-    from pyro_vae.step import CUDAGraphStep, svi_step
+class BurdaSchedule:
+    """Burda et al.'s (2016) learning-rate schedule, its 3280 epochs scaled to ``epochs``: stage ``i = 0..7``
+    lasts ``3^i / 3280`` of the run at ``lr * 10^(-i/7)``. Sets the rate at fit start and at every epoch end."""
 
-    vae.to(device)
-    x = train.to(device)
-    n, b = x.shape[0], args.batch_size
-    vae.check_data(torch.bernoulli(x), "train_data")  # the whole data once; the loop runs unvalidated
-    params = list(vae.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.lr, capturable=device.type == "cuda")
-    loss_fn = pyro_vae.make_elbo(args.elbo, args.particles)
-    # a schedule (the categorical latent's temperature) changes Python state every step: no graph then
-    schedules = [cb for cb in args.callbacks if hasattr(cb, "on_step")]
-    graphed = device.type == "cuda" and not schedules and vae.latent == "gaussian"
-    step: Any = None
-    history = []
-    state = argparse.Namespace(vae=vae, step=0, epoch=0, stop=False)
-    for cb in args.callbacks:
-        if hasattr(cb, "on_fit_start"):
-            cb.on_fit_start(state)
-    vae.train()
-    for epoch in range(1, args.epochs + 1):
-        state.epoch = epoch
-        start = time.perf_counter()
-        perm = torch.randperm(n, device=device)
-        total = torch.zeros((), device=device)
-        steps = n // b
-        for i in range(steps):
-            xb = torch.bernoulli(x[perm[i * b:(i + 1) * b]])
-            if step is None:
-                step = (CUDAGraphStep(loss_fn, vae, xb, n, optimizer, params) if graphed else
-                        lambda xb: svi_step(loss_fn, vae, xb, n, optimizer, params, validate=False,
-                                            check_finite=False))
-            total += step(xb)
-            state.step += 1
-            for cb in schedules:
-                cb.on_step(state)
-        mean = float(total) / steps / n
-        if not math.isfinite(mean):
-            raise pyro_vae.NonFiniteLossError(f"non-finite training loss in epoch {epoch}")
-        history.append({"epoch": epoch, "step": state.step, "train_elbo": -mean, "val_elbo": None,
-                        "seconds": time.perf_counter() - start, "graphed": graphed})
-        budget.on_epoch_end(state)
-        if state.stop:
-            break
-    vae.eval()
-    return history
+    def __init__(self, lr: float, epochs: int) -> None:
+        self.lr, self.epochs = lr, epochs
+        ends, total = [], 0
+        for i in range(8):
+            total += 3 ** i
+            ends.append(total / 3280 * epochs)
+        self.ends = ends
+
+    def value(self, epoch: int) -> float:
+        """The rate of (1-based) ``epoch``."""
+        stage = next((i for i, end in enumerate(self.ends) if epoch <= end), 7)
+        return self.lr * 10 ** (-stage / 7)
+
+    def _set(self, state: Any, epoch: int) -> None:
+        for g in state.optimizer.param_groups:
+            g["lr"] = self.value(epoch)
+
+    def on_fit_start(self, state: Any) -> None:
+        self._set(state, state.epoch + 1)
+
+    def on_epoch_end(self, state: Any) -> None:
+        self._set(state, state.epoch + 1)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -181,8 +156,14 @@ def main(argv: Any = None) -> dict[str, Any]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loop", choices=("fit", "fast"), default="fit",
-                        help="fit: pyro_vae.fit; fast: a CUDA-graph step on CUDA (see train_fast)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="fit(cuda_graph=True); default: on CUDA for a Gaussian latent")
+    parser.add_argument("--full-train", action="store_true",
+                        help="train on all 60,000 training images (train + validation split), as Burda et al.")
+    parser.add_argument("--lr-schedule", choices=("constant", "burda"), default="constant",
+                        help="burda: Burda et al.'s 8 stages scaled to --epochs")
+    parser.add_argument("--prior", default="normal", help='"normal", or e.g. "vamp" (see --components)')
+    parser.add_argument("--components", type=int, default=None, help="mixture / VampPrior components")
     parser.add_argument("--checkpoint-dir", default=None, help="checkpoint here (and resume from it if present)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch on 2000 images, K=50, 200 points")
     parser.add_argument("--tag", default=None, help="results file suffix (likelihood_TAG.json)")
@@ -196,6 +177,8 @@ def main(argv: Any = None) -> dict[str, Any]:
 
     splits = pyro_vae.data.load("mnist", args.data_dir, binarize_mode="dynamic", seed=args.seed)
     train, test = splits.train.x.flatten(1), splits.test.x.flatten(1)
+    if args.full_train:
+        train = torch.cat([train, splits.val.x.flatten(1)])
     if args.quick:
         train, args.epochs, args.k, args.eval_points = train[:2000], 1, 50, 200
     if args.eval_points:
@@ -210,20 +193,21 @@ def main(argv: Any = None) -> dict[str, Any]:
         from pyro_vae.schedules import ExponentialTemperature
 
         callbacks.append(ExponentialTemperature(initial=1.0, rate=3e-5, minimum=0.5, every=1000))
+    if args.latent == "gaussian":
+        kwargs["prior"] = {"name": args.prior, **({"components": args.components} if args.components else {})}
+    if args.lr_schedule == "burda":
+        callbacks.append(BurdaSchedule(args.lr, args.epochs))
+    if args.cuda_graph is None:
+        args.cuda_graph = device.type == "cuda" and args.latent == "gaussian"
     vae = pyro_vae.VAE((784,), z_dim, likelihood="bernoulli", **kwargs)
     resume = None
     if args.checkpoint_dir and (Path(args.checkpoint_dir) / "checkpoint.pt").exists():
         resume = args.checkpoint_dir
     t0 = time.perf_counter()
-    if args.loop == "fit":
-        epochs = pyro_vae.fit(vae, train, elbo=args.elbo, num_particles=args.particles, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
-                              callbacks=callbacks, dynamic_binarize=True, progress=False,
-                              checkpoint_dir=args.checkpoint_dir, resume_from=resume).epochs
-    else:
-        args.callbacks = callbacks
-        epochs = train_fast(vae, train, args, device, callbacks[0])
-        del args.callbacks
+    epochs = pyro_vae.fit(vae, train, elbo=args.elbo, num_particles=args.particles, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
+                          callbacks=callbacks, dynamic_binarize=True, progress=False,
+                          checkpoint_dir=args.checkpoint_dir, resume_from=resume, cuda_graph=args.cuda_graph).epochs
     train_seconds = time.perf_counter() - t0
     epochs_run = epochs[-1]["epoch"] if epochs else 0
     print(f"trained {epochs_run} epochs in {train_seconds:.0f} s; train ELBO {epochs[-1]['train_elbo']:.2f}",
@@ -257,7 +241,9 @@ def main(argv: Any = None) -> dict[str, Any]:
         "lr": args.lr, "optimizer": "Adam", "seed": args.seed, "epochs_run": epochs_run,
         "time_budget_s": args.time_budget, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "k": args.k, "quick": args.quick, "reduced_budget": bool(args.quick or args.time_budget or args.eval_points),
-        "loop": args.loop, "test": result, "published": PUBLISHED[args.latent], "history": epochs,
+        "cuda_graph": args.cuda_graph, "prior": args.prior if args.latent == "gaussian" else "relaxed categorical",
+        "components": args.components, "lr_schedule": args.lr_schedule, "epochs_planned": args.epochs,
+        "test": result, "published": PUBLISHED[args.latent], "history": epochs,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

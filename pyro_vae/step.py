@@ -184,24 +184,29 @@ def _step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
 
 
 class CUDAGraphStep:
-    """The training step captured once as a CUDA graph and replayed for every minibatch of the same shape.
+    """The training step captured as a CUDA graph and replayed for every minibatch of the same shape.
 
     Sound for a model and guide whose structure does not depend on the data's values and that read no
     Python state that changes between steps (the built-in Gaussian VAEs; not a relaxed categorical latent,
-    whose temperature a schedule may change):
-    the graph replays the kernels of one recorded step (guide, model, ``Trace_ELBO`` or
-    ``TraceMeanField_ELBO`` surrogate, backward, optimizer step) on a static input buffer, with fresh random
-    numbers at every replay. Validation is off inside the graph (check the data once beforehand, as
-    :func:`pyro_vae.fit` does), and the optimizer must be capturable: ``torch.optim.Adam(...,
-    capturable=True)``. Steps are not skipped on a non-finite loss: check the returned losses (they stay on
-    the device) every so often.
+    whose temperature a schedule may change): the graph replays the kernels of one recorded step (guide,
+    model, ``Trace_ELBO`` or ``TraceMeanField_ELBO`` surrogate, backward, optimizer step) on a static input
+    buffer, with fresh random numbers at every replay. The first ``warmup`` calls run eagerly on a side
+    stream (CUDA's lazy initializations must not happen during capture; they train like any other step);
+    the next full-size call records the graph and replays it. The Python values the graph bakes in, the
+    optimizer's learning rates and the VAE's ``beta``, are compared before every replay: when a scheduler
+    has changed one, the step is recorded again. Validation is off inside the graph (check the data once
+    beforehand, as :func:`pyro_vae.fit` does), and the optimizer must be capturable:
+    ``torch.optim.Adam(..., capturable=True)``. Steps are not skipped on a non-finite loss: check the
+    returned losses (they stay on the device) every so often.
 
     Args:
         loss_fn: ``Trace_ELBO`` or ``TraceMeanField_ELBO`` (reparameterized guides).
         vae: the model/guide pair, on a CUDA device.
-        example: a ``(batch, *data_shape)`` minibatch of the shape every later call will have.
+        example: a ``(batch, *data_shape)`` minibatch of the shape that is replayed; calls with another
+            shape (a short last batch) run the eager step.
         num_data, optimizer, params, clip_norm: as for :func:`svi_step`.
-        warmup: eager steps run on a side stream before capture (they train too).
+        warmup: eager calls, on a side stream, before the first capture (at least 1: the optimizer's state
+            must exist before it is captured).
     """
 
     def __init__(self, loss_fn: ELBO, vae: torch.nn.Module, example: torch.Tensor, num_data: int,
@@ -220,26 +225,53 @@ class CUDAGraphStep:
         if any(not g.get("capturable", False) for g in optimizer.param_groups if "capturable" in g):
             raise ConfigError(message("CUDAGraphStep optimizer", "a capturable optimizer", "capturable=False",
                                       "build it with torch.optim.Adam(params, lr=..., capturable=True)"))
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ConfigError(message("CUDAGraphStep warmup", "an integer >= 1", repr(warmup),
+                                      "pass warmup=3"))
         self.static_x = example.detach().clone()
         self._args = (loss_fn, vae, num_data, optimizer, params, clip_norm)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _hot_loop(vae, False, loss_fn):
-            for _ in range(warmup):
-                _step(loss_fn, vae, self.static_x, num_data, optimizer, params, clip_norm, False)
-        torch.cuda.current_stream().wait_stream(side)
+        self._side = torch.cuda.Stream(device=example.device)
+        self._warmup_left = warmup
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.static_loss: Optional[torch.Tensor] = None
+        self._key: tuple = ()
+        self.captures = 0
+
+    def _baked(self) -> tuple:
+        """The Python values a captured step has baked in."""
+        _, vae, _, optimizer, _, _ = self._args
+        return (tuple(float(g["lr"]) if not torch.is_tensor(g["lr"]) else id(g["lr"])
+                      for g in optimizer.param_groups), getattr(vae, "beta", None))
+
+    def _eager(self, xb: torch.Tensor) -> torch.Tensor:
+        loss_fn, vae, num_data, optimizer, params, clip_norm = self._args
+        return svi_step(loss_fn, vae, xb, num_data, optimizer, params, clip_norm, validate=False,
+                        check_finite=False)
+
+    def _capture(self) -> None:
+        loss_fn, vae, num_data, optimizer, params, clip_norm = self._args
+        optimizer.zero_grad(set_to_none=True)  # no tensor of an earlier capture's memory pool stays in use
+        self.static_loss = self.graph = None
         self.graph = torch.cuda.CUDAGraph()
-        optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph), _hot_loop(vae, False, loss_fn):
             self.static_loss = _step(loss_fn, vae, self.static_x, num_data, optimizer, params, clip_norm, False)
+        self._key = self._baked()
+        self.captures += 1
 
     def __call__(self, xb: torch.Tensor) -> torch.Tensor:
-        """One training step on ``xb`` (same shape as the example); returns the loss, a 0-dim CUDA tensor
-        that the next call overwrites (clone it to keep it)."""
+        """One training step on ``xb``; returns the loss, a 0-dim CUDA tensor (for a replayed step, one that
+        the next replay overwrites: clone it to keep it)."""
         if xb.shape != self.static_x.shape:
-            loss_fn, vae, num_data, optimizer, params, clip_norm = self._args
-            return svi_step(loss_fn, vae, xb, num_data, optimizer, params, clip_norm, validate=False,
-                            check_finite=False)
+            return self._eager(xb)
+        if self._warmup_left > 0:
+            self._side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._side):
+                loss = self._eager(xb)
+            torch.cuda.current_stream().wait_stream(self._side)
+            self._warmup_left -= 1
+            return loss
         self.static_x.copy_(xb, non_blocking=True)
+        if self.graph is None or self._baked() != self._key:
+            self._capture()
         self.graph.replay()
         return self.static_loss

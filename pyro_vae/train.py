@@ -23,7 +23,7 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, message
-from .step import svi_step
+from .step import CUDAGraphStep, _fast_kind, svi_step
 from .vae import VAE
 
 __all__ = ["fit", "EarlyStopping", "make_elbo", "evaluate_elbo", "History", "TrainState", "resolve_device", "as_tensor_data",
@@ -176,8 +176,11 @@ class _StepGuard:
         self.steps_per_epoch, self.ckpt_dir = steps_per_epoch, ckpt_dir
         self.bad_loss = torch.zeros((), dtype=torch.int64, device=device)
         self.bad_grad = torch.zeros((), dtype=torch.int64, device=device)
-        self.step = 0
+        self.step_t = torch.zeros((), dtype=torch.int64, device=device)  # read by a captured step too
         self.weight = 1.0
+
+    def set_step(self, step: int) -> None:
+        self.step_t.fill_(step)
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         from . import distributed
@@ -194,7 +197,7 @@ class _StepGuard:
         self._record(self.bad_grad, norm)
 
     def _record(self, flag: torch.Tensor, value: torch.Tensor) -> None:
-        flag.copy_(torch.where((flag == 0) & ~torch.isfinite(value).to(flag.device), self.step, flag))
+        flag.copy_(torch.where((flag == 0) & ~torch.isfinite(value).to(flag.device), self.step_t, flag))
 
     def note_loss(self, loss: torch.Tensor) -> None:
         self._record(self.bad_loss, loss.detach())
@@ -251,6 +254,7 @@ def fit(
     checkpoint_dir: Union[str, Path, None] = None,
     checkpoint_every: Optional[int] = None,
     resume_from: Union[str, Path, None] = None,
+    cuda_graph: bool = False,
 ) -> History:
     """Train ``vae`` by minibatch SVI with Adam.
 
@@ -281,7 +285,14 @@ def fit(
             validation ELBO, or training ELBO without validation data); atomically, rank 0 only.
         checkpoint_every: also checkpoint every this many optimizer steps.
         resume_from: a ``checkpoint.pt`` (or the folder holding one) to continue from; with the same
-            configuration and seed, the result is bit for bit that of an uninterrupted run on the same device.
+            configuration and seed, the result is bit for bit that of an uninterrupted run on the same device
+            (statistically the same, not bit for bit, with ``cuda_graph=True``).
+        cuda_graph: on a CUDA device, record the training step as a CUDA graph after four eager steps and
+            replay it for every full minibatch (:class:`pyro_vae.step.CUDAGraphStep`), which removes Pyro's
+            per-step Python cost. For a Gaussian latent under ``"trace"`` or ``"meanfield"`` with the
+            pathwise estimator, in one process; callbacks must not change what the model or guide read from
+            Python (KL-weight and temperature schedules are refused; a changed learning rate re-records the
+            step). Same objective and gradients as the eager step, with other random numbers.
 
     Returns:
         :class:`History` of per-epoch train and validation ELBOs (nats per data point).
@@ -307,6 +318,8 @@ def fit(
         raise ConfigError(message("batch_size", f"at least the number of processes ({ctx.world_size}); it is the "
                                   "global batch", repr(batch_size), f"pass batch_size >= {ctx.world_size}"))
     dev = resolve_device(device)
+    if cuda_graph:
+        _check_cuda_graph(vae, dev, ctx, estimator, elbo, callbacks)
     x = as_tensor_data(train_data, "train_data")
     xv = as_tensor_data(val_data, "val_data") if val_data is not None else None
     checked = torch.bernoulli(x.clamp(0, 1)) if dynamic_binarize else x
@@ -327,7 +340,8 @@ def fit(
     extra = [m.to(dev) for m in getattr(loss_fn, "extra_modules", list)()]  # e.g. a neural baseline
     for m in extra:
         distributed.broadcast_module(m)
-    optimizer = torch.optim.Adam([*vae.parameters(), *(p for m in extra for p in m.parameters())], lr=lr)
+    optimizer = torch.optim.Adam([*vae.parameters(), *(p for m in extra for p in m.parameters())], lr=lr,
+                                 capturable=bool(cuda_graph))
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
@@ -346,6 +360,7 @@ def fit(
         payload = distributed.rank0_call(
             lambda: ckpt.load_training_state(resume_from, vae_config=vae_config, signature=signature))
         _restore(payload, vae, optimizer, ctx, resume_from, extra)
+        _set_capturable(optimizer, bool(cuda_graph))
         history.epochs = list(payload["history"])
         best, state.step, shuffle_seed = payload["best"], payload["step"], payload["shuffle_seed"]
         if payload["epoch_complete"]:
@@ -354,6 +369,9 @@ def fit(
             start_epoch, start_batch, carried = payload["epoch"], payload["batch"], payload["epoch_total"]
     guard = _StepGuard(params, dev, ctx, clip_norm if ctx.enabled else None, steps_per_epoch, ckpt_dir)
     hook = optimizer.register_step_pre_hook(guard)
+    graph_step = None
+    if cuda_graph:
+        graph_step = CUDAGraphStep(loss_fn, vae, x[: min(batch_size, n)], n, optimizer, params, clip_norm)
 
     def save(epoch: int, batch: int, complete: bool, total: float, record: Optional[dict] = None) -> None:
         nonlocal best
@@ -415,7 +433,8 @@ def fit(
                     b = idx.numel()
                     if ctx.enabled:
                         idx = idx[ctx.rank:: ctx.world_size]
-                    guard.step, guard.weight = state.step + 1, idx.numel() / b
+                    guard.set_step(state.step + 1)
+                    guard.weight = idx.numel() / b
                     if idx.numel() == 0:  # this rank's share of a short last batch is empty
                         for p in params:
                             p.grad = torch.zeros_like(p)
@@ -426,9 +445,12 @@ def fit(
                         if dynamic_binarize:
                             xb = torch.bernoulli(xb)
                         try:
-                            loss = torch.as_tensor(svi_step(
-                                loss_fn, vae, xb, n, optimizer, params, None if ctx.enabled else clip_norm,
-                                validate=None if state.step == first_step else False, check_finite=False))
+                            if graph_step is not None and state.step != first_step:
+                                loss = graph_step(xb).clone()  # a replay overwrites its loss tensor
+                            else:
+                                loss = torch.as_tensor(svi_step(
+                                    loss_fn, vae, xb, n, optimizer, params, None if ctx.enabled else clip_norm,
+                                    validate=None if state.step == first_step else False, check_finite=False))
                         except Exception:
                             if not ctx.enabled:
                                 guard.sync(False)  # an earlier NaN explains this failure: report that instead
@@ -476,6 +498,44 @@ def fit(
             bar.close()
         vae.eval()
     return history
+
+
+def _check_cuda_graph(vae: VAE, dev: torch.device, ctx: Any, estimator: str, elbo: Any,
+                      callbacks: Sequence[Any]) -> None:
+    """Refuse, before any work, the configurations whose step a CUDA graph cannot replay faithfully."""
+    from .schedules import Schedule
+
+    def refuse(found: str, fix: str) -> ConfigError:
+        return ConfigError(message("cuda_graph=True", "a Gaussian VAE on a CUDA device, trained by one process "
+                                   "with the pathwise estimator", found, fix))
+
+    for cb in callbacks:
+        if isinstance(cb, Schedule):
+            raise refuse(f"callback {cb!r}, which changes a value the captured step reads from Python",
+                         "drop the schedule, or pass cuda_graph=False")
+    if getattr(vae, "latent", "gaussian") != "gaussian":
+        raise refuse(f"latent={vae.latent!r} (its temperature is Python state)", "pass cuda_graph=False")
+    if estimator != "pathwise":
+        raise refuse(f"estimator={estimator!r}", "pass cuda_graph=False for other gradient estimators")
+    if not isinstance(elbo, str) and _fast_kind(elbo) is None:
+        raise refuse(f"elbo={type(elbo).__name__}", "use elbo=\"trace\" or \"meanfield\", or cuda_graph=False")
+    if ctx.enabled:
+        raise refuse(f"{ctx.world_size} processes", "pass cuda_graph=False for data-parallel training")
+    if dev.type != "cuda":
+        raise refuse(f"device {dev}", "pass device=\"cuda\", or cuda_graph=False")
+
+
+def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """A checkpoint restores the optimizer's ``capturable`` flag too; this run's setting wins, with Adam's step
+    counters where that setting needs them (on the parameters' device, or on the CPU)."""
+    for group in optimizer.param_groups:
+        if "capturable" not in group:
+            continue
+        group["capturable"] = capturable
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device=p.device if capturable else "cpu", dtype=torch.float32)
 
 
 def _global_sum(total: torch.Tensor, ctx: Any) -> float:

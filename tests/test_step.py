@@ -275,7 +275,7 @@ MNIST = Path("/work/shared/data/mnist")
 @pytest.mark.slow
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="needs the MNIST files")
 def test_likelihood_benchmark_quick(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "likelihood.py"), "--quick", "--loop", "fast",
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "likelihood.py"), "--quick", "--lr-schedule", "burda", "--full-train",
                           "--device", "cpu", "--data-dir", str(MNIST), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -288,3 +288,23 @@ def test_likelihood_benchmark_quick(tmp_path):
     assert test["log_likelihood"] >= test["elbo_iw"] and test["log_likelihood_se"] > 0
     assert report["epochs_run"] == 1 and report["device"] == "cpu"
     assert (tmp_path / "likelihood.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kwargs, found", [
+    ({}, "device cpu"),
+    ({"callbacks": [pyro_vae.schedules.KLWarmup(10)]}, "KLWarmup"),
+    ({"estimator": "score-function"}, "score-function"),
+    ({"elbo": pyro.infer.RenyiELBO()}, "RenyiELBO"),
+])
+def test_fit_refuses_a_cuda_graph_it_cannot_replay(kwargs, found):
+    """Every refusal names cuda_graph, what it found and the fix, before any training."""
+    vae = _vae()
+    with pytest.raises(pyro_vae.ConfigError, match="cuda_graph=True") as err:
+        pyro_vae.fit(vae, _data(64), epochs=1, device="cpu", progress=False, cuda_graph=True, **kwargs)
+    assert found in str(err.value) and "cuda_graph=False" in str(err.value)
+
+
+def test_fit_refuses_a_cuda_graph_for_a_categorical_latent():
+    vae = pyro_vae.VAE((12,), 3, latent="categorical", categories=4)
+    with pytest.raises(pyro_vae.ConfigError, match="latent='categorical'"):
+        pyro_vae.fit(vae, _data(64), epochs=1, device="cpu", progress=False, cuda_graph=True)
