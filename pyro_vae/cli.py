@@ -88,6 +88,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in --out from its checkpoint.pt (same options as the original run; "
                         "--epochs may grow)")
     p.add_argument("--clip-norm", type=float, default=None, help="clip the gradient's global norm to this value")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on a CUDA device, replay the training step as a CUDA graph (Gaussian latents, pathwise "
+                        "estimator, one process; see pyro_vae.fit)")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="also checkpoint every this many steps (besides every epoch end and on Ctrl-C)")
     _add_common(p)
@@ -308,9 +311,15 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
     vae = VAE(splits.data_shape, args.z_dim, encoder=args.net, decoder=args.net, prior=_prior_spec(args),
               likelihood=likelihood, hidden=args.hidden, **_latent_kwargs(args))
     train_cfg = {"elbo": args.elbo, "estimator": args.estimator, "particles": args.particles, "epochs": args.epochs,
-                 "batch_size": args.batch_size, "lr": args.lr, "device": str(device), "clip_norm": args.clip_norm}
+                 "batch_size": args.batch_size, "lr": args.lr, "device": str(device), "clip_norm": args.clip_norm,
+                 "cuda_graph": args.cuda_graph}
     if ctx.world_size > 1:
         train_cfg["processes"] = ctx.world_size
+    callbacks = _schedules(args)
+    if args.cuda_graph:  # refused before the run folder is written
+        from .train import _check_cuda_graph
+
+        _check_cuda_graph(vae, device, ctx, args.estimator, args.elbo, callbacks)
     if ctx.is_main and not args.resume:
         checkpoint.save(vae, out, data=data_cfg, train=train_cfg)
     start = time.perf_counter()
@@ -319,7 +328,7 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
                   batch_size=args.batch_size, lr=args.lr, val_data=splits.val, device=device, seed=args.seed,
                   dynamic_binarize=splits.dynamic_binarize, progress=not args.no_progress, checkpoint_dir=out,
                   clip_norm=args.clip_norm, checkpoint_every=args.checkpoint_every or None,
-                  resume_from=out if args.resume else None, callbacks=_schedules(args))
+                  resume_from=out if args.resume else None, callbacks=callbacks, cuda_graph=args.cuda_graph)
     seconds = time.perf_counter() - start
     if not ctx.is_main:
         return 0

@@ -74,3 +74,12 @@ def test_errors_are_one_line_and_non_zero(tmp_path):
 def test_quickstart_example_runs():
     proc = run("examples/quickstart.py", "--steps", "20", "--batch-size", "32")
     assert "validation ELBO" in proc.stdout
+
+
+def test_cuda_graph_is_refused_on_the_cpu_before_the_run_folder_is_written(tmp_path):
+    out = tmp_path / "r"
+    proc = run("-m", "pyro_vae", "train", "--epochs", "1", "--device", "cpu", "--cuda-graph", "--out", str(out),
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cuda_graph=True" in proc.stderr and "device cpu" in proc.stderr
+    assert not (out / "model.pt").exists()
