@@ -17,9 +17,11 @@ minibatches with the same optimizer (Adam, lr 1e-3). Contenders:
   ``fit()-graph`` (``pyro_vae.fit(..., elbo="meanfield", cuda_graph=True)`` itself, timed after its first 20
   steps, which hold the eager warm-up and the capture).
 - ``pythae``: Pythae's ``VAE`` (``reconstruction_loss="bce"``) around the same networks, when importable.
+- ``torch-again``: a second, identical copy of ``torch``, timed in its own slot of every round: its ratio to
+  ``torch`` is the noise floor of the measurement (what a ratio of identical code looks like on this machine).
 
-Repetitions are interleaved (every contender once per round, in one process), so drifts in machine load hit
-all of them alike; the JSON keeps every repetition, the table shows the median images/s, the spread
+Repetitions are interleaved (every contender once per round, in one process, in an order shuffled every
+round), so drifts in machine load hit all of them alike; the JSON keeps every repetition, the table shows the median images/s, the spread
 (min-max over repetitions) and the ratio of median step times to ``torch``. On the CPU the table ranks by the
 process's CPU time (``--clock process``, robust to other jobs on a shared machine; run with ``--threads 1``);
 on CUDA by wall-clock time, with the device synchronized around every repetition. Both clocks are kept.
@@ -36,6 +38,7 @@ import datetime
 import json
 import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -254,6 +257,7 @@ def contenders(vae: pyro_vae.VAE, device: torch.device, example: torch.Tensor, s
     ``failed`` (and the JSON) instead of ending the run."""
     makers: dict[str, Callable[[], Callable]] = {
         "torch": lambda: HandWritten(vae, NUM_DATA, capturable=False),
+        "torch-again": lambda: HandWritten(vae, NUM_DATA, capturable=False),
         "pyro-before": lambda: PyroStep(vae, Trace_ELBO, NUM_DATA, before=True),
         "fit-trace": lambda: PyroStep(vae, Trace_ELBO, NUM_DATA, check_every=SYNC_EVERY),
         "fit-meanfield": lambda: PyroStep(vae, TraceMeanField_ELBO, NUM_DATA, check_every=SYNC_EVERY),
@@ -307,8 +311,10 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
                 fn(batches[i % 8])
     sync(device)
     wall: dict[str, list[float]] = {k: [] for k in steps_fns}
-    for _ in range(reps):
-        for k, fn in steps_fns.items():
+    for rep in range(reps):
+        order = list(steps_fns.items())
+        random.Random(rep).shuffle(order)  # no contender keeps the same slot of the round
+        for k, fn in order:
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             if getattr(fn, "self_timed", False):
@@ -364,7 +370,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def summary(results: list[dict[str, Any]]) -> str:
     """One row per device and config: the hand-written step's images/s, then each contender's ratio to it."""
-    names = [k for k in ("torch-graph", "fit-trace", "fit-meanfield", "graph-trace", "graph-meanfield", "fit()-trace",
+    names = [k for k in ("torch-again", "torch-graph", "fit-trace", "fit-meanfield", "graph-trace", "graph-meanfield", "fit()-trace",
                          "fit()-graph", "pyro-before", "pythae") if any(k in r["results"] for r in results)]
     lines = ["| device | config | torch images/s | " + " | ".join(f"{k} x" for k in names) + " |",
              "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
