@@ -193,17 +193,18 @@ def _direct_loss(kind: type, vae: VAE, x: torch.Tensor,
         p = p.expand(torch.Size([batch]))  # as the plate's broadcasting does
     px = vae._likelihood_dist(vae.decoder(vae._decoder_input(z)))
     log_px = scale_and_mask(px.log_prob(x), scale=scale).sum()
-    elbo: Any
+
+    def monte_carlo() -> torch.Tensor:  # Trace_ELBO's particle, and the mean-field fallback without a KL
+        return (scale_and_mask(p.log_prob(z), scale=z_scale).sum() + log_px
+                - scale_and_mask(q.log_prob(z), scale=z_scale).sum())
+
     if kind is TraceMeanField_ELBO:
         try:
-            kl = scale_and_mask(kl_divergence(q, p), scale=z_scale).sum()
-            elbo = -kl + log_px
+            elbo = -scale_and_mask(kl_divergence(q, p), scale=z_scale).sum() + log_px
         except NotImplementedError:
-            elbo = (scale_and_mask(p.log_prob(z), scale=z_scale).sum() + log_px
-                    - scale_and_mask(q.log_prob(z), scale=z_scale).sum())
+            elbo = monte_carlo()
     else:
-        elbo = (scale_and_mask(p.log_prob(z), scale=z_scale).sum() + log_px
-                - scale_and_mask(q.log_prob(z), scale=z_scale).sum())
+        elbo = monte_carlo()
     surrogate = -elbo
     return surrogate.detach(), surrogate
 
