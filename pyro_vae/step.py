@@ -7,7 +7,7 @@ work on the GPU without waiting for it. Its value and gradients are those of Pyr
 (``tests/test_step.py`` checks them parameter by parameter); sites with a score-function term, and every other
 ELBO, go through Pyro's own code unchanged.
 
-For a plain :class:`~pyro_vae.VAE` with a Gaussian latent under exactly ``Trace_ELBO`` or
+For a plain :class:`~pyro_vae.VAE` (either latent) under exactly ``Trace_ELBO`` or
 ``TraceMeanField_ELBO`` with one particle, the structure of the traces is known once one unvalidated step
 has recorded and checked it (one plate, the reparameterized latent site, the observed site, the expected
 scales, no other sample site): later unvalidated steps compute the same log-densities, KL and scales from the
@@ -137,13 +137,13 @@ def _data_scale(batch: int, num_data: Optional[int]) -> float:
 
 def _direct_key(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: Optional[int]) -> Optional[tuple]:
     """What a checked trace structure holds for, or ``None`` where the step must be traced: exactly
-    ``Trace_ELBO`` / ``TraceMeanField_ELBO`` with one particle, a plain :class:`~pyro_vae.VAE` with a Gaussian
-    latent and its own model and guide, a ``(batch, *data_shape)`` batch, validation off, no Pyro handler
+    ``Trace_ELBO`` / ``TraceMeanField_ELBO`` with one particle, a plain :class:`~pyro_vae.VAE` (Gaussian or
+    relaxed categorical latent) with its own model and guide, a ``(batch, *data_shape)`` batch, validation off, no Pyro handler
     active, not inside a CUDA-graph capture."""
     kind = type(loss_fn)
     if kind not in (Trace_ELBO, TraceMeanField_ELBO) or loss_fn.num_particles != 1 or type(vae) is not VAE:
         return None
-    if vae.latent != "gaussian" or is_validation_enabled() or _PYRO_STACK:
+    if is_validation_enabled() or _PYRO_STACK:
         return None
     if xb.dim() != len(vae.data_shape) + 1 or (num_data is not None and num_data < xb.shape[0]):
         return None

@@ -330,13 +330,18 @@ def _traced_and_direct(vae, elbo_cls, x, num_data):
 
 
 @pytest.mark.parametrize("elbo_cls", [Trace_ELBO, TraceMeanField_ELBO])
-@pytest.mark.parametrize("prior", ["normal", "student-t", "mixture"])
+@pytest.mark.parametrize("prior", ["normal", "student-t", "mixture", "categorical"])
 @pytest.mark.parametrize("beta, num_data", [(1.0, None), (0.5, N)])
 def test_direct_path_matches_the_traced_step(elbo_cls, prior, beta, num_data):
     """Without Pyro's messengers, the same loss and gradients as the traced particle loss: analytic KL
-    (normal), its Monte Carlo fallback (Student-t has no registered KL), a learned prior (mixture), a KL
-    weight and the minibatch scale. Only float rounding may differ."""
-    vae = pyro_vae.VAE((12,), 3, hidden=(16,), prior=prior, beta=beta)
+    (normal), its Monte Carlo fallback (Student-t has no registered KL), a learned prior (mixture), a
+    straight-through relaxed categorical latent, a KL weight and the minibatch scale. Only float rounding may
+    differ."""
+    if prior == "categorical":  # relaxed one-hot latent, Concrete prior (Monte Carlo KL), straight-through
+        vae = pyro_vae.VAE((12,), 3, hidden=(16,), latent="categorical", categories=4, beta=beta,
+                           temperature=0.7, straight_through=True)
+    else:
+        vae = pyro_vae.VAE((12,), 3, hidden=(16,), prior=prior, beta=beta)
     (loss_t, grads_t), (loss_d, grads_d) = _traced_and_direct(vae, elbo_cls, _data(), num_data)
     assert loss_d == pytest.approx(loss_t, rel=1e-6)
     assert len(grads_d) == len(grads_t) == len(list(vae.parameters()))
