@@ -9,9 +9,9 @@ minibatches with the same optimizer (Adam, lr 1e-3). Contenders:
 - ``fit-trace`` / ``fit-meanfield``: :func:`pyro_vae.step.svi_step` as :func:`pyro_vae.fit` calls it
   (``validate=False`` after the first step, ``check_finite=False``: the losses stay on the device and are
   checked every ``pyro_vae.train.SYNC_EVERY`` steps).
-- ``fit()-trace``: :func:`pyro_vae.fit` itself, one epoch over the timed batches per repetition (adds its
-  one-off whole-data check and validated first step, shuffling, batch gathering, per-step non-finite
-  bookkeeping).
+- ``fit()-trace``: :func:`pyro_vae.fit` itself in its steady state (:class:`FitLoop`: timed after its first 5
+  steps, which hold the one-off whole-data check, the validated first step and the checked traced step; adds
+  shuffling, batch gathering and the per-step non-finite bookkeeping to the step).
 - CUDA only: ``torch-graph`` (the hand-written step as a CUDA graph), ``graph-trace`` /
   ``graph-meanfield`` (:class:`pyro_vae.step.CUDAGraphStep`, losses checked as for ``fit-trace``) and
   ``fit()-graph`` (``pyro_vae.fit(..., elbo="meanfield", cuda_graph=True)`` itself, timed after its first 20
@@ -205,33 +205,20 @@ class Pythae:
 
 
 class FitLoop:
-    """``pyro_vae.fit`` itself for one epoch over the timed batches (its shuffling, batch gathering, per-step
-    non-finite bookkeeping, a host sync every ``SYNC_EVERY`` steps); called once per repetition."""
-
-    whole_rep = True
-
-    def __init__(self, vae: pyro_vae.VAE, elbo: str) -> None:
-        self.vae = copy.deepcopy(vae)
-        PyroStep.instances += 1
-        self.vae.name = f"c{PyroStep.instances}"
-        self.elbo = elbo
-
-    def __call__(self, data: torch.Tensor, batch: int) -> None:
-        pyro_vae.fit(self.vae, data, elbo=self.elbo, epochs=1, batch_size=batch, lr=LR, device=data.device,
-                     seed=None, progress=False)
-
-
-class GraphedFitLoop(FitLoop):
-    """``pyro_vae.fit(..., cuda_graph=True)``, timed in its steady state: one epoch of ``warmup + steps``
-    batches per repetition, the clock started (device synchronized) after the first ``warmup`` steps, which
-    hold the validated first step, the eager warm-up steps and the capture, and stopped when ``fit``
-    returns (its end-of-epoch host read included)."""
+    """``pyro_vae.fit`` itself, timed in its steady state: one epoch of ``warmup + steps`` batches per
+    repetition, the clock started (device synchronized) after the first ``warmup`` steps and stopped when
+    ``fit`` returns (its end-of-epoch host read included). The warm-up holds what ``fit`` does once: the
+    whole-data check, the validated first step, the traced step whose structure the later steps reuse and,
+    with ``cuda_graph=True``, the eager steps on a side stream and the capture. Timed: shuffling, gathering
+    batches, the steps, the per-step non-finite flags and a host sync every ``SYNC_EVERY`` steps."""
 
     self_timed = True
 
-    def __init__(self, vae: pyro_vae.VAE, elbo: str, warmup: int = 20) -> None:
-        super().__init__(vae, elbo)
-        self.warmup = warmup
+    def __init__(self, vae: pyro_vae.VAE, elbo: str, cuda_graph: bool = False, warmup: int = 20) -> None:
+        self.vae = copy.deepcopy(vae)
+        PyroStep.instances += 1
+        self.vae.name = f"c{PyroStep.instances}"
+        self.elbo, self.cuda_graph, self.warmup = elbo, cuda_graph, warmup
 
     def __call__(self, data: torch.Tensor, batch: int) -> tuple[float, float]:
         clock: dict[str, float] = {}
@@ -246,7 +233,7 @@ class GraphedFitLoop(FitLoop):
         steps = data.shape[0] // batch
         data = torch.cat([data[: warmup * batch], data[: steps * batch]])
         pyro_vae.fit(self.vae, data, elbo=self.elbo, epochs=1, batch_size=batch, lr=LR, device=data.device,
-                     seed=None, progress=False, cuda_graph=True, callbacks=[Start()])
+                     seed=None, progress=False, cuda_graph=self.cuda_graph, callbacks=[Start()])
         sync(data.device)
         return (time.perf_counter() - clock["wall"]) / steps, (time.process_time() - clock["cpu"]) / steps
 
@@ -261,11 +248,11 @@ def contenders(vae: pyro_vae.VAE, device: torch.device, example: torch.Tensor, s
         "pyro-before": lambda: PyroStep(vae, Trace_ELBO, NUM_DATA, before=True),
         "fit-trace": lambda: PyroStep(vae, Trace_ELBO, NUM_DATA, check_every=SYNC_EVERY),
         "fit-meanfield": lambda: PyroStep(vae, TraceMeanField_ELBO, NUM_DATA, check_every=SYNC_EVERY),
-        "fit()-trace": lambda: FitLoop(vae, "trace"),
+        "fit()-trace": lambda: FitLoop(vae, "trace", warmup=5),
     }
     if device.type == "cuda":
         makers["torch-graph"] = lambda: GraphedTorch(vae, NUM_DATA, example)
-        makers["fit()-graph"] = lambda: GraphedFitLoop(vae, "meanfield")
+        makers["fit()-graph"] = lambda: FitLoop(vae, "meanfield", cuda_graph=True)
         for name, elbo in (("graph-trace", Trace_ELBO), ("graph-meanfield", TraceMeanField_ELBO)):
             makers[name] = (lambda elbo=elbo: PyroStep(vae, elbo, NUM_DATA, check_every=SYNC_EVERY, graph=True,
                                                        example=example))
@@ -304,11 +291,8 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
     for k, fn in steps_fns.items():
         if getattr(fn, "self_timed", False):
             continue  # warms up inside every call
-        if getattr(fn, "whole_rep", False):
-            fn(epoch_data[: 2 * batch], batch)
-        else:
-            for i in range(warmup):
-                fn(batches[i % 8])
+        for i in range(warmup):
+            fn(batches[i % 8])
     sync(device)
     wall: dict[str, list[float]] = {k: [] for k in steps_fns}
     for rep in range(reps):
@@ -322,11 +306,8 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
                 wall[k].append(w)
                 times[k].append(c)
                 continue
-            if getattr(fn, "whole_rep", False):
-                fn(epoch_data, batch)
-            else:
-                for i in range(steps):
-                    fn(batches[i % 8])
+            for i in range(steps):
+                fn(batches[i % 8])
             if isinstance(fn, PyroStep) and fn.losses:  # the deferred finiteness check ends the timing
                 if not bool(torch.isfinite(torch.stack(fn.losses)).all()):
                     raise FloatingPointError(f"{k}: non-finite loss")
