@@ -335,7 +335,6 @@ class CUDAGraphStep:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_loss: Optional[torch.Tensor] = None
         self._key: tuple = ()
-        self.captures = 0
 
     def _baked(self) -> tuple:
         """The Python values a captured step has baked in."""
@@ -356,7 +355,6 @@ class CUDAGraphStep:
         with torch.cuda.graph(self.graph), _hot_loop(vae, False, loss_fn):
             self.static_loss = _step(loss_fn, vae, self.static_x, num_data, optimizer, params, clip_norm, False)
         self._key = self._baked()
-        self.captures += 1
 
     def __call__(self, xb: torch.Tensor) -> torch.Tensor:
         """One training step on ``xb``; returns the loss, a 0-dim CUDA tensor (for a replayed step, one that
