@@ -7,12 +7,8 @@ work on the GPU without waiting for it. Its value and gradients are those of Pyr
 (``tests/test_step.py`` checks them parameter by parameter); sites with a score-function term, and every other
 ELBO, go through Pyro's own code unchanged.
 
-For a plain :class:`~pyro_vae.VAE` (either latent) under exactly ``Trace_ELBO`` or
-``TraceMeanField_ELBO`` with one particle, the structure of the traces is known once one unvalidated step
-has recorded and checked it (one plate, the reparameterized latent site, the observed site, the expected
-scales, no other sample site): later unvalidated steps compute the same log-densities, KL and scales from the
-same modules and distributions directly, without Pyro's messengers (:func:`_direct_loss`). Any other
-configuration, an active Pyro handler, validation, or a failed check keeps the traced path.
+Every step records Pyro's own model and guide traces: a part whose structure depends on its own state (a
+``pyro.factor`` added after some steps, a site that appears later) is scored as Pyro scores it.
 
 :class:`CUDAGraphStep` records the whole fixed-shape step (guide, model, ELBO, backward, Adam) once as a CUDA
 graph and replays it, which removes Pyro's per-step Python cost on the GPU.
@@ -30,7 +26,6 @@ from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
-from pyro.poutine.runtime import _PYRO_STACK
 
 from .errors import ConfigError, message
 from .vae import VAE
@@ -111,16 +106,14 @@ def elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, *args: Any,
     return _elbo_loss(loss_fn, model, guide, args, kwargs)
 
 
-def _elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-               inspect: Optional[Callable[[Any, Any], None]] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def _elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, args: tuple,
+               kwargs: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     kind = _fast_kind(loss_fn)
     if kind is None:
         return None
     loss: Any = 0.0
     surrogate: Any = 0.0
     for model_trace, guide_trace in loss_fn._get_traces(model, guide, args, kwargs):
-        if inspect is not None:
-            inspect(model_trace, guide_trace)
         if kind is Trace_ELBO:
             loss_p, surrogate_p = _trace_particle(loss_fn, model_trace, guide_trace)
         else:
@@ -128,85 +121,6 @@ def _elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, args: tuple, kwa
         loss = loss + loss_p / loss_fn.num_particles
         surrogate = surrogate + surrogate_p / loss_fn.num_particles
     return loss, surrogate
-
-
-def _data_scale(batch: int, num_data: Optional[int]) -> float:
-    """The factor the VAE's data plate gives every site: ``num_data / batch`` for a subsample, else 1."""
-    return 1.0 if num_data is None or num_data == batch else num_data / batch
-
-
-def _direct_key(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: Optional[int]) -> Optional[tuple]:
-    """What a checked trace structure holds for, or ``None`` where the step must be traced: exactly
-    ``Trace_ELBO`` / ``TraceMeanField_ELBO`` with one particle, a plain :class:`~pyro_vae.VAE` (Gaussian or
-    relaxed categorical latent) with its own model and guide, a ``(batch, *data_shape)`` batch, validation off, no Pyro handler
-    active, not inside a CUDA-graph capture."""
-    kind = type(loss_fn)
-    if kind not in (Trace_ELBO, TraceMeanField_ELBO) or loss_fn.num_particles != 1 or type(vae) is not VAE:
-        return None
-    if is_validation_enabled() or _PYRO_STACK:
-        return None
-    if xb.dim() != len(vae.data_shape) + 1 or (num_data is not None and num_data < xb.shape[0]):
-        return None
-    if xb.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    return (kind, vae.encoder, vae.decoder, vae.prior, vae.likelihood, vae.name)  # the parts themselves
-
-
-def _structure_checker(vae: VAE, key: tuple, batch: int, num_data: Optional[int]) -> Callable[[Any, Any], None]:
-    """Records ``key`` on ``vae`` when a traced step has exactly the structure :func:`_direct_loss` computes."""
-    plate, z, x = vae._site("data"), vae._site("z"), vae._site("x")
-    scale = _data_scale(batch, num_data)
-
-    def check(model_trace: Any, guide_trace: Any) -> None:
-        guide_sites = {n: s for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
-        model_sites = {n: s for n, s in model_trace.nodes.items() if s["type"] == "sample"}
-        if list(guide_sites) != [z] or list(model_sites) != [z, x]:
-            return
-        sites = [guide_sites[z], model_sites[z], model_sites[x]]
-        if any([f.name for f in s["cond_indep_stack"]] != [plate] or s["mask"] is not None for s in sites):
-            return
-        expected = (vae.beta * scale, vae.beta * scale, scale)
-        if any(not math.isclose(float(s["scale"]), e, rel_tol=1e-12) for s, e in zip(sites, expected)):
-            return
-        if not guide_sites[z]["fn"].has_rsample or not model_sites[x]["is_observed"]:
-            return
-        vae._direct = key
-
-    return check
-
-
-def _direct_loss(kind: type, vae: VAE, x: torch.Tensor,
-                 num_data: Optional[int]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The particle loss of ``Trace_ELBO`` / ``TraceMeanField_ELBO`` for a VAE whose trace structure was
-    checked: the guide's reparameterized draw, the prior and likelihood log-densities (or the registered KL,
-    Monte Carlo where none is), each scaled as the data plate and ``beta`` scale them in the trace, summed in
-    the same order. ``None`` when the guide's distribution has no ``rsample`` (then the step is traced)."""
-    batch = x.shape[0]
-    scale = _data_scale(batch, num_data)
-    z_scale = vae.beta * scale
-    q = vae.encoder.distribution(x)
-    if not q.has_rsample:
-        return None
-    z = q.rsample()
-    p = vae.prior()
-    if tuple(p.batch_shape) != (batch,):
-        p = p.expand(torch.Size([batch]))  # as the plate's broadcasting does
-    px = vae._likelihood_dist(vae.decoder(vae._decoder_input(z)))
-    log_px = scale_and_mask(px.log_prob(x), scale=scale).sum()
-
-    def monte_carlo() -> torch.Tensor:  # Trace_ELBO's particle, and the mean-field fallback without a KL
-        return (scale_and_mask(p.log_prob(z), scale=z_scale).sum() + log_px
-                - scale_and_mask(q.log_prob(z), scale=z_scale).sum())
-
-    if kind is TraceMeanField_ELBO:
-        try:
-            elbo = -scale_and_mask(kl_divergence(q, p), scale=z_scale).sum() + log_px
-        except NotImplementedError:
-            elbo = monte_carlo()
-    else:
-        elbo = monte_carlo()
-    surrogate = -elbo
-    return surrogate.detach(), surrogate
 
 
 def svi_step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
@@ -262,13 +176,7 @@ def _step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
           optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], clip_norm: Optional[float],
           check_finite: bool) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
-    key = _direct_key(loss_fn, vae, xb, num_data)
-    out = None
-    if key is not None and getattr(vae, "_direct", None) == key:
-        out = _direct_loss(type(loss_fn), vae, xb, num_data)
-    if out is None:
-        inspect = _structure_checker(vae, key, xb.shape[0], num_data) if key is not None else None
-        out = _elbo_loss(loss_fn, vae.model, vae.guide, (xb,), {"num_data": num_data}, inspect)
+    out = _elbo_loss(loss_fn, vae.model, vae.guide, (xb,), {"num_data": num_data})
     if out is None:
         loss = torch.tensor(loss_fn.loss_and_grads(vae.model, vae.guide, xb, num_data=num_data), device=xb.device)
     else:

@@ -227,7 +227,6 @@ class VAE(nn.Module):
         return f"{self.name}/{name}" if self.name else name
 
     _registered = False  # True while pyro_vae.step runs a step after the first: modules already registered
-    _direct: Optional[tuple] = None  # the parts whose trace structure pyro_vae.step has checked
 
     def _register(self, key: str, module: Any) -> None:
         if self._registered or not isinstance(module, nn.Module) or next(module.parameters(), None) is None:

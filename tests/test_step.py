@@ -310,91 +310,48 @@ def test_fit_refuses_a_cuda_graph_for_a_categorical_latent():
         pyro_vae.fit(vae, _data(64), epochs=1, device="cpu", progress=False, cuda_graph=True)
 
 
-def _traced_and_direct(vae, elbo_cls, x, num_data):
-    """Loss and gradients of one particle through Pyro's traces and through the direct path, same noise."""
-    from pyro_vae.step import _direct_loss, _elbo_loss
-
-    out = []
-    for direct in (False, True):
-        vae.zero_grad(set_to_none=True)
-        pyro.set_rng_seed(11)
-        with pyro.validation_enabled(False):
-            if direct:
-                loss, surrogate = _direct_loss(elbo_cls, vae, x, num_data)
-            else:
-                loss, surrogate = _elbo_loss(elbo_cls(max_plate_nesting=1), vae.model, vae.guide, (x,),
-                                             {"num_data": num_data})
-        surrogate.backward()
-        out.append((float(loss), [p.grad.clone() for p in vae.parameters() if p.grad is not None]))
-    return out
-
-
-@pytest.mark.parametrize("elbo_cls", [Trace_ELBO, TraceMeanField_ELBO])
-@pytest.mark.parametrize("prior", ["normal", "student-t", "mixture", "categorical"])
-@pytest.mark.parametrize("beta, num_data", [(1.0, None), (0.5, N)])
-def test_direct_path_matches_the_traced_step(elbo_cls, prior, beta, num_data):
-    """Without Pyro's messengers, the same loss and gradients as the traced particle loss: analytic KL
-    (normal), its Monte Carlo fallback (Student-t has no registered KL), a learned prior (mixture), a
-    straight-through relaxed categorical latent, a KL weight and the minibatch scale. Only float rounding may
-    differ."""
-    if prior == "categorical":  # relaxed one-hot latent, Concrete prior (Monte Carlo KL), straight-through
-        vae = pyro_vae.VAE((12,), 3, hidden=(16,), latent="categorical", categories=4, beta=beta,
-                           temperature=0.7, straight_through=True)
-    else:
-        vae = pyro_vae.VAE((12,), 3, hidden=(16,), prior=prior, beta=beta)
-    (loss_t, grads_t), (loss_d, grads_d) = _traced_and_direct(vae, elbo_cls, _data(), num_data)
-    assert loss_d == pytest.approx(loss_t, rel=1e-6)
-    assert len(grads_d) == len(grads_t) == len(list(vae.parameters()))
-    for g_d, g_t in zip(grads_d, grads_t):
-        torch.testing.assert_close(g_d, g_t, rtol=1e-5, atol=1e-6)
-
-
 def _steps(vae, loss_fn, x, n):
     params = list(vae.parameters())
     opt = torch.optim.Adam(params, lr=1e-2)
     return [float(svi_step(loss_fn, vae, x, N, opt, params, validate=None if i == 0 else False)) for i in range(n)]
 
 
-def test_direct_path_starts_after_one_checked_unvalidated_step(monkeypatch):
-    import pyro_vae.step as step
+class _SwitchablePenaltyPrior(torch.nn.Module):
+    """N(0, I) prior that adds ``pyro.factor("penalty", -100)`` per batch once switched on: its trace structure
+    depends on its own state while the part itself stays the same object."""
 
-    calls = []
-    original = step._direct_loss
-    monkeypatch.setattr(step, "_direct_loss", lambda *a: calls.append(1) or original(*a))
-    vae = _vae()
+    def __init__(self, z_dim):
+        super().__init__()
+        self.penalize = False
+        self.register_buffer("loc", torch.zeros(z_dim))
+
+    def forward(self):
+        if self.penalize:
+            pyro.factor("penalty", torch.tensor(-100.0))
+        return dist.Normal(self.loc, 1.0).to_event(1)
+
+
+@pytest.mark.parametrize("elbo_cls", [Trace_ELBO, TraceMeanField_ELBO])
+def test_every_step_scores_a_part_whose_structure_changes_as_pyro_does(elbo_cls):
+    """Steps after the first still run Pyro's traces: a factor switched on after three steps is in the loss
+    (the penalty, scaled by num_data / batch inside the data plate, is 100 * N / batch * batch = 100 N nats)."""
+    vae = pyro_vae.VAE((12,), 3, hidden=(16,), prior=_SwitchablePenaltyPrior(3))
+    x = _data()
     params = list(vae.parameters())
-    opt = torch.optim.Adam(params, lr=1e-2)
-    seen = []
-    for i in range(4):
-        svi_step(Trace_ELBO(max_plate_nesting=1), vae, _data(), N, opt, params, validate=None if i == 0 else False)
-        seen.append((vae._direct is not None, len(calls)))
-    # step 1 is validated (traced), step 2 is traced and checked, steps 3 and 4 are direct
-    assert seen == [(False, 0), (True, 0), (True, 1), (True, 2)]
-    vae.prior = pyro_vae.priors.StandardNormal(3)  # a new part: traced and checked again
-    svi_step(Trace_ELBO(max_plate_nesting=1), vae, _data(), N, opt, params, validate=False)
-    assert len(calls) == 2 and vae._direct[3] is vae.prior
-
-
-@pytest.mark.filterwarnings("ignore:Found vars in model but not guide")
-def test_direct_path_is_not_taken_where_the_structure_differs(monkeypatch):
-    """A prior that samples a site of its own, an ELBO subclass and an enclosing Pyro handler all keep the
-    traced step."""
-    import pyro_vae.step as step
-
-    monkeypatch.setattr(step, "_direct_loss", lambda *a: pytest.fail("direct path taken"))
-
-    def prior_with_a_site():  # a model-only latent scale (drawn from its prior in the model trace)
-        s = pyro.sample("prior_scale", dist.LogNormal(0.0, 0.1).expand([3]).to_event(1))
-        return dist.Normal(torch.zeros(3), s).to_event(1)
-
-    vae = pyro_vae.VAE((12,), 3, hidden=(16,), prior=prior_with_a_site)
-    _steps(vae, Trace_ELBO(max_plate_nesting=1), _data(), 4)
-    assert vae._direct is None
-    pyro.clear_param_store()
-    vae = _vae()
-    _steps(vae, _OwnTraces(max_plate_nesting=1), _data(), 4)
-    pyro.clear_param_store()
-    vae = _vae()
-    with pyro.poutine.scale(scale=2.0):
-        _steps(vae, Trace_ELBO(max_plate_nesting=1), _data(), 4)
-    assert vae._direct is None
+    opt = torch.optim.Adam(params, lr=0.0)
+    loss_fn = elbo_cls(max_plate_nesting=1)
+    for i in range(3):
+        svi_step(loss_fn, vae, x, N, opt, params, validate=None if i == 0 else False)
+    vae.prior.penalize = True
+    pyro.set_rng_seed(5)
+    with pyro.validation_enabled(False):
+        step_loss = float(svi_step(loss_fn, vae, x, N, opt, params, validate=False))
+    pyro.set_rng_seed(5)
+    with pyro.validation_enabled(False):
+        pyro_loss = loss_fn.loss(vae.model, vae.guide, x, num_data=N)
+    assert step_loss == pytest.approx(pyro_loss, rel=1e-6)
+    vae.prior.penalize = False
+    pyro.set_rng_seed(5)
+    with pyro.validation_enabled(False):
+        plain = loss_fn.loss(vae.model, vae.guide, x, num_data=N)
+    assert pyro_loss - plain == pytest.approx(100.0 * N, rel=1e-6)
