@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .errors import ConfigError, PyroVAEError, message
 
-__all__ = ["Context", "context", "init_from_env", "shutdown", "broadcast_module", "broadcast_object",
+__all__ = ["Context", "context", "init_from_env", "shutdown", "broadcast_module", "broadcast_tensor", "broadcast_object",
            "all_gather_object", "all_reduce_sum", "reduce_gradients", "rank0_call", "env_world_size"]
 
 T = TypeVar("T")
@@ -120,6 +120,17 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(buf, src)
         if buf.data_ptr() != t.data_ptr():
             t.copy_(buf.to(t.device))
+
+
+@torch.no_grad()
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> None:
+    """Copy rank ``src``'s values of ``t`` into every rank's ``t``, in place (no-op in one process)."""
+    if not context().enabled:
+        return
+    buf = t.detach().to(_comm_device())
+    dist.broadcast(buf, src)
+    if buf.data_ptr() != t.data_ptr():
+        t.copy_(buf.to(t.device))
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

@@ -340,8 +340,12 @@ def fit(
     extra = [m.to(dev) for m in getattr(loss_fn, "extra_modules", list)()]  # e.g. a neural baseline
     for m in extra:
         distributed.broadcast_module(m)
-    optimizer = torch.optim.Adam([*vae.parameters(), *(p for m in extra for p in m.parameters())], lr=lr,
-                                 capturable=bool(cuda_graph))
+    own = [*vae.parameters(), *(p for m in extra for p in m.parameters())]
+    user_params = _user_params(loss_fn, vae, x[: min(batch_size, n)], n, own)
+    for p in user_params.values():
+        distributed.broadcast_tensor(p)
+    optimizer = torch.optim.Adam([*own, *user_params.values()], lr=lr, capturable=bool(cuda_graph))
+    params_in_store = len(pyro.get_param_store())
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
@@ -483,6 +487,7 @@ def fit(
                     record["val_elbo"] = _val_elbo(vae, xv, loss_fn, max(batch_size, 512), ctx)
                     vae.train()
                 record["seconds"] = time.perf_counter() - start
+                _check_no_new_params(user_params, params_in_store)
                 history.epochs.append(record)
                 save(epoch, steps_per_epoch, True, 0.0, record)
                 for cb in callbacks:
@@ -633,17 +638,58 @@ def _fit_start(state: TrainState, callbacks: Sequence[Any], loss_fn: ELBO, x: to
         bar.write(report)
 
 
-def _pyro_params() -> dict[str, torch.Tensor]:
-    """Pyro param-store entries that belong to no ``nn.Module`` (e.g. ``TraceGraph_ELBO``'s decaying-average
-    baselines) and live on the real line; module parameters travel in the state dicts."""
-    from torch.distributions import constraints
+def _user_params(loss_fn: ELBO, vae: VAE, xb: torch.Tensor, num_data: int,
+                 own: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The unconstrained tensors of the ``pyro.param`` sites that the model and guide traces touch and that
+    are not parameters of the VAE's (or the ELBO's) modules: what ``pyro.infer.SVI`` would optimize beyond
+    them, e.g. a ``pyro.param`` declared inside a user prior, likelihood or encoder. One evaluation of the
+    loss on ``xb``, with the random streams left as they were."""
+    from pyro import poutine
 
+    dev = xb.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+        with poutine.trace(param_only=True) as capture:
+            loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data)
+    known = {id(p) for p in own}
+    found: dict[str, torch.Tensor] = {}
+    for name, site in capture.trace.nodes.items():
+        value = site["value"]
+        unconstrained = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if id(unconstrained) not in known and unconstrained.requires_grad:
+            found[name] = unconstrained
+            known.add(id(unconstrained))
+    return found
+
+
+def _check_no_new_params(user_params: dict[str, torch.Tensor], own_count: int) -> None:
+    """Refuse a ``pyro.param`` first created after training started: the optimizer was built without it."""
     store = pyro.get_param_store()
-    return {name: store._params[name].detach().cpu() for name in store.keys()
-            if "$$$" not in name and store._constraints.get(name, constraints.real) is constraints.real}
+    if len(store) <= own_count:
+        return
+    new = [name for name in store.keys() if "$$$" not in name and name not in user_params]
+    if new:
+        raise ConfigError(message(
+            f"pyro.param {new[0]!r}", "every pyro.param of the model and guide created by their first call",
+            "a pyro.param first created after training started, which the optimizer does not hold",
+            "create it unconditionally when the part is called (or in the part's __init__ as an nn.Parameter)"))
 
 
+def _pyro_params() -> dict[str, torch.Tensor]:
+    """Unconstrained values of the Pyro param-store entries that belong to no ``nn.Module`` (a ``pyro.param``
+    of a user part, ``TraceGraph_ELBO``'s decaying-average baselines); module parameters travel in the state
+    dicts."""
+    store = pyro.get_param_store()
+    return {name: store.get_param(name).unconstrained().detach().cpu() for name in store.keys() if "$$$" not in name}
+
+
+@torch.no_grad()
 def _set_pyro_params(values: dict[str, torch.Tensor]) -> None:
+    """Write checkpointed unconstrained values into the param store, in place where the param exists (the
+    optimizer holds those tensors)."""
     store = pyro.get_param_store()
     for name, value in values.items():
-        store[name] = value
+        if name in store:
+            target = store.get_param(name).unconstrained()
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+        else:
+            store[name] = value

@@ -355,3 +355,79 @@ def test_every_step_scores_a_part_whose_structure_changes_as_pyro_does(elbo_cls)
     with pyro.validation_enabled(False):
         plain = loss_fn.loss(vae.model, vae.guide, x, num_data=N)
     assert pyro_loss - plain == pytest.approx(100.0 * N, rel=1e-6)
+
+
+def _param_prior():
+    """A user prior whose location and (positive) scale are ``pyro.param``s, not module parameters."""
+    loc = pyro.param("prior_loc", torch.zeros(3))
+    scale = pyro.param("prior_scale", torch.ones(3), constraint=dist.constraints.positive)
+    return dist.Normal(loc, scale).to_event(1)
+
+
+class _ModulePrior(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self):
+        return dist.Normal(self.loc, 1.0).to_event(1)
+
+
+@pytest.mark.parametrize("prior", ["pyro.param", "nn.Parameter"])
+def test_fit_optimizes_every_parameter_svi_does(prior):
+    """fit() takes the same steps as pyro.infer.SVI on a prior's pyro.params (constrained too) and on its
+    nn.Parameters. One repeated data row makes the minibatch order irrelevant, so the two runs see the same
+    batches and the same noise: losses and parameters agree to float rounding."""
+    x = _data(1).expand(32, 12).contiguous()
+
+    def build():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(123)
+        return pyro_vae.VAE((12,), 3, hidden=(16,), prior=_param_prior if prior == "pyro.param" else _ModulePrior())
+
+    ref = build()
+    pyro.set_rng_seed(7)
+    svi = SVI(ref.model, ref.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(max_plate_nesting=1))
+    ref_losses = [svi.step(x, num_data=32) for _ in range(5)]
+    ref_state = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    ours = build()
+    history = pyro_vae.fit(ours, x, epochs=5, batch_size=32, lr=1e-2, seed=7, device="cpu", progress=False)
+    assert [-e["train_elbo"] * 32 for e in history.epochs] == pytest.approx(ref_losses, rel=1e-5)
+    moved = 0
+    for name, value in ref_state.items():
+        torch.testing.assert_close(pyro.param(name).detach(), value, rtol=1e-5, atol=1e-6, msg=name)
+        moved += "prior" in name
+    assert moved >= 1
+    if prior == "pyro.param":
+        assert float((pyro.param("prior_scale").detach() - 1).abs().max()) > 1e-3  # it trained
+
+
+def test_fit_refuses_a_pyro_param_created_after_training_started():
+    calls = {"n": 0}
+
+    def late_prior():
+        calls["n"] += 1
+        loc = pyro.param("late_loc", torch.zeros(3)) if calls["n"] > 3 else torch.zeros(3)
+        return dist.Normal(loc, 1.0).to_event(1)
+
+    vae = pyro_vae.VAE((12,), 3, hidden=(16,), prior=late_prior)
+    with pytest.raises(pyro_vae.ConfigError, match="late_loc"):
+        pyro_vae.fit(vae, _data(), epochs=3, batch_size=8, device="cpu", progress=False)
+
+
+def test_a_user_parts_pyro_params_are_checkpointed_and_resume_bit_for_bit(tmp_path):
+    x = _data()
+
+    def run(epochs, **kwargs):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(123)
+        vae = pyro_vae.VAE((12,), 3, hidden=(16,), prior=_param_prior)
+        pyro_vae.fit(vae, x, epochs=epochs, batch_size=8, lr=1e-2, seed=3, device="cpu", progress=False, **kwargs)
+        return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    whole = run(4)
+    run(2, checkpoint_dir=tmp_path / "run")
+    resumed = run(4, checkpoint_dir=tmp_path / "run", resume_from=tmp_path / "run")
+    assert set(whole) == set(resumed)
+    for name in ("prior_loc", "prior_scale"):
+        assert torch.equal(whole[name], resumed[name]), name
