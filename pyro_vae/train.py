@@ -662,11 +662,14 @@ def _user_params(loss_fn: ELBO, vae: VAE, xb: torch.Tensor, num_data: int,
 
 
 def _check_no_new_params(user_params: dict[str, torch.Tensor], own_count: int) -> None:
-    """Refuse a ``pyro.param`` first created after training started: the optimizer was built without it."""
+    """Refuse a ``pyro.param`` first created after training started that the steps differentiate: the optimizer
+    was built without it. (Entries Pyro updates itself, such as ``TraceGraph_ELBO``'s average baselines, have no
+    gradient and pass.)"""
     store = pyro.get_param_store()
     if len(store) <= own_count:
         return
-    new = [name for name in store.keys() if "$$$" not in name and name not in user_params]
+    new = [name for name in store.keys() if "$$$" not in name and name not in user_params
+           and store.get_param(name).unconstrained().grad is not None]  # differentiated, yet not optimized
     if new:
         raise ConfigError(message(
             f"pyro.param {new[0]!r}", "every pyro.param of the model and guide created by their first call",
