@@ -4,11 +4,12 @@ __version__ = "0.1.0"
 
 # Modules (importing ``kl`` registers its closed-form KL divergences with torch).
 from . import (  # noqa: E402
-    checkpoint, conditional, data, distributed, encoders, errors, estimators, evaluation, generation, imputation,
-    kl, likelihoods, linear_gaussian, networks, priors, relaxed, schedules, variance,
+    checkpoint, conditional, data, distributed, distributions, encoders, errors, estimators, evaluation, generation,
+    imputation, kl, likelihoods, linear_gaussian, networks, priors, relaxed, schedules, variance,
 )
 from .checkpoint import load, save  # noqa: E402
 from .conditional import CVAE, SSVAE  # noqa: E402
+from .distributions import StableContinuousBernoulli  # noqa: E402
 from .encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError, ShapeError, TrainingInterrupted,
@@ -46,7 +47,8 @@ __all__ = [
     "evaluation", "generation", "imputation", "log_likelihood", "active_units", "pareto_k", "to_inference_data",
     "amortization_gap", "impute",
     "kl", "relaxed", "schedules", "kl_report", "KLReport", "RelaxedCategoricalEncoder",
-    "StableRelaxedOneHotCategorical", "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
+    "StableRelaxedOneHotCategorical", "StableContinuousBernoulli", "distributions",
+    "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
     "RelaxedCategoricalPrior", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup",
     "estimators", "variance", "ESTIMATORS", "ScoreFunction", "score_function", "make_estimator_elbo",
     "gradient_samples", "gradient_statistics", "exact_gradient",

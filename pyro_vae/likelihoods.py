@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributions import StableContinuousBernoulli
 from .errors import ConfigError, DataError, message
 
 __all__ = [
@@ -70,14 +71,19 @@ class Bernoulli(Likelihood):
 
 
 class ContinuousBernoulli(Likelihood):
-    """Grey levels in [0, 1]: ``ContinuousBernoulli(logits=decoder_output)`` (Loaiza-Ganem & Cunningham
-    2019), the properly normalized density for data that a Bernoulli likelihood would mis-score."""
+    """Grey levels in [0, 1]: the continuous Bernoulli with logits ``decoder_output`` (Loaiza-Ganem &
+    Cunningham 2019), the properly normalized density for data that a Bernoulli likelihood would mis-score.
+
+    Returns a :class:`~pyro_vae.distributions.StableContinuousBernoulli` of batch shape ``out.shape``:
+    ``log p(x) = x * eta - log(expm1(eta) / eta)`` nats per entry, its mean, variance and sampler exact
+    for every finite logit ``eta`` (torch's own ``ContinuousBernoulli`` is not normalized beyond
+    ``|eta| ~ 16`` in float32)."""
 
     name = "continuous-bernoulli"
     support_text = "values in [0, 1]"
 
     def forward(self, out: torch.Tensor) -> dist.Distribution:
-        return dist.ContinuousBernoulli(logits=out)
+        return StableContinuousBernoulli(logits=out)
 
     def check_data(self, x: torch.Tensor, what: str = "x") -> None:
         bad = (x < 0) | (x > 1)
