@@ -404,6 +404,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          num_particles=args.particles, batch_size=args.batch_size)
     path = Path(args.run) / checkpoint.METRICS
     metrics = checkpoint.read_json(path) if path.is_file() else {}
+    for stale in [key for key in metrics if key.startswith("pareto_k")]:  # recomputed below where K allows
+        metrics.pop(stale)
     metrics.update({"elbo": elbo, "elbo_particles": args.particles, "units": "nats per data point"})
     if args.iw_samples < 0:
         raise ConfigError(message("--iw-samples", "an integer >= 0", str(args.iw_samples), "pass --iw-samples 1000"))
@@ -421,10 +423,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.iw_samples:
         print(f"test log p(x) {metrics['log_likelihood']:.3f} +- {metrics['log_likelihood_se']:.3f} "
               f"(K = {args.iw_samples}), gap log p(x) - ELBO {metrics['gap']:.3f}, "
-              f"{metrics['active_units']} active units, Pareto k > 0.7 for "
-              f"{metrics['pareto_k_frac_above_0.7']:.1%} of points")
+              f"{metrics['active_units']} active units, " + _pareto_summary(metrics))
     print(f"metrics: {path}")
     return 0
+
+
+def _pareto_summary(metrics: dict[str, Any]) -> str:
+    from .evaluation import PARETO_K_MIN_SAMPLES
+
+    if "pareto_k_frac_above_0.7" not in metrics:
+        return f"no Pareto k (it needs --iw-samples >= {PARETO_K_MIN_SAMPLES})"
+    return f"Pareto k > 0.7 for {metrics['pareto_k_frac_above_0.7']:.1%} of points"
 
 
 def _train_x(cfg: dict[str, Any]):
@@ -442,7 +451,7 @@ def _importance_metrics(vae, test, args: argparse.Namespace) -> dict[str, Any]:
     from . import evaluation, plots
 
     ll = evaluation.log_likelihood(vae, test, args.iw_samples, batch_size=args.iw_batch_size,
-                                   return_log_weights=args.iw_samples >= 2)
+                                   return_log_weights=args.iw_samples >= evaluation.PARETO_K_MIN_SAMPLES)
     out = ll.to_dict()
     out["elbo_iw"] = ll.elbo
     out["active_units"] = evaluation.active_units(vae, test)

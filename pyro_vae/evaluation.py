@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -281,30 +282,89 @@ def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: 
 
 
 # ------------------------------------------------------------------------------------------ diagnostics
+PARETO_K_MIN_SAMPLES = 30
+"""Fewest importance samples per data point for which :func:`pareto_k` fits a tail: ArviZ 1.x fits
+``floor(K / 5)`` tail weights, raises below 25 draws and returns NaN up to 29 (a 5-weight tail has no
+first quartile above its minimum); ArviZ 0.x returns ``inf`` below 21. From 30 both fit at least 6."""
+
+
 def _arviz():
+    """The installed ``arviz``: 0.x, or 1.x (the namespace over arviz-base, arviz-stats, arviz-plots)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import arviz as az
     return az
 
 
+def _arviz_major() -> int:
+    return int(str(_arviz().__version__).split(".")[0])
+
+
+def _psis_k(lw: np.ndarray) -> np.ndarray:
+    """``(N,)`` PSIS shape estimates of ``(N, K)`` float64 log weights, through the installed ArviZ's
+    public PSIS: ``arviz.psislw`` (0.x) takes log importance weights; ``arviz_stats`` 1.x's
+    ``array_stats.psislw`` takes log-likelihoods (LOO's log ratios are their negatives), so the weights
+    go in negated. It raises where the tail weights are all equal, for the whole batch: rows then go
+    one at a time and such a row gets ``inf``, as 0.x gives it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if _arviz_major() < 1:
+            return np.asarray(_arviz().psislw(lw.copy())[1], dtype=np.float64)
+        from arviz_stats.base import array_stats
+
+        try:
+            return np.asarray(array_stats.psislw(-lw, r_eff=1.0, axis=-1)[1], dtype=np.float64)
+        except ValueError as e:
+            if "tail values are the same" not in str(e):
+                raise
+            if lw.shape[0] == 1:
+                return np.array([np.inf])
+            return np.concatenate([_psis_k(row[None]) for row in lw])
+
+
 def pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
-    """Pareto-k of each row of ``(N, K)`` log importance weights (Yao et al. 2018, "Yes, but did it work?:
-    Evaluating variational inference"; Vehtari et al. 2024, PSIS), through ``arviz.psislw``.
+    """Pareto-k of each row of ``(N, K)`` log importance weights ``log p(x_n, z_k) - log q(z_k | x_n)``
+    (Yao et al. 2018, "Yes, but did it work?: Evaluating variational inference"; Vehtari et al. 2024,
+    "Pareto smoothed importance sampling"): the shape of a generalized Pareto fit to the largest weights,
+    through the installed ArviZ's PSIS (``arviz.psislw`` on 0.x, ``arviz_stats`` on 1.x). Returns ``(N,)``
+    float32, dimensionless.
 
     ``k < 0.5``: the importance-sampled estimate is reliable; ``0.5 <= k < 0.7``: usable but slow to
     converge; ``k > 0.7``: the guide misses mass of the posterior and ``log p(x)`` is unreliable for that point.
-    Returns ``(N,)``.
+
+    ArviZ 0.x and 1.x: rows whose weights are all equal (every weight the same, the estimate exact) get
+    ``-inf`` on both; where the tail fit fails, ``k`` is ``inf`` (unreliable) on both: 0.x returns ``inf``
+    itself, 1.x returns NaN or raises (largest weights all equal, or spanning more than about 700 nats),
+    which becomes ``inf``. Both lines fit the ``M`` largest of ``K`` weights, 0.x with
+    ``M = ceil(min(K / 5, 3 sqrt(K)))`` (as R's loo), 1.x with ``M = floor(K / 5)`` for ``K <= 225`` and
+    ``floor(3 sqrt(K))`` above. So for weights without ties they give the same ``k`` (to float32) when
+    ``K`` is a multiple of 5 from 30 to 225; at other ``K`` (1000, the command line's default, included)
+    they are two estimates of the same shape from tails one weight apart, and differ by the fit's noise
+    (a few hundredths at ``K = 1000``). Ties among the largest weights (discrete latents) are fitted
+    differently (0.x keeps the weights strictly above the cutoff, 1.x the ``M`` largest), and ``k`` can
+    differ more there.
+
+    Raises:
+        ConfigError: ``log_weights`` is not ``(N, K)`` or has ``K < PARETO_K_MIN_SAMPLES`` (30) samples.
+        DataError: a row of ``log_weights`` holds NaN or ``+inf``, or only ``-inf``.
     """
-    az = _arviz()
     lw = log_weights.detach().cpu().double()
-    if lw.dim() != 2 or lw.shape[1] < 2:
-        raise ConfigError(message("log_weights", "an (N, K) tensor with K >= 2", f"shape {tuple(lw.shape)}",
-                                  "keep more importance samples per data point"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, k = az.psislw(lw.numpy())
-    return torch.as_tensor(k, dtype=torch.float32).reshape(lw.shape[0])
+    if lw.dim() != 2 or lw.shape[1] < PARETO_K_MIN_SAMPLES:
+        raise ConfigError(message(
+            "log_weights", f"an (N, K) tensor with K >= {PARETO_K_MIN_SAMPLES} importance samples per data point "
+            "(the Pareto fit needs at least 6 tail weights)", f"shape {tuple(lw.shape)}",
+            f"draw num_samples >= {PARETO_K_MIN_SAMPLES} (pyro-vae evaluate: --iw-samples >= {PARETO_K_MIN_SAMPLES})"))
+    bad = (torch.isnan(lw) | (lw == math.inf)).any(1) | (lw.amax(1) == -math.inf)
+    if bool(bad.any()):
+        raise DataError(message("log_weights", "finite log weights (-inf only for some zero weights)",
+                                f"NaN, +inf or only -inf in {int(bad.sum())} of {lw.shape[0]} rows",
+                                "check the model's and the guide's log densities at those data points"))
+    k = torch.full((lw.shape[0],), -math.inf, dtype=torch.float64)
+    varies = lw.amax(1) > lw.amin(1)
+    if bool(varies.any()):
+        fitted = torch.as_tensor(_psis_k(lw[varies].numpy()), dtype=torch.float64)
+        k[varies] = torch.where(torch.isnan(fitted), torch.full_like(fitted, math.inf), fitted)
+    return k.float()
 
 
 def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples: int = 64) -> torch.Tensor:
@@ -342,24 +402,36 @@ def active_units(vae: VAE, data: Any, threshold: float = 0.01, *, batch_size: in
 
 def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: bool = False,
                       seed: Optional[int] = None, batch_size: int = 256):
-    """Posterior draws of ``z`` for the given data points as an ``arviz.InferenceData``.
+    """Posterior draws of ``z`` for the given data points in ArviZ's container: an
+    ``arviz.InferenceData`` with ArviZ 0.x, an ``xarray.DataTree`` with ArviZ 1.x (whose ``from_dict``
+    returns one). Both are read the same way (``idata.posterior["z"]``, ``idata.attrs["pareto_k"]``) and
+    hold the same groups, variables, dims and attrs.
 
     Groups: ``posterior`` (``z``, dims ``(chain, draw, point, latent[, category])``), ``log_likelihood``
-    (``x``: ``log p(x_n | z)`` per draw), ``sample_stats`` (``log_weight``: ``log p(x_n, z) - log q(z | x_n)``
-    per draw) and ``observed_data`` (``x`` flattened, dims ``(point, entry)``); ``attrs`` hold the
-    importance-sampled ``log_likelihood`` per point and the Pareto-k values. So ``az.summary``,
-    ``az.plot_posterior`` and ``az.plot_khat`` work on it.
+    (``x``: ``log p(x_n | z)`` per draw, nats), ``sample_stats`` (``log_weight``:
+    ``log p(x_n, z) - log q(z | x_n)`` per draw, nats) and ``observed_data`` (``x`` flattened, dims
+    ``(point, entry)``); ``chain`` has length 1 and ``draw`` length ``num_samples``. ``attrs`` hold the
+    importance-sampled ``log_likelihood`` per point (nats, from the drawn samples), the Pareto-k values
+    (:func:`pareto_k`), ``num_samples`` and ``resampled`` (0 or 1). ``az.summary`` works on it with
+    either line, ``az.plot_posterior`` (0.x) and ``az.plot_dist`` (1.x) draw ``z``; ``az.plot_khat`` takes
+    the ``pareto_k`` array with 0.x only (1.x's takes a LOO result), :func:`pyro_vae.plots.save_pareto_k`
+    draws it with both.
 
     Args:
-        num_samples: draws per data point from the guide ``q(z | x)``.
+        num_samples: draws per data point from the guide ``q(z | x)``, at least
+            ``PARETO_K_MIN_SAMPLES`` (30) for the Pareto-k fit.
         resample: replace the draws by sampling-importance-resampling draws (closer to the exact
             posterior ``p(z | x)``; ``log_weight`` then refers to the original draws).
         seed: seeds Pyro before drawing.
         batch_size: data points traced at once (all ``num_samples`` draws of a batch are held together).
+
+    Raises:
+        ConfigError: ``num_samples`` is not an integer >= 30, or ``batch_size`` not >= 1.
+        DataError: ``data`` does not have the VAE's data shape.
     """
     az = _arviz()
     x = _data(vae, data)
-    num_samples = _check_count("num_samples", num_samples, 2)
+    num_samples = _check_count("num_samples", num_samples, PARETO_K_MIN_SAMPLES)
     if seed is not None:
         pyro.set_rng_seed(seed)
     batch_size = _check_count("batch_size", batch_size)
@@ -381,15 +453,16 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
                    else [f"latent_{i}" for i in range(len(event))])
     kss = pareto_k(log_w.T)
     ll = log_w.logsumexp(0) - math.log(num_samples)
-    return az.from_dict(
-        posterior={"z": z.unsqueeze(0).numpy()},
-        log_likelihood={"x": log_px.unsqueeze(0).numpy()},
-        sample_stats={"log_weight": log_w.unsqueeze(0).numpy()},
-        observed_data={"x": x.reshape(x.shape[0], -1).numpy()},
-        dims={"z": ["point", *latent_dims], "x": ["point"], "log_weight": ["point"]},
-        attrs={"log_likelihood": ll.tolist(), "pareto_k": kss.tolist(), "num_samples": num_samples,
-               "resampled": int(resample)},
-    )
+    groups = {"posterior": {"z": z.unsqueeze(0).numpy()},
+              "log_likelihood": {"x": log_px.unsqueeze(0).numpy()},
+              "sample_stats": {"log_weight": log_w.unsqueeze(0).numpy()},
+              "observed_data": {"x": x.reshape(x.shape[0], -1).numpy()}}
+    dims = {"z": ["point", *latent_dims], "x": ["point", "entry"], "log_weight": ["point"]}
+    attrs = {"log_likelihood": ll.tolist(), "pareto_k": kss.tolist(), "num_samples": num_samples,
+             "resampled": int(resample)}
+    if _arviz_major() < 1:
+        return az.from_dict(**groups, dims=dims, attrs=attrs)
+    return az.from_dict(groups, dims=dims, attrs={"/": attrs})
 
 
 # ----------------------------------------------------------------------------------- amortization gap

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -157,6 +158,67 @@ def test_pareto_k_flags_an_underdispersed_guide():
     assert summary["pareto_k_frac_above_0.7"] == pytest.approx(float((k_narrow > 0.7).float().mean()))
 
 
+def _quantile_log_weights(num_samples, scale, shift=0.2):
+    """``log N(z; 0, 1) - log N(z; shift, scale^2)`` at the ``num_samples`` mid-quantiles of the proposal
+    ``N(shift, scale^2)``: deterministic (no random numbers, so the same on every platform), without ties,
+    and heavy-tailed for ``scale < 1`` (true k = 1 - scale^2)."""
+    q = NormalDist(shift, scale)
+    z = [q.inv_cdf((i + 0.5) / num_samples) for i in range(num_samples)]
+    return [-0.5 * v * v + 0.5 * ((v - shift) / scale) ** 2 + math.log(scale) for v in z]
+
+
+PARETO_SCALES = (0.3, 0.5, 0.8, 1.5)
+# k of _quantile_log_weights(K, scale) for PARETO_SCALES, computed with ArviZ 0.23.4 (arviz.psislw). ArviZ 1.3
+# (arviz_stats) gives the same values at these K: both fit a tail of K / 5 weights.
+PINNED_K = {30: [0.444997, 0.393325, 0.374573, -0.259334], 100: [0.617324, 0.569297, 0.411844, -1.000662],
+            200: [0.714899, 0.62433, 0.41964, -1.334499], 225: [0.713389, 0.626497, 0.402175, -1.369439]}
+# At K = 1000 (the command line's default) the lines fit 95 (0.x) and 94 (1.x) weights: each line's own values.
+PINNED_K_1000 = {0: [0.764148, 0.665248, 0.399165, -1.574538], 1: [0.777737, 0.652371, 0.391506, -1.58484]}
+
+
+@pytest.mark.parametrize("num_samples", sorted(PINNED_K) + [1000])
+def test_pareto_k_is_the_same_on_every_arviz_line(num_samples):
+    lw = torch.tensor([_quantile_log_weights(num_samples, s) for s in PARETO_SCALES], dtype=torch.float64)
+    k = evaluation.pareto_k(lw)
+    expected = PINNED_K.get(num_samples) or PINNED_K_1000[min(evaluation._arviz_major(), 1)]
+    assert k.dtype == torch.float32 and k.shape == (4,)
+    assert k.tolist() == pytest.approx(expected, abs=2e-6)
+    # the weights enter as log importance weights: shifting a row leaves k unchanged, negating it does not
+    assert evaluation.pareto_k(lw + 7.0).tolist() == pytest.approx(expected, abs=2e-6)
+    assert float(evaluation.pareto_k(-lw[:1])[0]) < float(k[0]) - 0.3
+
+
+def test_pareto_k_needs_30_samples_on_every_arviz_line():
+    # ArviZ 1.x raises below 25 draws and returns NaN from 25 to 29; 0.x returns inf up to 20: one rule here.
+    for num_samples in (2, 24, 29):
+        lw = torch.tensor([_quantile_log_weights(num_samples, 0.5)])
+        with pytest.raises(ConfigError, match=rf"K >= 30 .*found shape \(1, {num_samples}\).*num_samples >= 30"):
+            evaluation.pareto_k(lw)
+    assert torch.isfinite(evaluation.pareto_k(torch.tensor([_quantile_log_weights(30, 0.5)]))).all()
+    vae, marginal, _ = linear_gaussian()
+    with pytest.raises(ConfigError, match="num_samples"):
+        evaluation.to_inference_data(vae, marginal.sample((2,)), 29)
+
+
+def test_pareto_k_of_degenerate_weights_is_the_same_on_every_arviz_line():
+    n = 100
+    normal = torch.tensor([NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)], dtype=torch.float64)
+    lw = torch.stack([
+        torch.full((n,), -3.0, dtype=torch.float64),  # all weights equal: exact, k = -inf (0.x gave inf)
+        (torch.arange(n) >= 50).double(),  # two values, the tail all equal: no fit, inf (1.x raised)
+        torch.arange(n).double() * -800,  # weights beyond exp's range, one dominates: inf (1.x gave NaN)
+        normal,
+    ])
+    k = evaluation.pareto_k(lw)
+    assert k[:3].tolist() == [-math.inf, math.inf, math.inf]
+    assert math.isfinite(float(k[3]))
+    for bad in (math.nan, math.inf):
+        with pytest.raises(DataError, match="log_weights: expected finite log weights.*in 1 of 4 rows"):
+            evaluation.pareto_k(torch.cat([lw[:3], torch.full((1, n), bad, dtype=torch.float64)]))
+    with pytest.raises(DataError, match="only -inf in 1 of 1 rows"):
+        evaluation.pareto_k(torch.full((1, n), -math.inf))
+
+
 def test_active_units_count_dimensions_the_encoder_uses():
     vae, marginal, _ = linear_gaussian(column_scales=(2.0, 1.0, 0.0))  # z_3 does not reach x: collapsed
     x = marginal.sample((200,))
@@ -173,14 +235,27 @@ def test_to_inference_data_works_with_arviz():
     vae, marginal, posterior = linear_gaussian(shift=0.3)
     x = marginal.sample((4,))
     idata = evaluation.to_inference_data(vae, x, 200, batch_size=3)
+    if evaluation._arviz_major() < 1:
+        assert isinstance(idata, az.InferenceData)
+    else:  # ArviZ 1.x: from_dict returns a DataTree
+        import xarray
+
+        assert isinstance(idata, xarray.DataTree)
     z = idata.posterior["z"]
     assert z.dims == ("chain", "draw", "point", "latent") and z.shape == (1, 200, 4, 3)
+    assert idata.log_likelihood["x"].dims == ("chain", "draw", "point")
     assert idata.log_likelihood["x"].shape == (1, 200, 4)
     assert idata.sample_stats["log_weight"].shape == (1, 200, 4)
+    assert idata.observed_data["x"].dims == ("point", "entry") and idata.observed_data["x"].shape == (4, D)
+    log_w = torch.as_tensor(idata.sample_stats["log_weight"].values[0].T)  # (point, draw)
+    assert idata.attrs["num_samples"] == 200 and idata.attrs["resampled"] == 0
+    assert idata.attrs["pareto_k"] == pytest.approx(evaluation.pareto_k(log_w).tolist(), abs=1e-6)
+    assert idata.attrs["log_likelihood"] == pytest.approx((log_w.logsumexp(1) - math.log(200)).tolist(), abs=1e-4)
     summary = az.summary(idata, var_names=["z"], kind="stats")
     assert summary.shape[0] == 12
-    ax = az.plot_khat(torch.tensor(idata.attrs["pareto_k"]).numpy())
-    assert ax is not None
+    if evaluation._arviz_major() < 1:  # 1.x's plot_khat takes a LOO result instead of the k values
+        ax = az.plot_khat(torch.tensor(idata.attrs["pareto_k"]).numpy())
+        assert ax is not None
     # resampled draws approach the exact posterior mean
     res = evaluation.to_inference_data(vae, x, 2000, resample=True)
     m = torch.as_tensor(res.posterior["z"].mean(("chain", "draw")).values)
@@ -218,7 +293,7 @@ def test_bad_arguments_raise_clear_errors():
         evaluation.log_likelihood(vae, torch.zeros(3, D + 1), 10)
     with pytest.raises(ConfigError, match="return_log_weights=True"):
         evaluation.log_likelihood(vae, x, 10).pareto_k()
-    with pytest.raises(ConfigError, match="K >= 2"):
+    with pytest.raises(ConfigError, match=r"log_weights: expected an \(N, K\) tensor with K >= 30"):
         evaluation.pareto_k(torch.zeros(3, 1))
 
 
@@ -237,18 +312,19 @@ def test_cli_evaluate_writes_the_importance_sampled_metrics(tmp_path, capsys):
     from pyro_vae.cli import main
 
     run = make_run(tmp_path / "run")
-    assert main(["evaluate", str(run), "--iw-samples", "20", "--particles", "2", "--device", "cpu",
+    assert main(["evaluate", str(run), "--iw-samples", "30", "--particles", "2", "--device", "cpu",
                  "--amortization-points", "3", "--amortization-steps", "5"]) == 0
     assert "log p(x)" in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("elbo", "log_likelihood", "log_likelihood_se", "gap", "active_units", "num_samples",
                 "pareto_k_frac_above_0.7"):
         assert key in metrics, key
-    assert metrics["num_samples"] == 20 and metrics["num_points"] == 180
+    assert metrics["num_samples"] == 30 and metrics["num_points"] == 180
     assert metrics["amortization_points"] == 3 and "amortization_gap" in metrics
     assert metrics["gap"] == pytest.approx(metrics["log_likelihood"] - metrics["elbo_iw"], abs=1e-5)
     assert (run / "pareto_k.png").is_file()
     assert main(["evaluate", str(run), "--iw-samples", "-1"]) == 2
+    assert main(["evaluate", str(run), "--iw-samples", "29"]) == 2  # too few for the Pareto-k fit
 
 
 @pytest.mark.gpu

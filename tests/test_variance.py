@@ -13,19 +13,30 @@ import sys
 from pathlib import Path
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pyro import poutine
+from torch import nn
+from torch.distributions import constraints
 from torch.func import functional_call, grad
 
+from pyro_vae import VAE, GaussianEncoder
 from pyro_vae.errors import ConfigError
 from pyro_vae.estimators import BASELINE_PARAM, EstimatorMessenger, NeuralBaseline, get_estimator, make_estimator_elbo
 from pyro_vae.linear_gaussian import linear_gaussian_vae
-from pyro_vae.variance import (_Surrogate, exact_gradient, flat_gradient, gradient_samples, gradient_statistics,
-                               parameter_groups, summarize)
+from pyro_vae.variance import (PARAM_GROUP, _iter_gradients, _plan, _Surrogate, exact_gradient, flat_gradient,
+                               gradient_samples, gradient_statistics, parameter_groups, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
 GAUSSIAN = ["pathwise", "score-function", "score-function-baseline", "score-function-neural-baseline"]
+
+
+def _surrogate(vae, x, est, baseline, num_particles=1, elbo="trace"):
+    """The vectorized path's surrogate loss, planned from one run of the traces on ``x``."""
+    return _Surrogate(vae, est, num_particles, elbo, baseline, {}, _plan(vae, x, est, num_particles, elbo, {}))
 
 
 def _setup(batch: int = 4):
@@ -56,7 +67,7 @@ def test_vectorized_surrogate_equals_pyro_gradient_for_the_same_noise(estimator)
     z = traced.trace.nodes["z"]["value"].detach()
     loc, scale = vae.encoder(x)
     eps = ((z - loc) / scale).detach()
-    surrogate = _Surrogate(vae, est, 1, "trace", baseline, {})
+    surrogate = _surrogate(vae, x, est, baseline)
     p = {f"vae.{n}": params[n].detach() for n in names}
     g = grad(lambda p_: functional_call(surrogate, p_, ({"z": eps}, x)))(p)
     ours = torch.cat([g[f"vae.{n}"].reshape(-1) for n in names])
@@ -175,7 +186,7 @@ def _exact_discrete_elbo(vae, x: torch.Tensor) -> torch.Tensor:
     log_q = (configs[:, None] * vae.encoder(x)[None]).sum((-1, -2))  # (K^N, batch), normalized logits
     prior_logits = torch.log_softmax(vae.prior().base_dist.logits, -1)
     log_pz = (configs * prior_logits).sum((-1, -2))[:, None]
-    out = vae.decoder(vae._decoder_input(configs))[:, None].expand(-1, x.shape[0], -1)
+    out = vae.decoder(vae.decoder_input(configs.log()))[:, None].expand(-1, x.shape[0], -1)  # log-space latents
     log_px = torch.distributions.Bernoulli(logits=out).log_prob(x).sum(-1)
     return (log_q.exp() * (log_px + log_pz - log_q)).sum()
 
@@ -207,25 +218,40 @@ def test_categorical_vectorized_equals_pyro_for_the_same_noise(estimator):
     u = torch.rand(3, 2, 3).clamp(torch.finfo(torch.float32).tiny, 1.0)
     eps = -torch.log(-torch.log(u))
     z = traced.trace.nodes["z"]["value"].detach()
-    if estimator == "score-function":  # torch draws OneHotCategorical by multinomial: noise that picks z
-        assert bool(((z == 0) | (z == 1)).all())
-        eps = 1e3 * z
-    surrogate = _Surrogate(vae, est, 1, "trace", {}, {})
+    if estimator == "score-function":  # the exact categorical is drawn by multinomial: noise that picks z
+        assert bool(((z == 0) | (z == -math.inf)).all())  # the log of a one-hot
+        eps = 1e3 * z.exp()
+    surrogate = _surrogate(vae, x, est, {})
     g = grad(lambda p_: functional_call(surrogate, p_, ({"z": eps}, x)))(
         {f"vae.{n}": params[n].detach() for n in names})
     ours = torch.cat([g[f"vae.{n}"].reshape(-1) for n in names])
     assert torch.allclose(ours, pyro_grad, rtol=1e-4, atol=1e-4), (ours - pyro_grad).abs().max()
 
 
-def test_straight_through_and_relaxed_differ_only_in_the_sample():
-    vae, x = _categorical(straight_through=True)
-    tr = poutine.trace(EstimatorMessenger("relaxed", "guide")(vae.guide)).get_trace(x)
-    z = tr.nodes["z"]["value"]
-    assert not bool(((z == 0) | (z == 1)).all())
-    pyro.clear_param_store()
-    tr = poutine.trace(EstimatorMessenger("straight-through", "guide")(_categorical()[0].guide)).get_trace(x)
-    z = tr.nodes["z"]["value"]
-    assert bool(((z == 0) | (z == 1)).all()) and z.requires_grad
+def test_straight_through_and_relaxed_differ_only_in_what_the_decoder_sees():
+    """The estimator, not the VAE's own setting, decides during its steps: the same log-space draw, the same
+    densities; the decoder sees exp(z) under "relaxed" and its hard one-hot under "straight-through"."""
+    seen = []
+    for vae_st in (False, True):
+        vae, x = _categorical(straight_through=vae_st)
+        hook = vae.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        guide_tr = poutine.trace(vae.guide).get_trace(x)
+        z = guide_tr.nodes["z"]["value"]
+        for estimator in ("relaxed", "straight-through"):
+            model = EstimatorMessenger(estimator, "model")(vae.model)
+            tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x)
+            assert tr.nodes["z"]["value"] is z
+            assert torch.equal(tr.nodes["z"]["fn"].log_prob(z), vae.prior().log_prob(z))
+            inp = seen.pop().reshape(z.shape)
+            if estimator == "relaxed":
+                assert torch.allclose(inp, z.exp())
+            else:
+                assert torch.equal(inp, torch.nn.functional.one_hot(z.argmax(-1), 3).float())
+        poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)  # no estimator: the VAE's own
+        inp = seen.pop().reshape(z.shape)
+        assert bool(((inp == 0) | (inp == 1)).all()) == vae_st
+        hook.remove()
+        pyro.clear_param_store()
 
 
 # ----------------------------------------------------------------------------------------------- benchmarks
@@ -262,3 +288,215 @@ def test_full_quick_benchmarks(tmp_path):
     results = json.loads((tmp_path / "estimator_training.json").read_text())["results"]
     assert {r["estimator"] for r in results} >= {"pathwise", "score-function", "straight-through"}
     assert (tmp_path / "estimator_training.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------ pyro.param entries of the parts (point 6)
+class _OffsetEncoder(GaussianEncoder):
+    """The linear encoder's Gaussian, its mean shifted by a learnable ``pyro.param``."""
+
+    def distribution(self, x):
+        loc, scale = self(x)
+        return dist.Normal(loc + pyro.param("guide_offset", torch.zeros(self.z_dim)), scale).to_event(1)
+
+
+def _learnable_prior():
+    return dist.Normal(pyro.param("prior_loc", torch.zeros(2)),
+                       pyro.param("prior_scale", torch.ones(2), constraint=constraints.positive)).to_event(1)
+
+
+def _with_params(train_steps: int = 20):
+    """A linear-Gaussian VAE whose guide and prior hold ``pyro.param`` entries (one of them constrained),
+    trained a few SVI steps so that the store's values are no longer the initial ones."""
+    from pyro_vae.likelihoods import Normal
+
+    pyro.clear_param_store()
+    torch.manual_seed(3)
+    vae = VAE((5,), 2, encoder=_OffsetEncoder(nn.Linear(5, 4), 2), decoder=nn.Linear(2, 5),
+              prior=_learnable_prior, likelihood=Normal(scale=0.5))
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2)) + 1.0
+    svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.1}), pyro.infer.Trace_ELBO())
+    for _ in range(train_steps):
+        svi.step(x)
+    store = pyro.get_param_store()
+    if train_steps:
+        moved = [(store["prior_scale"] - 1), store["prior_loc"], store["guide_offset"]]  # from their initial values
+        assert all(float(d.detach().abs().max()) > 0.1 for d in moved)
+    return vae, x
+
+
+def _closed_form_elbo(vae, x):
+    """sum over the batch of the ELBO of ``_with_params``' VAE, in closed form (a linear-Gaussian model with the
+    prior N(prior_loc, prior_scale^2) and the guide N(Ax + c + offset, s^2)), differentiable in every parameter."""
+    w, b, s = vae.decoder.weight, vae.decoder.bias, float(vae.likelihood.scale)
+    loc, scale = vae.encoder(x)
+    m, v = loc + pyro.param("guide_offset"), scale.pow(2)
+    mu, sp = pyro.param("prior_loc"), pyro.param("prior_scale")
+    resid = (x - m @ w.T - b).pow(2).sum(-1) + (v * w.pow(2).sum(0)).sum(-1)
+    loglik = -0.5 * x.shape[-1] * math.log(2 * math.pi * s**2) - resid / (2 * s**2)
+    kl = (sp.log() - 0.5 * v.log() + (v + (m - mu).pow(2)) / (2 * sp.pow(2)) - 0.5).sum(-1)
+    return (loglik - kl).sum()
+
+
+def _same_noise(vae, x, estimator, n, method, elbo="trace", num_particles=1, noise=None, **kwargs):
+    """Gradient samples for given noise ``(n, [num_particles,] batch, ...)`` per latent site, seeded so that
+    baselines warm up identically."""
+    pyro.set_rng_seed(0)
+    _, chunks = _iter_gradients(vae, x, estimator, n, num_particles, method, elbo, None, 20, None, kwargs,
+                                noise=noise)
+    return torch.cat(list(chunks))
+
+
+def test_pyro_params_are_columns_at_their_current_values():
+    vae, x = _with_params()
+    groups = parameter_groups(vae, x)
+    store = pyro.get_param_store()
+    assert [n for n, _ in groups[PARAM_GROUP]] == ["guide_offset", "prior_loc", "prior_scale"]
+    assert all(t is store._params[n] for n, t in groups[PARAM_GROUP])  # the unconstrained leaves SVI updates
+    exact = flat_gradient(vae, -_closed_form_elbo(vae, x), x)
+    stats = gradient_statistics(vae, x, "pathwise", 4000, exact=exact, seed=0)
+    assert stats[PARAM_GROUP]["dim"] == 6 and stats["all"]["dim"] == exact.numel() == 6 + 39
+    # 4 standard errors per coordinate: false-failure rate about 6e-5 per coordinate, 3e-3 over the 45
+    assert stats["all"]["max_bias_z"] < 4.0, stats["all"]
+    loop = gradient_statistics(vae, x, "pathwise", 300, method="loop", exact=exact, seed=1)
+    assert loop["all"]["max_bias_z"] < 4.0, loop["all"]
+
+
+@pytest.mark.parametrize("estimator, elbo, num_particles", [
+    ("pathwise", "trace", 1), ("pathwise", "meanfield", 1), ("pathwise", "trace", 3), ("pathwise", "meanfield", 3),
+    ("score-function", "trace", 1), ("score-function", "trace", 3), ("score-function-baseline", "trace", 1),
+    ("score-function-neural-baseline", "trace", 1), ("score-function-neural-baseline", "trace", 3)])
+def test_vectorized_equals_loop_for_the_same_noise(estimator, elbo, num_particles):
+    """Every estimator: the vectorized gradient of each noise draw is Pyro's own ``loss_and_grads`` gradient for
+    that draw, on every column, the pyro.param entries included."""
+    vae, x = _with_params(train_steps=5)
+    shape = (6, num_particles, 4, 2) if num_particles > 1 else (6, 4, 2)
+    noise = {"z": torch.randn(shape, generator=torch.Generator().manual_seed(7))}
+    loop = _same_noise(vae, x, estimator, 6, "loop", elbo, num_particles, noise)
+    vec = _same_noise(vae, x, estimator, 6, "vectorized", elbo, num_particles, noise)
+    assert loop.shape == vec.shape == (6, 45)
+    assert torch.allclose(vec, loop, rtol=1e-4, atol=1e-4), (vec - loop).abs().max()
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(loc=st.lists(st.floats(-3, 3), min_size=2, max_size=2), log_scale=st.lists(st.floats(-2, 2), min_size=2,
+                                                                                     max_size=2),
+       offset=st.lists(st.floats(-3, 3), min_size=2, max_size=2))
+def test_vectorized_equals_loop_at_any_param_store_values(loc, log_scale, offset):
+    """Whatever values the param store holds, both methods differentiate at those values."""
+    vae, x = _with_params(train_steps=0)
+    store = pyro.get_param_store()
+    store["prior_loc"], store["guide_offset"] = torch.tensor(loc), torch.tensor(offset)
+    store["prior_scale"] = torch.tensor(log_scale).exp()
+    noise = {"z": torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(1))}
+    loop = _same_noise(vae, x, "pathwise", 3, "loop", noise=noise)
+    vec = _same_noise(vae, x, "pathwise", 3, "vectorized", noise=noise)
+    assert torch.allclose(vec, loop, rtol=1e-4, atol=1e-4), (vec - loop).abs().max()
+
+
+def test_module_outside_the_vae_refused_by_vectorized_and_covered_by_loop():
+    """A part that registers a module the VAE does not hold (``pyro.module``): the loop differentiates its
+    parameters under their param-store names; the vectorized path cannot put functional tensors into it and
+    says so instead of returning a gradient at a stale value."""
+    net = nn.Linear(1, 2)
+
+    def prior():
+        pyro.module("shift", net)
+        return dist.Normal(net(torch.ones(1)), 1.0).to_event(1)
+
+    from pyro_vae.likelihoods import Normal
+
+    vae = VAE((5,), 2, encoder=nn.Linear(5, 4), decoder=nn.Linear(2, 5), prior=prior, likelihood=Normal(scale=0.5))
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ConfigError, match=r'"shift\$\$\$weight".*method="loop"'):
+        gradient_samples(vae, x, "pathwise", 2)
+    loop = gradient_samples(vae, x, "pathwise", 400, method="loop", groups=True, seed=0)
+    names = [n for n, _ in parameter_groups(vae, x)[PARAM_GROUP]]
+    assert names == ["shift$$$weight", "shift$$$bias"] and loop[PARAM_GROUP].shape == (400, 4)
+    # d(-ELBO)/d(prior mean) = -sum_i (E_q[z_i] - mean): the bias column's mean, within 4.5 standard errors
+    with torch.no_grad():
+        expected = -(vae.encoder(x)[0] - net(torch.ones(1))).sum(0)
+    g = loop[PARAM_GROUP][:, 2:].double()
+    assert bool(((g.mean(0) - expected).abs() <= 4.5 * g.std(0) / 20 + 1e-6).all()), (g.mean(0), expected)
+
+
+# --------------------------------------------------------------- TraceMeanField_ELBO without a KL (point 9)
+def _prior_vae(prior: str):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    if prior == "categorical":
+        vae = VAE((6,), 2, latent="categorical", categories=3, hidden=(8,), temperature=0.5)
+        shape = (2, 3)
+    else:
+        vae = VAE((6,), 2, prior=prior, hidden=(8,))
+        shape = (2,)
+    x = (torch.rand(3, 6, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    return vae, x, shape
+
+
+@pytest.mark.parametrize("prior", ["mixture", "vamp", "student-t", "flow", "categorical", "normal", "laplace"])
+def test_meanfield_vectorized_equals_loop_and_names_the_monte_carlo_sites(prior):
+    """``TraceMeanField_ELBO`` uses the registered KL where there is one and the Monte Carlo estimate elsewhere:
+    the vectorized path does the same (gradients equal to the loop's for the same noise), warns naming the
+    sites without a closed form, and ``gradient_statistics`` reports both lists."""
+    import warnings
+
+    vae, x, shape = _prior_vae(prior)
+    analytic = prior in ("normal", "laplace")
+    noise = {"z": torch.randn(5, 3, *shape, generator=torch.Generator().manual_seed(1))}
+    if prior == "categorical":  # Gumbel noise
+        noise["z"] = -torch.log(-torch.log(torch.rand(5, 3, *shape, generator=torch.Generator().manual_seed(1))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop = _same_noise(vae, x, "pathwise", 5, "loop", "meanfield", noise=noise)
+        vec = _same_noise(vae, x, "pathwise", 5, "vectorized", "meanfield", noise=noise)
+    assert torch.allclose(vec, loop, rtol=1e-4, atol=1e-4), (vec - loop).abs().max()
+    fallbacks = [w for w in caught if "no closed-form KL" in str(w.message)]
+    if analytic:
+        assert not fallbacks
+    else:
+        assert len(fallbacks) == 2 and all('"z"' in str(w.message) for w in fallbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = gradient_statistics(vae, x, "pathwise", 4, elbo="meanfield", seed=0)
+        trace = gradient_statistics(vae, x, "pathwise", 4, elbo="trace", seed=0)
+    assert stats["all"]["analytic_kl_sites"] == (["z"] if analytic else [])
+    assert stats["all"]["monte_carlo_kl_sites"] == ([] if analytic else ["z"])
+    assert trace["all"]["analytic_kl_sites"] == [] and trace["all"]["monte_carlo_kl_sites"] == ["z"]
+
+
+# ------------------------------------------------------------- TraceGraph_ELBO's cost terms (baselines)
+class _Penalized(nn.Module):
+    """A local-latent model with a regularizer ``pyro.factor`` that does not depend on the latent:
+    ``TraceGraph_ELBO`` leaves it out of the latent's score-function cost, ``Trace_ELBO`` keeps it in."""
+
+    data_shape = (3,)
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+        self.enc = nn.Linear(3, 2)
+
+    def model(self, x):
+        pyro.module("m", self)
+        pyro.factor("penalty", -5.0 * self.w.pow(2).sum())
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z[:, None] * self.w, 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("m", self)
+        loc, raw = self.enc(x).unbind(-1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.1))
+
+
+@pytest.mark.parametrize("estimator", ["score-function-baseline", "score-function-neural-baseline",
+                                       "score-function"])
+def test_vectorized_uses_the_cost_terms_of_the_loops_elbo(estimator):
+    model = _Penalized()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    noise = {"z": torch.randn(6, 4, generator=torch.Generator().manual_seed(1))}
+    loop = _same_noise(model, x, estimator, 6, "loop", noise=noise)
+    vec = _same_noise(model, x, estimator, 6, "vectorized", noise=noise)
+    assert torch.allclose(vec, loop, rtol=1e-4, atol=1e-4), (vec - loop).abs().max()
