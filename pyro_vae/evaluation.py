@@ -26,7 +26,8 @@ from pyro.poutine.util import prune_subsample_sites
 
 from .errors import ConfigError, DataError, message
 from .train import as_tensor_data
-from .vae import VAE
+from .vae import VAE, unit_kl_weight
+from .validation import integer
 
 __all__ = ["LogLikelihood", "log_likelihood", "importance_log_weights", "pareto_k", "active_units",
            "latent_variances", "to_inference_data", "AmortizationGap", "amortization_gap", "posterior_means"]
@@ -547,7 +548,8 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
                              max_plate_nesting=nesting)
         opt = torch.optim.Adam([loc, raw], lr=lr)
         for _ in range(num_steps):
-            loss = loss_fn.differentiable_loss(vae.model, guide, x)
+            with unit_kl_weight(vae):  # the ELBO itself, whatever the KL weight the VAE trained with
+                loss = loss_fn.differentiable_loss(vae.model, guide, x)
             grads = torch.autograd.grad(loss, [loc, raw])
             opt.zero_grad()
             loc.grad, raw.grad = grads

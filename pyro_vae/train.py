@@ -23,8 +23,9 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, message
-from .step import CUDAGraphStep, _fast_kind, svi_step
-from .vae import VAE
+from .step import CUDAGraphStep, _fast_kind, clip_grad_norm_, svi_step
+from .vae import VAE, unit_kl_weight
+from .validation import check_memory, integer, number, positive
 
 __all__ = ["fit", "EarlyStopping", "make_elbo", "evaluate_elbo", "History", "TrainState", "resolve_device", "as_tensor_data",
            "ELBOS"]
@@ -82,8 +83,17 @@ def as_tensor_data(data: Any, what: str = "train_data") -> torch.Tensor:
 
 @dataclass
 class History:
-    """Per-epoch records: ``{"epoch", "step", "train_elbo", "val_elbo", "seconds"}`` (ELBOs in nats per
-    data point; ``val_elbo`` is ``None`` without validation data)."""
+    """Per-epoch records ``{"epoch", "step", "train_elbo", "train_objective", "beta", "val_elbo", "seconds"}``,
+    in nats per data point:
+
+    - ``train_elbo``: the ELBO (KL weight 1), averaged over the epoch's minibatches as they were trained (one
+      Monte Carlo estimate per minibatch, at the parameters of its step);
+    - ``train_objective``: what the steps maximized, ``E_q[log p(x|z)] - beta KL``, the same way (equal to
+      ``train_elbo`` when ``beta`` is 1; under a KL weight it is a second evaluation on the same minibatch);
+    - ``beta``: the VAE's KL weight at the end of the epoch;
+    - ``val_elbo``: the ELBO of the validation data at the epoch's end (``None`` without validation data).
+      Best-model selection (``best.pt``) and :class:`EarlyStopping` use ``val_elbo`` (``train_elbo`` without
+      validation data), never the objective."""
 
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -114,12 +124,16 @@ class TrainState:
 
 def evaluate_elbo(vae: VAE, data: Any, *, elbo: Union[str, ELBO] = "trace", num_particles: int = 1,
                   batch_size: int = 1024) -> float:
-    """Mean ELBO per data point (nats) of ``data`` under ``elbo``, without gradients."""
-    x = as_tensor_data(data, "data")
+    """Mean ELBO per data point (nats) of ``data`` under ``elbo``, without gradients.
+
+    The ELBO proper, ``E_q[log p(x|z)] - KL(q(z|x) || p(z))``, whatever the VAE's KL weight ``beta`` (the
+    beta-weighted training objective is ``History``'s ``train_objective``)."""
+    x = vae.as_data(as_tensor_data(data, "data"), "data", data_set=True)
+    batch_size = integer("batch_size", batch_size, 1)
     loss_fn = make_elbo(elbo, num_particles)
     device = vae._device()
     total = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), unit_kl_weight(vae):
         for i in range(0, x.shape[0], batch_size):
             xb = x[i: i + batch_size].to(device)
             total += loss_fn.loss(vae.model, vae.guide, xb)
@@ -293,13 +307,17 @@ def fit(
             pathwise estimator, in one process; callbacks must not change what the model or guide read from
             Python (KL-weight and temperature schedules are refused; a changed learning rate re-records the
             step). Same objective and gradients as the eager step, with other random numbers.
+        overwrite: replace the run in ``checkpoint_dir`` (its files are removed once training starts).
 
     Returns:
-        :class:`History` of per-epoch train and validation ELBOs (nats per data point).
+        :class:`History` of per-epoch train and validation ELBOs and the training objective (nats per data
+        point; the ELBO is always the one with KL weight 1, see :class:`History`).
 
     Raises:
-        NonFiniteLossError: a loss or gradient turned NaN or infinite (the message gives epoch and step; no
-            checkpoint is written after it).
+        NonFiniteLossError: a loss or gradient, or an epoch's training or validation ELBO, turned NaN or
+            infinite (the message gives epoch and step; no checkpoint is written after it).
+        CheckpointError: ``checkpoint_dir`` holds a run (without ``resume_from``/``overwrite``) or is locked by
+            another run; ``resume_from`` is missing, damaged or from another configuration.
         TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was written first when ``checkpoint_dir``
             is set.
     """
@@ -359,7 +377,7 @@ def fit(
     vae_config = vae.config
     shuffle_seed = seed if seed is not None else distributed.broadcast_object(int(torch.randint(2 ** 31 - 1, ())))
     steps_per_epoch = math.ceil(n / batch_size)
-    best, start_epoch, start_batch, carried = -math.inf, 1, 0, 0.0
+    best, start_epoch, start_batch, carried = -math.inf, 1, 0, [0.0, 0.0]
     if resume_from is not None:
         payload = distributed.rank0_call(
             lambda: ckpt.load_training_state(resume_from, vae_config=vae_config, signature=signature))
@@ -370,7 +388,8 @@ def fit(
         if payload["epoch_complete"]:
             start_epoch = payload["epoch"] + 1
         else:
-            start_epoch, start_batch, carried = payload["epoch"], payload["batch"], payload["epoch_total"]
+            start_epoch, start_batch = payload["epoch"], payload["batch"]
+            carried = _epoch_totals(payload["epoch_total"])
     guard = _StepGuard(params, dev, ctx, clip_norm if ctx.enabled else None, steps_per_epoch, ckpt_dir)
     hook = optimizer.register_step_pre_hook(guard)
     graph_step = None
@@ -429,7 +448,7 @@ def fit(
                 state.epoch = epoch
                 start = time.perf_counter()
                 first = start_batch if epoch == start_epoch else 0
-                total = torch.zeros((), dtype=torch.float64, device=dev)
+                total = torch.zeros(2, dtype=torch.float64, device=dev)  # objective and ELBO losses
                 perm = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed + epoch)).to(dev)
                 shown = state.step
                 for i in range(first, steps_per_epoch):
@@ -475,12 +494,13 @@ def fit(
                             shown = state.step
                             bar.set_postfix(epoch=epoch, elbo=f"{-float(loss) / n:.2f}")
                         if stop or ckpt_now:
-                            save(epoch, i + 1, False, carried + _global_sum(total, ctx))
+                            save(epoch, i + 1, False, _add(carried, _global_sum(total, ctx)))
                         if stop:
                             raise interrupted(stopper, epoch)
-                total_f = carried + _global_sum(total, ctx)
-                carried = 0.0
-                record: dict[str, Any] = {"epoch": epoch, "step": state.step, "train_elbo": -total_f / n,
+                objective_f, elbo_f = _add(carried, _global_sum(total, ctx))
+                carried = [0.0, 0.0]
+                record: dict[str, Any] = {"epoch": epoch, "step": state.step, "train_elbo": -elbo_f / n,
+                                          "train_objective": -objective_f / n, "beta": _beta(vae),
                                           "val_elbo": None}
                 if xv is not None:
                     vae.eval()
@@ -543,10 +563,40 @@ def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
                 st["step"] = st["step"].to(device=p.device if capturable else "cpu", dtype=torch.float32)
 
 
-def _global_sum(total: torch.Tensor, ctx: Any) -> float:
+def _global_sum(total: torch.Tensor, ctx: Any) -> list[float]:
     from . import distributed
 
-    return distributed.all_reduce_sum([float(total)], total.device)[0] if ctx.enabled else float(total)
+    values = [float(t) for t in total]
+    return distributed.all_reduce_sum(values, total.device) if ctx.enabled else values
+
+
+def _add(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    return [float(u) + float(v) for u, v in zip(a, b)]
+
+
+def _epoch_totals(saved: Any) -> list[float]:
+    """A checkpoint's partial-epoch sums ``[objective loss, ELBO loss]`` (one number in older checkpoints,
+    written when the two were the same)."""
+    return [float(saved), float(saved)] if isinstance(saved, (int, float)) else [float(v) for v in saved]
+
+
+def _beta(vae: Any) -> float:
+    return float(getattr(vae, "beta", 1.0))
+
+
+def _unit_beta_loss(loss_fn: ELBO, vae: Any, xb: torch.Tensor, num_data: int, loss: torch.Tensor) -> torch.Tensor:
+    """The step's negative ELBO (KL weight 1) on ``xb``: ``loss`` itself when the objective is the ELBO, else
+    one more evaluation of Pyro's ELBO with every KL weight set to 1 (no gradients, no host synchronization
+    for ``Trace_ELBO`` / ``TraceMeanField_ELBO``)."""
+    if _beta(vae) == 1.0:
+        return loss
+    from .step import elbo_loss
+
+    with torch.no_grad(), unit_kl_weight(vae), pyro.validation_enabled(False):
+        out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=num_data)
+        if out is None:
+            return torch.as_tensor(loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data), device=loss.device)
+    return out[0]
 
 
 def _val_elbo(vae: VAE, xv: torch.Tensor, loss_fn: ELBO, batch_size: int, ctx: Any) -> float:

@@ -9,8 +9,8 @@ signature and the same single plate, so they work under ``SVI`` with any ELBO, u
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
-from typing import Any, Callable, Optional, Sequence, Union
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import pyro
 import pyro.distributions as dist
@@ -409,3 +409,28 @@ class VAE(nn.Module):
 
 def num_parameters(module: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in module.parameters())
+
+
+def _vaes_in(obj: Any) -> list[VAE]:
+    """The :class:`VAE` instances reachable from ``obj``: the object itself, the owner of a bound method
+    (``vae.model``), and the submodules of an ``nn.Module``."""
+    owner = getattr(obj, "__self__", obj)
+    if isinstance(owner, nn.Module):
+        return [m for m in owner.modules() if isinstance(m, VAE)]
+    return []
+
+
+@contextmanager
+def unit_kl_weight(*objs: Any) -> Iterator[None]:
+    """Within the block every :class:`VAE` reachable from ``objs`` (VAEs, modules holding them, or their bound
+    ``model``/``guide``) weighs its latent sites with ``beta = 1``, so Pyro's ELBO on their traces is the ELBO
+    itself, not the beta-weighted training objective ``E_q[log p(x|z)] - beta KL``. Each ``beta`` is restored
+    on exit. Every quantity named ELBO or log p(x) is computed inside it."""
+    saved = [(v, v.beta) for obj in objs for v in _vaes_in(obj)]
+    try:
+        for v, _ in saved:
+            v.beta = 1.0
+        yield
+    finally:
+        for v, beta in reversed(saved):
+            v.beta = beta

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import operator
 import time
 import warnings
 from typing import Any, Callable, Iterator, Optional, Union
@@ -219,7 +220,7 @@ class _Plan:
     sites, the cost terms of each score-function site (``TraceGraph_ELBO``) and the KL method per site."""
 
     groups: dict[str, list[tuple[str, torch.Tensor]]]
-    vae_names: dict[str, str]  # param-store name of a VAE module parameter -> its name in the VAE
+    vae_names: dict[str, tuple[str, Any]]  # param-store name of a VAE parameter -> (name in the VAE, constraint)
     store: dict[str, Any]  # pyro.param outside the VAE's modules -> its constraint
     external: list[str]  # pyro.module registrations of modules the VAE does not hold
     latent: dict[str, tuple[tuple, dist.Distribution]]  # latent guide site -> (value shape, distribution)
@@ -275,7 +276,7 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
             analytic, monte_carlo = report.analytic, report.monte_carlo
         else:
             monte_carlo = latent_sites
-    vae_names: dict[str, str] = {}
+    vae_names: dict[str, tuple[str, Any]] = {}
     pyro_params: dict[str, Any] = {}
     external: list[str] = []
     for name, site in params.trace.nodes.items():
@@ -283,7 +284,7 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
             continue
         tensor = store._params[name]
         if id(tensor) in ids:
-            vae_names[name] = ids[id(tensor)]
+            vae_names[name] = (ids[id(tensor)], store._constraints.get(name, constraints.real))
             if name not in before:
                 del store[name]
         elif _MODULE_NAMESPACE_DIVIDER in name:
@@ -300,12 +301,13 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
 
 class _FunctionalParams(Messenger):
     """Inside ``functional_call``: answer each ``pyro.param`` statement with the functional tensors of the
-    plan (``transform_to(constraint)`` of the unconstrained value for a ``pyro.param``, the module's own
-    tensor for a registration of the VAE's modules), leaving Pyro's global param store untouched."""
+    plan, ``transform_to(constraint)`` of the unconstrained value: for a ``pyro.param`` entry the value
+    given by name, for a parameter of the VAE's modules (a ``pyro.module`` registration, a ``PyroModule``
+    parameter) the tensor ``functional_call`` has put in the module. Pyro's param store is not read."""
 
-    def __init__(self, plan: _Plan, values: dict[str, torch.Tensor]) -> None:
+    def __init__(self, vae: nn.Module, plan: _Plan, values: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self.plan, self.values = plan, values
+        self.vae, self.plan, self.values = vae, plan, values
         self.answered: set[str] = set()
 
     def _pyro_param(self, msg: dict) -> None:
@@ -313,8 +315,9 @@ class _FunctionalParams(Messenger):
         if name in self.values:
             msg["value"] = transform_to(self.plan.store[name])(self.values[name])
             self.answered.add(name)
-        elif name in self.plan.vae_names and len(msg["args"]) > 1 and torch.is_tensor(msg["args"][1]):
-            msg["value"] = msg["args"][1]  # functional_call has put the functional tensor in the module
+        elif name in self.plan.vae_names:
+            attr, constraint = self.plan.vae_names[name]
+            msg["value"] = transform_to(constraint)(operator.attrgetter(attr)(self.vae))
         else:
             raise ConfigError(message(
                 f'Pyro param "{name}"', "the pyro.param statements of the run that collected the parameters",
@@ -367,8 +370,10 @@ class _Surrogate(nn.Module):
 
     def forward(self, noise: dict[str, torch.Tensor], x: torch.Tensor,
                 params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        answer = _FunctionalParams(self.plan, params or {})
-        with answer, pyro.validation_enabled(False), pyro.settings.context(module_local_params=True):
+        answer = _FunctionalParams(self.vae, self.plan, params or {})
+        # The param store is set aside while the parts run on functional tensors: the registration checks of
+        # pyro.module and PyroModule compare the store's tensors with the module's and would see a mismatch.
+        with pyro.get_param_store().scope(), answer, pyro.validation_enabled(False):
             model_tr, guide_tr = self.traces(noise, x)
             model_tr.compute_log_prob()
             guide_tr.compute_score_parts()

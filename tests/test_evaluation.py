@@ -324,7 +324,6 @@ def test_cli_evaluate_writes_the_importance_sampled_metrics(tmp_path, capsys):
     assert metrics["gap"] == pytest.approx(metrics["log_likelihood"] - metrics["elbo_iw"], abs=1e-5)
     assert (run / "pareto_k.png").is_file()
     assert main(["evaluate", str(run), "--iw-samples", "-1"]) == 2
-    assert main(["evaluate", str(run), "--iw-samples", "29"]) == 2  # too few for the Pareto-k fit
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
@@ -439,8 +440,6 @@ def test_meanfield_vectorized_equals_loop_and_names_the_monte_carlo_sites(prior)
     """``TraceMeanField_ELBO`` uses the registered KL where there is one and the Monte Carlo estimate elsewhere:
     the vectorized path does the same (gradients equal to the loop's for the same noise), warns naming the
     sites without a closed form, and ``gradient_statistics`` reports both lists."""
-    import warnings
-
     vae, x, shape = _prior_vae(prior)
     analytic = prior in ("normal", "laplace")
     noise = {"z": torch.randn(5, 3, *shape, generator=torch.Generator().manual_seed(1))}
@@ -499,4 +498,53 @@ def test_vectorized_uses_the_cost_terms_of_the_loops_elbo(estimator):
     noise = {"z": torch.randn(6, 4, generator=torch.Generator().manual_seed(1))}
     loop = _same_noise(model, x, estimator, 6, "loop", noise=noise)
     vec = _same_noise(model, x, estimator, 6, "vectorized", noise=noise)
+    assert torch.allclose(vec, loop, rtol=1e-4, atol=1e-4), (vec - loop).abs().max()
+
+
+def test_pyro_module_part_with_constrained_params():
+    """A ``PyroModule`` prior (its ``PyroParam`` entries, one constrained, are parameters of the VAE): both
+    methods differentiate at the current values, for the same noise."""
+    from pyro.nn import PyroModule, PyroParam
+
+    class Prior(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.loc = PyroParam(torch.zeros(2))
+            self.scale = PyroParam(torch.ones(2), constraint=constraints.positive)
+
+        def forward(self):
+            return dist.Normal(self.loc, self.scale).to_event(1)
+
+    torch.manual_seed(0)
+    vae = VAE((6,), 2, prior=Prior(), hidden=(8,))
+    x = (torch.rand(3, 6, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.1}), pyro.infer.Trace_ELBO())
+    for _ in range(5):
+        svi.step(x)
+    with torch.no_grad():
+        assert float((vae.prior.scale - 1).abs().max()) > 0.1
+    groups = parameter_groups(vae, x)
+    assert [n for n, _ in groups["prior"]] == ["prior.loc_unconstrained", "prior.scale_unconstrained"]
+    assert PARAM_GROUP not in groups
+    noise = {"z": torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(1))}
+    loop = _same_noise(vae, x, "pathwise", 4, "loop", noise=noise)
+    vec = _same_noise(vae, x, "pathwise", 4, "vectorized", noise=noise)
+    assert torch.allclose(vec, loop, rtol=1e-4, atol=1e-4), (vec - loop).abs().max()
+
+
+@pytest.mark.parametrize("estimator, elbo, num_particles", [
+    ("relaxed", "trace", 1), ("relaxed", "meanfield", 1), ("relaxed", "trace", 2), ("straight-through", "trace", 1),
+    ("score-function", "trace", 1), ("score-function-baseline", "trace", 1), ("pathwise", "trace", 2)])
+def test_categorical_vectorized_equals_loop_for_the_same_noise(estimator, elbo, num_particles):
+    """Every categorical estimator, with a learnable prior: the same Gumbel noise gives the same gradient."""
+    vae = VAE((6,), 2, latent="categorical", categories=3, hidden=(8,), temperature=0.5, prior="categorical-learned")
+    x = (torch.rand(3, 6, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    shape = (5, num_particles, 3, 2, 3) if num_particles > 1 else (5, 3, 2, 3)
+    u = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    noise = {"z": -torch.log(-torch.log(u))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Monte Carlo KL of the mean-field case
+        loop = _same_noise(vae, x, estimator, 5, "loop", elbo, num_particles, noise)
+        vec = _same_noise(vae, x, estimator, 5, "vectorized", elbo, num_particles, noise)
+    assert torch.isfinite(loop).all() and loop.abs().sum() > 0
     assert torch.allclose(vec, loop, rtol=1e-4, atol=1e-4), (vec - loop).abs().max()
