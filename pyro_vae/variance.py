@@ -58,7 +58,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 from torch.distributions import constraints, transform_to
 
-from .errors import ConfigError, message
+from .errors import ConfigError, NonFiniteLossError, message
 from .estimators import (BASELINE_PARAM, Estimator, EstimatorMessenger, NeuralBaseline, ScoreFunction,
                          _unwrap_independent, get_estimator, make_estimator_elbo)
 
@@ -223,7 +223,7 @@ class _Plan:
     vae_names: dict[str, tuple[str, Any]]  # param-store name of a VAE parameter -> (name in the VAE, constraint)
     store: dict[str, Any]  # pyro.param outside the VAE's modules -> its constraint
     external: list[str]  # pyro.module registrations of modules the VAE does not hold
-    latent: dict[str, tuple[tuple, dist.Distribution]]  # latent guide site -> (value shape, distribution)
+    latent: dict[str, tuple[torch.Tensor, dist.Distribution]]  # latent guide site -> (a value, distribution)
     costs: dict[str, tuple[list[str], list[str]]]  # score-function site -> (model sites, guide sites)
     analytic_kl: list[str]
     monte_carlo_kl: list[str]
@@ -294,7 +294,7 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
     extra = [(n, store._params[n]) for n in [*pyro_params, *external]]
     if extra:
         groups[PARAM_GROUP] = extra
-    latent = {n: (tuple(s["value"].shape), s["fn"]) for n, s in guide_tr.nodes.items()
+    latent = {n: (s["value"].detach(), s["fn"]) for n, s in guide_tr.nodes.items()
               if s["type"] == "sample" and not s["is_observed"]}
     return _Plan(groups, vae_names, pyro_params, external, latent, costs, list(analytic), list(monte_carlo))
 
@@ -453,10 +453,11 @@ def _check(vae: nn.Module, x: torch.Tensor, num_samples: int, num_particles: int
         vae.check_data(x)
 
 
-def _draw_noise(plan: _Plan, n: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Standard noise for ``n`` estimates: ``(n, *value shape)`` per latent guide site."""
-    return {s: _standard_noise(_noise_kind(fn, s), (n, *shape), x.device, x.dtype)
-            for s, (shape, fn) in plan.latent.items()}
+def _draw_noise(plan: _Plan, n: int) -> dict[str, torch.Tensor]:
+    """Standard noise for ``n`` estimates: ``(n, *value shape)`` per latent guide site, in the dtype and on
+    the device of the site's values (as the distribution itself would draw it)."""
+    return {s: _standard_noise(_noise_kind(fn, s), (n, *v.shape), v.device, v.dtype)
+            for s, (v, fn) in plan.latent.items()}
 
 
 def _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline, nn_baseline, kwargs, chunk,
@@ -480,8 +481,9 @@ def _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline, nn
             guide = _NoiseMessenger({s: e[i] for s, e in noise.items()})(_guide_for(est)(vae.guide))
         with poutine.trace(param_only=True) as seen:
             loss_fn.loss_and_grads(vae.model, guide, x, **kwargs)
+        ids = {id(p) for p in params}
         new = [n for n in seen.trace.nodes if n not in known and not n.startswith(BASELINE_PARAM)
-               and not (_MODULE_NAMESPACE_DIVIDER in n and id(store._params.get(n)) in {id(p) for p in params})]
+               and id(store._params.get(n)) not in ids]
         if new:
             raise ConfigError(message(
                 f'Pyro param "{new[0]}"', "the pyro.param statements of the run that collected the parameters",
@@ -524,7 +526,7 @@ def _iter_vectorized(vae, x, est, plan, num_samples, num_particles, elbo, baseli
     done = 0
     while done < num_samples:
         n = min(chunk, num_samples - done)
-        eps = _draw_noise(plan, n, x) if noise is None else {s: e[done: done + n] for s, e in noise.items()}
+        eps = _draw_noise(plan, n) if noise is None else {s: e[done: done + n] for s, e in noise.items()}
         gm, gs = per_sample(module_params, store_params, eps)
         if done == 0:
             missing = [name for name in plan.store if name not in surrogate.answered]
@@ -561,11 +563,29 @@ def _iter_gradients(vae, x, estimator, num_samples, num_particles, method, elbo,
     baseline, nn_baseline = _baselines(vae, x, est, plan, nn_baseline, warmup, kwargs)
     chunk = chunk_size or _default_chunk(x, num_particles, method)
     if method == "loop":
-        it = _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline, nn_baseline, kwargs, chunk,
-                        noise)
+        it: Iterator[torch.Tensor] = _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline,
+                                                nn_baseline, kwargs, chunk, noise)
     else:
         it = _iter_vectorized(vae, x, est, plan, num_samples, num_particles, elbo, baseline, kwargs, chunk, noise)
-    return plan, it
+    return plan, _finite(plan, it)
+
+
+def _finite(plan: _Plan, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The chunks, or :class:`~pyro_vae.errors.NonFiniteLossError` at the first non-finite gradient entry."""
+    names = None
+    for chunk in chunks:
+        bad = ~torch.isfinite(chunk)
+        if bool(bad.any()):
+            if names is None:
+                names = [f"{g} {n}" for g, items in plan.groups.items() for n, p in items for _ in range(p.numel())]
+            cols = bad.any(0).nonzero().flatten().tolist()
+            raise NonFiniteLossError(message(
+                "gradient samples", "finite values",
+                f"{int(bad.sum())} NaN or infinite entries, in the columns of "
+                + ", ".join(dict.fromkeys(names[c] for c in cols)),
+                "check the parameters' current values and the model's log-densities at them (run the loss once "
+                "under pyro.enable_validation(True))"))
+        yield chunk
 
 
 def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: Union[str, Estimator] = "pathwise",

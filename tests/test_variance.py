@@ -25,10 +25,10 @@ from torch.distributions import constraints
 from torch.func import functional_call, grad
 
 from pyro_vae import VAE, GaussianEncoder
-from pyro_vae.errors import ConfigError
+from pyro_vae.errors import ConfigError, NonFiniteLossError
 from pyro_vae.estimators import BASELINE_PARAM, EstimatorMessenger, NeuralBaseline, get_estimator, make_estimator_elbo
 from pyro_vae.linear_gaussian import linear_gaussian_vae
-from pyro_vae.variance import (PARAM_GROUP, _iter_gradients, _plan, _Surrogate, exact_gradient, flat_gradient,
+from pyro_vae.variance import (METHODS, PARAM_GROUP, _iter_gradients, _plan, _Surrogate, exact_gradient, flat_gradient,
                                gradient_samples, gradient_statistics, parameter_groups, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -548,3 +548,39 @@ def test_categorical_vectorized_equals_loop_for_the_same_noise(estimator, elbo, 
         vec = _same_noise(vae, x, estimator, 5, "vectorized", elbo, num_particles, noise)
     assert torch.isfinite(loop).all() and loop.abs().sum() > 0
     assert torch.allclose(vec, loop, rtol=1e-4, atol=1e-4), (vec - loop).abs().max()
+
+
+def test_param_statements_that_change_between_draws_are_refused_by_both_methods():
+    calls = [0]
+
+    def prior():
+        calls[0] += 1
+        loc = pyro.param("late", torch.zeros(2)) if calls[0] > 3 else torch.zeros(2)
+        return dist.Normal(loc, 1.0).to_event(1)
+
+    for method in METHODS:
+        pyro.clear_param_store()
+        calls[0] = 0
+        vae = VAE((6,), 2, prior=prior, hidden=(8,))
+        x = torch.ones(3, 6)
+        with pytest.raises(ConfigError, match='"late".*change structure between draws'):
+            gradient_samples(vae, x, "pathwise", 4, method=method, chunk_size=1)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_non_finite_gradient_samples_raise_naming_the_parameters():
+    vae, x = _with_params(train_steps=0)
+    pyro.get_param_store()["prior_loc"] = torch.tensor([0.0, math.nan])
+    for method in METHODS:
+        with pyro.validation_enabled(False), pytest.raises(NonFiniteLossError, match="pyro.param prior_loc"):
+            gradient_samples(vae, x, "pathwise", 3, method=method)
+
+
+def test_noise_in_the_latents_dtype_whatever_the_datas():
+    """float64 data for a float32 VAE: the vectorized path draws the noise as the guide's distribution does, in
+    the latent's dtype, so the data's dtype changes neither the draws nor the gradients."""
+    vae, x = _with_params(train_steps=0)
+    for method in METHODS:
+        g32 = gradient_samples(vae, x, "pathwise", 3, method=method, seed=0)
+        g64 = gradient_samples(vae, x.double(), "pathwise", 3, method=method, seed=0)
+        assert g64.dtype == torch.float32 and torch.allclose(g32, g64, rtol=1e-5, atol=1e-5), method
