@@ -20,6 +20,11 @@ class ShapeError(PyroVAEError, ValueError):
     """A network, prior or likelihood produced a tensor or distribution of the wrong shape."""
 
 
+class ModelError(PyroVAEError, ValueError):
+    """A part of the model (encoder, decoder, prior or likelihood) returned something unusable: not a
+    distribution, or a distribution with NaN or infinite parameters. The message names the part and the site."""
+
+
 class CheckpointError(PyroVAEError):
     """A run folder or checkpoint that does not exist, is not a run, or does not fit this configuration."""
 

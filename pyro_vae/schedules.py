@@ -18,22 +18,10 @@ import math
 from typing import Any
 
 from .errors import ConfigError, message
+from .validation import beta as _beta
+from .validation import integer, number
 
 __all__ = ["Schedule", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup"]
-
-
-def _number(name: str, value: Any, minimum: float = 0.0, strict: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= minimum if strict else value < minimum):
-        rel = ">" if strict else ">="
-        raise ConfigError(message(name, f"a finite number {rel} {minimum:g}", repr(value), f"pass a valid {name}"))
-    return float(value)
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(message(name, f"an integer >= {minimum}", repr(value), f"pass a valid {name}"))
-    return value
 
 
 class Schedule:
@@ -71,7 +59,7 @@ class ConstantTemperature(_TemperatureSchedule):
     """A fixed relaxation temperature."""
 
     def __init__(self, temperature: float) -> None:
-        self.temperature = _number("temperature", temperature)
+        self.temperature = number("temperature", temperature, 0.0)
 
     def value(self, step: int) -> float:
         return self.temperature
@@ -92,10 +80,10 @@ class ExponentialTemperature(_TemperatureSchedule):
     """
 
     def __init__(self, initial: float = 1.0, rate: float = 3e-5, minimum: float = 0.5, every: int = 1) -> None:
-        self.initial = _number("initial temperature", initial)
-        self.rate = _number("anneal rate", rate, strict=False)
-        self.minimum = _number("minimum temperature", minimum)
-        self.every = _integer("every", every, 1)
+        self.initial = number("initial temperature", initial, 0.0)
+        self.rate = number("anneal rate", rate, 0.0, strict=False)
+        self.minimum = number("minimum temperature", minimum, 0.0)
+        self.every = integer("every", every, 1)
         if self.minimum > self.initial:
             raise ConfigError(message("minimum temperature", f"<= the initial temperature {self.initial:g}",
                                       repr(minimum), "lower --temperature-min or raise --temperature"))
@@ -120,7 +108,7 @@ class ConstantBeta(_BetaSchedule):
     """A fixed KL weight ``beta > 0`` (beta-VAE, Higgins et al. 2017)."""
 
     def __init__(self, beta: float) -> None:
-        self.beta = _number("beta", beta)
+        self.beta = _beta("beta", beta)
 
     def value(self, step: int) -> float:
         return self.beta
@@ -138,9 +126,9 @@ class KLWarmup(_BetaSchedule):
     """
 
     def __init__(self, steps: int, start: float | None = None, end: float = 1.0) -> None:
-        self.steps = _integer("warm-up steps", steps, 1)
-        self.end = _number("end beta", end)
-        self.start = _number("start beta", start if start is not None else self.end / self.steps)
+        self.steps = integer("warm-up steps", steps, 1)
+        self.end = _beta("end beta", end)
+        self.start = _beta("start beta", start if start is not None else self.end / self.steps)
 
     def value(self, step: int) -> float:
         frac = min(1.0, max(0, int(step)) / self.steps)
