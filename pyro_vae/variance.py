@@ -90,7 +90,8 @@ def parameter_groups(vae: nn.Module, x: Optional[torch.Tensor] = None,
     holds the trainable parameters of the VAE's modules (empty groups left out). With a batch ``x`` the
     guide and the model are run once on it (``model_kwargs`` passed on), and every ``pyro.param`` they
     declare outside the VAE's modules follows under ``"pyro.param"`` as ``(param-store name, unconstrained
-    tensor)``; without ``x`` those are not known and left out.
+    tensor)``; without ``x`` those are not known and left out. A ``pyro.param`` not yet in the param store is
+    created by that run, as a first ``SVI`` step would create it.
     """
     if x is None:
         return _module_groups(vae)
@@ -623,6 +624,7 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: Union[str, Esti
         ConfigError: for a bad argument; with ``method="vectorized"``, for a guide site it cannot draw, a
             ``pyro.module`` registration of a module outside the VAE, or traces whose ``pyro.param``
             statements change between draws (``method="loop"`` covers the first two).
+        NonFiniteLossError: a gradient entry is NaN or infinite (the message names the parameters).
     """
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -684,7 +686,8 @@ def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: Union[str, E
         Others: as in :func:`gradient_samples`.
 
     Raises:
-        ConfigError: as :func:`gradient_samples`, and for an ``exact`` of the wrong size.
+        ConfigError, NonFiniteLossError: as :func:`gradient_samples`; ConfigError also for an ``exact`` of
+            the wrong size.
     """
     if seed is not None:
         pyro.set_rng_seed(seed)

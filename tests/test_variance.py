@@ -584,3 +584,11 @@ def test_noise_in_the_latents_dtype_whatever_the_datas():
         g32 = gradient_samples(vae, x, "pathwise", 3, method=method, seed=0)
         g64 = gradient_samples(vae, x.double(), "pathwise", 3, method=method, seed=0)
         assert g64.dtype == torch.float32 and torch.allclose(g32, g64, rtol=1e-5, atol=1e-5), method
+
+
+def test_exact_gradient_of_the_wrong_size_is_refused():
+    vae, x = _with_params(train_steps=0)
+    module_only = flat_gradient(vae, -_closed_form_elbo(vae, x))  # without x: the VAE's module parameters only
+    assert module_only.numel() == 39
+    with pytest.raises(ConfigError, match=r"exact: expected 45 numbers.*pyro\.param"):
+        gradient_statistics(vae, x, "pathwise", 2, exact=module_only)
