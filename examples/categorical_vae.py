@@ -43,7 +43,7 @@ def use_discrete_kl() -> None:
     relaxed KL is not this), which is why the library does not register it."""
     from torch.distributions import Categorical, kl_divergence, register_kl
 
-    from pyro_vae.relaxed import StableRelaxedOneHotCategorical as Relaxed
+    from pyro_vae.relaxed import ExpRelaxedOneHotCategorical as Relaxed
 
     @register_kl(Relaxed, Relaxed)
     def _discrete_kl(q, p):
@@ -72,12 +72,12 @@ def test_bounds(vae: pyro_vae.VAE, x: torch.Tensor, samples: int, batch_size: in
         xb = x[i: i + batch_size]
         logq = vae.encoder(xb)                                      # (B, N, K) normalized logits
         kl = (logq.exp() * (logq + math.log(k))).sum((-2, -1))      # KL(Cat(q) || uniform), (B,)
-        # hard one-hot draws of the categorical itself
-        hard = F.one_hot(torch.distributions.Categorical(logits=logq).sample((samples,)), k).float()
+        # hard one-hot draws of the categorical itself (the latent is carried in log space: log of the one-hot)
+        hard = F.one_hot(torch.distributions.Categorical(logits=logq).sample((samples,)), k).float().log()
         # relaxed draws at the final temperature (what the decoder saw in training)
         soft = vae.encoder.distribution(xb).rsample((samples,))
         for key, z in (("discrete", hard), ("jang_style", soft)):
-            px = vae._likelihood_dist(vae.decoder(vae._decoder_input(z)))
+            px = vae.decode_dist(z)
             rec = px.log_prob(xb).mean(0)                           # (B,)
             totals[key] += float((kl - rec).sum())
     out = {key: v / x.shape[0] for key, v in totals.items()}

@@ -22,7 +22,7 @@ from .likelihoods import Bernoulli, ContinuousBernoulli, Normal, NormalLearnedSc
 from .priors import (  # noqa: E402
     FlowPrior, Laplace, MixtureOfGaussians, RelaxedCategoricalPrior, StandardNormal, StudentT, VampPrior,
 )
-from .relaxed import StableRelaxedOneHotCategorical  # noqa: E402
+from .relaxed import ExpOneHotCategorical, ExpRelaxedOneHotCategorical  # noqa: E402
 from .schedules import ConstantBeta, ConstantTemperature, ExponentialTemperature, KLWarmup  # noqa: E402
 from .train import EarlyStopping, History, evaluate_elbo, fit, make_elbo  # noqa: E402
 from .vae import VAE  # noqa: E402
@@ -47,7 +47,7 @@ __all__ = [
     "evaluation", "generation", "imputation", "log_likelihood", "active_units", "pareto_k", "to_inference_data",
     "amortization_gap", "impute",
     "kl", "relaxed", "schedules", "kl_report", "KLReport", "RelaxedCategoricalEncoder",
-    "StableRelaxedOneHotCategorical", "StableContinuousBernoulli", "distributions",
+    "ExpRelaxedOneHotCategorical", "ExpOneHotCategorical", "StableContinuousBernoulli", "distributions",
     "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
     "RelaxedCategoricalPrior", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup",
     "estimators", "variance", "ESTIMATORS", "ScoreFunction", "score_function", "make_estimator_elbo",

@@ -242,6 +242,8 @@ def write_pictures(vae, splits, run: Path, history: Optional[list] = None, n: in
         paths.append(plots.save_elbo_curve(history, run / "elbo.png"))
     with torch.no_grad():
         z = torch.cat([vae.encode(test.x[i: i + 1024].to(device)).cpu() for i in range(0, len(test), 1024)])
+        if vae.categories is not None:
+            z = z.exp()  # encode gives log class probabilities for a categorical latent: map the probabilities
     paths.append(plots.save_latent_map(z.reshape(z.shape[0], -1), test.y, run / "latent.png"))
     return paths
 

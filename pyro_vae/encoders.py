@@ -66,9 +66,11 @@ class RelaxedCategoricalEncoder(Encoder):
 
     The network maps ``(..., *data_shape)`` to ``(..., n * k)`` logits. ``temperature`` is a plain
     attribute, so a schedule (:class:`pyro_vae.schedules.ExponentialTemperature`) can anneal it during
-    training; ``straight_through=True`` returns hard one-hot samples with relaxed gradients. Samples
-    come from :class:`~pyro_vae.relaxed.StableRelaxedOneHotCategorical`, which scores them in log space so
-    low temperatures stay finite.
+    training. The distribution is :class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`: its values are
+    the *log* of the relaxed one-hot sample (finite at any temperature, and its density a function of the
+    value alone); :meth:`pyro_vae.VAE.decoder_input` maps them to the simplex. ``straight_through=True``
+    makes the VAE's decoder see the hard one-hot of each draw with the relaxed draw's gradient; the
+    latent and its densities are the same either way.
 
     There is no closed-form KL divergence between two Concrete distributions, so under
     ``TraceMeanField_ELBO`` this site falls back to the Monte Carlo estimate ``log q(z|x) - log p(z)``
@@ -111,12 +113,13 @@ class RelaxedCategoricalEncoder(Encoder):
         return torch.log_softmax(h.reshape(*h.shape[:-1], self.n, self.k), dim=-1)
 
     def distribution(self, x: torch.Tensor) -> dist.Distribution:
-        from .relaxed import StableRelaxedOneHotCategorical
+        """``q(z | x)``: :class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical` at the current temperature,
+        batch shape ``x``'s batch dimensions, event shape ``(n, k)``, values in log space."""
+        from .relaxed import ExpRelaxedOneHotCategorical
 
         logits = self(x)
         temperature = torch.tensor(self._temperature, dtype=logits.dtype, device=logits.device)
-        return StableRelaxedOneHotCategorical(temperature, logits=logits,
-                                              straight_through=self.straight_through).to_event(1)
+        return ExpRelaxedOneHotCategorical(temperature, logits=logits).to_event(1)
 
     def config(self) -> dict[str, Any]:
         return {"latent": "categorical", "categories": self.k, "temperature": self._temperature,

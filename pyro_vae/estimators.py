@@ -47,6 +47,7 @@ __all__ = [
     "EstimatorTraceGraph_ELBO",
     "make_estimator_elbo",
     "BASELINE_PARAM",
+    "straight_through_override",
 ]
 
 #: Name prefix of the decaying-average baseline Pyro keeps in the param store (``+ site name``).
@@ -183,26 +184,52 @@ def _rewrap_independent(fn: dist.Distribution, dims: list[int]) -> dist.Distribu
 
 
 def _is_relaxed_categorical(fn: Any) -> bool:
-    return isinstance(fn, torch.distributions.RelaxedOneHotCategorical)
+    """A relaxed one-hot categorical on the simplex (torch's ``RelaxedOneHotCategorical``) or in log space
+    (torch's ``ExpRelaxedCategorical``, :class:`pyro_vae.relaxed.ExpRelaxedOneHotCategorical`)."""
+    from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
+
+    return isinstance(fn, (torch.distributions.RelaxedOneHotCategorical, ExpRelaxedCategorical))
 
 
-def _convert_categorical(fn: dist.Distribution, mode: Optional[str], role: str) -> dist.Distribution:
-    """Swap a relaxed one-hot categorical for the variant ``mode`` asks for (same logits, same shapes)."""
+def _convert_categorical(fn: dist.Distribution, mode: Optional[str], role: str, site: str) -> dist.Distribution:
+    """The distribution ``mode`` asks for in place of a relaxed one-hot categorical (same logits, same shapes,
+    same representation of the value). ``"exact"``: the categorical itself (:class:`pyro_vae.relaxed.
+    ExpOneHotCategorical` for a log-space latent, ``OneHotCategorical`` on the simplex). ``"relaxed"`` and
+    ``"straight-through"`` leave the distribution as it is: the latent is the same relaxed draw, and the
+    straight-through estimator changes only what the consumer of a log-space latent computes from it
+    (:func:`straight_through_override`)."""
+    from .relaxed import ExpOneHotCategorical
+
     base, dims = _unwrap_independent(fn)
     if mode is None or not _is_relaxed_categorical(base):
         return fn
+    simplex = isinstance(base, torch.distributions.RelaxedOneHotCategorical)
     if mode == "exact":
-        new: dist.Distribution = dist.OneHotCategorical(logits=base.logits)
-    elif role == "model":
-        return fn
-    else:
-        straight = mode == "straight-through"
-        if getattr(base, "straight_through", None) == straight:
-            return fn
-        from .relaxed import StableRelaxedOneHotCategorical
+        new: dist.Distribution = (dist.OneHotCategorical(logits=base.logits) if simplex
+                                  else ExpOneHotCategorical(logits=base.logits))
+        return _rewrap_independent(new, dims)
+    if mode == "straight-through" and simplex:
+        raise ConfigError(message(
+            f'estimator "straight-through" at site "{site}"',
+            "a relaxed categorical latent in log space (pyro_vae.relaxed.ExpRelaxedOneHotCategorical), whose "
+            "consumer maps it with pyro_vae.relaxed.to_simplex", f"{type(base).__name__} (values on the simplex)",
+            'sample the log-space latent (a pyro_vae.VAE with latent="categorical" does), or use "relaxed"'))
+    return fn
 
-        new = StableRelaxedOneHotCategorical(base.temperature, logits=base.logits, straight_through=straight)
-    return _rewrap_independent(new, dims)
+
+def straight_through_override(site: str) -> Optional[bool]:
+    """Whether an :class:`EstimatorMessenger` of the model that is running now asks for the straight-through
+    estimator (``True``) or the plain relaxed one (``False``) at the log-space categorical latent ``site``;
+    ``None`` when none does (the latent's own setting applies). :meth:`pyro_vae.VAE.decoder_input` reads it
+    while the model runs under ``make_estimator_elbo("straight-through")`` or ``"relaxed"``."""
+    from pyro.poutine.runtime import _PYRO_STACK
+
+    for handler in reversed(_PYRO_STACK):
+        if isinstance(handler, EstimatorMessenger) and handler.role == "model" and (
+                handler.sites is None or site in handler.sites):
+            mode = handler.estimator.categorical
+            return None if mode not in ("relaxed", "straight-through") else mode == "straight-through"
+    return None
 
 
 class EstimatorMessenger(Messenger):
@@ -211,8 +238,9 @@ class EstimatorMessenger(Messenger):
     On the guide (``role="guide"``) it wraps each latent site's distribution in :class:`ScoreFunction`
     when the estimator is a score-function one and attaches the baseline options Pyro's
     ``TraceGraph_ELBO`` reads from ``infer["baseline"]``. On both roles it swaps relaxed one-hot
-    categoricals for the exact ``OneHotCategorical`` (score-function estimators) or for the
-    straight-through / plain relaxed variant.
+    categoricals for the exact categorical in the same representation (score-function estimators); on the
+    model role, ``"straight-through"`` / ``"relaxed"`` decide how :meth:`pyro_vae.VAE.decoder_input` maps
+    the log-space latent to the decoder (:func:`straight_through_override`).
 
     Args:
         estimator: name or :class:`Estimator`.
@@ -251,7 +279,7 @@ class EstimatorMessenger(Messenger):
                 f'estimator "{est.name}" at site "{msg["name"]}"', "a relaxed one-hot categorical latent",
                 type(_unwrap_independent(msg["fn"])[0]).__name__,
                 'use "pathwise" or a "score-function" estimator, or build the VAE with latent="categorical"'))
-        fn = _convert_categorical(msg["fn"], mode, self.role)
+        fn = _convert_categorical(msg["fn"], mode, self.role, msg["name"])
         if self.role == "guide" and est.score_function:
             if not isinstance(fn, ScoreFunction):
                 fn = ScoreFunction(fn)

@@ -369,8 +369,14 @@ def pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
 
 
 def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples: int = 64) -> torch.Tensor:
-    """``E_q[z | x]`` for every data point, ``(N, *latent_event_shape)``: the guide distribution's mean,
-    or a Monte Carlo mean of ``num_samples`` guide draws where the distribution has none."""
+    """The posterior's location for every data point, ``(N, *latent_event_shape)``, in the latent site's
+    representation: ``E_q[z | x]`` (the guide distribution's mean, or a Monte Carlo mean of ``num_samples``
+    guide draws where the distribution has none); for a log-space categorical guide
+    (:class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`) the log class probabilities ``log q(c | x)``,
+    the log of the mean of the categorical it relaxes (``.exp()`` gives the probabilities), as
+    :meth:`pyro_vae.VAE.encode`."""
+    from .relaxed import log_class_probs
+
     x = _data(vae, data)
     device = vae._device()
     means = []
@@ -378,17 +384,22 @@ def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples:
         for i in range(0, x.shape[0], batch_size):
             xb = x[i: i + batch_size].to(device)
             q = poutine.trace(vae.guide).get_trace(xb).nodes[vae._site("z")]["fn"]
-            try:
-                m = q.mean
-            except NotImplementedError:
-                m = q.sample((num_samples,)).mean(0)
+            m = log_class_probs(q)
+            if m is None:
+                try:
+                    m = q.mean
+                except NotImplementedError:
+                    m = q.sample((num_samples,)).mean(0)
             means.append(m.reshape(xb.shape[0], *q.event_shape).cpu())
     return torch.cat(means)
 
 
 def latent_variances(vae: VAE, data: Any, *, batch_size: int = 1024) -> torch.Tensor:
-    """``Cov_x(E_q[z_j | x])`` for each latent entry ``j`` (flattened), ``(prod(latent_event_shape),)``."""
+    """``Cov_x(E_q[z_j | x])`` for each latent entry ``j`` (flattened), ``(prod(latent_event_shape),)``; for a
+    categorical latent, of the class probabilities ``q(c | x)`` (the ``exp`` of :func:`posterior_means`)."""
     m = posterior_means(vae, data, batch_size=batch_size)
+    if getattr(vae, "categories", None) is not None:
+        m = m.exp()
     m = m.reshape(m.shape[0], -1)
     if m.shape[0] < 2:
         raise DataError(message("data", "at least 2 data points", f"{m.shape[0]}", "pass more data points"))
@@ -408,7 +419,8 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
     returns one). Both are read the same way (``idata.posterior["z"]``, ``idata.attrs["pareto_k"]``) and
     hold the same groups, variables, dims and attrs.
 
-    Groups: ``posterior`` (``z``, dims ``(chain, draw, point, latent[, category])``), ``log_likelihood``
+    Groups: ``posterior`` (``z``, dims ``(chain, draw, point, latent[, category])``; for a categorical latent
+    the site's log-space values, ``exp`` gives the relaxed one-hot points), ``log_likelihood``
     (``x``: ``log p(x_n | z)`` per draw, nats), ``sample_stats`` (``log_weight``:
     ``log p(x_n, z) - log q(z | x_n)`` per draw, nats) and ``observed_data`` (``x`` flattened, dims
     ``(point, entry)``); ``chain`` has length 1 and ``draw`` length ``num_samples``. ``attrs`` hold the

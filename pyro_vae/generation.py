@@ -3,7 +3,10 @@ Gaussian mixture fitted to the posterior means; reconstructions; linear and sphe
 latent traversals.
 
 Latents from the data go through a Pyro trace of ``vae.guide``, so any guide (Gaussian or categorical)
-works; decoding goes through the VAE's likelihood (its mean, or a draw).
+works; decoding goes through the VAE's likelihood (its mean, or a draw). Latents are in the latent site's
+representation throughout, the one :meth:`pyro_vae.VAE.decode` takes: ``(..., z_dim)``, or for a categorical
+latent ``(..., z_dim, categories)`` in log space (the log of a relaxed one-hot point; hard classes are log
+one-hots, 0 at the class and ``-inf`` elsewhere).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pyro import poutine
 
 from .errors import ConfigError, DataError, message
 from .evaluation import _data, posterior_means
+from .relaxed import log_one_hot
 from .vae import VAE
 
 __all__ = ["SOURCES", "sample", "sample_latents", "posterior_samples", "fit_mixture", "reconstruct", "lerp",
@@ -30,8 +34,8 @@ def _count(name: str, value: Any, minimum: int = 1) -> int:
 
 
 def posterior_samples(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """One draw ``z ~ q(z | x)`` per data point (a trace of ``vae.guide``), ``(N, *latent_event_shape)``
-    on the VAE's device."""
+    """One draw ``z ~ q(z | x)`` per data point (the value of the latent site in a trace of ``vae.guide``),
+    ``(N, *latent_event_shape)`` on the VAE's device."""
     device = vae._device()
     out = []
     with torch.no_grad():
@@ -63,12 +67,14 @@ def fit_mixture(vae: VAE, data: Any, n_components: int = 10, *, covariance_type:
 
 def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None, mixture: Any = None,
                    n_components: int = 10) -> torch.Tensor:
-    """``n`` latents ``(n, *latent_event_shape)`` on the VAE's device.
+    """``n`` latents ``(n, *latent_event_shape)`` on the VAE's device, in the latent site's representation.
 
     Args:
         source: ``"prior"`` (``z ~ p(z)``); ``"aggregate"`` (the aggregate posterior
             ``q(z) = mean_n q(z | x_n)``: pick a data point at random, then ``z ~ q(z | x)``; Makhzani et al.
-            2016, Tomczak & Welling 2018); ``"mixture"`` (a Gaussian mixture fitted to the posterior means).
+            2016, Tomczak & Welling 2018); ``"mixture"`` (a Gaussian mixture fitted to the posterior means;
+            Gaussian latents only). For a categorical latent, ``"prior"`` gives hard classes: the arg-max of a
+            Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max).
         data: the data the aggregate posterior or the mixture is built from (``"aggregate"``, ``"mixture"``).
         mixture: a fitted mixture from :func:`fit_mixture` to reuse (``"mixture"``).
         n_components: mixture components when the mixture is fitted here.
@@ -78,12 +84,16 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
         raise ConfigError(message("source", f"one of {SOURCES}", repr(source), 'pass source="prior"'))
     device = vae._device()
     with torch.no_grad():
+        categories = getattr(vae, "categories", None)
         if source == "prior":
             z = vae.prior().sample((n,))
-            categories = getattr(vae, "categories", None)
             if categories is not None:  # as VAE.sample: the arg-max of a Concrete draw is a categorical draw
-                z = torch.nn.functional.one_hot(z.argmax(-1), categories).to(z.dtype)
+                z = log_one_hot(z.argmax(-1), categories, z.dtype)
             return z
+        if source == "mixture" and categories is not None:
+            raise ConfigError(message('source="mixture"', "a Gaussian latent (a mixture of Gaussians over z)",
+                                      f"a categorical latent of event shape ({vae.z_dim}, {categories})",
+                                      'use source="prior" or "aggregate" for categorical latents'))
         if source == "mixture" and mixture is not None:
             z, _ = mixture.sample(n)
             return torch.as_tensor(z, dtype=torch.float32, device=device)[torch.randperm(n, device=device)]
@@ -108,8 +118,9 @@ def sample(vae: VAE, n: int, source: str = "prior", *, data: Any = None, mean: b
 
 
 def reconstruct(vae: VAE, x: torch.Tensor, *, mean: bool = True, draw_z: bool = False) -> torch.Tensor:
-    """Reconstructions ``(batch, *data_shape)``: decode the posterior mean (or, with ``draw_z=True``, one
-    draw ``z ~ q(z | x)``)."""
+    """Reconstructions ``(batch, *data_shape)``: decode :func:`~pyro_vae.evaluation.posterior_means` (the
+    posterior mean; for a categorical latent the class probabilities) or, with ``draw_z=True``, one draw
+    ``z ~ q(z | x)``."""
     x = _data(vae, x, "x")
     z = posterior_samples(vae, x) if draw_z else posterior_means(vae, x).to(vae._device())
     return vae.decode(z, mean=mean)

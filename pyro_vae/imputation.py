@@ -185,7 +185,7 @@ def _metropolis(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Ten
             accept = torch.rand_like(log_rho).log() < log_rho
             shape = (1, -1, *([1] * (z.dim() - 2)))
             z = torch.where(accept.reshape(shape), proposal["z"], z)
-            px = vae._likelihood_dist(vae.decoder(z[0]))
+            px = vae.decode_dist(z[0])  # p(x | z) as the model defines it, for any latent type
             filled = torch.where(mask, x, px.sample())
             if t >= num_iters // 2:
                 total += px.mean

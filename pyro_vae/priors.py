@@ -1,5 +1,6 @@
 """Priors p(z): callables with no arguments returning a Pyro distribution of event shape ``(z_dim,)``
-(``(n, k)`` for a categorical latent).
+(``(n, k)`` for a categorical latent, over log-space values: the log of a relaxed one-hot point, as
+:class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical` draws; a simplex-valued prior is refused).
 
 Any such callable works; an ``nn.Module`` prior is registered with Pyro by the model, so its parameters
 learn with the rest of the VAE. Built in: :class:`StandardNormal`, :class:`MixtureOfGaussians`,
@@ -233,9 +234,9 @@ class RelaxedCategoricalPrior(nn.Module):
     Its temperature follows the guide's: built by :class:`pyro_vae.VAE` it reads
     ``vae.encoder.temperature`` at every call, so an annealing schedule moves both. Standalone
     (``prior=RelaxedCategoricalPrior(n, k, temperature=0.5)``) it keeps its own fixed ``temperature``:
-    Maddison et al. (2017) recommend a prior temperature different from the posterior's (1/2 vs 2/3). Samples and scores come from
-    :class:`~pyro_vae.relaxed.StableRelaxedOneHotCategorical`: a straight-through guide's hard one-hot draw
-    is scored through its relaxed value, and any hard one-hot gets a finite log-density.
+    Maddison et al. (2017) recommend a prior temperature different from the posterior's (1/2 vs 2/3). The
+    distribution is :class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`, over the log-space values the
+    guide draws (the log of a relaxed one-hot sample), scored exactly from the value at any temperature.
 
     Args:
         n: number of categorical variables.
@@ -281,10 +282,10 @@ class RelaxedCategoricalPrior(nn.Module):
         return cfg
 
     def forward(self) -> dist.Distribution:
-        from .relaxed import StableRelaxedOneHotCategorical
+        from .relaxed import ExpRelaxedOneHotCategorical
 
         t = torch.tensor(self.temperature, dtype=self.logits.dtype, device=self.logits.device)
-        return StableRelaxedOneHotCategorical(t, logits=self.logits).to_event(1)
+        return ExpRelaxedOneHotCategorical(t, logits=self.logits).to_event(1)
 
 
 def _categorical_learned(n: int, k: int, **kwargs: Any) -> RelaxedCategoricalPrior:

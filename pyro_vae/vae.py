@@ -76,13 +76,18 @@ class VAE(nn.Module):
             ``poutine.scale`` in both model and guide.
         latent: ``"gaussian"`` (diagonal Gaussian guide) or ``"categorical"``: ``z_dim`` relaxed one-hot
             categorical variables of ``categories`` classes (Gumbel-softmax, Jang et al. 2017), latent
-            event shape ``(z_dim, categories)``, the decoder fed the flattened ``z_dim * categories``.
+            event shape ``(z_dim, categories)``. The site's value is the *log* of the relaxed one-hot point
+            (:class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`), so its density is exact at any
+            temperature; the decoder is fed ``exp`` of it flattened to ``z_dim * categories``
+            (:meth:`decoder_input`).
         categories: classes per categorical variable (``latent="categorical"`` only).
         temperature: starting relaxation temperature of a categorical latent (> 0).
-        straight_through: hard one-hot samples with relaxed gradients (categorical latent).
+        straight_through: the decoder sees the hard one-hot of the relaxed draw, with the relaxed draw's
+            gradient (categorical latent; the latent and its densities are unchanged).
 
     Sites (with ``name=""``): plate ``"data"`` over the batch, latent ``"z"`` of shape
-    ``(batch, z_dim)``, observed ``"x"`` of shape ``(batch, *data_shape)``.
+    ``(batch, *latent_shape)`` (``(batch, z_dim)``; ``(batch, z_dim, categories)`` in log space for a
+    categorical latent), observed ``"x"`` of shape ``(batch, *data_shape)``.
     """
 
     def __init__(
@@ -153,9 +158,66 @@ class VAE(nn.Module):
                                              self._straight_through)
         return GaussianEncoder(net, self.z_dim)
 
-    def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
-        """``z`` as the decoder takes it: a categorical ``(..., n, k)`` flattened to ``(..., n * k)``."""
-        return z if self.categories is None else z.reshape(*z.shape[:-2], self._decoder_features)
+    @property
+    def latent_shape(self) -> tuple:
+        """Event shape of the latent site: ``(z_dim,)``, or ``(z_dim, categories)`` for a categorical latent."""
+        return (self.z_dim,) if self.categories is None else (self.z_dim, self.categories)
+
+    @property
+    def straight_through(self) -> bool:
+        """Whether the decoder sees the hard one-hot of a categorical latent (with the relaxed gradient): the
+        encoder's ``straight_through`` attribute when it has one, else the constructor's argument. During a
+        step of ``make_estimator_elbo("straight-through")`` / ``("relaxed")`` the estimator decides instead."""
+        return bool(getattr(self.encoder, "straight_through", self._straight_through)) \
+            if self.categories is not None else False
+
+    def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for latents ``z`` in the site's representation, as the model computes it.
+
+        Gaussian latent: ``z`` ``(..., z_dim)`` unchanged. Categorical latent: ``z`` ``(..., z_dim,
+        categories)`` is the *log* of a relaxed one-hot point (the value of the latent site, see
+        :mod:`pyro_vae.relaxed`); the decoder sees ``exp(z)`` (with :attr:`straight_through`, the one-hot of
+        its arg-max in the forward pass and the gradient of ``exp(z)`` in the backward pass), flattened to
+        ``(..., z_dim * categories)``.
+        """
+        if self.categories is None:
+            return z
+        from .estimators import straight_through_override
+        from .relaxed import to_simplex
+
+        straight = straight_through_override(self._site("z"))
+        y = to_simplex(z, self.straight_through if straight is None else straight)
+        return y.reshape(*y.shape[:-2], self._decoder_features)
+
+    def _check_latents(self, z: Any, what: str = "z") -> None:
+        """:class:`ShapeError` unless ``z`` is ``(..., *latent_shape)``; for a categorical latent,
+        :class:`DataError` unless it is in log space (see :meth:`decoder_input`)."""
+        shape = self.latent_shape
+        if not torch.is_tensor(z) or z.dim() < len(shape) or tuple(z.shape[z.dim() - len(shape):]) != shape:
+            found = f"shape {tuple(z.shape)}" if torch.is_tensor(z) else type(z).__name__
+            raise ShapeError(message(what, f"a tensor of shape (..., {', '.join(map(str, shape))}) (latent_shape)",
+                                     found, "pass latents shaped like the latent site's values, e.g. from "
+                                     "pyro_vae.generation.sample_latents"))
+        if self.categories is not None:
+            from .relaxed import check_log_simplex
+
+            check_log_simplex(z, what)
+
+    def _check_latent_representation(self, prior: dist.Distribution, q: dist.Distribution) -> None:
+        """A categorical latent is carried in log space: refuse a prior or guide whose values lie on the simplex
+        (a density of the simplex point would be applied to its log)."""
+        if self.categories is None:
+            return
+        from .relaxed import is_simplex_valued
+
+        for part, d in (("prior", prior), ("encoder", q)):
+            if is_simplex_valued(d):
+                raise ConfigError(message(
+                    f'{part} at site "{self._site("z")}"',
+                    "a distribution over the log of the relaxed one-hot point (the categorical latent's values "
+                    "are in log space)", f"{type(d).__name__} with values on the simplex",
+                    "return pyro_vae.relaxed.ExpRelaxedOneHotCategorical(temperature, logits=...).to_event(1) "
+                    "(torch's ExpRelaxedCategorical works too)"))
 
     def _build_encoder(self, encoder: Union[str, nn.Module]) -> Encoder:
         if isinstance(encoder, Encoder):
@@ -207,12 +269,13 @@ class VAE(nn.Module):
                     f'prior at site "{self._site("z")}"', f"event shape {tuple(q.event_shape)} (the guide's)",
                     f"event shape {tuple(prior.event_shape)} from {type(prior).__name__}",
                     "return a distribution over the whole latent vector, e.g. dist.Normal(loc, scale).to_event(1)"))
+            self._check_latent_representation(prior, q)
             if tuple(q.batch_shape) != (2,):
                 raise ShapeError(message(
                     f'guide at site "{self._site("z")}"', "batch shape (batch,) = (2,) for an input batch of 2",
                     f"batch shape {tuple(q.batch_shape)}", "make the encoder return (batch, 2 * z_dim)"))
             z = q.sample()
-            out = self.decoder(self._decoder_input(z))
+            out = self.decoder(self.decoder_input(z))
             if tuple(out.shape[:1]) != (2,):
                 raise ShapeError(message("decoder output", "leading batch dimension 2 for a batch of 2 latents",
                                          f"shape {tuple(out.shape)}",
@@ -326,7 +389,7 @@ class VAE(nn.Module):
         with self._plate(batch, num_data, device):
             with self._kl_scale():
                 z = pyro.sample(self._site("z"), self.prior())
-            out = self.decoder(self._decoder_input(z))
+            out = self.decoder(self.decoder_input(z))
             pyro.sample(self._site("x"), self._likelihood_dist(out), obs=x)
         return out
 
@@ -335,7 +398,7 @@ class VAE(nn.Module):
         """q(z | x) over a batch; same signature as :meth:`model` (``batch_size`` is unused).
 
         Returns:
-            The latent sample ``(batch, z_dim)``.
+            The latent sample ``(batch, *latent_shape)`` (log space for a categorical latent).
         """
         self._register("encoder", self.encoder)
         if x is None:
@@ -355,13 +418,36 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior means ``E_q[z | x]``, ``(batch, z_dim)``."""
-        return self.encoder.distribution(x).mean
+        """The posterior's location for each data point, in the latent site's representation.
+
+        Gaussian latent: the posterior means ``E_q[z | x]``, ``(batch, z_dim)``. Categorical latent: the log
+        class probabilities ``log q(c | x)``, ``(batch, z_dim, categories)``, the log-space point of the mean
+        of the categorical the Concrete relaxes (``.exp()`` gives the probabilities); :meth:`decode` takes it.
+        """
+        from .relaxed import log_class_probs
+
+        q = self.encoder.distribution(x)
+        log_p = log_class_probs(q)
+        return q.mean if log_p is None else log_p
+
+    def decode_dist(self, z: torch.Tensor) -> dist.Distribution:
+        """The model's likelihood ``p(x | z)`` at latents ``z`` ``(..., *latent_shape)`` (for a categorical
+        latent, the log of relaxed one-hot points, see :meth:`decoder_input`): a distribution of batch shape
+        ``z``'s batch dimensions and event shape ``data_shape``.
+
+        Raises:
+            ShapeError: ``z`` not shaped ``(..., *latent_shape)``.
+            DataError: a categorical ``z`` that is not in log space (e.g. a one-hot: pass ``z.log()``).
+        """
+        self._check_latents(z)
+        return self._likelihood_dist(self.decoder(self.decoder_input(z)))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, mean: bool = True) -> torch.Tensor:
-        """Likelihood means (``mean=True``) or draws for latents ``(..., z_dim)``."""
-        px = self._likelihood_dist(self.decoder(self._decoder_input(z)))
+        """Likelihood means (``mean=True``) or draws, ``(..., *data_shape)``, for latents ``z``
+        ``(..., *latent_shape)`` in the latent site's representation (categorical: log space, e.g.
+        ``F.one_hot(c, k).float().log()`` for hard classes ``c``); errors as :meth:`decode_dist`."""
+        px = self.decode_dist(z)
         return px.mean if mean else px.sample()
 
     @torch.no_grad()
@@ -378,13 +464,17 @@ class VAE(nn.Module):
         n = _check_int("n", n, 1)
         z = self.prior().sample((n,))
         if self.categories is not None:
-            # arg-max of a Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max)
-            z = torch.nn.functional.one_hot(z.argmax(-1), self.categories).to(z.dtype)
+            from .relaxed import log_one_hot
+
+            # arg-max of a Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max); the
+            # decoder sees its one-hot (log space: 0 at the class, -inf elsewhere)
+            z = log_one_hot(z.argmax(-1), self.categories, z.dtype)
         return self.decode(z, mean=mean)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mean: bool = True) -> torch.Tensor:
-        """Decode the posterior mean of each data point: ``(batch, *data_shape)``."""
+        """Decode :meth:`encode` of each data point (the posterior mean; for a categorical latent the class
+        probabilities): ``(batch, *data_shape)``."""
         return self.decode(self.encode(x), mean=mean)
 
     @property

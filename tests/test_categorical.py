@@ -17,7 +17,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_vae
 from pyro_vae.errors import ConfigError, ShapeError
-from pyro_vae.relaxed import StableRelaxedOneHotCategorical
+from pyro_vae.relaxed import ExpOneHotCategorical, ExpRelaxedOneHotCategorical
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,55 +34,86 @@ def make_vae(**kw):
 
 
 # ------------------------------------------------------------------------------------- the distribution
-def test_log_prob_matches_pyro_where_pyro_is_finite():
-    logits = torch.randn(6, 5)
+def test_log_prob_is_torchs_simplex_density_plus_the_jacobian_where_that_is_finite():
+    # y = exp(x): log p_simplex(y) = log p(x) - sum_k x_k (torch's RelaxedOneHotCategorical is exp of
+    # ExpRelaxedCategorical). In float64 at moderate temperatures nothing underflows.
+    logits = torch.randn(6, 5, dtype=torch.float64)
     for t in (0.5, 1.0, 2.0):
-        ours = StableRelaxedOneHotCategorical(torch.tensor(t), logits=logits)
-        ref = dist.RelaxedOneHotCategorical(torch.tensor(t), logits=logits)
-        y = ref.sample()
-        assert torch.allclose(ours.log_prob(y), ref.log_prob(y), atol=1e-4)
-        y = ours.rsample()
-        assert torch.allclose(ours.log_prob(y), ref.log_prob(y.detach().clone()), atol=1e-3)
+        ours = ExpRelaxedOneHotCategorical(torch.tensor(t, dtype=torch.float64), logits=logits)
+        ref = dist.RelaxedOneHotCategorical(torch.tensor(t, dtype=torch.float64), logits=logits)
+        x = ours.rsample()
+        assert torch.allclose(ours.log_prob(x) - x.sum(-1), ref.log_prob(x.exp()), atol=1e-8)
 
 
-@pytest.mark.parametrize("t", [0.3, 1.0])
+@pytest.mark.parametrize("t", [0.1, 0.3, 1.0])
 def test_density_integrates_to_one_for_two_classes(t):
-    # K = 2: y = (u, 1 - u); the density is with respect to u on (0, 1). Midpoint rule on a fine grid (in the
-    # logit of u, where the density is smooth), error well below the 1e-3 tolerance.
-    d = StableRelaxedOneHotCategorical(torch.tensor(t), logits=torch.tensor([0.3, -0.4], dtype=torch.float64))
-    s = torch.linspace(-60, 60, 200001, dtype=torch.float64)
-    u = torch.sigmoid(s)
-    y = torch.stack([u, 1 - u], -1)
-    dens = (d.log_prob(y) + torch.log(u * (1 - u))).exp()  # du = u (1 - u) ds
-    assert abs(float(dens.sum() * (s[1] - s[0])) - 1.0) < 1e-3
+    # K = 2: x = log_softmax((s, 0)); the log-space density is with respect to ds, s = x_1 - x_2. Midpoint
+    # rule on a fine grid wide enough for the tails (they decay like exp(-t |s|)), error well below 1e-4.
+    d = ExpRelaxedOneHotCategorical(torch.tensor(t, dtype=torch.float64),
+                                    logits=torch.tensor([0.3, -0.4], dtype=torch.float64))
+    s = torch.linspace(-40 / t, 40 / t, 400001, dtype=torch.float64)
+    x = torch.log_softmax(torch.stack([s, torch.zeros_like(s)], -1), -1)
+    assert abs(float(d.log_prob(x).exp().sum() * (s[1] - s[0])) - 1.0) < 1e-4
 
 
-def test_low_temperature_stays_finite_where_pyros_underflows():
-    # Logit gaps of ~30 at temperature 0.05 push the small entries of the draw below float32's range:
-    # Pyro's own log_prob then gives -inf / NaN, ours scores the log-space draw.
+def test_density_integrates_to_one_for_three_classes():
+    # K = 3 on a 2-D grid of s = (x_1 - x_3, x_2 - x_3) at t = 1: midpoint rule, error well below 1e-3.
+    d = ExpRelaxedOneHotCategorical(torch.tensor(1.0, dtype=torch.float64),
+                                    logits=torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64))
+    g = torch.linspace(-45, 45, 1801, dtype=torch.float64)
+    s1, s2 = torch.meshgrid(g, g, indexing="ij")
+    x = torch.log_softmax(torch.stack([s1, s2, torch.zeros_like(s1)], -1), -1)
+    assert abs(float(d.log_prob(x).exp().sum() * (g[1] - g[0]) ** 2) - 1.0) < 1e-3
+
+
+def test_low_temperature_stays_finite_where_the_simplex_value_underflows():
+    # Logit gaps of ~30 at temperature 0.05 push the small entries of exp(x) below float32's range: Pyro's
+    # simplex-valued class then scores -inf / NaN, the log-space value stays exact and finite.
     logits = (torch.randn(64, 20, 10) * 30).requires_grad_()
     t = torch.tensor(0.05)
-    ours = StableRelaxedOneHotCategorical(t, logits=logits)
-    y = ours.rsample()
-    naive = dist.RelaxedOneHotCategorical(t, logits=logits.detach(), validate_args=False).log_prob(y.detach().clone())
-    assert not torch.isfinite(naive).all()  # the failure this class exists for
-    lp = ours.log_prob(y)
+    ours = ExpRelaxedOneHotCategorical(t, logits=logits)
+    x = ours.rsample()
+    naive = dist.RelaxedOneHotCategorical(t, logits=logits.detach(), validate_args=False).log_prob(x.detach().exp())
+    assert not torch.isfinite(naive).all()  # the failure the log-space latent exists for
+    lp = ours.log_prob(x)
     assert torch.isfinite(lp).all()
     lp.sum().backward()
     assert torch.isfinite(logits.grad).all()
 
 
-def test_straight_through_is_one_hot_with_relaxed_gradients_and_finite_scores():
-    logits = torch.randn(8, 3, 4, requires_grad=True)
-    d = StableRelaxedOneHotCategorical(torch.tensor(0.1), logits=logits, straight_through=True)
-    y = d.rsample()
-    assert torch.equal(y.detach().sum(-1), torch.ones(8, 3)) and set(y.detach().unique().tolist()) == {0.0, 1.0}
-    (y * torch.randn(8, 3, 4)).sum().backward()
+def test_boundary_points_score_minus_infinity_and_simplex_points_are_refused():
+    d = ExpRelaxedOneHotCategorical(torch.tensor(0.5), logits=torch.zeros(3, 4))
+    hard = F.one_hot(torch.tensor([0, 2, 3]), 4).float()
+    assert torch.equal(d.log_prob(hard.log()), torch.full((3,), -math.inf))  # the Concrete density is 0 there
+    with pytest.raises(pyro_vae.DataError, match="not its log"):
+        d.log_prob(hard)
+    with pytest.raises(pyro_vae.DataError, match="logsumexp"):
+        d.log_prob(torch.full((3, 4), float("nan")))
+
+
+def test_exact_categorical_in_log_space():
+    logits = torch.randn(7, 4)
+    d = ExpOneHotCategorical(logits=logits)
+    z = d.sample((50,))
+    assert bool(((z == 0) | (z == -math.inf)).all()) and torch.equal((z == 0).sum(-1), torch.ones(50, 7).long())
+    ref = torch.distributions.Categorical(logits=logits).log_prob(z.argmax(-1))
+    assert torch.allclose(d.log_prob(z), ref)
+    assert torch.equal(d.enumerate_support().exp(), torch.eye(4)[:, None].expand(4, 7, 4))
+    with pytest.raises(pyro_vae.DataError, match="one-hot"):
+        d.log_prob(z.exp())
+
+
+def test_straight_through_decoder_input_is_one_hot_with_relaxed_gradients():
+    vae = make_vae(temperature=0.1, straight_through=True)
+    logits = torch.randn(8, 4, 5, requires_grad=True)
+    x = ExpRelaxedOneHotCategorical(torch.tensor(0.1), logits=logits).rsample()
+    y = vae.decoder_input(x).reshape(8, 4, 5)
+    assert torch.equal(y.detach().sum(-1), torch.ones(8, 4)) and set(y.detach().unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(y.detach().argmax(-1), x.detach().argmax(-1))
+    (y * torch.randn(8, 4, 5)).sum().backward()
     assert logits.grad.abs().sum() > 0 and torch.isfinite(logits.grad).all()
-    prior = StableRelaxedOneHotCategorical(torch.tensor(0.1), logits=torch.zeros(4))
-    assert torch.isfinite(prior.log_prob(y)).all()  # through the relaxed value the sample carries
-    hard = F.one_hot(torch.randint(4, (8, 3)), 4).float()  # a bare one-hot, no relaxed value attached
-    assert torch.isfinite(prior.log_prob(hard)).all()
+    soft = make_vae(temperature=0.1).decoder_input(x.detach())
+    assert torch.allclose(soft, x.detach().exp().reshape(8, 20))
 
 
 # ------------------------------------------------------------------------------------------ in the VAE
@@ -133,7 +164,7 @@ def test_sample_decodes_hard_one_hot_prior_draws():
     vae.decode = lambda z, mean=True: seen.append(z) or decode(z, mean)
     x = vae.sample(11)
     assert x.shape == (11, 64)
-    z = seen[0]
+    z = seen[0].exp()  # the latent is carried in log space: log of a one-hot
     assert z.shape == (11, 4, 5) and torch.equal(z.sum(-1), torch.ones(11, 4))
     assert set(z.unique().tolist()) == {0.0, 1.0}
 
@@ -149,7 +180,7 @@ def test_sample_frequencies_follow_the_learned_prior():
     decode = vae.decode
     vae.decode = lambda z, mean=True: seen.append(z) or decode(z, mean)
     vae.sample(20000)
-    freq = seen[0].mean(0)
+    freq = seen[0].exp().mean(0)
     p = torch.softmax(vae.prior.logits.detach(), -1)
     se = (p * (1 - p) / 20000).sqrt()
     assert ((freq - p).abs() < 5 * se).all()
@@ -199,7 +230,7 @@ def test_bad_temperature_set_later_and_other_latents():
 
 
 def test_prior_of_wrong_event_shape_is_refused():
-    bad = lambda: StableRelaxedOneHotCategorical(torch.tensor(1.0), logits=torch.zeros(4, 6)).to_event(1)  # noqa
+    bad = lambda: ExpRelaxedOneHotCategorical(torch.tensor(1.0), logits=torch.zeros(4, 6)).to_event(1)  # noqa
     with pytest.raises(ShapeError, match=r"event shape \(4, 5\).*found event shape \(4, 6\)"):
         make_vae(prior=bad)
 
