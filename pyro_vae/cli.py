@@ -484,9 +484,11 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run)
     paths = generation.interpolate(vae, x[: args.pairs], x[args.pairs:], args.steps, args.method)
     p1 = plots.save_interpolations(paths.cpu(), out / "interpolations.png", args.method)
-    values = torch.linspace(-args.span, args.span, 9)
+    # a categorical latent is traversed class by class (its rows: one variable set to each class)
+    values = torch.linspace(-args.span, args.span, 9) if vae.categories is None else None
     grid = generation.traverse(vae, x[0], values=values)
-    p2 = plots.save_traversals(grid.cpu(), out / "traversals.png", values.tolist())
+    labels = values.tolist() if values is not None else list(range(vae.categories))
+    p2 = plots.save_traversals(grid.cpu(), out / "traversals.png", labels)
     print(f"interpolations: {p1}")
     print(f"traversals: {p2}")
     return 0

@@ -18,7 +18,7 @@ from pyro import poutine
 
 from .errors import ConfigError, DataError, message
 from .evaluation import _data, posterior_means
-from .relaxed import log_one_hot
+from .relaxed import log_class_probs, log_one_hot
 from .vae import VAE
 
 __all__ = ["SOURCES", "sample", "sample_latents", "posterior_samples", "fit_mixture", "reconstruct", "lerp",
@@ -157,6 +157,11 @@ def interpolate(vae: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int = 10, m
                 mean: bool = True) -> torch.Tensor:
     """Decode a path between the posterior means of ``x0`` and ``x1``.
 
+    For a categorical latent the path runs between the class probabilities ``p0``, ``p1`` of each variable
+    and stays on the simplex: ``"lerp"`` mixes them, ``(1 - t) p0 + t p1``; ``"slerp"`` follows the
+    great circle between ``sqrt(p0)`` and ``sqrt(p1)`` on the unit sphere and squares back (the Fisher-Rao
+    geodesic of the simplex). The decoder sees these probabilities as it sees ``exp`` of a relaxed latent.
+
     Args:
         x0, x1: ``(batch, *data_shape)`` endpoints (or single points ``data_shape``).
         steps: points on each path, endpoints included.
@@ -177,10 +182,24 @@ def interpolate(vae: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int = 10, m
         raise DataError(message("x1", f"as many points as x0 ({z0.shape[0]})", f"{z1.shape[0]}",
                                 "pass endpoints in pairs"))
     t = torch.linspace(0, 1, steps, device=device)
-    flat0, flat1 = z0.reshape(z0.shape[0], -1), z1.reshape(z1.shape[0], -1)
-    path = (slerp if method == "slerp" else lerp)(flat0, flat1, t)  # (batch, steps, d)
+    if getattr(vae, "categories", None) is not None:
+        path = _simplex_path(z0, z1, t, method)  # (batch, steps, n, k), log space
+    else:
+        flat0, flat1 = z0.reshape(z0.shape[0], -1), z1.reshape(z1.shape[0], -1)
+        path = (slerp if method == "slerp" else lerp)(flat0, flat1, t)  # (batch, steps, d)
     out = vae.decode(path.reshape(*path.shape[:2], *z0.shape[1:]), mean=mean)
     return out[0] if single else out
+
+
+def _simplex_path(log_p0: torch.Tensor, log_p1: torch.Tensor, t: torch.Tensor, method: str) -> torch.Tensor:
+    """Paths between the simplex points ``exp(log_p0)``, ``exp(log_p1)`` ``(batch, n, k)``: linear, or the
+    Fisher-Rao geodesic (slerp of the square roots); returned in log space, ``(batch, T, n, k)``."""
+    if method == "lerp":
+        p = lerp(log_p0.exp(), log_p1.exp(), t)  # (batch, n, T, k)
+    else:
+        p = slerp((0.5 * log_p0).exp(), (0.5 * log_p1).exp(), t).clamp_min(0).pow(2)
+    p = p / p.sum(-1, keepdim=True)
+    return p.log().movedim(-2, 1)
 
 
 def traverse(vae: VAE, x: Optional[torch.Tensor] = None, dims: Optional[Sequence[int]] = None,
@@ -188,13 +207,25 @@ def traverse(vae: VAE, x: Optional[torch.Tensor] = None, dims: Optional[Sequence
     """Latent traversals: vary one latent dimension at a time over ``values`` (default ``-3 .. 3`` in 9
     steps), the others held at the posterior mean of ``x`` (a single data point) or at the prior's mean.
 
+    For a categorical latent, a row sets one categorical variable to each class in ``values`` (class indices,
+    default all ``categories`` of them), the other variables held at the class probabilities of ``x``'s
+    posterior (or of the prior).
+
     Returns:
         ``(len(dims), len(values), *data_shape)`` decoded means (or draws with ``mean=False``).
     """
     device = vae._device()
+    categories = getattr(vae, "categories", None)
     if x is not None:
         x = x.unsqueeze(0) if x.dim() == len(vae.data_shape) else x[:1]
         base = posterior_means(vae, x)[0].to(device)
+    elif categories is not None:
+        base = log_class_probs(vae.prior())
+        if base is None:
+            raise ConfigError(message("traverse prior", "a log-space categorical prior (its class probabilities "
+                                      "hold the other variables)", type(vae.prior()).__name__,
+                                      "pass a data point x to hold them at its posterior"))
+        base = base.reshape(vae.z_dim, categories).to(device)
     else:
         prior = vae.prior()
         try:
@@ -202,7 +233,7 @@ def traverse(vae: VAE, x: Optional[torch.Tensor] = None, dims: Optional[Sequence
         except NotImplementedError:
             base = prior.sample((256,)).mean(0)
         base = base.reshape(prior.event_shape).to(device)
-    if base.dim() != 1:
+    if categories is None and base.dim() != 1:
         raise ConfigError(message("traverse latents", "a vector latent (event shape (z_dim,))",
                                   f"event shape {tuple(base.shape)}", "traverse Gaussian latents"))
     d = base.shape[0]
@@ -210,6 +241,17 @@ def traverse(vae: VAE, x: Optional[torch.Tensor] = None, dims: Optional[Sequence
     bad = [i for i in dims if not 0 <= i < d]
     if bad:
         raise ConfigError(message("dims", f"latent indices in [0, {d})", str(bad), f"pick dims below z_dim = {d}"))
+    if categories is not None:
+        classes = torch.arange(categories) if values is None else torch.as_tensor(values)
+        if classes.is_floating_point() and bool((classes != classes.round()).any()) or \
+                bool(((classes < 0) | (classes >= categories)).any()):
+            raise ConfigError(message("values", f"class indices in [0, {categories}) for a categorical latent",
+                                      str(classes.tolist()), f"pass e.g. values=range({categories}) (the default)"))
+        hot = log_one_hot(classes.long().reshape(-1).to(device), categories, base.dtype)  # (V, k)
+        z = base.expand(len(dims), len(hot), d, categories).clone()
+        for row, j in enumerate(dims):
+            z[row, :, j] = hot
+        return vae.decode(z, mean=mean)
     vals = torch.linspace(-3, 3, 9) if values is None else torch.as_tensor(values, dtype=torch.float32)
     vals = vals.to(device).reshape(-1)
     z = base.expand(len(dims), len(vals), d).clone()

@@ -127,11 +127,89 @@ def test_interpolate_and_traverse_shapes_and_values():
         generation.interpolate(vae, x[0], x[1], method="cubic")
 
 
+def _categorical_vae(straight_through: bool = False) -> pyro_vae.VAE:
+    return pyro_vae.VAE((16,), 3, latent="categorical", categories=4, hidden=(16,), likelihood="bernoulli",
+                        temperature=0.3, straight_through=straight_through)
+
+
+def _decoded(vae, z):
+    """What the VAE's likelihood mean is at log-space latents z, computed by hand: sigmoid(decoder(exp z))."""
+    return torch.sigmoid(vae.decoder(z.exp().reshape(*z.shape[:-2], -1)))
+
+
 def test_categorical_latents_sample_from_every_source():
     x = torch.bernoulli(torch.full((20, 16), 0.3))
-    vae = pyro_vae.VAE((16,), 3, latent="categorical", categories=4, hidden=(16,), likelihood="bernoulli")
+    vae = _categorical_vae()
+    z = generation.sample_latents(vae, 6, "prior")  # hard classes, in log space
+    assert z.shape == (6, 3, 4) and torch.equal(z.exp().sum(-1), torch.ones(6, 3))
+    assert bool(((z == 0) | (z == -math.inf)).all())
+    z = generation.sample_latents(vae, 6, "aggregate", data=x)  # relaxed draws of q(z | x), in log space
+    assert z.shape == (6, 3, 4) and torch.allclose(z.logsumexp(-1), torch.zeros(6, 3), atol=1e-5)
     assert generation.sample(vae, 5, "prior").shape == (5, 16)
     assert generation.sample(vae, 5, "aggregate", data=x).shape == (5, 16)
+    with pytest.raises(ConfigError, match="categorical latent"):
+        generation.sample(vae, 5, "mixture", data=x)
+
+
+@pytest.mark.parametrize("draw_z", [False, True])
+def test_categorical_reconstructions_decode_what_the_model_decodes(draw_z):
+    x = torch.bernoulli(torch.full((5, 16), 0.3))
+    vae = _categorical_vae()
+    pyro.set_rng_seed(1)
+    out = generation.reconstruct(vae, x, draw_z=draw_z)
+    pyro.set_rng_seed(1)
+    z = generation.posterior_samples(vae, x) if draw_z else vae.encode(x)
+    assert torch.allclose(out, _decoded(vae, z), atol=1e-6)
+    if not draw_z:  # the class probabilities q(c | x)
+        assert torch.allclose(z.exp(), torch.softmax(vae.encoder.net(x).reshape(5, 3, 4), -1), atol=1e-6)
+        assert torch.allclose(vae.reconstruct(x), out)
+
+
+@pytest.mark.parametrize("method", ["lerp", "slerp"])
+def test_categorical_interpolation_stays_on_the_simplex(method):
+    x = torch.bernoulli(torch.full((6, 16), 0.3), generator=torch.Generator().manual_seed(3))
+    vae = _categorical_vae()
+    paths = generation.interpolate(vae, x[:3], x[3:], steps=5, method=method)
+    assert paths.shape == (3, 5, 16)
+    assert torch.allclose(paths[:, 0], vae.reconstruct(x[:3]), atol=1e-6)
+    assert torch.allclose(paths[:, -1], vae.reconstruct(x[3:]), atol=1e-6)
+    # between two hard classes: lerp and the Fisher-Rao geodesic both pass through (1/2, 1/2) at t = 1/2;
+    # at t = 1/4 lerp gives (3/4, 1/4), the geodesic (cos^2(pi/8), sin^2(pi/8))
+    p0, p1 = torch.tensor([[[1.0, 0.0]]]).log(), torch.tensor([[[0.0, 1.0]]]).log()
+    path = generation._simplex_path(p0, p1, torch.tensor([0.0, 0.25, 0.5, 1.0]), method).exp()[0, :, 0]
+    quarter = [0.75, 0.25] if method == "lerp" else [math.cos(math.pi / 8) ** 2, math.sin(math.pi / 8) ** 2]
+    expected = torch.tensor([[1.0, 0.0], quarter, [0.5, 0.5], [0.0, 1.0]])
+    assert torch.allclose(path, expected, atol=1e-6)
+
+
+def test_categorical_traversals_set_one_variable_to_each_class():
+    x = torch.bernoulli(torch.full((1, 16), 0.3))
+    vae = _categorical_vae()
+    grid = generation.traverse(vae, x[0])
+    assert grid.shape == (3, 4, 16)
+    base = vae.encode(x)[0]
+    z = base.clone()
+    z[1] = torch.tensor([0.0, 1.0, 0.0, 0.0]).log()  # variable 1 set to class 1
+    assert torch.allclose(grid[1, 1], _decoded(vae, z), atol=1e-6)
+    assert generation.traverse(vae, dims=[2], values=[3, 0]).shape == (1, 2, 16)  # around the prior
+    with pytest.raises(ConfigError, match="class indices"):
+        generation.traverse(vae, x[0], values=[0.5])
+
+
+def test_cli_interpolate_on_a_categorical_run(tmp_path, capsys):
+    from pyro_vae import checkpoint
+    from pyro_vae.cli import main
+
+    vae = pyro_vae.VAE((1, 8, 8), 3, latent="categorical", categories=4, hidden=(16,),
+                       likelihood="continuous-bernoulli")
+    run = tmp_path / "run"
+    checkpoint.save(vae, run, data={"data": "digits", "data_dir": None, "binarize": "none", "seed": 0},
+                    train={"elbo": "trace", "particles": 1})
+    pyro.clear_param_store()
+    assert main(["interpolate", str(run), "--pairs", "2", "--steps", "4", "--device", "cpu"]) == 0
+    assert (run / "interpolations.png").is_file() and (run / "traversals.png").is_file()
+    assert main(["sample", str(run), "--from", "aggregate", "--n", "4", "--device", "cpu"]) == 0
+    capsys.readouterr()
 
 
 def test_cli_sample_from_each_source_and_interpolate(tmp_path, capsys):

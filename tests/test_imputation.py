@@ -172,3 +172,79 @@ def test_trained_digits_model_imputes_the_bottom_half_better_than_the_pixel_mean
     base = imputation.masked_error(x, torch.where(mask, x, train.mean(0)), mask)
     diff = base - err
     assert diff.mean() > 4 * diff.std() / len(diff) ** 0.5
+
+
+# ------------------------------------------------------------------------------ every latent type, every method
+def _tiny_vae(latent: str) -> pyro_vae.VAE:
+    kw = {} if latent == "gaussian" else {"latent": "categorical", "categories": 5,
+                                          "straight_through": latent == "categorical-st", "temperature": 0.3}
+    return pyro_vae.VAE((4,), 2, hidden=(8,), likelihood="bernoulli", **kw)
+
+
+@pytest.mark.parametrize("latent", ["gaussian", "categorical", "categorical-st"])
+@pytest.mark.parametrize("method", imputation.METHODS)
+def test_every_method_imputes_with_every_latent_type(method, latent):
+    """Each method feeds the decoder what the model feeds it (for a categorical latent, exp of the log-space
+    latent, flattened; with straight-through its hard one-hot): observed entries kept, missing ones Bernoulli
+    means in (0, 1)."""
+    vae = _tiny_vae(latent)
+    x = (torch.rand(3, 4, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    mask = torch.tensor([True, True, False, False])
+    out = pyro_vae.impute(vae, x, mask, method=method, num_iters=4, num_samples=20, seed=0)
+    assert out.shape == x.shape and torch.equal(out[:, mask], x[:, mask])
+    assert bool(((out[:, ~mask] > 0) & (out[:, ~mask] < 1)).all())
+
+
+def _categorical_conditional_mean(vae, x, mask):
+    """E[x_mis | x_obs] of a VAE with one relaxed categorical variable of two classes, by quadrature over the
+    log-space latent z = log_softmax((s, 0)): the log-Concrete density is a density in s (it integrates to 1)."""
+    vae = vae.double()
+    s = torch.linspace(-120, 120, 200001, dtype=torch.float64)
+    z = torch.log_softmax(torch.stack([s, torch.zeros_like(s)], -1), -1)[:, None, :]  # (G, 1, 2)
+    with torch.no_grad():
+        log_prior = vae.prior().log_prob(z)
+        assert abs(float(log_prior.exp().sum() * (s[1] - s[0])) - 1) < 1e-6
+        probs = vae.decode_dist(z).mean  # (G, D)
+    log_obs = torch.distributions.Bernoulli(probs=probs[:, mask]).log_prob(x[mask].double()).sum(-1)
+    w = log_prior + log_obs
+    w = (w - w.max()).exp()
+    vae.float()
+    return (w[:, None] * probs[:, ~mask]).sum(0) / w.sum()
+
+
+@pytest.mark.parametrize("method, kwargs", [("importance", {"num_samples": 500}),
+                                            ("metropolis", {"num_iters": 60})])
+def test_exact_methods_reach_the_conditional_mean_of_a_categorical_vae(method, kwargs):
+    """Importance sampling and Metropolis-within-Gibbs on a relaxed categorical latent, against quadrature.
+    100 independent copies of one point give the estimator's mean and its standard error; 4 standard errors
+    (false-failure rate about 6e-5 per entry under the normal approximation). The chains' burn-in bias at 60
+    iterations, measured with 1000 copies against 300-iteration chains (which agree with quadrature within
+    0.4 standard errors), is about half of this test's standard error."""
+    pyro.set_rng_seed(0)
+    vae = pyro_vae.VAE((4,), 1, latent="categorical", categories=2, hidden=(8,), temperature=0.5,
+                       likelihood="bernoulli")
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.mul_(3)  # a decoder whose output depends strongly on the class
+    x1, mask = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([True, True, False, False])
+    exact = _categorical_conditional_mean(vae, x1, mask).float()
+    imp = pyro_vae.impute(vae, x1.expand(100, 4), mask, method=method, seed=1, **kwargs)[:, ~mask]
+    mean, se = imp.mean(0), imp.std(0) / 100 ** 0.5
+    assert bool(((mean - exact).abs() < 4 * se).all()), (mean, exact, se)
+
+
+def test_cli_impute_metropolis_on_a_categorical_run(tmp_path, capsys):
+    import json
+
+    from pyro_vae import checkpoint
+    from pyro_vae.cli import main
+
+    vae = pyro_vae.VAE((1, 8, 8), 3, latent="categorical", categories=4, hidden=(16,),
+                       likelihood="continuous-bernoulli")
+    run = tmp_path / "run"
+    checkpoint.save(vae, run, data={"data": "digits", "data_dir": None, "binarize": "none", "seed": 0},
+                    train={"elbo": "trace", "particles": 1})
+    pyro.clear_param_store()
+    assert main(["impute", str(run), "--method", "metropolis", "--iters", "4", "--n", "5", "--device", "cpu"]) == 0
+    assert json.loads((run / "imputation.json").read_text())["num_points"] == 5
+    capsys.readouterr()
