@@ -5,14 +5,15 @@ __version__ = "0.1.0"
 # Modules (importing ``kl`` registers its closed-form KL divergences with torch).
 from . import (  # noqa: E402
     checkpoint, conditional, data, distributed, distributions, encoders, errors, estimators, evaluation, generation,
-    imputation, kl, likelihoods, linear_gaussian, networks, priors, relaxed, schedules, variance,
+    imputation, kl, likelihoods, linear_gaussian, networks, priors, relaxed, schedules, validation, variance,
 )
 from .checkpoint import load, save  # noqa: E402
 from .conditional import CVAE, SSVAE  # noqa: E402
 from .distributions import StableContinuousBernoulli  # noqa: E402
 from .encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder  # noqa: E402
 from .errors import (  # noqa: E402
-    CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError, ShapeError, TrainingInterrupted,
+    CheckpointError, ConfigError, DataError, ModelError, NonFiniteLossError, PyroVAEError, ShapeError,
+    TrainingInterrupted,
 )
 from .estimators import ESTIMATORS, ScoreFunction, make_estimator_elbo, score_function  # noqa: E402
 from .evaluation import active_units, amortization_gap, log_likelihood, pareto_k, to_inference_data  # noqa: E402
@@ -42,7 +43,7 @@ __all__ = [
     "VAE", "fit", "EarlyStopping", "evaluate_elbo", "make_elbo", "History", "load", "save",
     "Encoder", "GaussianEncoder", "StandardNormal",
     "Bernoulli", "ContinuousBernoulli", "Normal", "NormalLearnedScale",
-    "PyroVAEError", "ConfigError", "DataError", "ShapeError", "CheckpointError", "NonFiniteLossError",
+    "PyroVAEError", "ConfigError", "DataError", "ShapeError", "ModelError", "CheckpointError", "NonFiniteLossError",
     "data", "encoders", "errors", "likelihoods", "networks", "plots", "priors",
     "evaluation", "generation", "imputation", "log_likelihood", "active_units", "pareto_k", "to_inference_data",
     "amortization_gap", "impute",
@@ -53,5 +54,5 @@ __all__ = [
     "estimators", "variance", "ESTIMATORS", "ScoreFunction", "score_function", "make_estimator_elbo",
     "gradient_samples", "gradient_statistics", "exact_gradient",
     "conditional", "SSVAE", "CVAE", "linear_gaussian",
-    "checkpoint", "distributed", "TrainingInterrupted",
+    "checkpoint", "distributed", "TrainingInterrupted", "validation",
 ]

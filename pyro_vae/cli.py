@@ -7,19 +7,41 @@ pictures. Errors print one line and exit with status 2 (``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .errors import ConfigError, PyroVAEError, message
+from .validation import arg_type, beta, check_memory, image_path, integer, number
 
 __all__ = ["main", "build_parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error form: one line on stderr, exit status 2."""
+
+    def error(self, text: str) -> Any:  # type: ignore[override]
+        hint = "" if "Fix: " in text else f" (see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {' '.join(text.split())}{hint}\n")
+
+
+def _int(flag: str, minimum: int = 1, maximum: Optional[int] = None) -> Callable[[str], int]:
+    return arg_type(flag, integer, minimum=minimum, maximum=maximum)
+
+
+def _float(flag: str, minimum: float = 0.0, strict: bool = True) -> Callable[[str], float]:
+    return arg_type(flag, number, minimum=minimum, strict=strict)
+
+
+SEED_MAX = 2 ** 32 - 1  # numpy's seeds stop here
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed for Pyro, torch, numpy and the data splits")
+    p.add_argument("--seed", type=_int("--seed", 0, SEED_MAX), default=0,
+                   help="seed for Pyro, torch, numpy and the data splits")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
@@ -39,37 +61,43 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="torchvision root, or a folder holding the raw IDX files (e.g. ../shared/data/mnist)")
     p.add_argument("--binarize", default="none", choices=BINARIZE,
                    help="none: grey levels; static: one seeded draw; dynamic: a fresh draw every batch")
-    p.add_argument("--z-dim", type=int, default=8, help="number of latent dimensions")
+    p.add_argument("--scale", type=_float("--scale"), default=None,
+                   help="divide the data by this value first (e.g. 255 for 8-bit grey levels stored as floats)")
+    p.add_argument("--z-dim", type=_int("--z-dim"), default=8, help="number of latent dimensions")
     p.add_argument("--net", default="mlp", choices=("mlp", "conv"), help="encoder and decoder networks")
-    p.add_argument("--hidden", type=int, nargs="+", default=[400], help="hidden layer sizes of the MLPs")
+    p.add_argument("--hidden", type=_int("--hidden"), nargs="+", default=[400], help="hidden layer sizes of the MLPs")
     p.add_argument("--likelihood", default="continuous-bernoulli", choices=sorted(LIKELIHOODS),
                    help="p(x|z): bernoulli (binary data), continuous-bernoulli (grey levels), normal, "
                         "normal-learned")
-    p.add_argument("--likelihood-scale", type=float, default=None,
+    p.add_argument("--likelihood-scale", type=_float("--likelihood-scale"), default=None,
                    help="standard deviation of the 'normal' likelihood (default 0.1)")
     p.add_argument("--prior", default=None, choices=sorted(PRIORS) + sorted(CATEGORICAL_PRIORS),
                    help="p(z): normal (default), mixture, vamp, flow, laplace, student-t; with --latent "
                         "categorical: categorical (uniform, default) or categorical-learned")
-    p.add_argument("--components", type=int, default=None, help="mixture / vamp: components (default 10 / 50)")
-    p.add_argument("--flows", type=int, default=None, help="flow: autoregressive layers (default 2)")
+    p.add_argument("--components", type=_int("--components"), default=None,
+                   help="mixture / vamp: components (default 10 / 50)")
+    p.add_argument("--flows", type=_int("--flows"), default=None, help="flow: autoregressive layers (default 2)")
     p.add_argument("--flow-kind", default=None, choices=("affine", "spline"), help="flow: layer type (affine)")
-    p.add_argument("--prior-scale", type=float, default=None, help="laplace / student-t: scale (default 1)")
-    p.add_argument("--df", type=float, default=None, help="student-t: degrees of freedom (default 3)")
+    p.add_argument("--prior-scale", type=_float("--prior-scale"), default=None,
+                   help="laplace / student-t: scale (default 1)")
+    p.add_argument("--df", type=_float("--df"), default=None, help="student-t: degrees of freedom (default 3)")
     p.add_argument("--latent", default="gaussian", choices=("gaussian", "categorical"),
                    help="gaussian, or categorical: --z-dim relaxed one-hot variables of --categories classes "
                         "(Gumbel-softmax)")
-    p.add_argument("--categories", type=int, default=10, help="classes per categorical variable")
-    p.add_argument("--temperature", type=float, default=1.0, help="categorical: (initial) temperature")
-    p.add_argument("--temperature-min", type=float, default=0.5, help="categorical: floor of the annealing")
-    p.add_argument("--anneal-rate", type=float, default=0.0,
+    p.add_argument("--categories", type=_int("--categories", 2), default=10, help="classes per categorical variable")
+    p.add_argument("--temperature", type=_float("--temperature"), default=1.0,
+                   help="categorical: (initial) temperature")
+    p.add_argument("--temperature-min", type=_float("--temperature-min"), default=0.5,
+                   help="categorical: floor of the annealing")
+    p.add_argument("--anneal-rate", type=_float("--anneal-rate", strict=False), default=0.0,
                    help="categorical: tau = max(temperature-min, temperature * exp(-rate * step)); 0 keeps it "
                         "constant (Jang et al. 2017 use 3e-5)")
     p.add_argument("--straight-through", action="store_true",
                    help="categorical: hard one-hot samples with relaxed gradients")
-    p.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
-    p.add_argument("--kl-warmup", type=int, default=0, help="raise the KL weight linearly to --beta over this "
-                                                          "many steps (0: no warm-up)")
-    p.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
+    p.add_argument("--beta", type=arg_type("--beta", beta), default=1.0, help="KL weight (beta-VAE)")
+    p.add_argument("--kl-warmup", type=_int("--kl-warmup", 0), default=0,
+                   help="raise the KL weight linearly to --beta over this many steps (0: no warm-up)")
+    p.add_argument("--early-stopping", type=_int("--early-stopping", 0), default=0, metavar="PATIENCE",
                    help="stop when the validation ELBO has not improved for this many epochs (0: never)")
     p.add_argument("--elbo", default=None, choices=sorted(ELBOS),
                    help="trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL); "
@@ -78,20 +106,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="gradient estimator: pathwise (reparameterized), score-function (REINFORCE), "
                         "score-function-baseline (TraceGraph_ELBO, decaying-average baseline), "
                         "score-function-neural-baseline, relaxed and straight-through (categorical latents)")
-    p.add_argument("--particles", type=int, default=1, help="Monte Carlo particles per step (vectorized)")
-    p.add_argument("--epochs", type=int, default=50, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--particles", type=_int("--particles"), default=1,
+                   help="Monte Carlo particles per step (vectorized)")
+    p.add_argument("--epochs", type=_int("--epochs"), default=50, help="passes over the training set")
+    p.add_argument("--batch-size", type=_int("--batch-size"), default=128, help="minibatch size")
+    p.add_argument("--lr", type=_float("--lr"), default=1e-3, help="Adam learning rate")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>-<time>)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint.pt (same options as the original run; "
                         "--epochs may grow)")
-    p.add_argument("--clip-norm", type=float, default=None, help="clip the gradient's global norm to this value")
+    p.add_argument("--clip-norm", type=_float("--clip-norm"), default=None,
+                   help="clip the gradient's global norm to this value")
     p.add_argument("--cuda-graph", action="store_true",
                    help="on a CUDA device, replay the training step as a CUDA graph (Gaussian latents, pathwise "
                         "estimator, one process; see pyro_vae.fit)")
-    p.add_argument("--checkpoint-every", type=int, default=500,
+    p.add_argument("--checkpoint-every", type=_int("--checkpoint-every", 0), default=500,
                    help="also checkpoint every this many steps (besides every epoch end and on Ctrl-C)")
     _add_common(p)
     p.set_defaults(func=cmd_train)
@@ -145,31 +175,46 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained VAE into a PNG",
                        description="Ancestral samples z ~ p(z), x = E[x | z], drawn as an image grid.")
     p.add_argument("run", help="run folder written by `pyro-vae train`")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--out", default=None, help="PNG file (default RUN/samples.png)")
+    p.add_argument("--n", type=_int("--n"), default=64, help="number of samples")
+    p.add_argument("--out", type=arg_type("--out", image_path), default=None,
+                   help="picture file: .png, .pdf, .svg or .jpg (default RUN/samples.png)")
     p.add_argument("--draw", action="store_true", help="draw x from the likelihood instead of its mean")
     p.add_argument("--from", dest="source", default="prior", choices=("prior", "aggregate", "mixture"),
                    help="prior: z ~ p(z); aggregate: z ~ q(z|x) for random training points; mixture: a Gaussian "
                         "mixture fitted to the training posterior means")
-    p.add_argument("--components", type=int, default=10, help="mixture components for --from mixture")
+    p.add_argument("--components", type=_int("--components"), default=10,
+                   help="mixture components for --from mixture")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
+
+
+def _iw_samples(flag: str, value: Any) -> int:
+    """0 (skip importance sampling) or enough samples per point for the Pareto-k fit."""
+    from .evaluation import PARETO_K_MIN_SAMPLES
+
+    value = integer(flag, value, 0)
+    if 0 < value < PARETO_K_MIN_SAMPLES:
+        raise ConfigError(message(flag, f"0 (skip log p(x)) or an integer >= {PARETO_K_MIN_SAMPLES} (the Pareto-k "
+                                  "diagnostic of the importance weights needs that many per point)", repr(value),
+                                  f"pass {flag} 1000, or {flag} 0 for the ELBO alone"))
+    return value
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained VAE on its test split",
                        description="Test ELBO per data point (nats), written into RUN/metrics.json.")
     p.add_argument("run", help="run folder written by `pyro-vae train`")
-    p.add_argument("--particles", type=int, default=10, help="Monte Carlo particles for the ELBO")
-    p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size")
-    p.add_argument("--iw-samples", type=int, default=1000,
+    p.add_argument("--particles", type=_int("--particles"), default=10, help="Monte Carlo particles for the ELBO")
+    p.add_argument("--batch-size", type=_int("--batch-size"), default=512, help="evaluation batch size")
+    p.add_argument("--iw-samples", type=arg_type("--iw-samples", _iw_samples, parse=int), default=1000,
                    help="importance samples K per test point for log p(x), its gap to the ELBO and Pareto-k "
                         "(0 skips them)")
-    p.add_argument("--iw-batch-size", type=int, default=100, help="test points per importance-sampling batch")
-    p.add_argument("--amortization-points", type=int, default=0,
+    p.add_argument("--iw-batch-size", type=_int("--iw-batch-size"), default=100,
+                   help="test points per importance-sampling batch")
+    p.add_argument("--amortization-points", type=_int("--amortization-points", 0), default=0,
                    help="also measure the amortization gap (Cremer et al. 2018) on this many test points "
                         "(0 skips it)")
-    p.add_argument("--amortization-steps", type=int, default=300,
+    p.add_argument("--amortization-steps", type=_int("--amortization-steps", 0), default=300,
                    help="Adam steps of each test point's own Gaussian guide")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
@@ -182,9 +227,9 @@ def _add_interpolate(sub: argparse._SubParsersAction) -> None:
                                    "point (RUN/traversals.png).")
     p.add_argument("run", help="run folder written by `pyro-vae train`")
     p.add_argument("--method", default="slerp", choices=("lerp", "slerp"), help="linear or spherical")
-    p.add_argument("--pairs", type=int, default=8, help="number of test-point pairs (one row each)")
-    p.add_argument("--steps", type=int, default=10, help="points on each path, endpoints included")
-    p.add_argument("--span", type=float, default=3.0, help="traversal values run from -SPAN to +SPAN")
+    p.add_argument("--pairs", type=_int("--pairs"), default=8, help="number of test-point pairs (one row each)")
+    p.add_argument("--steps", type=_int("--steps", 2), default=10, help="points on each path, endpoints included")
+    p.add_argument("--span", type=_float("--span"), default=3.0, help="traversal values run from -SPAN to +SPAN")
     p.add_argument("--out", default=None, help="folder for the PNGs (default RUN)")
     _add_common(p)
     p.set_defaults(func=cmd_interpolate)
@@ -203,16 +248,16 @@ def _add_impute(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="importance", choices=("importance", "metropolis", "gibbs"),
                    help="importance: self-normalized importance sampling; metropolis: Metropolis-within-Gibbs "
                         "chain; gibbs: pseudo-Gibbs iterations")
-    p.add_argument("--samples", type=int, default=500, help="importance samples per point")
-    p.add_argument("--iters", type=int, default=10, help="chain length of the metropolis and gibbs methods")
-    p.add_argument("--n", type=int, default=None, help="number of test points (default all)")
+    p.add_argument("--samples", type=_int("--samples"), default=500, help="importance samples per point")
+    p.add_argument("--iters", type=_int("--iters"), default=10, help="chain length of the metropolis and gibbs methods")
+    p.add_argument("--n", type=_int("--n"), default=None, help="number of test points (default all)")
     p.add_argument("--out", default=None, help="folder for the PNG and JSON (default RUN)")
     _add_common(p)
     p.set_defaults(func=cmd_impute)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders in Pyro.")
+    parser = _Parser(prog="pyro-vae", description="Variational autoencoders in Pyro.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_train, _add_sample, _add_evaluate, _add_interpolate, _add_impute):
         add(sub)
@@ -224,7 +269,15 @@ def _load_data(cfg: dict[str, Any]):
     from . import data
 
     return data.load(cfg["data"], cfg.get("data_dir"), binarize_mode=cfg.get("binarize", "none"),
-                     seed=cfg.get("seed", 0))
+                     seed=cfg.get("seed", 0), scale=cfg.get("scale"))
+
+
+def _check_splits(vae: Any, splits: Any, name: str) -> None:
+    """Every split checked against the VAE before anything is trained or written, so a NaN or an
+    out-of-support value in the test split is reported now, naming the split, not after training."""
+    for split, d in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+        x = d.x >= 0.5 if split == "train" and splits.dynamic_binarize else d.x  # its range is checked on load
+        vae.check_data(x, f"{split} split of {name}", data_set=True)
 
 
 def write_pictures(vae, splits, run: Path, history: Optional[list] = None, n: int = 64) -> list[Path]:
@@ -298,7 +351,8 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
     if args.out is None:
         out = Path(distributed.broadcast_object(str(out)))
     distributed.rank0_call(lambda: checkpoint.check_writable(out, what="--out"))
-    data_cfg = {"data": args.data, "data_dir": args.data_dir, "binarize": args.binarize, "seed": args.seed}
+    data_cfg = {"data": args.data, "data_dir": args.data_dir, "binarize": args.binarize, "seed": args.seed,
+                "scale": args.scale}
     if args.resume:
         distributed.rank0_call(lambda: _check_resume(out, data_cfg))
     splits = _load_data(data_cfg)
@@ -312,6 +366,7 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
     pyro.set_rng_seed(args.seed)
     vae = VAE(splits.data_shape, args.z_dim, encoder=args.net, decoder=args.net, prior=_prior_spec(args),
               likelihood=likelihood, hidden=args.hidden, **_latent_kwargs(args))
+    _check_splits(vae, splits, args.data)
     train_cfg = {"elbo": args.elbo, "estimator": args.estimator, "particles": args.particles, "epochs": args.epochs,
                  "batch_size": args.batch_size, "lr": args.lr, "device": str(device), "clip_norm": args.clip_norm,
                  "cuda_graph": args.cuda_graph}
@@ -373,10 +428,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from . import plots
 
-    if args.n < 1:
-        raise ConfigError(message("--n", "an integer >= 1", str(args.n), "pass --n 64"))
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
+    vae.check_sample_size(args.n, "--n")
     out = Path(args.out) if args.out else Path(args.run) / ("samples.png" if args.source == "prior"
                                                              else f"samples-{args.source}.png")
     if args.source == "prior":
@@ -409,8 +463,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for stale in [key for key in metrics if key.startswith("pareto_k")]:  # recomputed below where K allows
         metrics.pop(stale)
     metrics.update({"elbo": elbo, "elbo_particles": args.particles, "units": "nats per data point"})
-    if args.iw_samples < 0:
-        raise ConfigError(message("--iw-samples", "an integer >= 0", str(args.iw_samples), "pass --iw-samples 1000"))
     if args.iw_samples:
         metrics.update(_importance_metrics(vae, splits.test, args))
     if args.amortization_points > 0:
@@ -468,12 +520,11 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
     from . import generation, plots
 
-    for name in ("pairs", "steps"):
-        if getattr(args, name) < (1 if name == "pairs" else 2):
-            raise ConfigError(message(f"--{name}", "a positive integer (steps >= 2)", str(getattr(args, name)),
-                                      f"pass --{name} 8"))
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
+    decoded = (args.pairs * args.steps + 9 * vae.z_dim) * math.prod(vae.data_shape)  # both pictures' points
+    check_memory("--pairs x --steps", 4 * 4 * decoded, vae._device(), "pass fewer --pairs or --steps",
+                 f"{args.pairs} x {args.steps} decoded points")
     test = _load_data(cfg["data"]).test.x
     if len(test) < 2 * args.pairs:
         raise ConfigError(message("--pairs", f"at most {len(test) // 2} (half the test points)", str(args.pairs),
@@ -528,7 +579,7 @@ def cmd_impute(args: argparse.Namespace) -> int:
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
     splits = _load_data(cfg["data"])
-    test = splits.test.x if args.n is None else splits.test.x[: max(args.n, 1)]
+    test = splits.test.x if args.n is None else splits.test.x[: args.n]
     mask = _load_mask(args.mask, vae.data_shape, len(test), args.seed)
     if mask.shape[0] != len(test):
         raise ConfigError(message("--mask", f"{len(test)} masks (one per test point)", f"{mask.shape[0]}",
@@ -540,26 +591,38 @@ def cmd_impute(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run)
     picture = plots.save_imputations(test[:16], mask[:16], imputed[:16], out / "imputations.png")
     result = {"mask": args.mask, "method": args.method, "num_points": len(test),
-              "mse_missing": float(err.mean()), "mse_missing_se": float(err.std() / len(err) ** 0.5),
+              "mse_missing": float(err.mean()),
+              "mse_missing_se": float(err.std() / len(err) ** 0.5) if len(err) > 1 else None,  # None: one point
               "mse_missing_mean_fill": float(base.mean()), "missing_fraction": float((~mask).float().mean())}
     checkpoint.write_json(out / "imputation.json", result)
+    se = result["mse_missing_se"]
     print(f"imputation ({args.method}, mask {args.mask}): mean squared error on the hidden entries "
-          f"{result['mse_missing']:.4f} +- {result['mse_missing_se']:.4f}, per-entry training mean "
+          f"{result['mse_missing']:.4f}" + ("" if se is None else f" +- {se:.4f}") + ", per-entry training mean "
           f"{result['mse_missing_mean_fill']:.4f}")
     print(f"pictures: {picture}; results: {out / 'imputation.json'}")
     return 0
 
 
+def _first_line(e: BaseException) -> str:
+    """The error's own line: Pyro appends its trace's shape table to errors raised inside a model or guide."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; return its exit status: 0, 2 for an error (one line on stderr; a value refused while
+    parsing included), 130 when interrupted."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a refused value (2): argparse has printed its line
+        return e.code if isinstance(e.code, int) else 2
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except PyroVAEError as e:
         if args.debug:
             raise
-        print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
+        print(f"pyro-vae {args.command}: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a disk that fills up or a folder that disappears during the run
         if args.debug:

@@ -34,7 +34,8 @@ from .errors import ConfigError, DataError, NonFiniteLossError, ShapeError, mess
 from .likelihoods import Likelihood, build_likelihood
 from .networks import MLP
 from .priors import StandardNormal
-from .vae import _check_int, data_plate
+from .vae import data_plate
+from .validation import integer
 
 __all__ = [
     "ConcatMLP",
@@ -78,7 +79,7 @@ class ConcatMLP(nn.Module):
         super().__init__()
         self.in_shapes = [_shape(s) for s in in_shapes]
         self.out_shape = _shape(out_shape)
-        hidden = tuple(_check_int("hidden entries", int(h), 1) for h in hidden)
+        hidden = tuple(integer("hidden entries", h, 1) for h in hidden)
         self.mlp = MLP((sum(math.prod(s) for s in self.in_shapes), *hidden, math.prod(self.out_shape)), activation)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class ConditionalGaussianEncoder(Encoder):
     def __init__(self, net: nn.Module, z_dim: int, min_scale: float = 1e-4) -> None:
         super().__init__()
         self.net = net
-        self.z_dim = _check_int("z_dim", z_dim, 1)
+        self.z_dim = integer("z_dim", z_dim, 1)
         self.min_scale = float(min_scale)
 
     def forward(self, x: torch.Tensor, *context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +130,7 @@ class CategoricalEncoder(Encoder):
     def __init__(self, net: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.net = net
-        self.num_classes = _check_int("num_classes", num_classes, 2)
+        self.num_classes = integer("num_classes", num_classes, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(..., num_classes)``."""
@@ -164,8 +165,8 @@ class ClassConditionalNormal(nn.Module):
 
     def __init__(self, num_classes: int, z_dim: int, init_spread: float = 1.0) -> None:
         super().__init__()
-        self.num_classes = _check_int("num_classes", num_classes, 2)
-        self.z_dim = _check_int("z_dim", z_dim, 1)
+        self.num_classes = integer("num_classes", num_classes, 2)
+        self.z_dim = integer("z_dim", z_dim, 1)
         self.loc = nn.Parameter(init_spread * torch.randn(self.num_classes, self.z_dim))
         self.raw_scale = nn.Parameter(torch.full((self.num_classes, self.z_dim), math.log(math.expm1(1.0))))
 
@@ -179,7 +180,7 @@ class ConditionalNormalPrior(nn.Module):
 
     def __init__(self, context_shape: Shape, z_dim: int, hidden: Sequence[int] = (400,)) -> None:
         super().__init__()
-        self.z_dim = _check_int("z_dim", z_dim, 1)
+        self.z_dim = integer("z_dim", z_dim, 1)
         self.net = ConditionalGaussianEncoder(ConcatMLP([context_shape], (2 * self.z_dim,), hidden), self.z_dim)
 
     def forward(self, context: torch.Tensor) -> dist.Distribution:
@@ -260,8 +261,8 @@ class SSVAE(_Sites):
                  aux_weight: float = 1.0, name: str = "") -> None:
         super().__init__()
         self.data_shape = _shape(data_shape)
-        self.num_classes = _check_int("num_classes", num_classes, 2)
-        self.z_dim = _check_int("z_dim", z_dim, 1)
+        self.num_classes = integer("num_classes", num_classes, 2)
+        self.z_dim = integer("z_dim", z_dim, 1)
         if not (isinstance(aux_weight, (int, float)) and math.isfinite(aux_weight) and aux_weight >= 0):
             raise ConfigError(message("aux_weight", "a finite number >= 0", repr(aux_weight),
                                       "pass e.g. aux_weight=0.1 * num_data / num_labelled"))
@@ -315,7 +316,7 @@ class SSVAE(_Sites):
         elif y is not None:
             batch, device = y.shape[0], y.device
         elif batch_size is not None:
-            batch, device = _check_int("batch_size", batch_size, 1), self._device()
+            batch, device = integer("batch_size", batch_size, 1), self._device()
         else:
             raise ConfigError(message("model arguments", "x, y or batch_size", "none of them",
                                       "call model(batch_size=n) to generate n points"))
@@ -380,7 +381,7 @@ class CVAE(_Sites):
                  name: str = "") -> None:
         super().__init__()
         self.data_shape, self.context_shape = _shape(data_shape), _shape(context_shape)
-        self.z_dim = _check_int("z_dim", z_dim, 1)
+        self.z_dim = integer("z_dim", z_dim, 1)
         self.name = str(name)
         hidden = tuple(hidden)
         self.encoder = ConditionalGaussianEncoder(
@@ -439,14 +440,14 @@ class CVAE(_Sites):
     def complete(self, context: torch.Tensor, num_samples: int = 1, mean: bool = True) -> torch.Tensor:
         """``num_samples`` completions per context, ``(num_samples, batch, *data_shape)``: ``z ~ p(z | c)``,
         then the likelihood's mean (``mean=True``) or a draw."""
-        z = self.prior(context).sample((_check_int("num_samples", num_samples, 1),))
+        z = self.prior(context).sample((integer("num_samples", num_samples, 1),))
         px = self._px(self.decoder(z, context))
         return px.mean if mean else px.sample()
 
 
 def split_labelled(y: torch.Tensor, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of ``per_class`` labelled points of every class, chosen by ``seed``, and of all the others."""
-    per_class = _check_int("per_class", per_class, 1)
+    per_class = integer("per_class", per_class, 1)
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for k in torch.unique(y).tolist():
@@ -472,7 +473,7 @@ def fit_classifier(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: i
     labelled-points-only baseline a semi-supervised model has to beat."""
     optim = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     net.train()
-    for _ in range(_check_int("steps", steps, 1)):
+    for _ in range(integer("steps", steps, 1)):
         loss = F.cross_entropy(net(x), y)
         optim.zero_grad()
         loss.backward()
@@ -520,6 +521,11 @@ def fit_semisupervised(
         raise ConfigError(message("enumeration", '"parallel", "sequential" or None', repr(enumeration),
                                   'pass enumeration="parallel"'))
     device = ssvae._device()
+    if dynamic_binarize:  # grey levels are probabilities of a one: refused outside [0, 1], never clamped
+        from .data import check_binarizable
+
+        check_binarizable(x_labelled, "x_labelled (dynamic_binarize=True)")
+        check_binarizable(x_unlabelled, "x_unlabelled (dynamic_binarize=True)")
     xl, yl, xu = x_labelled.to(device), y_labelled.to(device), x_unlabelled.to(device)
     n_l, n_u = xl.shape[0], xu.shape[0]
     guide = config_enumerate(ssvae.guide, enumeration) if enumeration else ssvae.guide
@@ -546,7 +552,7 @@ def fit_semisupervised(
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     bl = min(batch_size, n_l)
-    for epoch in range(1, _check_int("epochs", epochs, 1) + 1):
+    for epoch in range(1, integer("epochs", epochs, 1) + 1):
         ssvae.train()
         lu = ll = 0.0
         perm = torch.randperm(n_u, generator=gen).to(device)

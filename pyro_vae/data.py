@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, message
+from .validation import positive, unit_interval
 
-__all__ = ["Dataset", "Splits", "load", "digits", "torchvision_dataset", "from_file", "binarize", "DATASETS",
-           "BINARIZE"]
+__all__ = ["Dataset", "Splits", "load", "digits", "torchvision_dataset", "from_file", "binarize",
+           "check_binarizable", "DATASETS", "BINARIZE"]
 
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 DATASETS = ("digits", *TORCHVISION)
@@ -56,10 +57,22 @@ class Splits:
         return self.train.data_shape
 
 
-def binarize(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Static binarization: one Bernoulli draw per entry with probability the grey level, seeded."""
+def binarize(x: torch.Tensor, seed: int = 0, what: str = "data") -> torch.Tensor:
+    """Static binarization: one Bernoulli draw per entry with probability the grey level, seeded.
+
+    Raises:
+        DataError: ``x`` (named ``what``) holds values outside [0, 1] or non-finite values; they are refused,
+            never clamped (0..255 grey levels clamped to 1 would silently turn into an image of ones).
+    """
+    check_binarizable(x, what)
     g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(x.clamp(0, 1), generator=g)
+    return torch.bernoulli(x if x.is_floating_point() else x.to(torch.float32), generator=g)
+
+
+def check_binarizable(x: torch.Tensor, what: str = "data") -> None:
+    """:class:`DataError` unless ``x`` holds finite grey levels in [0, 1], the probabilities that static or
+    dynamic binarization draws a one with."""
+    unit_interval(x, what, "grey levels in [0, 1] to binarize (each the probability of a one)")
 
 
 def _split(x: torch.Tensor, y: Optional[torch.Tensor], n_val: int, n_test: int, seed: int) -> tuple[Dataset, ...]:
@@ -165,7 +178,7 @@ def from_file(path: Union[str, Path], seed: int = 0, val_fraction: float = 0.1,
 
 
 def load(name: str = "digits", root: Union[str, Path, None] = None, *, binarize_mode: str = "none",
-         seed: int = 0) -> Splits:
+         seed: int = 0, scale: Optional[float] = None) -> Splits:
     """Load a data set by name (``digits``, ``mnist``, ``fashion-mnist``, ``kmnist``) or file path.
 
     Args:
@@ -174,9 +187,16 @@ def load(name: str = "digits", root: Union[str, Path, None] = None, *, binarize_
             every batch during training: ``Splits.dynamic_binarize`` is set and validation/test sets are
             binarized once, statically).
         seed: fixes the splits and the static binarization.
+        scale: divide every value by this number first (e.g. 255 for 8-bit grey levels stored as floats).
+
+    Raises:
+        DataError: with ``binarize_mode`` ``"static"`` or ``"dynamic"``, a split holding values outside
+            [0, 1] (the message names the split and the data; nothing is clamped).
     """
     if binarize_mode not in BINARIZE:
         raise ConfigError(message("binarize", f"one of {BINARIZE}", repr(binarize_mode), "pick a known mode"))
+    if scale is not None:
+        scale = positive("scale", scale, fix="pass the largest value the data can take, e.g. scale=255")
     if name == "digits":
         splits = digits(seed)
     elif name in TORCHVISION:
@@ -187,6 +207,14 @@ def load(name: str = "digits", root: Union[str, Path, None] = None, *, binarize_
     else:
         raise ConfigError(message("data", f"one of {', '.join(DATASETS)} or a .npy/.pt file path", repr(name),
                                   "pick a known name or pass a file"))
+    parts = (("train", splits.train), ("validation", splits.val), ("test", splits.test))
+    if scale is not None:
+        for _, d in parts:
+            d.x = d.x / scale
+    if binarize_mode != "none":
+        for split, d in parts:  # every split before any work, so the message names the split at fault
+            check_binarizable(d.x, f"{split} split of {splits.name or name}"
+                                   f"{f' (divided by {scale:g})' if scale is not None else ''}")
     if binarize_mode == "static":
         splits.train.x, splits.val.x, splits.test.x = (binarize(d.x, seed + i) for i, d in
                                                        enumerate((splits.train, splits.val, splits.test)))

@@ -37,17 +37,10 @@ MAX_ELEMENTS = 2 ** 24  # bound on K * batch * data size held at once (64 MiB of
 
 
 # ----------------------------------------------------------------------------------------- the traces
-def _check_count(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(message(name, f"an integer >= {minimum}", repr(value), f"pass {name} >= {minimum}"))
-    return value
-
-
 def _data(vae: VAE, data: Any, what: str = "data") -> torch.Tensor:
-    x = as_tensor_data(data, what)
-    if not torch.is_tensor(x) or x.dim() < 2 or tuple(x.shape[1:]) != vae.data_shape:
-        vae.check_data(x, what)
-    return x
+    """The ``(N, *data_shape)`` data set of ``data``, cast to the VAE's dtype (values are checked in the model
+    under Pyro's validation)."""
+    return vae.as_data(as_tensor_data(data, what), what, data_set=True)
 
 
 def _plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, **kwargs: Any) -> int:
@@ -135,7 +128,7 @@ def _weights_chunk(vae: VAE, model: Callable, guide: Callable, x: torch.Tensor, 
 
 def _chunk_size(k: int, batch: int, vae: VAE, chunk_size: Optional[int]) -> int:
     if chunk_size is not None:
-        return min(_check_count("chunk_size", chunk_size), k)
+        return min(integer("chunk_size", chunk_size), k)
     per_sample = batch * max(math.prod(vae.data_shape), 1)
     return max(1, min(k, MAX_ELEMENTS // per_sample))
 
@@ -146,7 +139,7 @@ def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, *,
     """Log importance weights ``log p(x, z_k) - log q(z_k | x)``, ``z_k ~ q(z | x)``, as a
     ``(batch, num_samples)`` tensor on ``x``'s device (no gradients)."""
     model, guide = model or vae.model, guide or vae.guide
-    num_samples = _check_count("num_samples", num_samples)
+    num_samples = integer("num_samples", num_samples)
     particle_dim = -(_plate_nesting(model, guide, x) + 1)
     k = _chunk_size(num_samples, x.shape[0], vae, chunk_size)
     parts = []
@@ -243,8 +236,8 @@ def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: 
         :class:`LogLikelihood` with the mean, its standard error, the per-point values, the ELBO and the gap.
     """
     x = _data(vae, data)
-    num_samples = _check_count("num_samples", num_samples)
-    batch_size = _check_count("batch_size", batch_size)
+    num_samples = integer("num_samples", num_samples)
+    batch_size = integer("batch_size", batch_size)
     model, guide = model or vae.model, guide or vae.guide
     device = vae._device()
     was_training = vae.training
@@ -541,8 +534,8 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
     if not isinstance(vae.encoder, GaussianEncoder):
         raise ConfigError(message("vae.encoder", "a GaussianEncoder (the per-point guide is Gaussian)",
                                   type(vae.encoder).__name__, "use the amortization gap with Gaussian latents"))
-    num_steps = _check_count("num_steps", num_steps, 0)
-    num_particles = _check_count("num_particles", num_particles)
+    num_steps = integer("num_steps", num_steps, 0)
+    num_particles = integer("num_particles", num_particles)
     if seed is not None:
         pyro.set_rng_seed(seed)
     x = _data(vae, data).to(vae._device())

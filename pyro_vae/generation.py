@@ -20,6 +20,7 @@ from .errors import ConfigError, DataError, message
 from .evaluation import _data, posterior_means
 from .relaxed import log_class_probs, log_one_hot
 from .vae import VAE
+from .validation import integer
 
 __all__ = ["SOURCES", "sample", "sample_latents", "posterior_samples", "fit_mixture", "reconstruct", "lerp",
            "slerp", "interpolate", "traverse"]
@@ -27,10 +28,7 @@ __all__ = ["SOURCES", "sample", "sample_latents", "posterior_samples", "fit_mixt
 SOURCES = ("prior", "aggregate", "mixture")
 
 
-def _count(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(message(name, f"an integer >= {minimum}", repr(value), f"pass {name} >= {minimum}"))
-    return value
+_count = integer
 
 
 def posterior_samples(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
@@ -79,7 +77,7 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
         mixture: a fitted mixture from :func:`fit_mixture` to reuse (``"mixture"``).
         n_components: mixture components when the mixture is fitted here.
     """
-    n = _count("n", n)
+    n = vae.check_sample_size(n) if isinstance(vae, VAE) else _count("n", n)
     if source not in SOURCES:
         raise ConfigError(message("source", f"one of {SOURCES}", repr(source), 'pass source="prior"'))
     device = vae._device()

@@ -32,9 +32,10 @@ import pyro
 import torch
 
 from .errors import ConfigError, DataError, message
-from .evaluation import _check_count, _chunk_size, _plate_nesting, _weights_chunk
+from .evaluation import _chunk_size, _plate_nesting, _weights_chunk
 from .generation import posterior_samples
 from .vae import VAE
+from .validation import integer
 
 __all__ = ["impute", "make_mask", "masked_error", "METHODS", "MASKS"]
 
@@ -51,7 +52,7 @@ def make_mask(data_shape: Sequence[int], kind: str = "bottom", n: int = 1, *, se
             ``"random:P"`` hides each entry with probability ``P`` (seeded).
     """
     shape = tuple(int(s) for s in data_shape)
-    n = _check_count("n", n)
+    n = integer("n", n)
     if kind.startswith("random:"):
         try:
             p = float(kind.split(":", 1)[1])
@@ -120,9 +121,9 @@ def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "impo
     """
     if method not in METHODS:
         raise ConfigError(message("method", f"one of {METHODS}", repr(method), 'pass method="importance"'))
-    num_iters = _check_count("num_iters", num_iters)
-    num_samples = _check_count("num_samples", num_samples)
-    batch_size = _check_count("batch_size", batch_size)
+    num_iters = integer("num_iters", num_iters)
+    num_samples = integer("num_samples", num_samples)
+    batch_size = integer("batch_size", batch_size)
     if not torch.is_tensor(x) or x.dim() < 1 or tuple(x.shape[1:]) != vae.data_shape:
         vae.check_data(x, "x")
     mask = _check_mask(vae, x, mask)

@@ -51,8 +51,7 @@ def make_elbo(elbo: Union[str, ELBO] = "trace", num_particles: int = 1, estimato
     if elbo not in ELBOS:
         raise ConfigError(message("elbo", f"one of {sorted(ELBOS)} or a pyro.infer.ELBO", repr(elbo),
                                   "pick a known name"))
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ConfigError(message("num_particles", "an integer >= 1", repr(num_particles), "pass num_particles=1"))
+    num_particles = integer("num_particles", num_particles, 1)
     return ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
 
 
@@ -124,7 +123,8 @@ class TrainState:
 
 def evaluate_elbo(vae: VAE, data: Any, *, elbo: Union[str, ELBO] = "trace", num_particles: int = 1,
                   batch_size: int = 1024) -> float:
-    """Mean ELBO per data point (nats) of ``data`` under ``elbo``, without gradients.
+    """Mean ELBO per data point (nats) of ``data`` (``(N, *data_shape)``, any real dtype) under ``elbo``,
+    without gradients, in batches of ``batch_size`` (an integer >= 1; :class:`ConfigError` otherwise).
 
     The ELBO proper, ``E_q[log p(x|z)] - KL(q(z|x) || p(z))``, whatever the VAE's KL weight ``beta`` (the
     beta-weighted training objective is ``History``'s ``train_objective``)."""
@@ -138,13 +138,6 @@ def evaluate_elbo(vae: VAE, data: Any, *, elbo: Union[str, ELBO] = "trace", num_
             xb = x[i: i + batch_size].to(device)
             total += loss_fn.loss(vae.model, vae.guide, xb)
     return -total / x.shape[0]
-
-
-def _check_positive(name: str, value: Any, integer: bool) -> None:
-    ok = (isinstance(value, int) and not isinstance(value, bool)) if integer else isinstance(value, (int, float))
-    if not ok or not math.isfinite(value) or value <= 0:
-        kind = "an integer >= 1" if integer else "a finite number > 0"
-        raise ConfigError(message(name, kind, repr(value), f"pass a valid {name}"))
 
 
 SYNC_EVERY = 20
@@ -277,7 +270,8 @@ def fit(
 
     Args:
         vae: the model/guide pair to train (moved to ``device``).
-        train_data: ``(N, *data_shape)`` tensor or :class:`pyro_vae.data.Dataset`.
+        train_data: ``(N, *data_shape)`` tensor or :class:`pyro_vae.data.Dataset`, of any real dtype
+            (floating point, integer or bool: cast to the dtype of the VAE's parameters, values unchanged).
         elbo: ``"trace"``, ``"meanfield"`` or any ``pyro.infer.ELBO``.
         num_particles: Monte Carlo particles per step (vectorized).
         estimator: gradient estimator, a name of :data:`pyro_vae.estimators.ESTIMATORS` (``"pathwise"``,
@@ -291,7 +285,8 @@ def fit(
             and ``on_fit_start(state)`` before the first step (the schedules of :mod:`pyro_vae.schedules`).
             Under ``TraceMeanField_ELBO``, which latent sites get an analytic KL is logged once at the start
             (logger ``"pyro_vae"``, and above the progress bar).
-        dynamic_binarize: resample binary data from the grey levels every batch (Burda et al. 2016).
+        dynamic_binarize: resample binary data from the grey levels every batch (Burda et al. 2016); the
+            grey levels must lie in [0, 1] (they are not clamped).
         clip_norm: clip the gradient's global norm to this value.
         progress: show a tqdm progress bar with the running ELBO.
         checkpoint_dir: write ``checkpoint.pt`` (the last state: weights, optimizer, RNGs, epoch, step, history)
@@ -314,6 +309,10 @@ def fit(
         point; the ELBO is always the one with KL weight 1, see :class:`History`).
 
     Raises:
+        ConfigError: an argument out of range (checked before any work), or a VAE too large for the device.
+        DataError: data of the wrong shape or dtype, non-finite, outside the likelihood's support, or (with
+            ``dynamic_binarize``) outside [0, 1].
+        ModelError: a part of the VAE returned NaN parameters or no distribution (at the first, validated step).
         NonFiniteLossError: a loss or gradient, or an epoch's training or validation ELBO, turned NaN or
             infinite (the message gives epoch and step; no checkpoint is written after it).
         CheckpointError: ``checkpoint_dir`` holds a run (without ``resume_from``/``overwrite``) or is locked by
@@ -324,26 +323,35 @@ def fit(
     from . import checkpoint as ckpt
     from . import distributed
 
-    _check_positive("epochs", epochs, True)
-    _check_positive("batch_size", batch_size, True)
-    _check_positive("lr", lr, False)
+    epochs = integer("epochs", epochs, 1)
+    batch_size = integer("batch_size", batch_size, 1)
+    lr = positive("lr", lr)
     if clip_norm is not None:
-        _check_positive("clip_norm", clip_norm, False)
+        clip_norm = positive("clip_norm", clip_norm)
     if checkpoint_every is not None:
-        _check_positive("checkpoint_every", checkpoint_every, True)
+        checkpoint_every = integer("checkpoint_every", checkpoint_every, 1)
     ctx = distributed.context()
+    if seed is not None:
+        seed = integer("seed", seed, 0, 2 ** 32 - ctx.world_size)  # numpy's seeds stop at 2**32 - 1
     if batch_size < ctx.world_size:
         raise ConfigError(message("batch_size", f"at least the number of processes ({ctx.world_size}); it is the "
                                   "global batch", repr(batch_size), f"pass batch_size >= {ctx.world_size}"))
     dev = resolve_device(device)
     if cuda_graph:
         _check_cuda_graph(vae, dev, ctx, estimator, elbo, callbacks)
-    x = as_tensor_data(train_data, "train_data")
-    xv = as_tensor_data(val_data, "val_data") if val_data is not None else None
-    checked = torch.bernoulli(x.clamp(0, 1)) if dynamic_binarize else x
-    vae.check_data(checked, "train_data")
+    x = vae.as_data(as_tensor_data(train_data, "train_data"), "train_data", data_set=True)
+    xv = vae.as_data(as_tensor_data(val_data, "val_data"), "val_data", data_set=True) if val_data is not None else None
+    if dynamic_binarize:  # grey levels are probabilities of a one: refused outside [0, 1], never clamped
+        from .data import check_binarizable
+
+        check_binarizable(x, "train_data (dynamic_binarize=True)")
+    vae.check_data(x >= 0.5 if dynamic_binarize else x, "train_data", data_set=True)
     if xv is not None:
-        vae.check_data(xv, "val_data")
+        vae.check_data(xv, "val_data", data_set=True)
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    check_memory("fit", 4 * weights + (x.numel() * x.element_size() if dev.type != "cpu" else 0), dev,
+                 "use a smaller VAE", "weights, gradients and Adam's two moments" +
+                 (", and the training data" if dev.type != "cpu" else ""))
     if seed is not None:
         pyro.set_rng_seed(seed + ctx.rank)
     if estimator != "pathwise":
@@ -641,10 +649,8 @@ class EarlyStopping:
     history, so a resumed run stops where the uninterrupted one would have."""
 
     def __init__(self, patience: int = 10, min_delta: float = 0.0) -> None:
-        _check_positive("patience", patience, True)
-        if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
-            raise ConfigError(message("min_delta", "a finite number >= 0", repr(min_delta), "pass min_delta=0"))
-        self.patience, self.min_delta = patience, float(min_delta)
+        self.patience = integer("patience", patience, 1)
+        self.min_delta = number("min_delta", min_delta, 0.0, strict=False, fix="pass min_delta=0")
         self.best, self.bad_epochs = -math.inf, 0
 
     def _update(self, record: dict[str, Any]) -> bool:

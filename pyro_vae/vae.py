@@ -21,22 +21,18 @@ from pyro.params import param_with_module_name
 from torch import nn
 
 from .encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder
-from .errors import ConfigError, DataError, ShapeError, message
+from .errors import ConfigError, DataError, ModelError, PyroVAEError, ShapeError, message
 from .likelihoods import Likelihood, build_likelihood
 from .networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from .priors import build_prior
 from .relaxed import check_temperature
+from .validation import beta as check_beta
+from .validation import cast_data, check_memory, integer
 
 __all__ = ["VAE"]
 
 NETS = ("mlp", "conv")
 LATENTS = ("gaussian", "categorical")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(message(name, f"an integer >= {minimum}", repr(value), f"pass {name} >= {minimum}"))
-    return value
 
 
 def data_plate(name: str, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
@@ -110,23 +106,30 @@ class VAE(nn.Module):
         super().__init__()
         if isinstance(data_shape, int):
             data_shape = (data_shape,)
-        self.data_shape = tuple(_check_int("data_shape entries", int(s) if not isinstance(s, bool) else s, 1)
-                                for s in data_shape)
+        self.data_shape = tuple(integer("data_shape entries", s, 1) for s in data_shape)
         if not self.data_shape:
             raise ConfigError(message("data_shape", "at least one dimension", "()", "pass e.g. data_shape=(64,)"))
-        self.z_dim = _check_int("z_dim", z_dim, 1)
-        self.hidden = tuple(int(h) for h in hidden)
+        self.z_dim = integer("z_dim", z_dim, 1)
+        self.hidden = tuple(integer("hidden entries", h, 1) for h in hidden)
         self.name = str(name)
         self.beta = beta
         self._config: dict[str, Any] = {"data_shape": list(self.data_shape), "z_dim": self.z_dim,
                                         "hidden": list(self.hidden), "name": self.name}
         self._init_latent(latent, categories, temperature, straight_through)
+        self._check_network_size(encoder, decoder)
 
-        self.encoder = self._build_encoder(encoder)
-        self.decoder = self._build_decoder(decoder)
-        self.prior = build_prior(prior, self.z_dim, categories=self.categories, encoder=self.encoder,
-                                 data_shape=self.data_shape)
-        self.likelihood = build_likelihood(likelihood, self.data_shape)
+        try:
+            self.encoder = self._build_encoder(encoder)
+            self.decoder = self._build_decoder(decoder)
+            self.prior = build_prior(prior, self.z_dim, categories=self.categories, encoder=self.encoder,
+                                     data_shape=self.data_shape)
+            self.likelihood = build_likelihood(likelihood, self.data_shape)
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(e, MemoryError) and "memory" not in str(e):
+                raise
+            raise ConfigError(message(
+                "VAE", "parts that fit in memory", f"an allocation that failed ({str(e).splitlines()[0][:160]})",
+                "lower z_dim, hidden or the prior's size (components, flows)")) from None
         for key, part in (("prior", self.prior), ("likelihood", self.likelihood)):
             cfg = getattr(part, "config", None)
             self._config[key] = cfg() if callable(cfg) else None
@@ -139,7 +142,7 @@ class VAE(nn.Module):
             raise ConfigError(message("latent", f"one of {LATENTS}", repr(latent), 'pass latent="categorical"'))
         self.latent = latent
         if latent == "categorical":
-            self.categories: Optional[int] = _check_int("categories", categories, 2)
+            self.categories: Optional[int] = integer("categories", categories, 2)
             self._temperature0 = check_temperature(temperature)
             self._straight_through = bool(straight_through)
             self._config.update(latent=latent, categories=self.categories, temperature=self._temperature0,
@@ -151,6 +154,23 @@ class VAE(nn.Module):
                                           f"latent={latent!r}", 'pass latent="categorical" or drop them'))
             self.categories = None
             self._encoder_features, self._decoder_features = 2 * self.z_dim, self.z_dim
+
+    def _check_network_size(self, encoder: Any, decoder: Any) -> None:
+        """Refuse, before allocating them, built-in networks whose weights alone exceed the machine's memory
+        (a huge ``z_dim`` or ``hidden`` would otherwise fail inside torch or be killed by the system)."""
+        d = math.prod(self.data_shape)
+        count = 0
+        for kind, n_in, n_out in ((encoder, d, self._encoder_features), (decoder, self._decoder_features, d)):
+            if kind == "mlp":
+                sizes = (n_in, *self.hidden, n_out)
+                count += sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+            elif kind == "conv" and len(self.data_shape) in (2, 3):
+                h, w = self.data_shape[-2:]
+                area = ((h + 1) // 2 + 1) // 2 * (((w + 1) // 2 + 1) // 2)  # the map after two stride-2 layers
+                count += 9 * (16 + 16 * 32 + 32) + 33 * area * (n_out if n_in == d else n_in)
+        check_memory("VAE networks", count * torch.finfo(torch.get_default_dtype()).bits // 8, "cpu",
+                     "lower z_dim or hidden", f"{count:.3g} weights for data_shape={self.data_shape}, "
+                     f"z_dim={self.z_dim}, hidden={self.hidden}")
 
     def _wrap_encoder(self, net: nn.Module) -> Encoder:
         if self.latent == "categorical":
@@ -261,9 +281,9 @@ class VAE(nn.Module):
         self.eval()
         try:
             device = next((t.device for t in self.parameters()), torch.device("cpu"))
-            x = torch.zeros(2, *self.data_shape, device=device)
-            q = self.encoder.distribution(x)
-            prior = self.prior()
+            x = torch.zeros(2, *self.data_shape, device=device, dtype=self._dtype())
+            q = self._guide_dist(x)
+            prior = self._prior_dist()
             if tuple(prior.event_shape) != tuple(q.event_shape):
                 raise ShapeError(message(
                     f'prior at site "{self._site("z")}"', f"event shape {tuple(q.event_shape)} (the guide's)",
@@ -275,7 +295,7 @@ class VAE(nn.Module):
                     f'guide at site "{self._site("z")}"', "batch shape (batch,) = (2,) for an input batch of 2",
                     f"batch shape {tuple(q.batch_shape)}", "make the encoder return (batch, 2 * z_dim)"))
             z = q.sample()
-            out = self.decoder(self.decoder_input(z))
+            out = self._decode_raw(z)
             if tuple(out.shape[:1]) != (2,):
                 raise ShapeError(message("decoder output", "leading batch dimension 2 for a batch of 2 latents",
                                          f"shape {tuple(out.shape)}",
@@ -309,6 +329,63 @@ class VAE(nn.Module):
     def _plate(self, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
         return data_plate(self._site("data"), batch, num_data, device)
 
+    @property
+    def beta(self) -> float:
+        """KL weight of the latent site, a finite number > 0 (1 gives the ELBO); setting it validates it."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = check_beta("beta", value)
+
+    def _part_error(self, part: str, expected: str, found: str, fix: str) -> ModelError:
+        return ModelError(message(part, expected, found, fix))
+
+    @staticmethod
+    def _first_line(e: BaseException) -> str:
+        text = (str(e).strip().splitlines() or [""])[0].rstrip(":")[:240]
+        return f"invalid parameters ({type(e).__name__}: {text})"
+
+    def _prior_dist(self) -> dist.Distribution:
+        """``self.prior()``, or :class:`ModelError` naming the prior when it fails or returns no distribution."""
+        what = f'prior at site "{self._site("z")}"'
+        try:
+            p = self.prior()
+        except PyroVAEError:
+            raise
+        except ValueError as e:  # a distribution built from NaN or infinite parameters
+            raise self._part_error(what, "a distribution with valid parameters", self._first_line(e),
+                                   "check the prior's parameters for NaN or infinite values") from e
+        if not isinstance(p, torch.distributions.Distribution):
+            raise self._part_error(what, "a distribution (e.g. dist.Normal(loc, scale).to_event(1))",
+                                   f"{type(p).__name__}", "return a pyro.distributions object from the prior, "
+                                   "not a sample or a tensor")
+        return p
+
+    def _guide_dist(self, x: torch.Tensor) -> dist.Distribution:
+        """``self.encoder.distribution(x)``, or :class:`ModelError` naming the encoder."""
+        what = f'encoder at site "{self._site("z")}"'
+        try:
+            q = self.encoder.distribution(x)
+        except PyroVAEError:
+            raise
+        except ValueError as e:
+            raise self._part_error(what, "a distribution with valid parameters", self._first_line(e),
+                                   "check the encoder network for NaN or infinite outputs (e.g. a learning rate "
+                                   "too high, or non-finite data)") from e
+        if not isinstance(q, torch.distributions.Distribution):
+            raise self._part_error(what, "a distribution from encoder.distribution(x)", type(q).__name__,
+                                   "return a pyro.distributions object")
+        return q
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output for latents ``z``, or :class:`ModelError` when it is not a tensor."""
+        out = self.decoder(self.decoder_input(z))
+        if not torch.is_tensor(out):
+            raise self._part_error("decoder", "a tensor (..., *data_shape) of the likelihood's parameters",
+                                   type(out).__name__, "return one tensor from the decoder's forward")
+        return out
+
     def _kl_scale(self) -> ExitStack:
         stack = ExitStack()
         if self.beta != 1.0:
@@ -316,7 +393,22 @@ class VAE(nn.Module):
         return stack
 
     def _likelihood_dist(self, out: torch.Tensor, batch_shape: Optional[tuple] = None) -> dist.Distribution:
-        px = self.likelihood(out)
+        what = f'likelihood at site "{self._site("x")}"'
+        try:
+            px = self.likelihood(out)
+        except PyroVAEError:
+            raise
+        except ValueError as e:
+            bad = ~torch.isfinite(out)
+            if bool(bad.any()):
+                raise self._part_error(f'decoder (input of the likelihood at site "{self._site("x")}")',
+                                       "finite outputs", f"{int(bad.sum())} NaN or infinite values",
+                                       "check the decoder network (e.g. a learning rate too high)") from e
+            raise self._part_error(what, "a distribution with valid parameters", self._first_line(e),
+                                   "check how the likelihood maps the decoder's output to parameters") from e
+        if not isinstance(px, torch.distributions.Distribution):
+            raise self._part_error(what, "a distribution (e.g. dist.Bernoulli(logits=out))", type(px).__name__,
+                                   "return a pyro.distributions object from the likelihood")
         extra = len(self.data_shape) - len(px.event_shape)
         if extra > 0:
             px = px.to_event(extra)
@@ -330,21 +422,49 @@ class VAE(nn.Module):
                 "make the decoder return (..., *data_shape) and the likelihood one value per data entry"))
         return px
 
-    def check_data(self, x: torch.Tensor, what: str = "x") -> None:
-        """Raise :class:`~pyro_vae.errors.DataError` unless ``x`` is a non-empty, finite
-        ``(batch, *data_shape)`` tensor inside the likelihood's support."""
+    def _dtype(self) -> torch.dtype:
+        """The dtype of the VAE's floating-point parameters (data are cast to it)."""
+        t = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return t.dtype if t is not None else torch.get_default_dtype()
+
+    def _check_shape(self, x: Any, what: str, data_set: bool) -> None:
         if not torch.is_tensor(x):
             raise DataError(message(what, "a torch.Tensor", type(x).__name__, "convert with torch.as_tensor(x)"))
-        if x.dim() < len(self.data_shape) + 1 or tuple(x.shape[-len(self.data_shape):]) != self.data_shape:
+        nd = len(self.data_shape)
+        shape = ", ".join(map(str, self.data_shape))
+        if x.dim() < nd + 1 or tuple(x.shape[-nd:]) != self.data_shape:
             raise DataError(message(
-                what, f"shape (batch, *data_shape) = (batch, {', '.join(map(str, self.data_shape))})",
-                f"shape {tuple(x.shape)}",
+                what, f"shape (batch, *data_shape) = (batch, {shape})", f"shape {tuple(x.shape)}",
                 "reshape the data or build the VAE with data_shape matching one data point"))
-        if x.shape[0] == 0:
+        if data_set and x.dim() != nd + 1:
+            raise DataError(message(
+                what, f"a data set of shape (N, *data_shape) = (N, {shape}), one data point per row",
+                f"shape {tuple(x.shape)} ({x.dim() - nd} leading dimensions)",
+                f"reshape it to (N, {shape}) (x.reshape(-1, {shape})), or build the VAE with "
+                f"data_shape={tuple(x.shape[1:])} if each row of shape {tuple(x.shape[1:])} is one data point"))
+        if x.shape[0] == 0 or x.numel() == 0:
             raise DataError(message(what, "at least one data point", "an empty batch", "pass non-empty data"))
-        if not x.is_floating_point():
-            raise DataError(message(what, "a floating-point tensor", f"dtype {x.dtype}",
-                                    "convert with x.float() (and scale 8-bit images to [0, 1])"))
+
+    def as_data(self, x: Any, what: str = "x", *, data_set: bool = False) -> torch.Tensor:
+        """``x`` checked for shape and cast to the dtype of the VAE's parameters (floating-point, integer and
+        bool data are cast; complex data raise :class:`~pyro_vae.errors.DataError`). Values are not checked:
+        see :meth:`check_data`.
+
+        Args:
+            x: ``(batch, *data_shape)``; with ``data_set=True`` exactly ``(N, *data_shape)`` (the model and
+                guide also take leading dimensions of the caller's outer plates).
+            what: the name used in error messages.
+        """
+        self._check_shape(x, what, data_set)
+        return cast_data(x, self._dtype(), what)
+
+    def check_data(self, x: torch.Tensor, what: str = "x", *, data_set: bool = False) -> None:
+        """Raise :class:`~pyro_vae.errors.DataError` unless ``x`` is a non-empty ``(batch, *data_shape)``
+        tensor of real numbers (floating point, integer or bool: the model and guide cast them to the dtype of
+        the VAE's parameters) whose values are finite in that dtype and inside the likelihood's support.
+        ``data_set=True``: exactly ``(N, *data_shape)``, as :func:`~pyro_vae.fit` and the evaluation
+        functions take it."""
+        x = self.as_data(x, what, data_set=data_set)
         finite = torch.isfinite(x)
         if not bool(finite.all()):
             raise DataError(message(what, "finite values", f"{int((~finite).sum())} NaN or infinite values",
@@ -357,11 +477,15 @@ class VAE(nn.Module):
         # belong to the caller's outer plates (declared with dim=-2 or lower).
         return x.shape[x.dim() - len(self.data_shape) - 1]
 
-    def _check_x(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[1:]) != self.data_shape:
-            self.check_data(x)  # raises with the shape message
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's and guide's ``x``: its shape checked, cast to the parameters' dtype, and under Pyro's
+        validation its values checked too."""
         if is_validation_enabled():
             self.check_data(x)
+        else:
+            self._check_shape(x, "x", False)
+        dtype = self._dtype()
+        return x if x.dtype == dtype else cast_data(x, dtype, "x")
 
     def model(self, x: Optional[torch.Tensor] = None, num_data: Optional[int] = None,
               batch_size: Optional[int] = None) -> torch.Tensor:
@@ -379,17 +503,17 @@ class VAE(nn.Module):
         self._register("prior", self.prior)
         self._register("likelihood", self.likelihood)
         if x is not None:
-            self._check_x(x)
+            x = self._check_x(x)
             batch, device = self._batch_size(x), x.device
         else:
             if batch_size is None:
                 raise ConfigError(message("batch_size", "an integer when x is None", "None",
                                           "call model(batch_size=n) to generate n points"))
-            batch, device = _check_int("batch_size", batch_size, 1), self._device()
+            batch, device = integer("batch_size", batch_size, 1), self._device()
         with self._plate(batch, num_data, device):
             with self._kl_scale():
-                z = pyro.sample(self._site("z"), self.prior())
-            out = self.decoder(self.decoder_input(z))
+                z = pyro.sample(self._site("z"), self._prior_dist())
+            out = self._decode_raw(z)
             pyro.sample(self._site("x"), self._likelihood_dist(out), obs=x)
         return out
 
@@ -404,10 +528,10 @@ class VAE(nn.Module):
         if x is None:
             raise ConfigError(message("guide x", "a data batch", "None",
                                       "the guide encodes data: sample from the prior with vae.sample(n)"))
-        self._check_x(x)
+        x = self._check_x(x)
         with self._plate(self._batch_size(x), num_data, x.device):
             with self._kl_scale():
-                return pyro.sample(self._site("z"), self.encoder.distribution(x))
+                return pyro.sample(self._site("z"), self._guide_dist(x))
 
     # ------------------------------------------------------------------------------- plain torch use
     def _device(self) -> torch.device:
@@ -426,7 +550,7 @@ class VAE(nn.Module):
         """
         from .relaxed import log_class_probs
 
-        q = self.encoder.distribution(x)
+        q = self._guide_dist(self.as_data(x))
         log_p = log_class_probs(q)
         return q.mean if log_p is None else log_p
 
@@ -440,7 +564,7 @@ class VAE(nn.Module):
             DataError: a categorical ``z`` that is not in log space (e.g. a one-hot: pass ``z.log()``).
         """
         self._check_latents(z)
-        return self._likelihood_dist(self.decoder(self.decoder_input(z)))
+        return self._likelihood_dist(self._decode_raw(z))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, mean: bool = True) -> torch.Tensor:
@@ -461,8 +585,8 @@ class VAE(nn.Module):
             from .generation import sample
 
             return sample(self, n, source, data=data, mean=mean, **kwargs)
-        n = _check_int("n", n, 1)
-        z = self.prior().sample((n,))
+        n = self.check_sample_size(n)
+        z = self._prior_dist().sample((n,))
         if self.categories is not None:
             from .relaxed import log_one_hot
 
@@ -470,6 +594,15 @@ class VAE(nn.Module):
             # decoder sees its one-hot (log space: 0 at the class, -inf elsewhere)
             z = log_one_hot(z.argmax(-1), self.categories, z.dtype)
         return self.decode(z, mean=mean)
+
+    def check_sample_size(self, n: Any, name: str = "n") -> int:
+        """``n`` as an int >= 1 whose samples (with their latents and the decoder's activations) fit in the
+        memory of the VAE's device, else :class:`~pyro_vae.errors.ConfigError`."""
+        n = integer(name, n, 1)
+        per_point = 2 * (math.prod(self.data_shape) + self._decoder_features + sum(self.hidden))
+        check_memory(name, n * per_point * torch.finfo(self._dtype()).bits // 8, self._device(),
+                     "draw fewer samples at once", f"{n} samples of shape {self.data_shape}")
+        return n
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mean: bool = True) -> torch.Tensor:

@@ -64,7 +64,7 @@ def test_help_explains_every_flag():
 def test_errors_are_one_line_and_non_zero(tmp_path):
     proc = run("-m", "pyro_vae", "train", "--z-dim", "0", "--epochs", "1", "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "z_dim: expected an integer >= 1" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "--z-dim: expected an integer >= 1" in proc.stderr
     proc = run("-m", "pyro_vae", "sample", str(tmp_path / "missing"), check=False)
     assert proc.returncode == 2 and "run folder" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("-m", "pyro_vae", "train", "--likelihood", "poisson", check=False)
