@@ -437,10 +437,10 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
     """
     az = _arviz()
     x = _data(vae, data)
-    num_samples = _check_count("num_samples", num_samples, PARETO_K_MIN_SAMPLES)
+    num_samples = integer("num_samples", num_samples, PARETO_K_MIN_SAMPLES)
     if seed is not None:
         pyro.set_rng_seed(seed)
-    batch_size = _check_count("batch_size", batch_size)
+    batch_size = integer("batch_size", batch_size)
     device = vae._device()
     parts = []
     with torch.no_grad():
