@@ -30,7 +30,7 @@ from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from .errors import ConfigError, message
 from .vae import VAE
 
-__all__ = ["svi_step", "elbo_loss", "CUDAGraphStep"]
+__all__ = ["svi_step", "elbo_loss", "clip_grad_norm_", "CUDAGraphStep"]
 
 
 def _trace_particle(loss_fn: Trace_ELBO, model_trace: Any, guide_trace: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,9 +186,32 @@ def _step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
     if check_finite and not math.isfinite(loss):
         return loss  # no step: the caller raises, the parameters stay as they were
     if clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        clip_grad_norm_(params, clip_norm)
     optimizer.step()
     return loss
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` in place so that their global 2-norm is at most ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` does, but without overflow: the norm is computed from the gradients
+    divided by their largest entry, so float32 gradients with entries beyond ~1.8e19 (whose squares overflow)
+    are clipped, not zeroed. No host synchronization (a CUDA graph can record it).
+
+    Returns:
+        the global 2-norm before clipping, as a float64 tensor (NaN or infinite iff an entry is).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    amax = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
+    scale = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
+    scaled = torch.nn.utils.get_total_norm([g / scale.to(g.device, g.dtype) for g in grads])  # <= sqrt(numel)
+    norm = scaled.double() * scale.double()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device, g.dtype))
+    return norm
 
 
 class CUDAGraphStep:

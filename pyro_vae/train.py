@@ -197,11 +197,10 @@ class _StepGuard:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return
+        # the largest entry is finite iff every entry is (the 2-norm overflows float32 for finite entries)
+        self._record(self.bad_grad, torch.nn.utils.get_total_norm(grads, norm_type=math.inf))
         if self.clip_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm(grads)
-        self._record(self.bad_grad, norm)
+            clip_grad_norm_(self.params, self.clip_norm)
 
     def _record(self, flag: torch.Tensor, value: torch.Tensor) -> None:
         flag.copy_(torch.where((flag == 0) & ~torch.isfinite(value).to(flag.device), self.step_t, flag))

@@ -1,10 +1,12 @@
 """Faults during training: Ctrl-C and SIGTERM stop with a checkpoint and say how to resume; a non-finite loss
-or gradient stops with its epoch and step and leaves the last good checkpoint untouched; gradient clipping;
-an unwritable or full output folder fails before training; same seed, same results."""
+or gradient stops with its epoch and step and leaves the last good checkpoint untouched; a huge but finite
+gradient is neither reported as infinite nor zeroed by clipping; an unwritable or full output folder fails
+before training; same seed, same results."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +23,7 @@ import torch
 import pyro_vae
 from pyro_vae import checkpoint, cli
 from pyro_vae.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from pyro_vae.step import clip_grad_norm_
 
 N, D = 96, 10  # 6 steps per epoch at batch size 16
 
@@ -140,6 +143,54 @@ def test_gradient_clipping_bounds_the_global_norm(clip):
         assert max(norms) > 1.0  # unclipped gradients are large here, so the bound below is a real test
     else:
         assert max(norms) <= clip * (1 + 1e-5)
+
+
+class _Scale:
+    """A Normal likelihood of a given scale: a tiny one makes log-densities and gradients huge while every
+    parameter stays finite."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def __call__(self, out: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(out, self.scale)
+
+
+def _huge_gradients() -> _Scale:
+    return _Scale(1e-12)  # gradients of order 1e24-1e26: every entry finite, their squares overflow float32
+
+
+class _Gradients:
+    def __init__(self) -> None:
+        self.largest, self.norms, self.finite = [], [], []
+
+    def on_step(self, state) -> None:
+        grads = [p.grad for p in state.vae.parameters() if p.grad is not None]
+        self.finite.append(all(bool(torch.isfinite(g).all()) for g in grads))
+        self.largest.append(max(float(g.abs().max()) for g in grads))
+        self.norms.append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads)))
+
+
+def test_huge_but_finite_gradients_are_not_reported_as_non_finite():
+    seen = _Gradients()
+    _fit(_vae(likelihood=_huge_gradients()), epochs=1, callbacks=[seen])
+    assert all(seen.finite) and max(seen.largest) > 1.9e19  # past the float32 overflow of the 2-norm
+
+
+def test_clipping_huge_but_finite_gradients_scales_them_to_the_bound():
+    seen = _Gradients()
+    _fit(_vae(likelihood=_huge_gradients()), epochs=1, clip_norm=1.0, callbacks=[seen])
+    assert all(1.0 - 1e-4 < n <= 1.0 + 1e-5 for n in seen.norms), seen.norms  # clipped, not zeroed
+
+
+def test_clip_grad_norm_without_overflow():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3e25, 4e25, 0.0])
+    assert float(clip_grad_norm_([p], 2.0)) == pytest.approx(5e25, rel=1e-6)
+    torch.testing.assert_close(p.grad, torch.tensor([1.2, 1.6, 0.0]))
+    p.grad = torch.tensor([0.3, 0.4, 0.0])
+    clip_grad_norm_([p], 2.0)
+    torch.testing.assert_close(p.grad, torch.tensor([0.3, 0.4, 0.0]))  # within the bound: untouched
 
 
 def test_unwritable_checkpoint_folder_fails_before_training(tmp_path):
