@@ -7,6 +7,7 @@ pictures. Errors print one line and exit with status 2 (``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -116,6 +117,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint.pt (same options as the original run; "
                         "--epochs may grow)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a trained run folder is never overwritten)")
     p.add_argument("--clip-norm", type=_float("--clip-norm"), default=None,
                    help="clip the gradient's global norm to this value")
     p.add_argument("--cuda-graph", action="store_true",
@@ -307,13 +310,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise ConfigError(message("--resume", "--out RUN naming the run folder to continue", "no --out",
                                   "pass --out RUN with the options of the original run"))
+    if args.resume and args.overwrite:
+        raise ConfigError(message("--resume / --overwrite", "one of them", "both",
+                                  "pass --resume to continue the run in --out, --overwrite to replace it"))
     if args.elbo is None:
         from .estimators import get_estimator
 
         args.elbo = "trace" if get_estimator(args.estimator).score_function else "meanfield"
     ctx, device = distributed.init_from_env(args.device)
     try:
-        code = _train(args, ctx, device)
+        with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
+            code = _train(args, ctx, device, held)
     except BaseException:
         if ctx.enabled:
             import torch.distributed as tdist
@@ -324,22 +331,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return code
 
 
-def _check_resume(out: Path, data_cfg: dict[str, Any]) -> None:
+def _check_resume(out: Path, data_cfg: dict[str, Any]) -> bool:
+    """Check, reading only, that ``out`` is a run to continue with these data options; return whether it has a
+    checkpoint (``False``: it stopped before its first one, and training starts from step 0)."""
     from . import checkpoint
 
-    if not (out / checkpoint.CONFIG).is_file():
+    run = checkpoint.RunFolder(out)
+    if not out.is_dir() or not run.started():
         raise checkpoint.CheckpointError(message(
-            f"--out {out}", f"a run folder ({checkpoint.CONFIG}) to resume", "none" if not out.exists() else
-            "a folder that is not a pyro-vae run", "drop --resume to start a new run, or pass the run's folder"))
-    stored = checkpoint.read_json(out / checkpoint.CONFIG).get("data", {})
-    for key, value in data_cfg.items():
-        if key in stored and stored[key] != value:
-            raise checkpoint.CheckpointError(message(
-                f"--resume {out}", f"--{key.replace('_', '-')} {stored[key]} (as in the run's config.json)",
-                repr(value), "pass the options of the original run"))
+            f"--out {out}", "the folder of a run to resume", f"{checkpoint.describe(out)}"
+            f"{', not a pyro-vae run' if out.is_dir() else ''}",
+            "drop --resume to start a new run, or pass the run's folder"))
+    recorded = run.recorded()
+    if checkpoint.CONFIG in recorded:
+        stored = run.read_json(checkpoint.CONFIG)
+        stored = stored.get("data") if isinstance(stored, dict) else None
+        for key, value in data_cfg.items():
+            if isinstance(stored, dict) and key in stored and stored[key] != value:
+                raise checkpoint.CheckpointError(message(
+                    f"--resume {out}", f"--{key.replace('_', '-')} {stored[key]} (as in the run's config.json)",
+                    repr(value), "pass the options of the original run"))
+    return checkpoint.CHECKPOINT in recorded or (not recorded and (out / checkpoint.CHECKPOINT).is_file())
 
 
-def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
+class _RunConfig:
+    """A callback that, once :func:`pyro_vae.fit` has checked its arguments and locked the run folder, takes
+    its own hold of the lock (kept until the command ends) and commits ``config.json``."""
+
+    def __init__(self, out: Path, config: bytes, held: contextlib.ExitStack, is_main: bool) -> None:
+        self.out, self.config, self.held, self.is_main = out, config, held, is_main
+
+    def on_fit_start(self, state: Any) -> None:
+        from . import checkpoint
+
+        if self.is_main:
+            run = checkpoint.RunFolder(self.out)
+            self.held.enter_context(run.lock())
+            run.commit({checkpoint.CONFIG: self.config})
+
+
+class _NamePath:
+    """Give a disk error without a file name (a full disk while writing pictures) the run folder's name."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __enter__(self) -> "_NamePath":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        import errno
+
+        disk = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+        if isinstance(exc, OSError) and not exc.filename and exc.errno in disk:
+            exc.filename = f"{self.out} (the run folder)"
+
+
+def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.ExitStack) -> int:
     import pyro
     import torch
 
@@ -350,11 +398,19 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.out is None:
         out = Path(distributed.broadcast_object(str(out)))
-    distributed.rank0_call(lambda: checkpoint.check_writable(out, what="--out"))
+    held.enter_context(_NamePath(out))
     data_cfg = {"data": args.data, "data_dir": args.data_dir, "binarize": args.binarize, "seed": args.seed,
                 "scale": args.scale}
+    resume_from = None  # everything is checked, reading only, before the run folder is written
     if args.resume:
-        distributed.rank0_call(lambda: _check_resume(out, data_cfg))
+        if distributed.rank0_call(lambda: _check_resume(out, data_cfg)):
+            resume_from = out
+        elif ctx.is_main:
+            print(f"pyro-vae train: --resume: {out} holds no checkpoint (the run stopped before its first one); "
+                  "training starts from step 0", file=sys.stderr)
+    else:
+        distributed.rank0_call(lambda: checkpoint.check_new_run(out, overwrite=args.overwrite, what="--out"))
+    distributed.rank0_call(lambda: checkpoint.check_writable(out, what="--out"))
     splits = _load_data(data_cfg)
     likelihood: Any = args.likelihood
     if args.likelihood_scale is not None:
@@ -377,15 +433,15 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any) -> int:
         from .train import _check_cuda_graph
 
         _check_cuda_graph(vae, device, ctx, args.estimator, args.elbo, callbacks)
-    if ctx.is_main and not args.resume:
-        checkpoint.save(vae, out, data=data_cfg, train=train_cfg)
+    run_config = _RunConfig(out, checkpoint.config_json(vae, data=data_cfg, train=train_cfg), held, ctx.is_main)
     start = time.perf_counter()
     history = fit(vae, splits.train, elbo=args.elbo, num_particles=args.particles, estimator=args.estimator,
                   epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, val_data=splits.val, device=device, seed=args.seed,
                   dynamic_binarize=splits.dynamic_binarize, progress=not args.no_progress, checkpoint_dir=out,
                   clip_norm=args.clip_norm, checkpoint_every=args.checkpoint_every or None,
-                  resume_from=out if args.resume else None, callbacks=callbacks, cuda_graph=args.cuda_graph)
+                  resume_from=resume_from, callbacks=[*callbacks, run_config], cuda_graph=args.cuda_graph,
+                  overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     if not ctx.is_main:
         return 0

@@ -146,8 +146,10 @@ def from_file(path: Union[str, Path], seed: int = 0, val_fraction: float = 0.1,
     (``torch.load(weights_only=True)``) of shape ``(N, *data_shape)``; 8-bit integers are scaled to [0, 1]."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(message("data", f"one of {DATASETS} or an existing .npy/.pt file", f"nothing at {path}",
-                                "check the path"))
+        from .checkpoint import describe
+
+        raise DataError(message("data", f"one of {DATASETS} or an existing .npy/.pt file",
+                                f"{describe(path)} at {path}", "check the path"))
     try:
         if path.suffix == ".npy":
             arr = torch.as_tensor(np.load(path, allow_pickle=False))

@@ -8,8 +8,12 @@ wrappers is what lets its state go into one checkpoint and lets the same loop ru
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -218,13 +222,21 @@ class _StepGuard:
             step = min(s for s in (bad_loss, bad_grad) if s)
             kind = " and ".join(k for k, s in (("loss", bad_loss), ("gradient", bad_grad)) if s == step)
             epoch = (step - 1) // self.steps_per_epoch + 1
-            kept = (f"; the last good checkpoint in {self.ckpt_dir} is untouched (resume_from / --resume)"
-                    if self.ckpt_dir is not None else "")
             raise NonFiniteLossError(message(
                 f"{kind} at epoch {epoch}, step {step}", "finite values", "NaN or infinite values",
                 "lower the learning rate, clip the gradient (clip_norm / --clip-norm), check the data against "
-                "the likelihood's support, or use a likelihood with a learned or larger scale" + kept))
+                "the likelihood's support, or use a likelihood with a learned or larger scale" + self.kept()))
         return stop
+
+    def kept(self) -> str:
+        """What the run folder keeps, for an error message."""
+        from .checkpoint import has_checkpoint
+
+        if self.ckpt_dir is None:
+            return ""
+        if has_checkpoint(self.ckpt_dir):
+            return f"; the last good checkpoint in {self.ckpt_dir} is untouched (resume_from / --resume)"
+        return f"; no checkpoint was written to {self.ckpt_dir} before it"
 
 
 def _reduce_flags(bad_loss: int, bad_grad: int, stop: bool) -> tuple[int, int, bool]:
@@ -240,6 +252,57 @@ def _reduce_flags(bad_loss: int, bad_grad: int, stop: bool) -> tuple[int, int, b
     return (0 if lo == big else lo), (0 if gr == big else gr), go == 0
 
 
+_RUN_FOLDERS: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("pyro_vae_run_folders")
+
+
+def _holding_run_folders(fn: Any) -> Any:
+    """Whatever run-folder lock ``fn`` takes (:func:`_lock_run_folder`) is released when it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.ExitStack() as stack:
+            token = _RUN_FOLDERS.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _RUN_FOLDERS.reset(token)
+
+    return wrapper
+
+
+def _lock_run_folder(folder: Path, resume_from: Any, overwrite: bool) -> None:
+    """Lock ``folder`` until :func:`fit` ends; a new run refuses a folder training already wrote."""
+    from . import checkpoint as ckpt
+
+    here = os.path.realpath(folder)
+    resume = resume_from is not None and here in (os.path.realpath(resume_from),
+                                                  os.path.dirname(os.path.realpath(resume_from)))
+    _RUN_FOLDERS.get().enter_context(ckpt.open_run(folder, resume=resume, overwrite=overwrite))
+
+
+def _flag(name: str, value: Any) -> bool:
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ConfigError(message(name, "True or False", repr(value), f"pass {name}=True or {name}=False"))
+
+
+def _check_finite_record(record: dict[str, Any], guard: "_StepGuard") -> None:
+    """An epoch's ELBOs must be finite: a NaN or infinite one (e.g. validation data the likelihood cannot
+    score) stops training before the epoch's checkpoint, and best-model selection never goes silent."""
+    names = {"val_elbo": "validation ELBO", "train_elbo": "training ELBO"}
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            what = names.get(key, key.replace("_", " "))
+            fix = ("check val_data: every value finite and of a size the likelihood can score (a huge value "
+                   "gives an infinite log-density), or use a likelihood with a learned or larger scale"
+                   if key.startswith("val") else "lower the learning rate or clip the gradient (clip_norm)")
+            raise NonFiniteLossError(message(f"{what} at epoch {record['epoch']}", "a finite value", repr(value),
+                                             fix + guard.kept()))
+
+
+@_holding_run_folders
 def fit(
     vae: VAE,
     train_data: Any,
@@ -261,6 +324,7 @@ def fit(
     checkpoint_every: Optional[int] = None,
     resume_from: Union[str, Path, None] = None,
     cuda_graph: bool = False,
+    overwrite: bool = False,
 ) -> History:
     """Train ``vae`` by minibatch SVI with Adam.
 
@@ -288,13 +352,17 @@ def fit(
             grey levels must lie in [0, 1] (they are not clamped).
         clip_norm: clip the gradient's global norm to this value.
         progress: show a tqdm progress bar with the running ELBO.
-        checkpoint_dir: write ``checkpoint.pt`` (the last state: weights, optimizer, RNGs, epoch, step, history)
-            at every epoch end, every ``checkpoint_every`` steps and on SIGINT/SIGTERM, and ``best.pt`` (best
-            validation ELBO, or training ELBO without validation data); atomically, rank 0 only.
+        checkpoint_dir: the run folder: ``checkpoint.pt`` (the last state: weights, optimizer, RNGs, epoch, step,
+            history) at every epoch end, every ``checkpoint_every`` steps and on SIGINT/SIGTERM, and
+            ``best.pt`` + ``best.json`` (best validation ELBO, or training ELBO without validation data),
+            committed as one unit with their checksums (:mod:`pyro_vae.checkpoint`), rank 0 only. Created
+            after every argument is checked and locked for the run (a second run into it is refused); a
+            folder that training already wrote is refused unless ``resume_from`` it or ``overwrite``.
         checkpoint_every: also checkpoint every this many optimizer steps.
         resume_from: a ``checkpoint.pt`` (or the folder holding one) to continue from; with the same
             configuration and seed, the result is bit for bit that of an uninterrupted run on the same device
-            (statistically the same, not bit for bit, with ``cuda_graph=True``).
+            (statistically the same, not bit for bit, with ``cuda_graph=True``). The folder of a run stopped
+            before its first checkpoint starts from step 0 (with a warning).
         cuda_graph: on a CUDA device, record the training step as a CUDA graph after four eager steps and
             replay it for every full minibatch (:class:`pyro_vae.step.CUDAGraphStep`), which removes Pyro's
             per-step Python cost. For a Gaussian latent under ``"trace"`` or ``"meanfield"`` with the
@@ -329,6 +397,11 @@ def fit(
         clip_norm = positive("clip_norm", clip_norm)
     if checkpoint_every is not None:
         checkpoint_every = integer("checkpoint_every", checkpoint_every, 1)
+    num_particles = integer("num_particles", num_particles, 1)  # plain Python values: they go into checkpoints
+    dynamic_binarize, progress, cuda_graph, overwrite = (_flag(name, value) for name, value in (
+        ("dynamic_binarize", dynamic_binarize), ("progress", progress), ("cuda_graph", cuda_graph),
+        ("overwrite", overwrite)))
+    elbo, estimator = (str(v) if isinstance(v, str) else v for v in (elbo, estimator))
     ctx = distributed.context()
     if seed is not None:
         seed = integer("seed", seed, 0, 2 ** 32 - ctx.world_size)  # numpy's seeds stop at 2**32 - 1
@@ -373,9 +446,14 @@ def fit(
     params_in_store = len(pyro.get_param_store())
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume_from is not None and distributed.rank0_call(lambda: ckpt.started_without_checkpoint(resume_from)):
+        warnings.warn(f"resume_from {resume_from}: the run stopped before its first checkpoint, so there is "
+                      "nothing to continue; training starts from step 0", stacklevel=3)
+        resume_from = None
     if ckpt_dir is not None:
         size = sum(t.numel() * t.element_size() for t in vae.state_dict().values())
         distributed.rank0_call(lambda: ckpt.check_writable(ckpt_dir, 9 * size + 2 ** 20))
+        distributed.rank0_call(lambda: _lock_run_folder(ckpt_dir, resume_from, overwrite))
     history = History()
     state = TrainState(vae=vae, optimizer=optimizer, history=history)
     signature = {"num_data": n, "batch_size": batch_size, "lr": lr, "clip_norm": clip_norm,
@@ -425,10 +503,11 @@ def fit(
             "shuffle_seed": shuffle_seed, "world_size": ctx.world_size, "rng": [r for r, _ in ranks],
             "pyro_params": [p for _, p in ranks],
         }
-        ckpt.save_tensors(ckpt_dir / ckpt.CHECKPOINT, payload)
-        if is_best:
-            ckpt.save_tensors(ckpt_dir / ckpt.BEST, payload)
-            ckpt.write_json(ckpt_dir / "best.json", {"epoch": epoch, "step": state.step, "elbo": score})
+        files = {ckpt.CHECKPOINT: ckpt.tensor_bytes(payload)}
+        if is_best:  # one commit: best.pt never lags behind the best score checkpoint.pt records
+            files[ckpt.BEST] = files[ckpt.CHECKPOINT]
+            files[ckpt.BEST_JSON] = ckpt.json_bytes({"epoch": epoch, "step": state.step, "elbo": score})
+        ckpt.RunFolder(ckpt_dir).commit(files)
 
     def interrupted(stopper: _StopOnSignal, epoch: int) -> TrainingInterrupted:
         where = f"training stopped by {stopper.signal_name or 'a signal'} at epoch {epoch}, step {state.step}"
@@ -513,6 +592,7 @@ def fit(
                     vae.eval()
                     record["val_elbo"] = _val_elbo(vae, xv, loss_fn, max(batch_size, 512), ctx)
                     vae.train()
+                _check_finite_record(record, guard)
                 record["seconds"] = time.perf_counter() - start
                 _check_no_new_params(user_params, params_in_store)
                 history.epochs.append(record)
@@ -626,7 +706,7 @@ def _restore(payload: dict[str, Any], vae: VAE, optimizer: torch.optim.Optimizer
         for module, sd in zip(extra, payload.get("extra_modules", [])):
             module.load_state_dict(sd)
         optimizer.load_state_dict(payload["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(message(f"checkpoint {source}", "weights and optimizer state of this VAE",
                                       f"a mismatch ({first})",

@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -132,16 +133,24 @@ class _Evil:
 def test_crafted_pickle_is_refused_without_running_it(tmp_path, name):
     marker = tmp_path / "pwned"
     vae = pyro_vae.VAE((D,), 2, hidden=(8,))
-    pyro_vae.save(vae, tmp_path)
-    torch.save({"vae": _Evil(marker)}, tmp_path / name)  # a zip checkpoint whose pickle calls os.system
+    run = tmp_path / "run"
+    pyro_vae.save(vae, run)
+    torch.save({"vae": _Evil(marker)}, run / name)  # a zip checkpoint whose pickle calls os.system
+    with pytest.raises(CheckpointError, match="manifest"):  # in a run folder: not the file its manifest records
+        if name == "model.pt":
+            pyro_vae.load(run)
+        else:
+            pyro_vae.fit(_vae(), _data(), epochs=1, progress=False, device="cpu", resume_from=run)
+    loose = tmp_path / name  # on its own, with no manifest to check it against
+    loose.write_bytes((run / name).read_bytes())
     with pytest.raises(CheckpointError, match="weights_only=True"):
         if name == "model.pt":
-            pyro_vae.load(tmp_path)
+            checkpoint.load_tensors(loose)
         else:
-            pyro_vae.fit(_vae(), _data(), epochs=1, progress=False, device="cpu", resume_from=tmp_path)
+            pyro_vae.fit(_vae(), _data(), epochs=1, progress=False, device="cpu", resume_from=loose)
     assert not marker.exists()
     # torch.load without the safety would have run it: the file really is malicious
-    torch.load(tmp_path / name, weights_only=False)
+    torch.load(loose, weights_only=False)
     assert marker.exists()
 
 
@@ -166,8 +175,25 @@ def test_resume_refuses_another_package_release_and_plain_weights(tmp_path):
     with pytest.raises(CheckpointError, match="without optimizer state"):
         _fit(_vae(), resume_from=tmp_path / "weights.pt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no checkpoint was written yet"):
+    with pytest.raises(CheckpointError, match="found an empty folder, without checkpoint.pt: not a run"):
         _fit(_vae(), resume_from=tmp_path / "empty")
+
+
+def test_numpy_hyperparameters_train_save_and_resume_as_plain_values(tmp_path):
+    """As a grid search passes them: numpy scalars train, go into the checkpoint as plain Python values (the
+    safe loader refuses numpy objects), and resume to an uninterrupted run with plain values, bit for bit."""
+    as_numpy = dict(epochs=np.int64(2), batch_size=np.int32(16), lr=np.float64(1e-2), seed=np.int64(0),
+                    num_particles=np.int64(1), checkpoint_every=np.int64(4), clip_norm=np.float64(5.0),
+                    dynamic_binarize=np.bool_(True), elbo=np.str_("trace"), estimator=np.str_("pathwise"))
+    _fit(_vae(), checkpoint_dir=tmp_path, **as_numpy)
+    signature = checkpoint.load_training_state(tmp_path)["signature"]
+    assert all(type(v) in (int, float, str, bool) for v in signature.values()), signature
+    resumed = _vae()
+    _fit(resumed, checkpoint_dir=tmp_path, resume_from=tmp_path, **{**as_numpy, "epochs": np.int64(3)})
+    plain = _vae()
+    _fit(plain, epochs=3, checkpoint_every=4, clip_norm=5.0, elbo="trace")
+    for key, value in plain.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
 
 
 def test_resume_extends_a_finished_run(tmp_path):

@@ -220,7 +220,7 @@ CLI_ROWS: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("run folder that does not exist", lambda t: ["sample", str(t / "nope")], r"expected an existing folder"),
     ("folder that is not a run", lambda t: ["evaluate", str(t)], r"found no config.json"),
     ("resume of a folder that is not a run", lambda t: TRAIN + ["--out", str(t), "--resume"],
-     r"--out .*: expected a run folder \(config.json\) to resume"),
+     r"--out .*: expected the folder of a run to resume, found an empty folder, not a pyro-vae run"),
     ("checkpoint from another configuration", lambda t: ["sample", str(_write_other_config_weights(t))],
      r"found a mismatch"),
     ("output folder that cannot be written", lambda t: (t.joinpath("f").write_text(""), TRAIN + [

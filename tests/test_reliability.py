@@ -1,7 +1,7 @@
-"""Faults during training: Ctrl-C and SIGTERM stop with a checkpoint and say how to resume; a non-finite loss
-or gradient stops with its epoch and step and leaves the last good checkpoint untouched; a huge but finite
-gradient is neither reported as infinite nor zeroed by clipping; an unwritable or full output folder fails
-before training; same seed, same results."""
+"""Faults during training: Ctrl-C and SIGTERM stop with a checkpoint and say how to resume; a non-finite loss,
+gradient or epoch ELBO stops with its epoch and step and leaves the last good checkpoint untouched; a huge but
+finite gradient is neither reported as infinite nor zeroed by clipping; an unwritable or full output folder
+fails before training; same seed, same results."""
 
 from __future__ import annotations
 
@@ -191,6 +191,25 @@ def test_clip_grad_norm_without_overflow():
     p.grad = torch.tensor([0.3, 0.4, 0.0])
     clip_grad_norm_([p], 2.0)
     torch.testing.assert_close(p.grad, torch.tensor([0.3, 0.4, 0.0]))  # within the bound: untouched
+
+
+def test_non_finite_validation_elbo_stops_with_its_epoch_and_keeps_the_last_good_checkpoint(tmp_path):
+    lik = _Scale()  # shrunk to 1e-30 at the last step of epoch 2, before its validation: -inf log-densities
+    shrink = At(12, lambda s: setattr(lik, "scale", 1e-30))
+    with pytest.raises(NonFiniteLossError, match=r"^validation ELBO at epoch 2: expected a finite value, found "
+                                                 r"-inf\. Fix: check val_data.*last good checkpoint in .* is "
+                                                 r"untouched"):
+        _fit(_vae(likelihood=lik), checkpoint_dir=tmp_path, callbacks=[shrink])
+    state = checkpoint.load_training_state(tmp_path)
+    assert (state["epoch"], state["epoch_complete"]) == (1, True)
+    assert checkpoint.RunFolder(tmp_path).read_json("best.json")["epoch"] == 1
+
+
+def test_a_huge_validation_value_is_an_error_not_a_silent_nan():
+    xv = _data()[:20].clone()
+    xv[3, 2] = 1e30  # finite, so the data check passes; the learned-variance Normal cannot score it
+    with pytest.raises(NonFiniteLossError, match=r"^validation ELBO at epoch 1: expected a finite value"):
+        _fit(_vae(likelihood="normal-learned"), val_data=xv)
 
 
 def test_unwritable_checkpoint_folder_fails_before_training(tmp_path):
