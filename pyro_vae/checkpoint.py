@@ -35,10 +35,11 @@ import torch
 from .errors import CheckpointError, message
 from .vae import VAE
 
-__all__ = ["atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors", "save", "load",
-           "check_writable", "rng_state", "set_rng_state", "load_training_state", "RunFolder", "RunLock",
-           "open_run", "check_new_run", "config_json", "started_without_checkpoint", "has_checkpoint", "describe", "CONFIG", "WEIGHTS", "METRICS", "HISTORY", "CHECKPOINT",
-           "BEST", "BEST_JSON", "MANIFEST", "LOCK", "STATE_FILES", "FORMAT"]
+__all__ = ["atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors", "json_bytes",
+           "tensor_bytes", "save", "load", "config_json", "check_writable", "rng_state", "set_rng_state",
+           "load_training_state", "RunFolder", "RunLock", "open_run", "check_new_run", "started_without_checkpoint",
+           "has_checkpoint", "describe", "CONFIG", "WEIGHTS", "METRICS", "HISTORY", "CHECKPOINT", "BEST",
+           "BEST_JSON", "MANIFEST", "LOCK", "STATE_FILES", "FORMAT"]
 
 CONFIG, WEIGHTS, METRICS, HISTORY = "config.json", "model.pt", "metrics.json", "history.json"
 CHECKPOINT, BEST, BEST_JSON = "checkpoint.pt", "best.pt", "best.json"
@@ -120,6 +121,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 
 def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the indented, key-sorted JSON of the run folder's files."""
     return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n").encode()
 
 
@@ -131,10 +133,10 @@ def tensor_bytes(obj: Any) -> bytes:
 
 
 def _write(path: PathLike, data: bytes) -> None:
-    """A run folder's state file (one its manifest records) is replaced by a commit; any other file by an
+    """A state file of a run folder is replaced by a commit (under the folder's lock); any other file by an
     atomic write."""
     path = Path(path)
-    if path.name in STATE_FILES and (path.parent / MANIFEST).is_file():
+    if path.name in STATE_FILES and RunFolder(path.parent).started():
         run = RunFolder(path.parent)
         with run.lock():
             run.commit({path.name: data})
@@ -169,7 +171,7 @@ def read_json(path: PathLike) -> Any:
 def _load_bytes(data: bytes, where: str, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError / RuntimeError / ... for unsafe or corrupt files
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ... for such files
         raise CheckpointError(message(f"checkpoint {where}", "a tensors-only file (torch.load weights_only=True)",
                                       f"a file that cannot be loaded safely ({type(e).__name__})",
                                       "load only checkpoints written by pyro-vae; never unpickle untrusted files"
@@ -246,7 +248,7 @@ def _valid_manifest(m: Any) -> bool:
             and isinstance(files, dict) and isinstance(staged, dict) and isinstance(remove, list)
             and all(name in STATE_FILES and isinstance(e, dict) and set(e) == {"sha256", "size"}
                     and isinstance(e["sha256"], str) and type(e["size"]) is int for name, e in files.items())
-            and all(name in files and isinstance(t, str) and _TEMP.match(t) and "/" not in t
+            and all(name in files and isinstance(t, str) and _TEMP.match(t) and not set(t) & set("/\\")
                     for name, t in staged.items())
             and all(name in STATE_FILES + REPORTS for name in remove)
             and m["checksum"] == _manifest_checksum({k: v for k, v in m.items() if k != "checksum"}))
@@ -783,7 +785,7 @@ def load(run_dir: PathLike, map_location: Any = "cpu", weights: str = WEIGHTS) -
                                       "pass the folder of a pyro-vae run"))
     try:
         vae = VAE.from_config(config["vae"])
-    except Exception as e:  # any malformed entry: the config, not the caller, is at fault
+    except Exception as e:  # noqa: BLE001 - any malformed entry: the config, not the caller, is at fault
         raise CheckpointError(message(f"{run_dir / CONFIG}", "a VAE configuration pyro-vae wrote",
                                       f"one that does not build ({type(e).__name__}: {str(e)[:160]})",
                                       "restore config.json from a copy of the run, or retrain")) from None

@@ -335,7 +335,7 @@ def _apply(folder: Path, other: Path, damage) -> None:
             run.commit({name: data})
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damages=st.lists(_damage(), min_size=1, max_size=3))
 def test_any_damage_to_a_run_folder_gives_a_checkpoint_error_never_a_raw_one(golden, damages):
     """Truncation, zeroed or flipped bytes, a deleted file, a file of another run: every reader either returns
