@@ -671,11 +671,11 @@ def check_new_run(folder: PathLike, *, overwrite: bool = False, what: str = "che
     except CheckpointError:  # a damaged manifest: still a run
         holds = True
     if holds:
-        flag = {"--out": ("--resume", "--overwrite")}.get(what, ("resume_from=", "overwrite=True"))
+        ways = (("--resume", "--overwrite") if what == "--out" else
+                (f"resume_from={str(folder)!r} (--resume on the command line)", "overwrite=True (--overwrite)"))
         raise CheckpointError(message(
             f"{what} {folder}", "a new or empty folder", f"a trained run ({describe(folder)})",
-            f"continue it with {flag[0]}{str(folder) if flag[0].endswith('=') else ''}, replace it with "
-            f"{flag[1]}, or pass another folder"))
+            f"continue it with {ways[0]}, replace it with {ways[1]}, or pass another folder"))
 
 
 def started_without_checkpoint(path: PathLike) -> bool:
