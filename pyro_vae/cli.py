@@ -207,7 +207,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained VAE on its test split",
                        description="Test ELBO per data point (nats), written into RUN/metrics.json.")
     p.add_argument("run", help="run folder written by `pyro-vae train`")
-    p.add_argument("--particles", type=_int("--particles"), default=10, help="Monte Carlo particles for the ELBO")
+    p.add_argument("--particles", type=_int("--particles"), default=10,
+                   help="Monte Carlo particles per point for the test ELBO when --iw-samples is 0 (otherwise the "
+                        "ELBO is the mean log-weight of the importance samples)")
     p.add_argument("--batch-size", type=_int("--batch-size"), default=512, help="evaluation batch size")
     p.add_argument("--iw-samples", type=arg_type("--iw-samples", _iw_samples, parse=int), default=1000,
                    help="importance samples K per test point for log p(x), its gap to the ELBO and Pareto-k "
@@ -451,13 +453,20 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
         from .data import binarize
 
         train_x = binarize(train_x, args.seed)
-    metrics = {
-        "train_elbo": evaluate_elbo(vae, train_x, elbo=args.elbo),
-        "val_elbo": evaluate_elbo(vae, splits.val, elbo=args.elbo),
-        "test_elbo": evaluate_elbo(vae, splits.test, elbo=args.elbo),
-        "epochs": len(history), "seconds": seconds, "device": str(device), "units": "nats per data point",
-        "torch": torch.__version__,
-    }
+    elbo_name = {"trace": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO"}.get(args.elbo, args.elbo)
+    metrics: dict[str, Any] = {"units": "nats per data point", "how": {}}
+    for split, data in (("train", train_x), ("val", splits.val), ("test", splits.test)):
+        metrics[f"{split}_elbo"] = evaluate_elbo(vae, data, elbo=args.elbo)
+        metrics["how"][f"{split}_elbo"] = _how(f"{elbo_name}, 1 particle per point, KL weight 1", split, len(data),
+                                              "train")
+    if any(e.get("beta", 1.0) != 1.0 for e in history.epochs):
+        last = history.epochs[-1]
+        metrics["train_objective"] = last["train_objective"]
+        metrics["how"]["train_objective"] = _how(
+            f"the training objective E[log p(x|z)] - beta KL (beta = {last['beta']:g} at the end), averaged over "
+            f"epoch {last['epoch']}'s minibatches as they were trained", "train", len(train_x), "train",
+            weights="during the last epoch")
+    metrics.update({"epochs": len(history), "seconds": seconds, "device": str(device), "torch": torch.__version__})
     checkpoint.write_json(out / checkpoint.METRICS, metrics)
     checkpoint.write_json(out / checkpoint.HISTORY, history.to_dict())
     pictures = write_pictures(vae, splits, out, history.epochs)
@@ -512,24 +521,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
     splits = _load_data(cfg["data"])
-    elbo = evaluate_elbo(vae, splits.test, elbo=cfg.get("train", {}).get("elbo", "trace"),
-                         num_particles=args.particles, batch_size=args.batch_size)
     path = Path(args.run) / checkpoint.METRICS
     metrics = checkpoint.read_json(path) if path.is_file() else {}
+    if not isinstance(metrics, dict):
+        metrics = {}
+    for stale in ("elbo", "elbo_particles", "elbo_iw"):  # keys of earlier versions, one value per quantity now
+        metrics.pop(stale, None)
+    how = metrics["how"] = metrics.get("how") if isinstance(metrics.get("how"), dict) else {}
     for stale in [key for key in metrics if key.startswith("pareto_k")]:  # recomputed below where K allows
         metrics.pop(stale)
-    metrics.update({"elbo": elbo, "elbo_particles": args.particles, "units": "nats per data point"})
+    metrics["units"] = "nats per data point"
+    n_test = len(splits.test)
     if args.iw_samples:
         metrics.update(_importance_metrics(vae, splits.test, args))
+        how["test_elbo"] = _how(f"mean log importance weight, the same {args.iw_samples} samples per point as "
+                                "log_likelihood, KL weight 1", "test", n_test, "evaluate")
+        how["log_likelihood"] = _how(f"importance-sampled (IWAE bound), {args.iw_samples} samples per point",
+                                     "test", n_test, "evaluate")
+        how["gap"] = _how("log_likelihood - test_elbo, per point, from the same importance samples", "test",
+                          n_test, "evaluate")
+    else:
+        elbo_name = cfg.get("train", {}).get("elbo", "trace")
+        metrics["test_elbo"] = evaluate_elbo(vae, splits.test, elbo=elbo_name, num_particles=args.particles,
+                                             batch_size=args.batch_size)
+        for stale in ("log_likelihood", "log_likelihood_se", "gap", "gap_se"):  # of other weights or settings
+            metrics.pop(stale, None)
+            how.pop(stale, None)
+        name = {"trace": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO"}.get(elbo_name, elbo_name)
+        how["test_elbo"] = _how(f"{name}, {args.particles} particles per point, KL weight 1", "test", n_test,
+                                "evaluate")
+    elbo = metrics["test_elbo"]
     if args.amortization_points > 0:
         from .evaluation import amortization_gap
 
         metrics.update(amortization_gap(vae, splits.test.x[: args.amortization_points],
                                         num_steps=args.amortization_steps, seed=args.seed).to_dict())
+        how["amortization_gap"] = _how(f"optimized per-point Gaussian guide ({args.amortization_steps} Adam steps) "
+                                       "against the encoder, KL weight 1", "test", args.amortization_points,
+                                       "evaluate")
         print(f"amortization gap {metrics['amortization_gap']:.3f} +- {metrics['amortization_gap_se']:.3f} "
               f"nats per data point ({metrics['amortization_points']} test points)")
     checkpoint.write_json(path, metrics)
-    print(f"test ELBO {elbo:.3f} nats per data point ({len(splits.test)} points, {args.particles} particles)")
+    print(f"test ELBO {elbo:.3f} nats per data point ({n_test} points; {how['test_elbo']['estimate']})")
     if args.iw_samples:
         print(f"test log p(x) {metrics['log_likelihood']:.3f} +- {metrics['log_likelihood_se']:.3f} "
               f"(K = {args.iw_samples}), gap log p(x) - ELBO {metrics['gap']:.3f}, "
@@ -544,6 +577,12 @@ def _pareto_summary(metrics: dict[str, Any]) -> str:
     if "pareto_k_frac_above_0.7" not in metrics:
         return f"no Pareto k (it needs --iw-samples >= {PARETO_K_MIN_SAMPLES})"
     return f"Pareto k > 0.7 for {metrics['pareto_k_frac_above_0.7']:.1%} of points"
+
+
+def _how(estimate: str, split: str, points: int, command: str, weights: str = "model.pt") -> dict[str, Any]:
+    """How a number in ``metrics.json`` was computed: the estimator (samples, KL weight), the split and its
+    size, the weights it used and the command that wrote it."""
+    return {"estimate": estimate, "split": split, "points": int(points), "weights": weights, "command": command}
 
 
 def _train_x(cfg: dict[str, Any]):
@@ -563,7 +602,7 @@ def _importance_metrics(vae, test, args: argparse.Namespace) -> dict[str, Any]:
     ll = evaluation.log_likelihood(vae, test, args.iw_samples, batch_size=args.iw_batch_size,
                                    return_log_weights=args.iw_samples >= evaluation.PARETO_K_MIN_SAMPLES)
     out = ll.to_dict()
-    out["elbo_iw"] = ll.elbo
+    out["test_elbo"] = out.pop("elbo_iw")
     out["active_units"] = evaluation.active_units(vae, test)
     if ll.log_weights is not None:
         plots.save_pareto_k(ll.pareto_k(), Path(args.run) / "pareto_k.png")

@@ -514,7 +514,9 @@ def fit_semisupervised(
         time_budget: stop after the epoch during which this many seconds have passed.
 
     Returns:
-        One record per epoch: ``epoch``, ``loss_unlabelled`` and ``loss_labelled`` (negative bound per point),
+        One record per epoch, nats per point: ``epoch``; ``loss_unlabelled``, the negative bound on
+        ``log p(x)``; ``loss_labelled``, the labelled points' training objective: the negative bound on
+        ``log p(x, y)`` minus ``aux_weight * log q(y | x)`` (a bound only when ``aux_weight`` is 0);
         ``seconds``.
     """
     if enumeration not in ("parallel", "sequential", None):

@@ -439,7 +439,7 @@ def fit(
     for m in extra:
         distributed.broadcast_module(m)
     own = [*vae.parameters(), *(p for m in extra for p in m.parameters())]
-    user_params = _user_params(loss_fn, vae, x[: min(batch_size, n)], n, own)
+    user_params = _user_params(loss_fn, vae, x[: min(batch_size, n)], n, own, dynamic_binarize)
     for p in user_params.values():
         distributed.broadcast_tensor(p)
     optimizer = torch.optim.Adam([*own, *user_params.values()], lr=lr, capturable=bool(cuda_graph))
@@ -481,7 +481,7 @@ def fit(
     if cuda_graph:
         graph_step = CUDAGraphStep(loss_fn, vae, x[: min(batch_size, n)], n, optimizer, params, clip_norm)
 
-    def save(epoch: int, batch: int, complete: bool, total: float, record: Optional[dict] = None) -> None:
+    def save(epoch: int, batch: int, complete: bool, total: list[float], record: Optional[dict] = None) -> None:
         nonlocal best
         ranks = distributed.all_gather_object((ckpt.rng_state(), _pyro_params()))
         score = None if record is None else (record["val_elbo"] if record["val_elbo"] is not None
@@ -567,7 +567,8 @@ def fit(
                     guard.note_loss(loss)
                     state.step += 1
                     state.loss = loss
-                    total += loss.detach().to(total.dtype) * (idx.numel() / n)
+                    elbo_loss = _unit_beta_loss(loss_fn, vae, xb, n, loss) if idx.numel() else loss
+                    total += torch.stack([loss.detach(), elbo_loss.detach()]).to(total.dtype) * (idx.numel() / n)
                     for cb in callbacks:
                         if hasattr(cb, "on_step"):
                             cb.on_step(state)
@@ -578,7 +579,7 @@ def fit(
                         if bar is not None:
                             bar.update(state.step - shown)
                             shown = state.step
-                            bar.set_postfix(epoch=epoch, elbo=f"{-float(loss) / n:.2f}")
+                            bar.set_postfix(epoch=epoch, elbo=f"{-float(elbo_loss) / n:.2f}")
                         if stop or ckpt_now:
                             save(epoch, i + 1, False, _add(carried, _global_sum(total, ctx)))
                         if stop:
@@ -596,7 +597,7 @@ def fit(
                 record["seconds"] = time.perf_counter() - start
                 _check_no_new_params(user_params, params_in_store)
                 history.epochs.append(record)
-                save(epoch, steps_per_epoch, True, 0.0, record)
+                save(epoch, steps_per_epoch, True, [0.0, 0.0], record)
                 for cb in callbacks:
                     if hasattr(cb, "on_epoch_end"):
                         cb.on_epoch_end(state)
@@ -773,8 +774,8 @@ def _fit_start(state: TrainState, callbacks: Sequence[Any], loss_fn: ELBO, x: to
         bar.write(report)
 
 
-def _user_params(loss_fn: ELBO, vae: VAE, xb: torch.Tensor, num_data: int,
-                 own: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _user_params(loss_fn: ELBO, vae: VAE, xb: torch.Tensor, num_data: int, own: Sequence[torch.Tensor],
+                 dynamic_binarize: bool = False) -> dict[str, torch.Tensor]:
     """The unconstrained tensors of the ``pyro.param`` sites that the model and guide traces touch and that
     are not parameters of the VAE's (or the ELBO's) modules: what ``pyro.infer.SVI`` would optimize beyond
     them, e.g. a ``pyro.param`` declared inside a user prior, likelihood or encoder. One evaluation of the
@@ -783,6 +784,8 @@ def _user_params(loss_fn: ELBO, vae: VAE, xb: torch.Tensor, num_data: int,
 
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+        if dynamic_binarize:  # the batch as the steps see it
+            xb = torch.bernoulli(xb)
         with poutine.trace(param_only=True) as capture:
             loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data)
     known = {id(p) for p in own}

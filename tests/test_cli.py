@@ -41,7 +41,7 @@ def test_sample_and_evaluate(run_dir, tmp_path):
     assert out.stat().st_size > 0
     proc = run("-m", "pyro_vae", "evaluate", str(run_dir), "--device", "cpu")
     assert "test ELBO" in proc.stdout
-    assert "elbo" in json.loads((run_dir / "metrics.json").read_text())
+    assert "test_elbo" in json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_load_rebuilds_the_vae(run_dir):
