@@ -17,9 +17,11 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 install: $(VENV)/.installed
 
+# make demo trains the seeded demo run into runs/demo, replacing an earlier one (--overwrite): rerunning it gives
+# the same run.
 demo: $(VENV)/.installed
 	$(VENV)/bin/pyro-vae train --data digits --z-dim 8 --likelihood continuous-bernoulli \
-	    --elbo meanfield --epochs 100 --batch-size 64 --lr 3e-3 --seed 0 --out runs/demo
+	    --elbo meanfield --epochs 100 --batch-size 64 --lr 3e-3 --seed 0 --out runs/demo --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
