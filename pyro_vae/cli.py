@@ -477,6 +477,18 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
     return 0
 
 
+def _run_data(cfg: Any) -> dict[str, Any]:
+    """The data section of a run's ``config.json`` (what the command reloads the splits from)."""
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    if not isinstance(data, dict) or "data" not in data:
+        raise ConfigError(message(
+            "RUN/config.json", 'a "data" section naming the data set the run was trained on (written by '
+            "pyro-vae train)", "none" if data is None else repr(data)[:80],
+            "use a run folder written by `pyro-vae train`; for a VAE saved with pyro_vae.save, evaluate it in "
+            "Python (pyro_vae.evaluate_elbo, pyro_vae.log_likelihood) with your data"))
+    return data
+
+
 def _load_run(run: str, device: str):
     import pyro
 
@@ -520,7 +532,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
-    splits = _load_data(cfg["data"])
+    splits = _load_data(_run_data(cfg))
     path = Path(args.run) / checkpoint.METRICS
     metrics = checkpoint.read_json(path) if path.is_file() else {}
     if not isinstance(metrics, dict):
@@ -587,12 +599,12 @@ def _how(estimate: str, split: str, points: int, command: str, weights: str = "m
 
 def _train_x(cfg: dict[str, Any]):
     """The run's training data as the model saw it (binarized once when it was binarized on the fly)."""
-    splits = _load_data(cfg["data"])
+    splits = _load_data(_run_data(cfg))
     x = splits.train.x
     if splits.dynamic_binarize:
         from .data import binarize
 
-        x = binarize(x, cfg["data"].get("seed", 0))
+        x = binarize(x, _run_data(cfg).get("seed", 0))
     return x
 
 
@@ -620,7 +632,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     decoded = (args.pairs * args.steps + 9 * vae.z_dim) * math.prod(vae.data_shape)  # both pictures' points
     check_memory("--pairs x --steps", 4 * 4 * decoded, vae._device(), "pass fewer --pairs or --steps",
                  f"{args.pairs} x {args.steps} decoded points")
-    test = _load_data(cfg["data"]).test.x
+    test = _load_data(_run_data(cfg)).test.x
     if len(test) < 2 * args.pairs:
         raise ConfigError(message("--pairs", f"at most {len(test) // 2} (half the test points)", str(args.pairs),
                                   "pass fewer pairs"))
@@ -673,7 +685,7 @@ def cmd_impute(args: argparse.Namespace) -> int:
 
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
-    splits = _load_data(cfg["data"])
+    splits = _load_data(_run_data(cfg))
     test = splits.test.x if args.n is None else splits.test.x[: args.n]
     mask = _load_mask(args.mask, vae.data_shape, len(test), args.seed)
     if mask.shape[0] != len(test):

@@ -83,3 +83,15 @@ def test_cuda_graph_is_refused_on_the_cpu_before_the_run_folder_is_written(tmp_p
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cuda_graph=True" in proc.stderr and "device cpu" in proc.stderr
     assert not (out / "model.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "impute", "interpolate"])
+def test_commands_that_reload_the_data_refuse_a_folder_saved_without_it(tmp_path, capsys, command):
+    """A folder written by pyro_vae.save has no data section: one line naming config.json and the fix."""
+    import pyro_vae
+    from pyro_vae.cli import main
+
+    pyro_vae.save(pyro_vae.VAE((64,), 2, hidden=(8,)), tmp_path / "saved")
+    assert main([command, str(tmp_path / "saved"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'RUN/config.json: expected a "data" section' in err[0] and "pyro_vae.save" in err[0]
