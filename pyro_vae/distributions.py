@@ -82,7 +82,12 @@ def cb_log_partition(eta: torch.Tensor) -> torch.Tensor:
     """``K(eta) = log((exp(eta) - 1) / eta)`` (``0`` at ``eta = 0``), elementwise: the log-partition of the
     continuous Bernoulli, ``log p(x | eta) = x * eta - K(eta)``. Nats; exact and overflow-free for every real
     ``eta`` in float32 and float64."""
-    return 0.5 * eta + _log_sinhc_half(eta)
+    small, es, el = _split(eta)
+    series = 0.5 * es + es * es * _horner(_L_COEF, es * es)
+    a = el.abs()
+    # max(eta, 0) + log(1 - exp(-|eta|)) - log|eta|: no two large terms cancel for negative eta
+    closed = el.clamp(min=0) + torch.log(-torch.expm1(-a)) - torch.log(a)
+    return torch.where(small, series, closed)
 
 
 def cb_mean(eta: torch.Tensor) -> torch.Tensor:
@@ -100,7 +105,7 @@ def cb_variance(eta: torch.Tensor) -> torch.Tensor:
     small, es, el = _split(eta)
     series = _horner(_V_COEF, es * es)
     a = el.abs()
-    closed = 1.0 / (a * a) - torch.exp(-a) / torch.expm1(-a).square()
+    closed = a.reciprocal().square() - torch.exp(-a) / torch.expm1(-a).square()
     return torch.where(small, series, closed)
 
 
@@ -158,7 +163,12 @@ class StableContinuousBernoulli(dist.ContinuousBernoulli):
 
     def entropy(self) -> torch.Tensor:
         eta = self.logits
-        return cb_log_partition(eta) - cb_mean(eta) * eta
+        small, es, el = _split(eta)
+        series = cb_log_partition(es) - cb_mean(es) * es
+        a = el.abs()
+        # K(eta) - eta E[x], even in eta, with the two terms that grow like |eta| cancelled analytically
+        closed = 1.0 - torch.log(a) + torch.log(-torch.expm1(-a)) + a * torch.exp(-a) / torch.expm1(-a)
+        return torch.where(small, series, closed)
 
     # ----------------------------------------------------------------------------------------- density
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -222,5 +232,9 @@ def _tiny(eta: torch.Tensor) -> float:
 
 @register_kl(StableContinuousBernoulli, StableContinuousBernoulli)
 def _kl_stable_cb(p: StableContinuousBernoulli, q: StableContinuousBernoulli) -> torch.Tensor:
-    # KL = E_p[log p - log q] = E_p[x] (eta_p - eta_q) - K(eta_p) + K(eta_q)
-    return cb_mean(p.logits) * (p.logits - q.logits) - cb_log_partition(p.logits) + cb_log_partition(q.logits)
+    # KL = E_p[log p - log q] = E_p[x] (eta_p - eta_q) - K(eta_p) + K(eta_q). Mirroring x -> 1 - x negates both
+    # logits and leaves the KL unchanged: with eta_p <= 0 no term grows like eta_p, so nothing large cancels.
+    eta_p, eta_q = broadcast_all(p.logits, q.logits)
+    sign = torch.where(eta_p > 0, -torch.ones_like(eta_p), torch.ones_like(eta_p))
+    eta_p, eta_q = sign * eta_p, sign * eta_q
+    return cb_mean(eta_p) * (eta_p - eta_q) - cb_log_partition(eta_p) + cb_log_partition(eta_q)

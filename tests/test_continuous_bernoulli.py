@@ -272,3 +272,40 @@ def test_every_builtin_likelihood_is_normalized(name, outs, scale, big):
             tol += 4 * torch.finfo(torch.float32).eps * abs(loc) / s
         total, _ = integrate.quad(density, lo, hi, points=pts, limit=200)
         assert total == pytest.approx(1.0, abs=tol), (name, float(out[i]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eta", [-1e10, -1e6, -300.0, -5.0, 5.0, 300.0, 1e6, 1e10])
+def test_log_partition_and_entropy_at_large_logits_match_mpmath(eta, dtype):
+    """No two terms that grow like |eta| are subtracted: K(eta) keeps its relative accuracy and the entropy
+    (which only grows like -log|eta|) its absolute accuracy out to |eta| = 1e10."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    e = mpmath.mpf(eta)
+    k_ref = mpmath.log(mpmath.expm1(e) / e)
+    h_ref = k_ref - (1 / (1 - mpmath.exp(-e)) - 1 / e) * e
+    t = torch.tensor(eta, dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    assert float(cb_log_partition(t)) == pytest.approx(float(k_ref), rel=8 * eps, abs=8 * eps)
+    assert float(StableContinuousBernoulli(logits=t).entropy()) == pytest.approx(float(h_ref), abs=64 * eps)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("scale", [1e4, 1e5, 1e7])
+def test_kl_between_large_logits_matches_mpmath(sign, scale):
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    ep, eq = mpmath.mpf(sign * scale), mpmath.mpf(sign * 1.1 * scale)
+
+    def k(e):
+        return mpmath.log(mpmath.expm1(e) / e)
+
+    ref = (1 / (1 - mpmath.exp(-ep)) - 1 / ep) * (ep - eq) - k(ep) + k(eq)
+    p = StableContinuousBernoulli(logits=torch.tensor(sign * scale))
+    q = StableContinuousBernoulli(logits=torch.tensor(sign * 1.1 * scale))
+    assert float(torch.distributions.kl_divergence(p, q)) == pytest.approx(float(ref), rel=1e-3)
+
+
+def test_float16_variance_does_not_underflow_at_large_logits():
+    v = StableContinuousBernoulli(logits=torch.tensor(300.0, dtype=torch.float16)).variance
+    assert float(v) == pytest.approx(1 / 300.0**2, rel=1e-2)
