@@ -483,7 +483,7 @@ def fit(
 
     def save(epoch: int, batch: int, complete: bool, total: list[float], record: Optional[dict] = None) -> None:
         nonlocal best
-        ranks = distributed.all_gather_object((ckpt.rng_state(), _pyro_params()))
+        ranks = distributed.all_gather_object((ckpt.rng_state(), _pyro_params(list(user_params))))
         score = None if record is None else (record["val_elbo"] if record["val_elbo"] is not None
                                              else record["train_elbo"])
         is_best = score is not None and score > best
@@ -815,12 +815,15 @@ def _check_no_new_params(user_params: dict[str, torch.Tensor], own_count: int) -
             "create it unconditionally when the part is called (or in the part's __init__ as an nn.Parameter)"))
 
 
-def _pyro_params() -> dict[str, torch.Tensor]:
-    """Unconstrained values of the Pyro param-store entries that belong to no ``nn.Module`` (a ``pyro.param``
-    of a user part, ``TraceGraph_ELBO``'s decaying-average baselines); module parameters travel in the state
-    dicts."""
+def _pyro_params(optimized: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Unconstrained values of the Pyro param-store entries outside the VAE's own modules: those that belong to
+    no ``nn.Module`` (a ``pyro.param`` of a user part, ``TraceGraph_ELBO``'s decaying-average baselines) and
+    the ``optimized`` ones, which include the parameters of a module a user part registers with
+    ``pyro.module``; the VAE's module parameters travel in its state dict."""
     store = pyro.get_param_store()
-    return {name: store.get_param(name).unconstrained().detach().cpu() for name in store.keys() if "$$$" not in name}
+    keep = set(optimized)
+    return {name: store.get_param(name).unconstrained().detach().cpu() for name in store.keys()
+            if "$$$" not in name or name in keep}
 
 
 @torch.no_grad()

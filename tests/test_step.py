@@ -431,3 +431,39 @@ def test_a_user_parts_pyro_params_are_checkpointed_and_resume_bit_for_bit(tmp_pa
     assert set(whole) == set(resumed)
     for name in ("prior_loc", "prior_scale"):
         assert torch.equal(whole[name], resumed[name]), name
+
+
+class _ModuleRegisteringPrior:
+    """A prior whose location goes through a module it registers with pyro.module (not a VAE submodule)."""
+
+    def __init__(self):
+        self.net = torch.nn.Linear(3, 3)
+
+    def __call__(self):
+        pyro.module("extnet", self.net)
+        return dist.Normal(self.net(torch.zeros(3)), 1.0).to_event(1)
+
+
+def test_a_module_registered_by_a_user_part_is_checkpointed_and_resumes_bit_for_bit(tmp_path):
+    x = _data()
+
+    def run(epochs, **kwargs):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(123)
+        prior = _ModuleRegisteringPrior()
+        vae = pyro_vae.VAE((12,), 3, hidden=(16,), prior=prior)
+        pyro_vae.fit(vae, x, epochs=epochs, batch_size=8, lr=1e-2, seed=3, device="cpu", progress=False, **kwargs)
+        return [p.detach().clone() for p in prior.net.parameters()], [p.detach().clone() for p in vae.parameters()]
+
+    whole = run(4)
+    run(2, checkpoint_dir=tmp_path / "run")
+    resumed = run(4, checkpoint_dir=tmp_path / "run", resume_from=tmp_path / "run")
+    initial = [p.detach() for p in _fresh_net()]
+    assert not all(torch.equal(a, b) for a, b in zip(whole[0], initial))  # it trained
+    for a, b in zip(whole[0] + whole[1], resumed[0] + resumed[1]):
+        assert torch.equal(a, b)
+
+
+def _fresh_net():
+    pyro.set_rng_seed(123)  # run() builds the prior's module first, from the same draws
+    return list(torch.nn.Linear(3, 3).parameters())
