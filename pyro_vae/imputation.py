@@ -58,8 +58,8 @@ def make_mask(data_shape: Sequence[int], kind: str = "bottom", n: int = 1, *, se
             p = float(kind.split(":", 1)[1])
         except ValueError:
             p = math.nan
-        if not 0 <= p <= 1:
-            raise ConfigError(message("mask", "random:P with 0 <= P <= 1", repr(kind), "pass e.g. random:0.5"))
+        if not 0 < p <= 1:  # P = 0 hides nothing: there would be nothing to impute or to score
+            raise ConfigError(message("mask", "random:P with 0 < P <= 1", repr(kind), "pass e.g. random:0.5"))
         g = torch.Generator().manual_seed(seed)
         return torch.rand((n, *shape), generator=g) >= p
     if kind not in ("top", "bottom", "left", "right"):

@@ -392,7 +392,7 @@ def fit(
 
     epochs = integer("epochs", epochs, 1)
     batch_size = integer("batch_size", batch_size, 1)
-    lr = positive("lr", lr)
+    lr = number("lr", lr, 0.0, torch.finfo(torch.float32).max, fix="pass a learning rate such as lr=1e-3")
     if clip_norm is not None:
         clip_norm = positive("clip_norm", clip_norm)
     if checkpoint_every is not None:
@@ -424,6 +424,10 @@ def fit(
     check_memory("fit", 4 * weights + (x.numel() * x.element_size() if dev.type != "cpu" else 0), dev,
                  "use a smaller VAE", "weights, gradients and Adam's two moments" +
                  (", and the training data" if dev.type != "cpu" else ""))
+    batch_bytes = min(batch_size, len(x)) * math.prod(vae.data_shape) * torch.finfo(torch.float32).bits // 8
+    check_memory("num_particles", 3 * int(num_particles) * batch_bytes, dev,
+                 "use fewer particles or a smaller batch_size",
+                 f"{num_particles} particles' decoder outputs, log-densities and gradients")
     if seed is not None:
         pyro.set_rng_seed(seed + ctx.rank)
     if estimator != "pathwise":

@@ -95,3 +95,27 @@ def test_commands_that_reload_the_data_refuse_a_folder_saved_without_it(tmp_path
     assert main([command, str(tmp_path / "saved"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'RUN/config.json: expected a "data" section' in err[0] and "pyro_vae.save" in err[0]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--lr", "1e300"], "lr: expected a finite number in (0, 3.40282e+38]"),
+    (["--particles", "100000000"], "num_particles: expected a size that fits"),
+])
+def test_train_refuses_values_beyond_what_the_step_can_hold_in_one_line(tmp_path, capsys, extra, expected):
+    from pyro_vae.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--z-dim", "2", "--hidden", "8", "--epochs", "1", "--no-progress",
+                 "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+    assert not out.exists()
+
+
+def test_a_random_mask_that_hides_nothing_is_refused():
+    import pyro_vae
+    from pyro_vae.imputation import make_mask
+
+    with pytest.raises(pyro_vae.ConfigError, match="0 < P <= 1"):
+        make_mask((64,), "random:0")
+    assert (~make_mask((64,), "random:1")).all()
