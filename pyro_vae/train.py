@@ -392,7 +392,10 @@ def fit(
 
     epochs = integer("epochs", epochs, 1)
     batch_size = integer("batch_size", batch_size, 1)
-    lr = number("lr", lr, 0.0, torch.finfo(torch.float32).max, fix="pass a learning rate such as lr=1e-3")
+    lr = positive("lr", lr)
+    if lr > torch.finfo(torch.float32).max:  # Adam's update cannot hold it
+        raise ConfigError(message("lr", "a learning rate float32 can hold (<= 3.4e38)", f"{lr:g}",
+                                  "pass a learning rate such as lr=1e-3"))
     if clip_norm is not None:
         clip_norm = positive("clip_norm", clip_norm)
     if checkpoint_every is not None:
