@@ -453,7 +453,7 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
         from .data import binarize
 
         train_x = binarize(train_x, args.seed)
-    elbo_name = {"trace": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO"}.get(args.elbo, args.elbo)
+    elbo_name = _elbo_class_name(args.elbo)
     metrics: dict[str, Any] = {"units": "nats per data point", "how": {}}
     for split, data in (("train", train_x), ("val", splits.val), ("test", splits.test)):
         metrics[f"{split}_elbo"] = evaluate_elbo(vae, data, elbo=args.elbo)
@@ -559,7 +559,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for stale in ("log_likelihood", "log_likelihood_se", "gap", "gap_se"):  # of other weights or settings
             metrics.pop(stale, None)
             how.pop(stale, None)
-        name = {"trace": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO"}.get(elbo_name, elbo_name)
+        name = _elbo_class_name(elbo_name)
         how["test_elbo"] = _how(f"{name}, {args.particles} particles per point, KL weight 1", "test", n_test,
                                 "evaluate")
     elbo = metrics["test_elbo"]
@@ -589,6 +589,13 @@ def _pareto_summary(metrics: dict[str, Any]) -> str:
     if "pareto_k_frac_above_0.7" not in metrics:
         return f"no Pareto k (it needs --iw-samples >= {PARETO_K_MIN_SAMPLES})"
     return f"Pareto k > 0.7 for {metrics['pareto_k_frac_above_0.7']:.1%} of points"
+
+
+def _elbo_class_name(name: str) -> str:
+    """``Trace_ELBO`` for ``"trace"``, ``TraceMeanField_ELBO`` for ``"meanfield"`` (the names of train.ELBOS)."""
+    from .train import ELBOS
+
+    return ELBOS[name].__name__ if name in ELBOS else str(name)
 
 
 def _how(estimate: str, split: str, points: int, command: str, weights: str = "model.pt") -> dict[str, Any]:

@@ -109,6 +109,19 @@ def cb_variance(eta: torch.Tensor) -> torch.Tensor:
     return torch.where(small, series, closed)
 
 
+def _sign_branches(eta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(near0, pos, eta_pos, eta_neg, eta_0)`` for the CDF and its inverse: the masks of ``|eta|`` below
+    :func:`_tiny` and of ``eta`` above it, and ``eta`` on each branch with the others' entries replaced by a
+    harmless value (so no branch, nor its gradient, sees a bad argument)."""
+    tiny = _tiny(eta)
+    near0 = eta.abs() < tiny
+    pos = eta >= tiny
+    ep = torch.where(pos, eta, torch.ones_like(eta))
+    en = torch.where(eta <= -tiny, eta, -torch.ones_like(eta))
+    e0 = torch.where(near0, eta, torch.zeros_like(eta))
+    return near0, pos, ep, en, e0
+
+
 class _FiniteReal(constraints.Constraint):
     """Finite real numbers (an infinite logit is a point mass, which has no density)."""
 
@@ -190,12 +203,7 @@ class StableContinuousBernoulli(dist.ContinuousBernoulli):
             self._validate_sample(value)
         eta, x = broadcast_all(self.logits, value)
         x = x.clamp(0.0, 1.0)
-        tiny = _tiny(eta)
-        near0 = eta.abs() < tiny
-        pos = eta >= tiny
-        ep = torch.where(pos, eta, torch.ones_like(eta))
-        en = torch.where(eta <= -tiny, eta, -torch.ones_like(eta))
-        e0 = torch.where(near0, eta, torch.zeros_like(eta))
+        near0, pos, ep, en, e0 = _sign_branches(eta)
         # (e^(eta x) - 1) / (e^eta - 1), written without e^eta for eta > 0
         f_pos = torch.exp(ep * (x - 1.0)) * torch.expm1(-ep * x) / torch.expm1(-ep)
         f_neg = torch.expm1(en * x) / torch.expm1(en)
@@ -204,12 +212,7 @@ class StableContinuousBernoulli(dist.ContinuousBernoulli):
 
     def icdf(self, value: torch.Tensor) -> torch.Tensor:
         eta, u = broadcast_all(self.logits, value)
-        tiny = _tiny(eta)
-        near0 = eta.abs() < tiny
-        pos = eta >= tiny
-        ep = torch.where(pos, eta, torch.ones_like(eta))
-        en = torch.where(eta <= -tiny, eta, -torch.ones_like(eta))
-        e0 = torch.where(near0, eta, torch.zeros_like(eta))
+        near0, pos, ep, en, e0 = _sign_branches(eta)
         # log1p(u expm1(eta)) / eta; for eta > 0 as softplus(log u + log expm1(eta)) / eta (no overflow)
         log_expm1 = ep + torch.log(-torch.expm1(-ep))
         x_pos = F.softplus(torch.log(u) + log_expm1) / ep

@@ -183,13 +183,6 @@ def _draw(fn: dist.Distribution, eps: torch.Tensor, site: str) -> torch.Tensor:
         value = logx.exp()
         if getattr(base, "straight_through", False):
             value = _one_hot_argmax(logx) + (value - value.detach())
-        from . import relaxed
-
-        log_attr = getattr(relaxed, "_LOG_ATTR", None)  # a simplex value that carries its log
-        if log_attr is not None:
-            value = value.detach() if detach else value
-            setattr(value, log_attr, logx.detach() if detach else logx)
-            return value
     else:  # pragma: no cover - _noise_kind rejects it first
         raise ConfigError(message(f'guide site "{site}"', "a supported distribution", type(base).__name__,
                                   'use method="loop"'))
