@@ -29,8 +29,9 @@ import pyro
 import torch
 
 import pyro_vae
-from pyro_vae.estimators import make_estimator_elbo
-from pyro_vae.train import evaluate_elbo, resolve_device
+from pyro_vae.infer.estimators import make_estimator_elbo
+from pyro_vae.infer import evaluate_elbo
+from pyro_vae.validation import resolve_device
 
 RUNS = {
     "gaussian": [("pathwise", "pathwise", "trace"), ("pathwise-analytic-kl", "pathwise", "meanfield"),
@@ -54,7 +55,7 @@ class Clock:
         self.start = self.now()
 
     def on_epoch_end(self, state) -> None:
-        if state.vae._device().type == "cuda":
+        if state.vae.device.type == "cuda":
             torch.cuda.synchronize()
         self.train_seconds += self.now() - self.start
         self.curve.append({"seconds": self.train_seconds, "step": state.step, "epoch": state.epoch,

@@ -41,9 +41,9 @@ import pyro
 import torch
 
 import pyro_vae
-from pyro_vae.linear_gaussian import linear_gaussian_vae
-from pyro_vae.train import resolve_device
-from pyro_vae.variance import exact_gradient, gradient_statistics
+from pyro_vae.models.linear_gaussian import linear_gaussian_vae
+from pyro_vae.validation import resolve_device
+from pyro_vae.infer.variance import exact_gradient, gradient_statistics
 
 # (label, estimator name, elbo)
 GAUSSIAN = [("pathwise", "pathwise", "trace"), ("pathwise-analytic-kl", "pathwise", "meanfield"),

@@ -179,7 +179,7 @@ def main(argv: Any = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     arch = args.arch or ("burda" if args.latent == "gaussian" else "jang")
     hidden, z_dim = ARCHS[arch]
-    device = pyro_vae.train.resolve_device(args.device)
+    device = pyro_vae.validation.resolve_device(args.device)
 
     splits = pyro_vae.data.load("mnist", args.data_dir, binarize_mode="dynamic", seed=args.seed)
     train, test = splits.train.x.flatten(1), splits.test.x.flatten(1)

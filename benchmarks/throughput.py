@@ -6,14 +6,14 @@ minibatches with the same optimizer (Adam, lr 1e-3). Contenders:
 - ``torch``: the hand-written step: encoder, reparameterized Gaussian sample, decoder, Bernoulli
   log-likelihood by ``binary_cross_entropy_with_logits``, analytic KL, backward, Adam.
 - ``pyro-before``: Pyro's ``Trace_ELBO.loss_and_grads`` with Pyro's validation on, as ``fit`` ran it before.
-- ``fit-trace`` / ``fit-meanfield``: :func:`pyro_vae.step.svi_step` as :func:`pyro_vae.fit` calls it
+- ``fit-trace`` / ``fit-meanfield``: :func:`pyro_vae.train.svi_step` as :func:`pyro_vae.fit` calls it
   (``validate=False`` after the first step, ``check_finite=False``: the losses stay on the device and are
   checked every ``pyro_vae.train.SYNC_EVERY`` steps).
 - ``fit()-trace``: :func:`pyro_vae.fit` itself in its steady state (:class:`FitLoop`: timed after its first 5
   steps, which hold the one-off whole-data check, the validated first step and the checked traced step; adds
   shuffling, batch gathering and the per-step non-finite bookkeeping to the step).
 - CUDA only: ``torch-graph`` (the hand-written step as a CUDA graph), ``graph-trace`` /
-  ``graph-meanfield`` (:class:`pyro_vae.step.CUDAGraphStep`, losses checked as for ``fit-trace``) and
+  ``graph-meanfield`` (:class:`pyro_vae.train.CUDAGraphStep`, losses checked as for ``fit-trace``) and
   ``fit()-graph`` (``pyro_vae.fit(..., elbo="meanfield", cuda_graph=True)`` itself, timed after its first 20
   steps, which hold the eager warm-up and the capture).
 - ``pythae``: Pythae's ``VAE`` (``reconstruction_loss="bce"``) around the same networks, when importable.
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_vae
-from pyro_vae.step import CUDAGraphStep, svi_step
+from pyro_vae.train import CUDAGraphStep, svi_step
 from pyro_vae.train import SYNC_EVERY
 
 CONFIGS = {

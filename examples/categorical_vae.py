@@ -43,7 +43,7 @@ def use_discrete_kl() -> None:
     relaxed KL is not this), which is why the library does not register it."""
     from torch.distributions import Categorical, kl_divergence, register_kl
 
-    from pyro_vae.relaxed import ExpRelaxedOneHotCategorical as Relaxed
+    from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical as Relaxed
 
     @register_kl(Relaxed, Relaxed)
     def _discrete_kl(q, p):
@@ -140,7 +140,7 @@ def main() -> None:
                            progress=False)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
-    device = vae._device()
+    device = vae.device
     pyro.set_rng_seed(args.seed + 1)
     bounds = test_bounds(vae, test.to(device), args.eval_samples)
     result = {

@@ -20,8 +20,8 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 import pyro_vae
-from pyro_vae.conditional import CVAE
-from pyro_vae.train import resolve_device
+from pyro_vae.models.conditional import CVAE
+from pyro_vae.validation import resolve_device
 
 
 def halves(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     k, shape = min(8, len(x_test)), splits.test.x.shape[1:]
     h = shape[-2] // 2
     blank = torch.full_like(x_test[:k], 0.5)
-    means = cvae._px(draws["_RETURN"][:, :k]).mean  # (completions, k, D)
+    means = cvae.likelihood_dist(draws["_RETURN"][:, :k]).mean  # (completions, k, D)
     rows = [torch.cat([c_test[:k], x_test[:k]], -1), torch.cat([c_test[:k], blank], -1)]
     rows += [torch.cat([c_test[:k], m], -1) for m in means]
     grid = torch.stack(rows, 1).reshape(-1, *shape).clamp(0, 1).cpu()

@@ -25,7 +25,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_vae
-from pyro_vae.train import resolve_device
+from pyro_vae.validation import resolve_device
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     pyro.set_rng_seed(args.seed)
     splits = pyro_vae.data.load("digits", seed=args.seed)  # (N, 1, 8, 8) grey levels in [0, 1]
     if args.run:
-        vae = pyro_vae.load(args.run).to(pyro_vae.train.resolve_device(args.device))
+        vae = pyro_vae.load(args.run).to(pyro_vae.validation.resolve_device(args.device))
     else:
         # Grey levels in [0, 1]: the continuous Bernoulli is the likelihood whose support fits them.
         vae = pyro_vae.VAE(splits.data_shape, args.z_dim, hidden=(args.hidden,), likelihood="continuous-bernoulli")

@@ -26,8 +26,8 @@ import pyro
 import torch
 
 import pyro_vae
-from pyro_vae.conditional import SSVAE, ConcatMLP, accuracy, fit_classifier, fit_semisupervised, split_labelled
-from pyro_vae.train import resolve_device
+from pyro_vae.models.conditional import SSVAE, ConcatMLP, accuracy, fit_classifier, fit_semisupervised, split_labelled
+from pyro_vae.validation import resolve_device
 
 # Defaults per data set. The 8x8 digits are grey levels: a Gaussian likelihood with a fixed scale and a
 # 2-dimensional z, which leaves the class to y. MNIST follows Pyro's example: binary pixels (drawn afresh
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         y_grid = torch.arange(10, device=device).repeat_interleave(8)
         gen = pyro.infer.Predictive(ssvae.model, posterior_samples={"z": z.repeat(10, 1)[None]}, num_samples=1,
                                     return_sites=["_RETURN"])(None, y_grid)["_RETURN"][0]
-        means = ssvae._px(gen).mean.clamp(0, 1)
+        means = ssvae.likelihood_dist(gen).mean.clamp(0, 1)
     side = int(round(means.shape[-1] ** 0.5))
     pyro_vae.plots.save_image_grid(means.reshape(-1, 1, side, side).cpu(), args.plot,
                                    title="generated: one row per class y, one column per z", ncol=8)

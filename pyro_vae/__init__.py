@@ -1,58 +1,99 @@
-"""pyro-vae: variational autoencoders as plain Pyro model/guide pairs."""
+"""pyro-vae: variational autoencoders as plain Pyro model/guide pairs.
 
-__version__ = "0.1.0"
+The layout follows Pyro's own: :mod:`pyro_vae.models` (the model/guide pairs), :mod:`pyro_vae.distributions`
+(distributions and closed-form KLs this package adds), :mod:`pyro_vae.infer` (the ELBO, gradient estimators and
+their variances), :mod:`pyro_vae.train` (``fit`` and its step); the parts (``priors``, ``likelihoods``,
+``encoders``, ``networks``), ``data``, run folders (``checkpoint``), ``evaluation``, ``generation``,
+``imputation``, ``plots`` and the command line (``cli``) sit beside them.
+"""
 
-# Modules (importing ``kl`` registers its closed-form KL divergences with torch).
-from . import (  # noqa: E402
-    checkpoint, conditional, data, distributed, distributions, encoders, errors, estimators, evaluation, generation,
-    imputation, kl, likelihoods, linear_gaussian, networks, priors, relaxed, schedules, validation, variance,
+import importlib
+
+from pyro_vae import (
+    checkpoint,
+    data,
+    distributions,
+    encoders,
+    errors,
+    evaluation,
+    generation,
+    imputation,
+    infer,
+    likelihoods,
+    models,
+    networks,
+    priors,
+    schedules,
+    train,
+    validation,
 )
-from .checkpoint import load, save  # noqa: E402
-from .conditional import CVAE, SSVAE  # noqa: E402
-from .distributions import StableContinuousBernoulli  # noqa: E402
-from .encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder  # noqa: E402
-from .errors import (  # noqa: E402
-    CheckpointError, ConfigError, DataError, ModelError, NonFiniteLossError, PyroVAEError, ShapeError,
+from pyro_vae.checkpoint import load, save
+from pyro_vae.distributions import ExpOneHotCategorical, ExpRelaxedOneHotCategorical, StableContinuousBernoulli
+from pyro_vae.encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder
+from pyro_vae.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ModelError,
+    NonFiniteLossError,
+    PyroVAEError,
+    ShapeError,
     TrainingInterrupted,
 )
-from .estimators import ESTIMATORS, ScoreFunction, make_estimator_elbo, score_function  # noqa: E402
-from .evaluation import active_units, amortization_gap, log_likelihood, pareto_k, to_inference_data  # noqa: E402
-from .imputation import impute  # noqa: E402
-from .kl import KLReport, kl_report  # noqa: E402
-from .likelihoods import Bernoulli, ContinuousBernoulli, Normal, NormalLearnedScale  # noqa: E402
-from .priors import (  # noqa: E402
-    FlowPrior, Laplace, MixtureOfGaussians, RelaxedCategoricalPrior, StandardNormal, StudentT, VampPrior,
+from pyro_vae.evaluation import active_units, amortization_gap, log_likelihood, pareto_k, to_inference_data
+from pyro_vae.imputation import impute
+from pyro_vae.infer import (
+    ESTIMATORS,
+    KLReport,
+    ScoreFunction,
+    evaluate_elbo,
+    exact_gradient,
+    gradient_samples,
+    gradient_statistics,
+    kl_report,
+    make_elbo,
+    make_estimator_elbo,
+    score_function,
 )
-from .relaxed import ExpOneHotCategorical, ExpRelaxedOneHotCategorical  # noqa: E402
-from .schedules import ConstantBeta, ConstantTemperature, ExponentialTemperature, KLWarmup  # noqa: E402
-from .train import EarlyStopping, History, evaluate_elbo, fit, make_elbo  # noqa: E402
-from .vae import VAE  # noqa: E402
-from .variance import exact_gradient, gradient_samples, gradient_statistics  # noqa: E402
+from pyro_vae.likelihoods import Bernoulli, ContinuousBernoulli, Normal, NormalLearnedScale
+from pyro_vae.models import CVAE, SSVAE, VAE
+from pyro_vae.priors import (
+    FlowPrior,
+    Laplace,
+    MixtureOfGaussians,
+    RelaxedCategoricalPrior,
+    StandardNormal,
+    StudentT,
+    VampPrior,
+)
+from pyro_vae.schedules import ConstantBeta, ConstantTemperature, ExponentialTemperature, KLWarmup
+from pyro_vae.train import EarlyStopping, History, fit
+from pyro_vae.version import __version__
+
+# Modules that moved, importable under their old names for one release (each warns once when first imported).
+_MOVED = ("vae", "conditional", "linear_gaussian", "relaxed", "kl", "estimators", "variance", "step", "distributed")
 
 
 def __getattr__(name: str):
     # matplotlib is imported only when pictures are drawn: ``pyro_vae.plots`` loads on first use.
-    if name == "plots":
-        import importlib
-
-        return importlib.import_module(".plots", __name__)
+    if name == "plots" or name in _MOVED:
+        return importlib.import_module(f"pyro_vae.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "VAE", "fit", "EarlyStopping", "evaluate_elbo", "make_elbo", "History", "load", "save",
-    "Encoder", "GaussianEncoder", "StandardNormal",
+    "__version__",
+    "VAE", "CVAE", "SSVAE", "fit", "EarlyStopping", "evaluate_elbo", "make_elbo", "History", "load", "save",
+    "Encoder", "GaussianEncoder", "RelaxedCategoricalEncoder", "StandardNormal",
     "Bernoulli", "ContinuousBernoulli", "Normal", "NormalLearnedScale",
     "PyroVAEError", "ConfigError", "DataError", "ShapeError", "ModelError", "CheckpointError", "NonFiniteLossError",
-    "data", "encoders", "errors", "likelihoods", "networks", "plots", "priors",
-    "evaluation", "generation", "imputation", "log_likelihood", "active_units", "pareto_k", "to_inference_data",
-    "amortization_gap", "impute",
-    "kl", "relaxed", "schedules", "kl_report", "KLReport", "RelaxedCategoricalEncoder",
-    "ExpRelaxedOneHotCategorical", "ExpOneHotCategorical", "StableContinuousBernoulli", "distributions",
-    "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
-    "RelaxedCategoricalPrior", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup",
-    "estimators", "variance", "ESTIMATORS", "ScoreFunction", "score_function", "make_estimator_elbo",
+    "TrainingInterrupted",
+    "log_likelihood", "active_units", "pareto_k", "to_inference_data", "amortization_gap", "impute",
+    "kl_report", "KLReport", "ExpRelaxedOneHotCategorical", "ExpOneHotCategorical", "StableContinuousBernoulli",
+    "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT", "RelaxedCategoricalPrior",
+    "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup",
+    "ESTIMATORS", "ScoreFunction", "score_function", "make_estimator_elbo",
     "gradient_samples", "gradient_statistics", "exact_gradient",
-    "conditional", "SSVAE", "CVAE", "linear_gaussian",
-    "checkpoint", "distributed", "TrainingInterrupted", "validation",
+    "models", "distributions", "infer", "train", "checkpoint", "data", "encoders", "errors", "evaluation",
+    "generation", "imputation", "likelihoods", "networks", "plots", "priors", "schedules", "validation",
 ]

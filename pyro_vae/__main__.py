@@ -1,3 +1,3 @@
-from .cli import main
+from pyro_vae.cli import main
 
 raise SystemExit(main())

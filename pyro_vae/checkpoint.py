@@ -32,8 +32,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .errors import CheckpointError, message
-from .vae import VAE
+from pyro_vae.errors import CheckpointError, message
+from pyro_vae.models.vae import VAE
 
 __all__ = ["atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors", "json_bytes",
            "tensor_bytes", "save", "load", "config_json", "check_writable", "rng_state", "set_rng_state",
@@ -709,7 +709,7 @@ def has_checkpoint(folder: PathLike) -> bool:
 # --------------------------------------------------------------------------------------- save and load
 def config_json(vae: VAE, **extra: Any) -> bytes:
     """The bytes of a run's ``config.json``: the package version, the VAE's config and ``extra`` sections."""
-    from . import __version__
+    from pyro_vae.version import __version__
 
     if vae.config is None:
         raise CheckpointError(message("vae", "a VAE built from named parts (so its config is JSON)",
@@ -816,7 +816,7 @@ def check_writable(folder: PathLike, need_bytes: int = 0, what: str = "checkpoin
     """
     import shutil
 
-    from .errors import ConfigError
+    from pyro_vae.errors import ConfigError
 
     folder = Path(folder)
     probe = folder
@@ -911,7 +911,7 @@ def load_training_state(path: PathLike, *, vae_config: Any = None, signature: Op
     Raises:
         CheckpointError: naming the first mismatch and how to proceed.
     """
-    from . import __version__
+    from pyro_vae.version import __version__
 
     path = Path(path)
     if path.is_dir():

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .errors import ConfigError, PyroVAEError, message
-from .validation import arg_type, beta, check_memory, image_path, integer, number
+from pyro_vae.errors import ConfigError, PyroVAEError, message
+from pyro_vae.validation import arg_type, beta, check_memory, image_path, integer, number
 
 __all__ = ["main", "build_parser"]
 
@@ -47,11 +47,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .data import BINARIZE
-    from .estimators import ESTIMATORS
-    from .likelihoods import LIKELIHOODS
-    from .priors import CATEGORICAL_PRIORS, PRIORS
-    from .train import ELBOS
+    from pyro_vae.data import BINARIZE
+    from pyro_vae.infer.elbo import ELBOS
+    from pyro_vae.infer.estimators import ESTIMATORS
+    from pyro_vae.likelihoods import LIKELIHOODS
+    from pyro_vae.priors import CATEGORICAL_PRIORS, PRIORS
 
     p = sub.add_parser("train", help="train a VAE and write its run folder",
                        description="Train a VAE by stochastic variational inference and write a run folder "
@@ -159,7 +159,7 @@ def _latent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _schedules(args: argparse.Namespace) -> list:
-    from .schedules import ConstantTemperature, ExponentialTemperature, KLWarmup
+    from pyro_vae.schedules import ConstantTemperature, ExponentialTemperature, KLWarmup
 
     out: list = []
     if args.latent == "categorical":
@@ -168,7 +168,7 @@ def _schedules(args: argparse.Namespace) -> list:
     if args.kl_warmup:
         out.append(KLWarmup(args.kl_warmup, end=args.beta))
     if args.early_stopping:
-        from .train import EarlyStopping
+        from pyro_vae.train.callbacks import EarlyStopping
 
         out.append(EarlyStopping(args.early_stopping))
     return out
@@ -193,7 +193,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 def _iw_samples(flag: str, value: Any) -> int:
     """0 (skip importance sampling) or enough samples per point for the Pareto-k fit."""
-    from .evaluation import PARETO_K_MIN_SAMPLES
+    from pyro_vae.evaluation import PARETO_K_MIN_SAMPLES
 
     value = integer(flag, value, 0)
     if 0 < value < PARETO_K_MIN_SAMPLES:
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------------- commands
 def _load_data(cfg: dict[str, Any]):
-    from . import data
+    from pyro_vae import data
 
     return data.load(cfg["data"], cfg.get("data_dir"), binarize_mode=cfg.get("binarize", "none"),
                      seed=cfg.get("seed", 0), scale=cfg.get("scale"))
@@ -288,10 +288,10 @@ def _check_splits(vae: Any, splits: Any, name: str) -> None:
 def write_pictures(vae, splits, run: Path, history: Optional[list] = None, n: int = 64) -> list[Path]:
     import torch
 
-    from . import plots
+    from pyro_vae import plots
 
     vae.eval()
-    device = vae._device()
+    device = vae.device
     paths = [plots.save_image_grid(vae.sample(n).cpu(), run / "samples.png", "samples from the prior")]
     test = splits.test
     xt = test.x[:16].to(device)
@@ -307,7 +307,7 @@ def write_pictures(vae, splits, run: Path, history: Optional[list] = None, n: in
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed
+    from pyro_vae.train import distributed
 
     if args.resume and not args.out:
         raise ConfigError(message("--resume", "--out RUN naming the run folder to continue", "no --out",
@@ -316,7 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(message("--resume / --overwrite", "one of them", "both",
                                   "pass --resume to continue the run in --out, --overwrite to replace it"))
     if args.elbo is None:
-        from .estimators import get_estimator
+        from pyro_vae.infer.estimators import get_estimator
 
         args.elbo = "trace" if get_estimator(args.estimator).score_function else "meanfield"
     ctx, device = distributed.init_from_env(args.device)
@@ -336,7 +336,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _check_resume(out: Path, data_cfg: dict[str, Any]) -> bool:
     """Check, reading only, that ``out`` is a run to continue with these data options; return whether it has a
     checkpoint (``False``: it stopped before its first one, and training starts from step 0)."""
-    from . import checkpoint
+    from pyro_vae import checkpoint
 
     run = checkpoint.RunFolder(out)
     if not out.is_dir() or not run.started():
@@ -364,7 +364,7 @@ class _RunConfig:
         self.out, self.config, self.held, self.is_main = out, config, held, is_main
 
     def on_fit_start(self, state: Any) -> None:
-        from . import checkpoint
+        from pyro_vae import checkpoint
 
         if self.is_main:
             run = checkpoint.RunFolder(self.out)
@@ -393,9 +393,11 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
     import pyro
     import torch
 
-    from . import checkpoint, distributed
-    from .train import evaluate_elbo, fit
-    from .vae import VAE
+    from pyro_vae import checkpoint
+    from pyro_vae.infer.elbo import evaluate_elbo
+    from pyro_vae.models.vae import VAE
+    from pyro_vae.train import distributed
+    from pyro_vae.train.loop import fit
 
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.out is None:
@@ -432,9 +434,9 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
         train_cfg["processes"] = ctx.world_size
     callbacks = _schedules(args)
     if args.cuda_graph:  # refused before the run folder is written
-        from .train import _check_cuda_graph
+        from pyro_vae.train.cuda_graph import check_cuda_graph
 
-        _check_cuda_graph(vae, device, ctx, args.estimator, args.elbo, callbacks)
+        check_cuda_graph(vae, device, ctx, args.estimator, args.elbo, callbacks)
     run_config = _RunConfig(out, checkpoint.config_json(vae, data=data_cfg, train=train_cfg), held, ctx.is_main)
     start = time.perf_counter()
     history = fit(vae, splits.train, elbo=args.elbo, num_particles=args.particles, estimator=args.estimator,
@@ -450,7 +452,7 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
     checkpoint.save(vae, out, data=data_cfg, train=train_cfg)
     train_x = splits.train.x
     if splits.dynamic_binarize:
-        from .data import binarize
+        from pyro_vae.data import binarize
 
         train_x = binarize(train_x, args.seed)
     elbo_name = _elbo_class_name(args.elbo)
@@ -492,8 +494,8 @@ def _run_data(cfg: Any) -> dict[str, Any]:
 def _load_run(run: str, device: str):
     import pyro
 
-    from . import checkpoint
-    from .train import resolve_device
+    from pyro_vae import checkpoint
+    from pyro_vae.validation import resolve_device
 
     pyro.clear_param_store()  # each command works on one VAE; main() may be called again in one process
     vae = checkpoint.load(run, map_location="cpu")
@@ -503,7 +505,7 @@ def _load_run(run: str, device: str):
 def cmd_sample(args: argparse.Namespace) -> int:
     import pyro
 
-    from . import plots
+    from pyro_vae import plots
 
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
@@ -513,7 +515,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.source == "prior":
         x = vae.sample(args.n, mean=not args.draw)
     else:
-        from . import generation
+        from pyro_vae import generation
 
         x = generation.sample(vae, args.n, args.source, data=_train_x(cfg), mean=not args.draw,
                               n_components=args.components)
@@ -527,8 +529,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
-    from . import checkpoint
-    from .train import evaluate_elbo
+    from pyro_vae import checkpoint
+    from pyro_vae.infer.elbo import evaluate_elbo
 
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
@@ -564,7 +566,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                 "evaluate")
     elbo = metrics["test_elbo"]
     if args.amortization_points > 0:
-        from .evaluation import amortization_gap
+        from pyro_vae.evaluation import amortization_gap
 
         metrics.update(amortization_gap(vae, splits.test.x[: args.amortization_points],
                                         num_steps=args.amortization_steps, seed=args.seed).to_dict())
@@ -584,7 +586,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _pareto_summary(metrics: dict[str, Any]) -> str:
-    from .evaluation import PARETO_K_MIN_SAMPLES
+    from pyro_vae.evaluation import PARETO_K_MIN_SAMPLES
 
     if "pareto_k_frac_above_0.7" not in metrics:
         return f"no Pareto k (it needs --iw-samples >= {PARETO_K_MIN_SAMPLES})"
@@ -593,7 +595,7 @@ def _pareto_summary(metrics: dict[str, Any]) -> str:
 
 def _elbo_class_name(name: str) -> str:
     """``Trace_ELBO`` for ``"trace"``, ``TraceMeanField_ELBO`` for ``"meanfield"`` (the names of train.ELBOS)."""
-    from .train import ELBOS
+    from pyro_vae.infer.elbo import ELBOS
 
     return ELBOS[name].__name__ if name in ELBOS else str(name)
 
@@ -609,14 +611,14 @@ def _train_x(cfg: dict[str, Any]):
     splits = _load_data(_run_data(cfg))
     x = splits.train.x
     if splits.dynamic_binarize:
-        from .data import binarize
+        from pyro_vae.data import binarize
 
         x = binarize(x, _run_data(cfg).get("seed", 0))
     return x
 
 
 def _importance_metrics(vae, test, args: argparse.Namespace) -> dict[str, Any]:
-    from . import evaluation, plots
+    from pyro_vae import evaluation, plots
 
     ll = evaluation.log_likelihood(vae, test, args.iw_samples, batch_size=args.iw_batch_size,
                                    return_log_weights=args.iw_samples >= evaluation.PARETO_K_MIN_SAMPLES)
@@ -632,12 +634,12 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     import pyro
     import torch
 
-    from . import generation, plots
+    from pyro_vae import generation, plots
 
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
     decoded = (args.pairs * args.steps + 9 * vae.z_dim) * math.prod(vae.data_shape)  # both pictures' points
-    check_memory("--pairs x --steps", 4 * 4 * decoded, vae._device(), "pass fewer --pairs or --steps",
+    check_memory("--pairs x --steps", 4 * 4 * decoded, vae.device, "pass fewer --pairs or --steps",
                  f"{args.pairs} x {args.steps} decoded points")
     test = _load_data(_run_data(cfg)).test.x
     if len(test) < 2 * args.pairs:
@@ -645,7 +647,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
                                   "pass fewer pairs"))
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(test), generator=g)[: 2 * args.pairs]
-    x = test[idx].to(vae._device())
+    x = test[idx].to(vae.device)
     out = Path(args.out) if args.out else Path(args.run)
     paths = generation.interpolate(vae, x[: args.pairs], x[args.pairs:], args.steps, args.method)
     p1 = plots.save_interpolations(paths.cpu(), out / "interpolations.png", args.method)
@@ -662,7 +664,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def _load_mask(spec: str, data_shape: tuple, n: int, seed: int):
     import torch
 
-    from . import checkpoint, imputation
+    from pyro_vae import checkpoint, imputation
 
     if spec.endswith((".npy", ".pt")):
         if spec.endswith(".npy"):
@@ -688,7 +690,7 @@ def cmd_impute(args: argparse.Namespace) -> int:
     import pyro
     import torch
 
-    from . import checkpoint, imputation, plots
+    from pyro_vae import checkpoint, imputation, plots
 
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
@@ -745,7 +747,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "the path, its permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from .errors import TrainingInterrupted
+        from pyro_vae.errors import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted) and e.checkpoint:
             import shlex

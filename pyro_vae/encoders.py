@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ShapeError, message
+from pyro_vae.errors import ShapeError, message
 
 __all__ = ["Encoder", "GaussianEncoder", "RelaxedCategoricalEncoder"]
 
@@ -80,7 +80,7 @@ class RelaxedCategoricalEncoder(Encoder):
     def __init__(self, net: nn.Module, n: int, k: int, temperature: float = 1.0,
                  straight_through: bool = False) -> None:
         super().__init__()
-        from .relaxed import check_temperature
+        from pyro_vae.distributions.relaxed import check_temperature
 
         self.net = net
         self.n, self.k = int(n), int(k)
@@ -94,7 +94,7 @@ class RelaxedCategoricalEncoder(Encoder):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        from .relaxed import check_temperature
+        from pyro_vae.distributions.relaxed import check_temperature
 
         self._temperature = check_temperature(value)
 
@@ -115,7 +115,7 @@ class RelaxedCategoricalEncoder(Encoder):
     def distribution(self, x: torch.Tensor) -> dist.Distribution:
         """``q(z | x)``: :class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical` at the current temperature,
         batch shape ``x``'s batch dimensions, event shape ``(n, k)``, values in log space."""
-        from .relaxed import ExpRelaxedOneHotCategorical
+        from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical
 
         logits = self(x)
         temperature = torch.tensor(self._temperature, dtype=logits.dtype, device=logits.device)

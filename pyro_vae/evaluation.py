@@ -24,10 +24,10 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
-from .errors import ConfigError, DataError, message
-from .train import as_tensor_data
-from .vae import VAE, unit_kl_weight
-from .validation import integer
+from pyro_vae.data import as_tensor_data
+from pyro_vae.errors import ConfigError, DataError, message
+from pyro_vae.models.vae import VAE, unit_kl_weight
+from pyro_vae.validation import integer
 
 __all__ = ["LogLikelihood", "log_likelihood", "importance_log_weights", "pareto_k", "active_units",
            "latent_variances", "to_inference_data", "AmortizationGap", "amortization_gap", "posterior_means"]
@@ -97,8 +97,8 @@ def _weights_chunk(vae: VAE, model: Callable, guide: Callable, x: torch.Tensor, 
     ``"z"`` (the guide's latent values) and ``"x_mean"`` (the observed site's mean) when named in ``keep``.
     """
     batch = x.shape[0]
-    data_plate = vae._site("data")
-    x_site = vae._site("x")
+    data_plate = vae.site("data")
+    x_site = vae.site("x")
     with pyro.plate(PARTICLES, k, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
@@ -120,7 +120,7 @@ def _weights_chunk(vae: VAE, model: Callable, guide: Callable, x: torch.Tensor, 
             if key == "model" and name == x_site and "x_mean" in keep:
                 out["x_mean"] = site["fn"].mean.expand(k, batch, *vae.data_shape)
     if "z" in keep:
-        z = guide_trace.nodes[vae._site("z")]["value"]
+        z = guide_trace.nodes[vae.site("z")]["value"]
         out["z"] = z.expand(k, batch, *z.shape[2:]) if z.dim() >= 2 else z
     out["log_w"] = out["log_p_latent"] + out["log_p_obs"] - out["log_q"]
     return out
@@ -239,7 +239,7 @@ def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: 
     num_samples = integer("num_samples", num_samples)
     batch_size = integer("batch_size", batch_size)
     model, guide = model or vae.model, guide or vae.guide
-    device = vae._device()
+    device = vae.device
     was_training = vae.training
     vae.eval()
     lls, elbos, lws = [], [], []
@@ -368,15 +368,15 @@ def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples:
     (:class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`) the log class probabilities ``log q(c | x)``,
     the log of the mean of the categorical it relaxes (``.exp()`` gives the probabilities), as
     :meth:`pyro_vae.VAE.encode`."""
-    from .relaxed import log_class_probs
+    from pyro_vae.distributions.relaxed import log_class_probs
 
     x = _data(vae, data)
-    device = vae._device()
+    device = vae.device
     means = []
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             xb = x[i: i + batch_size].to(device)
-            q = poutine.trace(vae.guide).get_trace(xb).nodes[vae._site("z")]["fn"]
+            q = poutine.trace(vae.guide).get_trace(xb).nodes[vae.site("z")]["fn"]
             m = log_class_probs(q)
             if m is None:
                 try:
@@ -441,7 +441,7 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
     if seed is not None:
         pyro.set_rng_seed(seed)
     batch_size = integer("batch_size", batch_size)
-    device = vae._device()
+    device = vae.device
     parts = []
     with torch.no_grad():
         particle_dim = -(_plate_nesting(vae.model, vae.guide, x[:batch_size].to(device)) + 1)
@@ -506,8 +506,8 @@ class AmortizationGap:
 
 def _local_guide(vae: VAE, loc: torch.Tensor, raw: torch.Tensor, min_scale: float) -> Callable:
     def guide(x: torch.Tensor, num_data: Optional[int] = None, batch_size: Optional[int] = None) -> torch.Tensor:
-        with vae._plate(x.shape[0], None, x.device), vae._kl_scale():
-            return pyro.sample(vae._site("z"), dist.Normal(loc, F.softplus(raw) + min_scale).to_event(1))
+        with vae.plate(x.shape[0], None, x.device), vae.kl_scale():
+            return pyro.sample(vae.site("z"), dist.Normal(loc, F.softplus(raw) + min_scale).to_event(1))
 
     return guide
 
@@ -529,7 +529,7 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
     """
     from pyro.infer import Trace_ELBO
 
-    from .encoders import GaussianEncoder
+    from pyro_vae.encoders import GaussianEncoder
 
     if not isinstance(vae.encoder, GaussianEncoder):
         raise ConfigError(message("vae.encoder", "a GaussianEncoder (the per-point guide is Gaussian)",
@@ -538,7 +538,7 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
     num_particles = integer("num_particles", num_particles)
     if seed is not None:
         pyro.set_rng_seed(seed)
-    x = _data(vae, data).to(vae._device())
+    x = _data(vae, data).to(vae.device)
     was_training = vae.training
     vae.eval()
     try:

@@ -16,11 +16,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from pyro import poutine
 
-from .errors import ConfigError, DataError, message
-from .evaluation import _data, posterior_means
-from .relaxed import log_class_probs, log_one_hot
-from .vae import VAE
-from .validation import integer
+from pyro_vae.distributions.relaxed import log_class_probs, log_one_hot
+from pyro_vae.errors import ConfigError, DataError, message
+from pyro_vae.evaluation import _data, posterior_means
+from pyro_vae.models.vae import VAE
+from pyro_vae.validation import integer
 
 __all__ = ["SOURCES", "sample", "sample_latents", "posterior_samples", "fit_mixture", "reconstruct", "lerp",
            "slerp", "interpolate", "traverse"]
@@ -34,12 +34,12 @@ _count = integer
 def posterior_samples(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
     """One draw ``z ~ q(z | x)`` per data point (the value of the latent site in a trace of ``vae.guide``),
     ``(N, *latent_event_shape)`` on the VAE's device."""
-    device = vae._device()
+    device = vae.device
     out = []
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             tr = poutine.trace(vae.guide).get_trace(x[i: i + batch_size].to(device))
-            out.append(tr.nodes[vae._site("z")]["value"])
+            out.append(tr.nodes[vae.site("z")]["value"])
     return torch.cat(out)
 
 
@@ -80,7 +80,7 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
     n = vae.check_sample_size(n) if isinstance(vae, VAE) else _count("n", n)
     if source not in SOURCES:
         raise ConfigError(message("source", f"one of {SOURCES}", repr(source), 'pass source="prior"'))
-    device = vae._device()
+    device = vae.device
     with torch.no_grad():
         categories = getattr(vae, "categories", None)
         if source == "prior":
@@ -120,7 +120,7 @@ def reconstruct(vae: VAE, x: torch.Tensor, *, mean: bool = True, draw_z: bool = 
     posterior mean; for a categorical latent the class probabilities) or, with ``draw_z=True``, one draw
     ``z ~ q(z | x)``."""
     x = _data(vae, x, "x")
-    z = posterior_samples(vae, x) if draw_z else posterior_means(vae, x).to(vae._device())
+    z = posterior_samples(vae, x) if draw_z else posterior_means(vae, x).to(vae.device)
     return vae.decode(z, mean=mean)
 
 
@@ -174,7 +174,7 @@ def interpolate(vae: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int = 10, m
     single = x0.dim() == len(vae.data_shape)
     if single:
         x0, x1 = x0.unsqueeze(0), x1.unsqueeze(0)
-    device = vae._device()
+    device = vae.device
     z0, z1 = posterior_means(vae, x0).to(device), posterior_means(vae, x1).to(device)
     if z0.shape != z1.shape:
         raise DataError(message("x1", f"as many points as x0 ({z0.shape[0]})", f"{z1.shape[0]}",
@@ -212,7 +212,7 @@ def traverse(vae: VAE, x: Optional[torch.Tensor] = None, dims: Optional[Sequence
     Returns:
         ``(len(dims), len(values), *data_shape)`` decoded means (or draws with ``mean=False``).
     """
-    device = vae._device()
+    device = vae.device
     categories = getattr(vae, "categories", None)
     if x is not None:
         x = x.unsqueeze(0) if x.dim() == len(vae.data_shape) else x[:1]

@@ -31,11 +31,11 @@ from typing import Optional, Sequence
 import pyro
 import torch
 
-from .errors import ConfigError, DataError, message
-from .evaluation import _chunk_size, _plate_nesting, _weights_chunk
-from .generation import posterior_samples
-from .vae import VAE
-from .validation import integer
+from pyro_vae.errors import ConfigError, DataError, message
+from pyro_vae.evaluation import _chunk_size, _plate_nesting, _weights_chunk
+from pyro_vae.generation import posterior_samples
+from pyro_vae.models.vae import VAE
+from pyro_vae.validation import integer
 
 __all__ = ["impute", "make_mask", "masked_error", "METHODS", "MASKS"]
 
@@ -131,7 +131,7 @@ def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "impo
     vae.check_data(x_obs, "x (observed entries)")
     if seed is not None:
         pyro.set_rng_seed(seed)
-    device = vae._device()
+    device = vae.device
     was_training = vae.training
     vae.eval()
     try:
@@ -171,7 +171,7 @@ def _gibbs(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, 
 def _metropolis(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_iters: int) -> torch.Tensor:
     from pyro import poutine
 
-    site = vae._site("z")
+    site = vae.site("z")
     total = torch.zeros_like(filled)
     count = 0
     with pyro.validation_enabled(False):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributions import StableContinuousBernoulli
-from .errors import ConfigError, DataError, message
+from pyro_vae.distributions.continuous_bernoulli import StableContinuousBernoulli
+from pyro_vae.errors import ConfigError, DataError, message
 
 __all__ = [
     "Likelihood",

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError, message
+from pyro_vae.errors import ConfigError, message
 
 __all__ = ["MLP", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "image_shape"]
 

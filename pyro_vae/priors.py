@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, message
+from pyro_vae.errors import ConfigError, message
 
 __all__ = ["StandardNormal", "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
            "RelaxedCategoricalPrior", "PRIORS", "CATEGORICAL_PRIORS", "build_prior"]
@@ -251,7 +251,7 @@ class RelaxedCategoricalPrior(nn.Module):
     def __init__(self, n: int, k: int, learnable: bool = False, temperature: float = 1.0,
                  encoder: Optional[nn.Module] = None) -> None:
         super().__init__()
-        from .relaxed import check_temperature
+        from pyro_vae.distributions.relaxed import check_temperature
 
         self.n, self.k = _positive("n", n, integer=True), _positive("categories", k, integer=True)
         self.learnable = bool(learnable)
@@ -268,7 +268,7 @@ class RelaxedCategoricalPrior(nn.Module):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        from .relaxed import check_temperature
+        from pyro_vae.distributions.relaxed import check_temperature
 
         if self._encoder:
             self._encoder[0].temperature = value
@@ -282,7 +282,7 @@ class RelaxedCategoricalPrior(nn.Module):
         return cfg
 
     def forward(self) -> dist.Distribution:
-        from .relaxed import ExpRelaxedOneHotCategorical
+        from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical
 
         t = torch.tensor(self.temperature, dtype=self.logits.dtype, device=self.logits.device)
         return ExpRelaxedOneHotCategorical(t, logits=self.logits).to_event(1)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import ConfigError, message
-from .validation import beta as _beta
-from .validation import integer, number
+from pyro_vae.errors import ConfigError, message
+from pyro_vae.validation import beta as _beta
+from pyro_vae.validation import integer, number
 
 __all__ = ["Schedule", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup"]
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .errors import ConfigError, DataError, message
+from pyro_vae.errors import ConfigError, DataError, message
 
 __all__ = ["integer", "number", "positive", "beta", "image_path", "memory_bytes", "check_memory", "data_dtype",
            "cast_data", "unit_interval", "arg_type", "IMAGE_SUFFIXES"]
@@ -249,3 +249,17 @@ def _parse_int(text: str) -> int:
         if not math.isfinite(v) or not v.is_integer():
             raise
         return int(v)
+
+
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(message("device", '"auto", "cpu", "cuda" or "cuda:N"', repr(device),
+                                  "pass --device auto")) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(message("device", "a device this machine has", f"{device} without CUDA available",
+                                  "pass --device cpu or auto"))
+    return dev

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyro_vae
-from pyro_vae.linear_gaussian import exact_elbo, exact_log_likelihood, linear_gaussian_vae
+from pyro_vae.models.linear_gaussian import exact_elbo, exact_log_likelihood, linear_gaussian_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_reported_elbos_never_exceed_log_px(beta, schedule):
 def test_amortization_gap_optimizes_the_elbo_not_the_beta_objective():
     """Per-point guides optimized against the beta-weighted objective end at a worse ELBO than the encoder at
     the exact posterior; optimized against the ELBO they cannot (up to noise) beat log p(x)."""
-    from pyro_vae.linear_gaussian import set_exact_guide
+    from pyro_vae.models.linear_gaussian import set_exact_guide
 
     x = _data(20)
     vae = linear_gaussian_vae(5, 2, orthogonal=True)

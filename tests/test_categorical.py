@@ -17,7 +17,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_vae
 from pyro_vae.errors import ConfigError, ShapeError
-from pyro_vae.relaxed import ExpOneHotCategorical, ExpRelaxedOneHotCategorical
+from pyro_vae.distributions.relaxed import ExpOneHotCategorical, ExpRelaxedOneHotCategorical
 
 ROOT = Path(__file__).resolve().parents[1]
 

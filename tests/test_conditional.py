@@ -14,8 +14,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 
 from pyro_vae import ShapeError
-from pyro_vae.conditional import (CVAE, SSVAE, ClassConditionalNormal, ConcatMLP, ConditionalNormalPrior,
-                                  fit_semisupervised, split_labelled)
+from pyro_vae.models.conditional import CVAE, SSVAE, ClassConditionalNormal, ConcatMLP, ConditionalNormalPrior, fit_semisupervised, split_labelled
 from pyro_vae.errors import ConfigError, DataError
 
 K, D, Z, B = 3, 4, 2, 5

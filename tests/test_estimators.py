@@ -17,9 +17,8 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 import pyro_vae
 from pyro_vae.errors import ConfigError
-from pyro_vae.estimators import (ESTIMATORS, EstimatorTrace_ELBO, EstimatorTraceGraph_ELBO, ScoreFunction,
-                                 make_estimator_elbo, score_function)
-from pyro_vae.linear_gaussian import linear_gaussian_vae
+from pyro_vae.infer.estimators import ESTIMATORS, EstimatorTrace_ELBO, EstimatorTraceGraph_ELBO, ScoreFunction, make_estimator_elbo, score_function
+from pyro_vae.models.linear_gaussian import linear_gaussian_vae
 
 
 def _plated_guide(loc: torch.Tensor, scale: torch.Tensor):

@@ -30,7 +30,7 @@ def test_cuda_checkpoint_loads_on_cpu(tmp_path):
 
 
 def _count_captures(monkeypatch):
-    from pyro_vae.step import CUDAGraphStep
+    from pyro_vae.train import CUDAGraphStep
 
     counts = []
     original = CUDAGraphStep._capture

@@ -13,7 +13,7 @@ import torch
 from torch.distributions import kl_divergence
 
 import pyro_vae
-from pyro_vae.kl import KLReport, kl_report
+from pyro_vae.infer.kl_report import KLReport, kl_report
 
 D = 3
 
@@ -123,7 +123,7 @@ def test_fit_logs_the_report_once_under_meanfield_only(digits, caplog):
 
 def test_the_report_does_not_move_the_training_rng(digits):
     """Logging the report must not change a seeded run: meanfield fits with and without it agree."""
-    import pyro_vae.train as train
+    import pyro_vae.train.loop as train
 
     def run():
         pyro.clear_param_store()

@@ -24,7 +24,7 @@ from pyro import poutine
 from torch import nn
 
 import pyro_vae
-from pyro_vae.relaxed import ExpRelaxedOneHotCategorical
+from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical
 
 N, K, DATA = 3, 10, 8
 

@@ -23,7 +23,7 @@ import torch
 import pyro_vae
 from pyro_vae import checkpoint, cli
 from pyro_vae.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from pyro_vae.step import clip_grad_norm_
+from pyro_vae.train import clip_grad_norm_
 
 N, D = 96, 10  # 6 steps per epoch at batch size 16
 

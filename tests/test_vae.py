@@ -16,7 +16,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 import pyro_vae
-from pyro_vae.linear_gaussian import exact_elbo, exact_log_likelihood, linear_gaussian_vae, set_exact_guide
+from pyro_vae.models.linear_gaussian import exact_elbo, exact_log_likelihood, linear_gaussian_vae, set_exact_guide
 
 
 def _replicates(elbo, vae, x, reps=40):

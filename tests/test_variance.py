@@ -26,10 +26,9 @@ from torch.func import functional_call, grad
 
 from pyro_vae import VAE, GaussianEncoder
 from pyro_vae.errors import ConfigError, NonFiniteLossError
-from pyro_vae.estimators import BASELINE_PARAM, EstimatorMessenger, NeuralBaseline, get_estimator, make_estimator_elbo
-from pyro_vae.linear_gaussian import linear_gaussian_vae
-from pyro_vae.variance import (METHODS, PARAM_GROUP, _iter_gradients, _plan, _Surrogate, exact_gradient, flat_gradient,
-                               gradient_samples, gradient_statistics, parameter_groups, summarize)
+from pyro_vae.infer.estimators import BASELINE_PARAM, EstimatorMessenger, NeuralBaseline, get_estimator, make_estimator_elbo
+from pyro_vae.models.linear_gaussian import linear_gaussian_vae
+from pyro_vae.infer.variance import METHODS, PARAM_GROUP, _iter_gradients, _plan, _Surrogate, exact_gradient, flat_gradient, gradient_samples, gradient_statistics, parameter_groups, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 GAUSSIAN = ["pathwise", "score-function", "score-function-baseline", "score-function-neural-baseline"]
@@ -151,7 +150,7 @@ def test_summarize_closed_form():
 
 def test_exact_gradient_matches_flat_gradient_order():
     vae, x = _setup()
-    from pyro_vae.linear_gaussian import exact_elbo
+    from pyro_vae.models.linear_gaussian import exact_elbo
 
     assert torch.allclose(exact_gradient(vae, x), flat_gradient(vae, -exact_elbo(vae, x).sum()))
 

@@ -1,0 +1,433 @@
+"""Gradient estimators for the ELBO, chosen per run on the same model/guide pair.
+
+Pyro decides the estimator per guide site from the distribution (``has_rsample`` and
+``Distribution.score_parts``), not from the ELBO; this module only changes the distributions the guide
+samples from, through an effect handler, and lets Pyro's ``Trace_ELBO`` / ``TraceGraph_ELBO`` do the rest:
+
+- ``pathwise``: the reparameterization gradient (Kingma & Welling 2014; Rezende et al. 2014);
+- ``score-function``: REINFORCE (Williams 1992), by wrapping the guide site in :class:`ScoreFunction`;
+- ``score-function-baseline``: REINFORCE with Pyro's decaying-average baseline under ``TraceGraph_ELBO``;
+- ``score-function-neural-baseline``: REINFORCE with an input-dependent learned baseline (Mnih & Gregor 2014);
+- for categorical latents: ``relaxed`` (Gumbel-softmax / Concrete; Jang et al. 2017, Maddison et al. 2017),
+  ``straight-through`` (Bengio et al. 2013; Jang et al. 2017), and the ``score-function`` variants on the
+  exact ``OneHotCategorical`` in both model and guide.
+
+``dist.Normal(...).to_event(1).has_rsample_(False)`` raises, and ``.has_rsample_(False).to_event(1)`` fails
+inside a plate on pyro-ppl 1.9; :class:`ScoreFunction` is a thin distribution wrapper that works at any
+position in the stack of ``plate``, ``expand`` and ``to_event``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
+from torch import nn
+from torch.distributions import constraints
+
+from pyro_vae.errors import ConfigError, message
+
+__all__ = [
+    "ScoreFunction",
+    "EstimatorMessenger",
+    "score_function",
+    "Estimator",
+    "ESTIMATORS",
+    "get_estimator",
+    "check_estimator",
+    "NeuralBaseline",
+    "EstimatorTrace_ELBO",
+    "EstimatorTraceGraph_ELBO",
+    "make_estimator_elbo",
+    "BASELINE_PARAM",
+    "straight_through_override",
+]
+
+#: Name prefix of the decaying-average baseline Pyro keeps in the param store (``+ site name``).
+BASELINE_PARAM = "__baseline_avg_downstream_cost_"
+
+
+class ScoreFunction(TorchDistribution):
+    """A distribution that samples and scores like ``base`` but has no ``rsample``, so every Pyro ELBO
+    treats its site with the score-function (REINFORCE) estimator.
+
+    ``sample`` returns a detached draw of ``base``; ``log_prob``, ``support``, ``mean``, ``variance``,
+    ``entropy`` and ``enumerate_support`` delegate; ``expand`` and ``to_event`` keep the wrapper, so the
+    site works inside plates and with event dimensions.
+
+    Args:
+        base: any distribution (reparameterizable or not).
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, base: dist.Distribution, validate_args: Optional[bool] = None) -> None:
+        self.base = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @constraints.dependent_property
+    def support(self):
+        return self.base.support
+
+    @property
+    def has_enumerate_support(self) -> bool:  # type: ignore[override]
+        return self.base.has_enumerate_support
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.base.sample(sample_shape).detach()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.base.log_prob(value)
+
+    def expand(self, batch_shape, _instance=None) -> "ScoreFunction":
+        return ScoreFunction(self.base.expand(torch.Size(batch_shape)))
+
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
+        return self.base.enumerate_support(expand=expand)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.base.mean
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.base.variance
+
+    def entropy(self) -> torch.Tensor:
+        return self.base.entropy()
+
+    def __repr__(self) -> str:
+        return f"ScoreFunction({self.base!r})"
+
+
+# ------------------------------------------------------------------------------------------ estimators
+@dataclass(frozen=True)
+class Estimator:
+    """What an estimator does to the latent sites.
+
+    Attributes:
+        name: the name users pass (``fit(..., estimator=name)``, ``--estimator name``).
+        score_function: force REINFORCE on the guide's latent sites.
+        baseline: ``None``, ``"decaying"`` (Pyro's decaying average of the downstream cost) or ``"neural"``.
+        categorical: for relaxed-categorical latents: ``"relaxed"``, ``"straight-through"`` or ``"exact"``
+            (score function on ``OneHotCategorical``); ``None`` leaves the encoder's choice.
+        gaussian: whether it applies to reparameterizable (e.g. Gaussian) latents.
+    """
+
+    name: str
+    score_function: bool = False
+    baseline: Optional[str] = None
+    categorical: Optional[str] = None
+    gaussian: bool = True
+    description: str = ""
+
+
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
+    Estimator("pathwise", description="reparameterization gradient (relaxed sample for categorical latents)"),
+    Estimator("score-function", True, None, "exact", description="REINFORCE, Monte Carlo cost, no baseline"),
+    Estimator("score-function-baseline", True, "decaying", "exact",
+              description="REINFORCE under TraceGraph_ELBO with a decaying-average baseline"),
+    Estimator("score-function-neural-baseline", True, "neural", "exact",
+              description="REINFORCE under TraceGraph_ELBO with a learned input-dependent baseline"),
+    Estimator("relaxed", categorical="relaxed", gaussian=False,
+              description="Gumbel-softmax / Concrete relaxation, pathwise (categorical latents)"),
+    Estimator("straight-through", categorical="straight-through", gaussian=False,
+              description="hard one-hot forward, relaxed gradient backward (categorical latents)"),
+)}
+
+
+def get_estimator(estimator: Union[str, Estimator]) -> Estimator:
+    """The :class:`Estimator` of a name (or the object itself); :class:`ConfigError` for unknown names."""
+    if isinstance(estimator, Estimator):
+        return estimator
+    if estimator not in ESTIMATORS:
+        raise ConfigError(message("estimator", "one of " + ", ".join(ESTIMATORS), repr(estimator),
+                                  "pick a known estimator name"))
+    return ESTIMATORS[estimator]
+
+
+def check_estimator(estimator: Union[str, Estimator], vae: nn.Module) -> Estimator:
+    """The :class:`Estimator`, or :class:`ConfigError` when it does not fit the VAE's latent (``relaxed`` and
+    ``straight-through`` need a relaxed-categorical encoder)."""
+    from pyro_vae.encoders import RelaxedCategoricalEncoder
+
+    est = get_estimator(estimator)
+    if not est.gaussian and not isinstance(getattr(vae, "encoder", None), RelaxedCategoricalEncoder):
+        raise ConfigError(message(f'estimator "{est.name}"', "a VAE with categorical latents",
+                                  f"encoder {type(getattr(vae, 'encoder', None)).__name__}",
+                                  'build the VAE with latent="categorical" (--latent categorical) or use '
+                                  '"pathwise" or a "score-function" estimator'))
+    return est
+
+
+def _unwrap_independent(fn: dist.Distribution) -> tuple[dist.Distribution, list[int]]:
+    dims = []
+    while isinstance(fn, torch.distributions.Independent):
+        dims.append(fn.reinterpreted_batch_ndims)
+        fn = fn.base_dist
+    return fn, dims
+
+
+def _rewrap_independent(fn: dist.Distribution, dims: list[int]) -> dist.Distribution:
+    for d in reversed(dims):
+        fn = dist.Independent(fn, d)
+    return fn
+
+
+def _is_relaxed_categorical(fn: Any) -> bool:
+    """A relaxed one-hot categorical on the simplex (torch's ``RelaxedOneHotCategorical``) or in log space
+    (torch's ``ExpRelaxedCategorical``, :class:`pyro_vae.relaxed.ExpRelaxedOneHotCategorical`)."""
+    from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
+
+    return isinstance(fn, (torch.distributions.RelaxedOneHotCategorical, ExpRelaxedCategorical))
+
+
+def _convert_categorical(fn: dist.Distribution, mode: Optional[str], role: str, site: str) -> dist.Distribution:
+    """The distribution ``mode`` asks for in place of a relaxed one-hot categorical (same logits, same shapes,
+    same representation of the value). ``"exact"``: the categorical itself (:class:`pyro_vae.relaxed.
+    ExpOneHotCategorical` for a log-space latent, ``OneHotCategorical`` on the simplex). ``"relaxed"`` and
+    ``"straight-through"`` leave the distribution as it is: the latent is the same relaxed draw, and the
+    straight-through estimator changes only what the consumer of a log-space latent computes from it
+    (:func:`straight_through_override`)."""
+    from pyro_vae.distributions.relaxed import ExpOneHotCategorical
+
+    base, dims = _unwrap_independent(fn)
+    if mode is None or not _is_relaxed_categorical(base):
+        return fn
+    simplex = isinstance(base, torch.distributions.RelaxedOneHotCategorical)
+    if mode == "exact":
+        new: dist.Distribution = (dist.OneHotCategorical(logits=base.logits) if simplex
+                                  else ExpOneHotCategorical(logits=base.logits))
+        return _rewrap_independent(new, dims)
+    if mode == "straight-through" and simplex:
+        raise ConfigError(message(
+            f'estimator "straight-through" at site "{site}"',
+            "a relaxed categorical latent in log space (pyro_vae.relaxed.ExpRelaxedOneHotCategorical), whose "
+            "consumer maps it with pyro_vae.relaxed.to_simplex", f"{type(base).__name__} (values on the simplex)",
+            'sample the log-space latent (a pyro_vae.VAE with latent="categorical" does), or use "relaxed"'))
+    return fn
+
+
+def straight_through_override(site: str) -> Optional[bool]:
+    """Whether an :class:`EstimatorMessenger` of the model that is running now asks for the straight-through
+    estimator (``True``) or the plain relaxed one (``False``) at the log-space categorical latent ``site``;
+    ``None`` when none does (the latent's own setting applies). :meth:`pyro_vae.VAE.decoder_input` reads it
+    while the model runs under ``make_estimator_elbo("straight-through")`` or ``"relaxed"``."""
+    from pyro.poutine.runtime import _PYRO_STACK
+
+    for handler in reversed(_PYRO_STACK):
+        if isinstance(handler, EstimatorMessenger) and handler.role == "model" and (
+                handler.sites is None or site in handler.sites):
+            mode = handler.estimator.categorical
+            return None if mode not in ("relaxed", "straight-through") else mode == "straight-through"
+    return None
+
+
+class EstimatorMessenger(Messenger):
+    """Effect handler that makes the latent sites of a model or guide use one :class:`Estimator`.
+
+    On the guide (``role="guide"``) it wraps each latent site's distribution in :class:`ScoreFunction`
+    when the estimator is a score-function one and attaches the baseline options Pyro's
+    ``TraceGraph_ELBO`` reads from ``infer["baseline"]``. On both roles it swaps relaxed one-hot
+    categoricals for the exact categorical in the same representation (score-function estimators); on the
+    model role, ``"straight-through"`` / ``"relaxed"`` decide how :meth:`pyro_vae.VAE.decoder_input` maps
+    the log-space latent to the decoder (:func:`straight_through_override`).
+
+    Args:
+        estimator: name or :class:`Estimator`.
+        role: ``"guide"`` or ``"model"``.
+        sites: names of the sites to change (default: every non-observed sample site).
+        baseline_beta: decay of the average baseline.
+        nn_baseline: module mapping ``nn_baseline_input`` to one baseline value per data point.
+        nn_baseline_input: its input, e.g. the data batch.
+    """
+
+    def __init__(self, estimator: Union[str, Estimator] = "score-function", role: str = "guide",
+                 sites: Optional[Iterable[str]] = None, baseline_beta: float = 0.9,
+                 nn_baseline: Optional[nn.Module] = None, nn_baseline_input: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        if role not in ("guide", "model"):
+            raise ConfigError(message("role", '"guide" or "model"', repr(role), 'pass role="guide"'))
+        self.estimator = get_estimator(estimator)
+        self.role = role
+        self.sites = None if sites is None else set(sites)
+        self.baseline_beta = float(baseline_beta)
+        self.nn_baseline = nn_baseline
+        self.nn_baseline_input = nn_baseline_input
+
+    def _applies(self, msg: dict) -> bool:
+        if msg["type"] != "sample" or msg["is_observed"] or type(msg["fn"]).__name__ == "_Subsample":
+            return False
+        return self.sites is None or msg["name"] in self.sites
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if not self._applies(msg):
+            return
+        est = self.estimator
+        mode = "exact" if est.score_function else est.categorical
+        if not est.gaussian and not _is_relaxed_categorical(_unwrap_independent(msg["fn"])[0]):
+            raise ConfigError(message(
+                f'estimator "{est.name}" at site "{msg["name"]}"', "a relaxed one-hot categorical latent",
+                type(_unwrap_independent(msg["fn"])[0]).__name__,
+                'use "pathwise" or a "score-function" estimator, or build the VAE with latent="categorical"'))
+        fn = _convert_categorical(msg["fn"], mode, self.role, msg["name"])
+        if self.role == "guide" and est.score_function:
+            if not isinstance(fn, ScoreFunction):
+                fn = ScoreFunction(fn)
+            if est.baseline == "decaying":
+                msg["infer"]["baseline"] = {"use_decaying_avg_baseline": True, "baseline_beta": self.baseline_beta}
+            elif est.baseline == "neural":
+                if self.nn_baseline is None or self.nn_baseline_input is None:
+                    raise ConfigError(message(f'baseline at site "{msg["name"]}"', "nn_baseline and its input",
+                                              "none", "use make_estimator_elbo(..., data_shape=...)"))
+                msg["infer"]["baseline"] = {"nn_baseline": self.nn_baseline,
+                                            "nn_baseline_input": self.nn_baseline_input}
+        msg["fn"] = fn
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        # Pyro keeps one decaying average per data position; when the batch size changes (the last
+        # minibatch), restart it from its mean so shapes agree.
+        if self.role != "guide" or self.estimator.baseline != "decaying" or not self._applies(msg):
+            return
+        store = pyro.get_param_store()
+        key = BASELINE_PARAM + msg["name"]
+        if key in store:
+            old = store[key].detach()
+            shape = msg["fn"].batch_shape
+            if old.shape != shape:
+                store[key] = old.mean().expand(shape).clone()
+
+
+def score_function(fn: Optional[Callable] = None, sites: Optional[Iterable[str]] = None,
+                   baseline: Optional[str] = None, baseline_beta: float = 0.9):
+    """Force the score-function estimator on the latent sites of a guide (a handler in ``poutine`` style).
+
+    Example::
+
+        loss = Trace_ELBO().differentiable_loss(model, score_function(guide), x)
+        loss = TraceGraph_ELBO().loss_and_grads(model, score_function(guide, baseline="decaying"), x)
+
+    Args:
+        fn: the guide; without it, returns the handler for use as a context manager.
+        sites: names of the sites to change (default: every non-observed sample site).
+        baseline: ``None`` or ``"decaying"`` (read by ``TraceGraph_ELBO``).
+        baseline_beta: decay of the average baseline.
+    """
+    name = {None: "score-function", "decaying": "score-function-baseline"}.get(baseline)
+    if name is None:
+        raise ConfigError(message("baseline", 'None or "decaying"', repr(baseline),
+                                  'pass baseline="decaying" (neural baselines: make_estimator_elbo)'))
+    msngr = EstimatorMessenger(name, "guide", sites=sites, baseline_beta=baseline_beta)
+    return msngr(fn) if fn is not None else msngr
+
+
+class NeuralBaseline(nn.Module):
+    """Input-dependent baseline ``b(x)`` for REINFORCE (Mnih & Gregor 2014): an MLP from
+    ``(..., *data_shape)`` to ``(...)``, trained by ``TraceGraph_ELBO`` to regress the downstream cost."""
+
+    def __init__(self, data_shape: Sequence[int], hidden: Sequence[int] = (64,)) -> None:
+        super().__init__()
+        from pyro_vae.networks import MLP
+
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.mlp = MLP((math.prod(self.data_shape), *[int(h) for h in hidden], 1), activation=nn.Tanh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[: x.dim() - len(self.data_shape)]
+        return self.mlp(x.reshape(*batch, -1)).squeeze(-1)
+
+
+class _EstimatorELBOMixin:
+    """Applies :class:`EstimatorMessenger` to model and guide inside ``_get_trace``, which every particle
+    (sequential or vectorized) of Pyro's ELBOs goes through."""
+
+    def __init__(self, *args: Any, estimator: Union[str, Estimator] = "pathwise", baseline_beta: float = 0.9,
+                 nn_baseline: Optional[nn.Module] = None, sites: Optional[Iterable[str]] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.estimator = get_estimator(estimator)
+        self.baseline_beta = baseline_beta
+        self.nn_baseline = nn_baseline
+        self.sites = sites
+
+    def extra_modules(self) -> list[nn.Module]:
+        """Modules the estimator trains besides the VAE (the neural baseline); an optimizer must hold them."""
+        return [self.nn_baseline] if self.nn_baseline is not None else []
+
+    def _baseline_input(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        if self.nn_baseline is None:
+            return None
+        x = args[0] if args else kwargs.get("x")
+        if self.vectorize_particles and self.num_particles > 1:  # type: ignore[attr-defined]
+            x = x.expand(self.num_particles, *x.shape)  # type: ignore[attr-defined]
+        return x
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model = EstimatorMessenger(self.estimator, "model", sites=self.sites)(model)
+        guide = EstimatorMessenger(self.estimator, "guide", sites=self.sites, baseline_beta=self.baseline_beta,
+                                   nn_baseline=self.nn_baseline,
+                                   nn_baseline_input=self._baseline_input(args, kwargs))(guide)
+        return super()._get_trace(model, guide, args, kwargs)  # type: ignore[misc]
+
+
+class EstimatorTrace_ELBO(_EstimatorELBOMixin, Trace_ELBO):
+    """``Trace_ELBO`` whose model and guide run under :class:`EstimatorMessenger` (``estimator=...``)."""
+
+
+class EstimatorTraceMeanField_ELBO(_EstimatorELBOMixin, TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` (analytic KL) for the pathwise-type estimators."""
+
+
+class EstimatorTraceGraph_ELBO(_EstimatorELBOMixin, TraceGraph_ELBO):
+    """``TraceGraph_ELBO`` (Rao-Blackwellized score-function terms, baselines) under
+    :class:`EstimatorMessenger`."""
+
+
+def make_estimator_elbo(estimator: Union[str, Estimator] = "pathwise", elbo: str = "trace",
+                        num_particles: int = 1, *, data_shape: Optional[Sequence[int]] = None,
+                        baseline_beta: float = 0.9, nn_baseline: Optional[nn.Module] = None,
+                        max_plate_nesting: int = 1) -> ELBO:
+    """The Pyro ELBO that computes ``estimator``'s gradient on an unchanged model/guide pair.
+
+    Args:
+        estimator: a name of :data:`ESTIMATORS` or an :class:`Estimator`.
+        elbo: ``"trace"`` (Monte Carlo KL) or ``"meanfield"`` (analytic KL where registered). Analytic KL
+            is only sound with reparameterized guide sites: Pyro's ``TraceMeanField_ELBO`` would drop the
+            score-function term of the reconstruction, so score-function estimators refuse it.
+        num_particles: vectorized particles per estimate.
+        data_shape: shape of one data point (sizes the neural baseline).
+        baseline_beta: decay of the average baseline.
+        nn_baseline: your own baseline module (default: a :class:`NeuralBaseline` for ``data_shape``).
+        max_plate_nesting: plates in the model (1 for a :class:`pyro_vae.VAE`).
+    """
+    est = get_estimator(estimator)
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ConfigError(message("num_particles", "an integer >= 1", repr(num_particles), "pass num_particles=1"))
+    if elbo not in ("trace", "meanfield"):
+        raise ConfigError(message("elbo", '"trace" or "meanfield"', repr(elbo), 'pass elbo="trace"'))
+    if elbo == "meanfield" and est.score_function:
+        raise ConfigError(message(
+            f'elbo with estimator "{est.name}"', '"trace" (Monte Carlo KL)', '"meanfield"',
+            "TraceMeanField_ELBO drops the score-function term of the reconstruction; use elbo=\"trace\""))
+    if est.baseline == "neural" and nn_baseline is None:
+        if data_shape is None:
+            raise ConfigError(message("data_shape", "the shape of one data point for the neural baseline", "None",
+                                      "pass data_shape=vae.data_shape or nn_baseline=module"))
+        nn_baseline = NeuralBaseline(data_shape)
+    kwargs = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                  max_plate_nesting=max_plate_nesting, estimator=est, baseline_beta=baseline_beta,
+                  nn_baseline=nn_baseline if est.baseline == "neural" else None)
+    if est.baseline is not None:
+        return EstimatorTraceGraph_ELBO(**kwargs)
+    if elbo == "meanfield":
+        return EstimatorTraceMeanField_ELBO(**kwargs)
+    return EstimatorTrace_ELBO(**kwargs)

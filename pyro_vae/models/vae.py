@@ -1,0 +1,683 @@
+"""The variational autoencoder as a Pyro ``model`` / ``guide`` pair.
+
+``model(x)`` samples ``z`` from the prior and scores ``x`` under the likelihood of the decoder's output;
+``guide(x)`` samples ``z`` from the encoder's distribution. Both are ordinary Pyro callables with the same
+signature and the same single plate, so they work under ``SVI`` with any ELBO, under ``Predictive``,
+``poutine`` handlers, and inside a larger model.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer.util import is_validation_enabled
+from pyro.params import param_with_module_name
+from torch import nn
+
+from pyro_vae.distributions.relaxed import check_temperature
+from pyro_vae.encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder
+from pyro_vae.errors import ConfigError, DataError, ModelError, PyroVAEError, ShapeError, message
+from pyro_vae.likelihoods import Likelihood, build_likelihood
+from pyro_vae.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from pyro_vae.priors import build_prior
+from pyro_vae.validation import beta as check_beta
+from pyro_vae.validation import cast_data, check_memory, integer
+
+__all__ = ["VAE"]
+
+NETS = ("mlp", "conv")
+LATENTS = ("gaussian", "categorical")
+
+
+def data_plate(name: str, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
+    """The plate over a batch of ``batch`` data points. With ``num_data`` (the full data-set size) the plate
+    has the full size and a subsample of ``batch``, so Pyro scales the log-densities by ``num_data / batch``."""
+    if num_data is None or num_data == batch:
+        return pyro.plate(name, batch, device=device)
+    if num_data < batch:
+        raise ConfigError(message("num_data", f"the full data-set size, >= the batch size {batch}",
+                                  repr(num_data), "pass num_data=len(train_data)"))
+    return pyro.plate(name, num_data, subsample=torch.arange(batch, device=device))
+
+
+class VAE(nn.Module):
+    """A VAE whose parts are all swappable.
+
+    Args:
+        data_shape: shape of one data point, e.g. ``(64,)`` or ``(1, 28, 28)``.
+        z_dim: number of latent dimensions.
+        encoder: ``"mlp"``, ``"conv"``, an :class:`~pyro_vae.encoders.Encoder` (used as the guide
+            distribution as is), or any ``nn.Module`` mapping ``(batch, *data_shape)`` to
+            ``(batch, 2 * z_dim)``, wrapped in a :class:`~pyro_vae.encoders.GaussianEncoder` (for a
+            categorical latent: ``(batch, z_dim * categories)`` logits, wrapped in a
+            :class:`~pyro_vae.encoders.RelaxedCategoricalEncoder`).
+        decoder: ``"mlp"``, ``"conv"``, or any ``nn.Module`` mapping ``(..., z_dim)`` to
+            ``(..., *data_shape)`` (``(..., z_dim * categories)`` for a categorical latent).
+        prior: ``None`` (standard normal; uniform relaxed categorical for a categorical latent), a name
+            of :data:`pyro_vae.priors.PRIORS` / ``CATEGORICAL_PRIORS``, a config dict
+            (``{"name": "mixture", "components": 10}``), or a callable returning a distribution with event
+            shape ``(z_dim,)`` (``(z_dim, categories)``); an ``nn.Module`` prior learns with the rest.
+        likelihood: ``"bernoulli"``, ``"continuous-bernoulli"``, ``"normal"``, ``"normal-learned"``, a
+            config dict, or a callable ``decoder_output -> Distribution``.
+        hidden: hidden layer sizes of the MLP networks.
+        name: prefix for every Pyro site and module name (``"a"`` gives sites ``"a/z"``, ``"a/x"`` and
+            the plate ``"a/data"``), so several VAEs can live in one model.
+        beta: weight of the latent site (KL weighting, Higgins et al. 2017), applied with
+            ``poutine.scale`` in both model and guide.
+        latent: ``"gaussian"`` (diagonal Gaussian guide) or ``"categorical"``: ``z_dim`` relaxed one-hot
+            categorical variables of ``categories`` classes (Gumbel-softmax, Jang et al. 2017), latent
+            event shape ``(z_dim, categories)``. The site's value is the *log* of the relaxed one-hot point
+            (:class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`), so its density is exact at any
+            temperature; the decoder is fed ``exp`` of it flattened to ``z_dim * categories``
+            (:meth:`decoder_input`).
+        categories: classes per categorical variable (``latent="categorical"`` only).
+        temperature: starting relaxation temperature of a categorical latent (> 0).
+        straight_through: the decoder sees the hard one-hot of the relaxed draw, with the relaxed draw's
+            gradient (categorical latent; the latent and its densities are unchanged).
+
+    Sites (with ``name=""``): plate ``"data"`` over the batch, latent ``"z"`` of shape
+    ``(batch, *latent_shape)`` (``(batch, z_dim)``; ``(batch, z_dim, categories)`` in log space for a
+    categorical latent), observed ``"x"`` of shape ``(batch, *data_shape)``.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        z_dim: int,
+        *,
+        encoder: Union[str, nn.Module] = "mlp",
+        decoder: Union[str, nn.Module] = "mlp",
+        prior: Union[str, dict, Callable[[], dist.Distribution], None] = None,
+        likelihood: Union[str, dict, Callable[[torch.Tensor], dist.Distribution]] = "bernoulli",
+        hidden: Sequence[int] = (400,),
+        name: str = "",
+        beta: float = 1.0,
+        latent: str = "gaussian",
+        categories: Optional[int] = None,
+        temperature: float = 1.0,
+        straight_through: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(data_shape, int):
+            data_shape = (data_shape,)
+        self.data_shape = tuple(integer("data_shape entries", s, 1) for s in data_shape)
+        if not self.data_shape:
+            raise ConfigError(message("data_shape", "at least one dimension", "()", "pass e.g. data_shape=(64,)"))
+        self.z_dim = integer("z_dim", z_dim, 1)
+        self.hidden = tuple(integer("hidden entries", h, 1) for h in hidden)
+        self.name = str(name)
+        self.beta = beta
+        self._config: dict[str, Any] = {"data_shape": list(self.data_shape), "z_dim": self.z_dim,
+                                        "hidden": list(self.hidden), "name": self.name}
+        self._init_latent(latent, categories, temperature, straight_through)
+        self._check_network_size(encoder, decoder)
+
+        try:
+            self.encoder = self._build_encoder(encoder)
+            self.decoder = self._build_decoder(decoder)
+            self.prior = build_prior(prior, self.z_dim, categories=self.categories, encoder=self.encoder,
+                                     data_shape=self.data_shape)
+            self.likelihood = build_likelihood(likelihood, self.data_shape)
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(e, MemoryError) and "memory" not in str(e):
+                raise
+            raise ConfigError(message(
+                "VAE", "parts that fit in memory", f"an allocation that failed ({str(e).splitlines()[0][:160]})",
+                "lower z_dim, hidden or the prior's size (components, flows)")) from None
+        for key, part in (("prior", self.prior), ("likelihood", self.likelihood)):
+            cfg = getattr(part, "config", None)
+            self._config[key] = cfg() if callable(cfg) else None
+        self._check_shapes()
+
+    # ----------------------------------------------------------------------------------- building
+    def _init_latent(self, latent: str, categories: Optional[int], temperature: float,
+                     straight_through: bool) -> None:
+        if latent not in LATENTS:
+            raise ConfigError(message("latent", f"one of {LATENTS}", repr(latent), 'pass latent="categorical"'))
+        self.latent = latent
+        if latent == "categorical":
+            self.categories: Optional[int] = integer("categories", categories, 2)
+            self._temperature0 = check_temperature(temperature)
+            self._straight_through = bool(straight_through)
+            self._config.update(latent=latent, categories=self.categories, temperature=self._temperature0,
+                                straight_through=self._straight_through)
+            self._encoder_features = self._decoder_features = self.z_dim * self.categories
+        else:
+            if categories is not None or straight_through:
+                raise ConfigError(message("categories / straight_through", 'latent="categorical"',
+                                          f"latent={latent!r}", 'pass latent="categorical" or drop them'))
+            self.categories = None
+            self._encoder_features, self._decoder_features = 2 * self.z_dim, self.z_dim
+
+    def _check_network_size(self, encoder: Any, decoder: Any) -> None:
+        """Refuse, before allocating them, built-in networks whose weights alone exceed the machine's memory
+        (a huge ``z_dim`` or ``hidden`` would otherwise fail inside torch or be killed by the system)."""
+        d = math.prod(self.data_shape)
+        count = 0
+        for kind, n_in, n_out in ((encoder, d, self._encoder_features), (decoder, self._decoder_features, d)):
+            if kind == "mlp":
+                sizes = (n_in, *self.hidden, n_out)
+                count += sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+            elif kind == "conv" and len(self.data_shape) in (2, 3):
+                h, w = self.data_shape[-2:]
+                area = ((h + 1) // 2 + 1) // 2 * (((w + 1) // 2 + 1) // 2)  # the map after two stride-2 layers
+                count += 9 * (16 + 16 * 32 + 32) + 33 * area * (n_out if n_in == d else n_in)
+        check_memory("VAE networks", count * torch.finfo(torch.get_default_dtype()).bits // 8, "cpu",
+                     "lower z_dim or hidden", f"{count:.3g} weights for data_shape={self.data_shape}, "
+                     f"z_dim={self.z_dim}, hidden={self.hidden}")
+
+    def _wrap_encoder(self, net: nn.Module) -> Encoder:
+        if self.latent == "categorical":
+            return RelaxedCategoricalEncoder(net, self.z_dim, self.categories, self._temperature0,
+                                             self._straight_through)
+        return GaussianEncoder(net, self.z_dim)
+
+    @property
+    def latent_shape(self) -> tuple:
+        """Event shape of the latent site: ``(z_dim,)``, or ``(z_dim, categories)`` for a categorical latent."""
+        return (self.z_dim,) if self.categories is None else (self.z_dim, self.categories)
+
+    @property
+    def straight_through(self) -> bool:
+        """Whether the decoder sees the hard one-hot of a categorical latent (with the relaxed gradient): the
+        encoder's ``straight_through`` attribute when it has one, else the constructor's argument. During a
+        step of ``make_estimator_elbo("straight-through")`` / ``("relaxed")`` the estimator decides instead."""
+        return bool(getattr(self.encoder, "straight_through", self._straight_through)) \
+            if self.categories is not None else False
+
+    def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for latents ``z`` in the site's representation, as the model computes it.
+
+        Gaussian latent: ``z`` ``(..., z_dim)`` unchanged. Categorical latent: ``z`` ``(..., z_dim,
+        categories)`` is the *log* of a relaxed one-hot point (the value of the latent site, see
+        :mod:`pyro_vae.relaxed`); the decoder sees ``exp(z)`` (with :attr:`straight_through`, the one-hot of
+        its arg-max in the forward pass and the gradient of ``exp(z)`` in the backward pass), flattened to
+        ``(..., z_dim * categories)``.
+        """
+        if self.categories is None:
+            return z
+        from pyro_vae.distributions.relaxed import to_simplex
+        from pyro_vae.infer.estimators import straight_through_override
+
+        straight = straight_through_override(self.site("z"))
+        y = to_simplex(z, self.straight_through if straight is None else straight)
+        return y.reshape(*y.shape[:-2], self._decoder_features)
+
+    def _check_latents(self, z: Any, what: str = "z") -> None:
+        """:class:`ShapeError` unless ``z`` is ``(..., *latent_shape)``; for a categorical latent,
+        :class:`DataError` unless it is in log space (see :meth:`decoder_input`)."""
+        shape = self.latent_shape
+        if not torch.is_tensor(z) or z.dim() < len(shape) or tuple(z.shape[z.dim() - len(shape):]) != shape:
+            found = f"shape {tuple(z.shape)}" if torch.is_tensor(z) else type(z).__name__
+            raise ShapeError(message(what, f"a tensor of shape (..., {', '.join(map(str, shape))}) (latent_shape)",
+                                     found, "pass latents shaped like the latent site's values, e.g. from "
+                                     "pyro_vae.generation.sample_latents"))
+        if self.categories is not None:
+            from pyro_vae.distributions.relaxed import check_log_simplex
+
+            check_log_simplex(z, what)
+
+    def _check_latent_representation(self, prior: dist.Distribution, q: dist.Distribution) -> None:
+        """A categorical latent is carried in log space: refuse a prior or guide whose values lie on the simplex
+        (a density of the simplex point would be applied to its log)."""
+        if self.categories is None:
+            return
+        from pyro_vae.distributions.relaxed import is_simplex_valued
+
+        for part, d in (("prior", prior), ("encoder", q)):
+            if is_simplex_valued(d):
+                raise ConfigError(message(
+                    f'{part} at site "{self.site("z")}"',
+                    "a distribution over the log of the relaxed one-hot point (the categorical latent's values "
+                    "are in log space)", f"{type(d).__name__} with values on the simplex",
+                    "return pyro_vae.relaxed.ExpRelaxedOneHotCategorical(temperature, logits=...).to_event(1) "
+                    "(torch's ExpRelaxedCategorical works too)"))
+
+    def _build_encoder(self, encoder: Union[str, nn.Module]) -> Encoder:
+        if isinstance(encoder, Encoder):
+            self._config["encoder"] = None
+            return encoder
+        if isinstance(encoder, str):
+            self._config["encoder"] = encoder
+            if encoder == "mlp":
+                net: nn.Module = MLPEncoder(self.data_shape, self._encoder_features, self.hidden)
+            elif encoder == "conv":
+                net = ConvEncoder(self.data_shape, self._encoder_features)
+            else:
+                raise ConfigError(message("encoder", f"one of {NETS} or an nn.Module", repr(encoder),
+                                          "pick a known network or pass your own module"))
+            return self._wrap_encoder(net)
+        if isinstance(encoder, nn.Module):
+            self._config["encoder"] = None
+            return self._wrap_encoder(encoder)
+        raise ConfigError(message("encoder", f"one of {NETS} or an nn.Module", type(encoder).__name__,
+                                  "pass a name or an nn.Module"))
+
+    def _build_decoder(self, decoder: Union[str, nn.Module]) -> nn.Module:
+        if isinstance(decoder, str):
+            self._config["decoder"] = decoder
+            if decoder == "mlp":
+                return MLPDecoder(self._decoder_features, self.data_shape, self.hidden)
+            if decoder == "conv":
+                return ConvDecoder(self._decoder_features, self.data_shape)
+            raise ConfigError(message("decoder", f"one of {NETS} or an nn.Module", repr(decoder),
+                                      "pick a known network or pass your own module"))
+        if isinstance(decoder, nn.Module):
+            self._config["decoder"] = None
+            return decoder
+        raise ConfigError(message("decoder", f"one of {NETS} or an nn.Module", type(decoder).__name__,
+                                  "pass a name or an nn.Module"))
+
+    @torch.no_grad()
+    def _check_shapes(self) -> None:
+        """Run every part once on a dummy batch of two and compare shapes with ``data_shape``/``z_dim``."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            device = next((t.device for t in self.parameters()), torch.device("cpu"))
+            x = torch.zeros(2, *self.data_shape, device=device, dtype=self._dtype())
+            q = self._guide_dist(x)
+            prior = self._prior_dist()
+            if tuple(prior.event_shape) != tuple(q.event_shape):
+                raise ShapeError(message(
+                    f'prior at site "{self.site("z")}"', f"event shape {tuple(q.event_shape)} (the guide's)",
+                    f"event shape {tuple(prior.event_shape)} from {type(prior).__name__}",
+                    "return a distribution over the whole latent vector, e.g. dist.Normal(loc, scale).to_event(1)"))
+            self._check_latent_representation(prior, q)
+            if tuple(q.batch_shape) != (2,):
+                raise ShapeError(message(
+                    f'guide at site "{self.site("z")}"', "batch shape (batch,) = (2,) for an input batch of 2",
+                    f"batch shape {tuple(q.batch_shape)}", "make the encoder return (batch, 2 * z_dim)"))
+            z = q.sample()
+            out = self._decode_raw(z)
+            if tuple(out.shape[:1]) != (2,):
+                raise ShapeError(message("decoder output", "leading batch dimension 2 for a batch of 2 latents",
+                                         f"shape {tuple(out.shape)}",
+                                         "keep the batch dimensions of z in front of the decoder's output"))
+            self.likelihood_dist(out, batch_shape=(2,))
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    # ---------------------------------------------------------------------------------- Pyro sites
+    def site(self, name: str) -> str:
+        """The Pyro site name of ``name`` (``"z"``, ``"x"``, ``"data"``, a module key): prefixed with
+        ``self.name + "/"`` when the model has a name."""
+        return f"{self.name}/{name}" if self.name else name
+
+    _registered = False  # True inside modules_registered(): the modules are in Pyro's param store already
+
+    @contextmanager
+    def modules_registered(self) -> Iterator[None]:
+        """Within this context :meth:`model` and :meth:`guide` do not call ``pyro.module`` on the VAE's networks:
+        for the training steps after the first (:func:`pyro_vae.train.svi_step` with ``validate=False``), whose
+        ELBO differentiates the modules' own parameters, once a first call has registered them."""
+        previous, self._registered = self._registered, True
+        try:
+            yield
+        finally:
+            self._registered = previous
+
+    def _register(self, key: str, module: Any) -> None:
+        if self._registered or not isinstance(module, nn.Module) or next(module.parameters(), None) is None:
+            return
+        name = self.site(key)
+        if not pyro.settings.get("module_local_params"):
+            store = pyro.get_param_store()
+            for pname, param in module.named_parameters():
+                full = param_with_module_name(name, pname)
+                if full in store._params and store._params[full] is not param:
+                    raise ConfigError(message(
+                        f'Pyro param "{full}"', "the parameter of this VAE's module",
+                        "a parameter of another module registered under the same name",
+                        "call pyro.clear_param_store() before building a new VAE, or give each VAE its own name="))
+        pyro.module(name, module)
+
+    def plate(self, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
+        """The data plate (site ``site("data")``) over a batch of ``batch`` points, subsampled from ``num_data``
+        when given (:func:`data_plate`)."""
+        return data_plate(self.site("data"), batch, num_data, device)
+
+    @property
+    def beta(self) -> float:
+        """KL weight of the latent site, a finite number > 0 (1 gives the ELBO); setting it validates it."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = check_beta("beta", value)
+
+    def _part_error(self, part: str, expected: str, found: str, fix: str) -> ModelError:
+        return ModelError(message(part, expected, found, fix))
+
+    @staticmethod
+    def _first_line(e: BaseException) -> str:
+        text = (str(e).strip().splitlines() or [""])[0].rstrip(":")[:240]
+        return f"invalid parameters ({type(e).__name__}: {text})"
+
+    def _prior_dist(self) -> dist.Distribution:
+        """``self.prior()``, or :class:`ModelError` naming the prior when it fails or returns no distribution."""
+        what = f'prior at site "{self.site("z")}"'
+        try:
+            p = self.prior()
+        except PyroVAEError:
+            raise
+        except ValueError as e:  # a distribution built from NaN or infinite parameters
+            raise self._part_error(what, "a distribution with valid parameters", self._first_line(e),
+                                   "check the prior's parameters for NaN or infinite values") from e
+        if not isinstance(p, torch.distributions.Distribution):
+            raise self._part_error(what, "a distribution (e.g. dist.Normal(loc, scale).to_event(1))",
+                                   f"{type(p).__name__}", "return a pyro.distributions object from the prior, "
+                                   "not a sample or a tensor")
+        return p
+
+    def _guide_dist(self, x: torch.Tensor) -> dist.Distribution:
+        """``self.encoder.distribution(x)``, or :class:`ModelError` naming the encoder."""
+        what = f'encoder at site "{self.site("z")}"'
+        try:
+            q = self.encoder.distribution(x)
+        except PyroVAEError:
+            raise
+        except ValueError as e:
+            raise self._part_error(what, "a distribution with valid parameters", self._first_line(e),
+                                   "check the encoder network for NaN or infinite outputs (e.g. a learning rate "
+                                   "too high, or non-finite data)") from e
+        if not isinstance(q, torch.distributions.Distribution):
+            raise self._part_error(what, "a distribution from encoder.distribution(x)", type(q).__name__,
+                                   "return a pyro.distributions object")
+        return q
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output for latents ``z``, or :class:`ModelError` when it is not a tensor."""
+        out = self.decoder(self.decoder_input(z))
+        if not torch.is_tensor(out):
+            raise self._part_error("decoder", "a tensor (..., *data_shape) of the likelihood's parameters",
+                                   type(out).__name__, "return one tensor from the decoder's forward")
+        return out
+
+    def kl_scale(self) -> ExitStack:
+        """A context that scales the latent site's log-densities by the KL weight ``beta`` (empty when it is 1)."""
+        stack = ExitStack()
+        if self.beta != 1.0:
+            stack.enter_context(poutine.scale(scale=self.beta))
+        return stack
+
+    def likelihood_dist(self, out: torch.Tensor, batch_shape: Optional[tuple] = None) -> dist.Distribution:
+        """p(x | z) for decoder output ``out`` ``(..., *decoder_shape)``: the likelihood's distribution with the data
+        dimensions as its event shape (expanded to ``batch_shape`` when given).
+
+        Raises:
+            ModelError: the likelihood refused ``out`` (e.g. a non-finite decoder output), naming the part.
+        """
+        what = f'likelihood at site "{self.site("x")}"'
+        try:
+            px = self.likelihood(out)
+        except PyroVAEError:
+            raise
+        except ValueError as e:
+            bad = ~torch.isfinite(out)
+            if bool(bad.any()):
+                raise self._part_error(f'decoder (input of the likelihood at site "{self.site("x")}")',
+                                       "finite outputs", f"{int(bad.sum())} NaN or infinite values",
+                                       "check the decoder network (e.g. a learning rate too high)") from e
+            raise self._part_error(what, "a distribution with valid parameters", self._first_line(e),
+                                   "check how the likelihood maps the decoder's output to parameters") from e
+        if not isinstance(px, torch.distributions.Distribution):
+            raise self._part_error(what, "a distribution (e.g. dist.Bernoulli(logits=out))", type(px).__name__,
+                                   "return a pyro.distributions object from the likelihood")
+        extra = len(self.data_shape) - len(px.event_shape)
+        if extra > 0:
+            px = px.to_event(extra)
+        if tuple(px.event_shape) != self.data_shape or (
+            batch_shape is not None and tuple(px.batch_shape) != tuple(batch_shape)
+        ):
+            raise ShapeError(message(
+                f'likelihood at site "{self.site("x")}"',
+                f"event shape data_shape = {self.data_shape}" + (f", batch shape {batch_shape}" if batch_shape else ""),
+                f"event shape {tuple(px.event_shape)}, batch shape {tuple(px.batch_shape)}",
+                "make the decoder return (..., *data_shape) and the likelihood one value per data entry"))
+        return px
+
+    def _dtype(self) -> torch.dtype:
+        """The dtype of the VAE's floating-point parameters (data are cast to it)."""
+        t = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return t.dtype if t is not None else torch.get_default_dtype()
+
+    def _check_shape(self, x: Any, what: str, data_set: bool) -> None:
+        if not torch.is_tensor(x):
+            raise DataError(message(what, "a torch.Tensor", type(x).__name__, "convert with torch.as_tensor(x)"))
+        nd = len(self.data_shape)
+        shape = ", ".join(map(str, self.data_shape))
+        if x.dim() < nd + 1 or tuple(x.shape[-nd:]) != self.data_shape:
+            raise DataError(message(
+                what, f"shape (batch, *data_shape) = (batch, {shape})", f"shape {tuple(x.shape)}",
+                "reshape the data or build the VAE with data_shape matching one data point"))
+        if data_set and x.dim() != nd + 1:
+            raise DataError(message(
+                what, f"a data set of shape (N, *data_shape) = (N, {shape}), one data point per row",
+                f"shape {tuple(x.shape)} ({x.dim() - nd} leading dimensions)",
+                f"reshape it to (N, {shape}) (x.reshape(-1, {shape})), or build the VAE with "
+                f"data_shape={tuple(x.shape[1:])} if each row of shape {tuple(x.shape[1:])} is one data point"))
+        if x.shape[0] == 0 or x.numel() == 0:
+            raise DataError(message(what, "at least one data point", "an empty batch", "pass non-empty data"))
+
+    def as_data(self, x: Any, what: str = "x", *, data_set: bool = False) -> torch.Tensor:
+        """``x`` checked for shape and cast to the dtype of the VAE's parameters (floating-point, integer and
+        bool data are cast; complex data raise :class:`~pyro_vae.errors.DataError`). Values are not checked:
+        see :meth:`check_data`.
+
+        Args:
+            x: ``(batch, *data_shape)``; with ``data_set=True`` exactly ``(N, *data_shape)`` (the model and
+                guide also take leading dimensions of the caller's outer plates).
+            what: the name used in error messages.
+        """
+        self._check_shape(x, what, data_set)
+        return cast_data(x, self._dtype(), what)
+
+    def check_data(self, x: torch.Tensor, what: str = "x", *, data_set: bool = False) -> None:
+        """Raise :class:`~pyro_vae.errors.DataError` unless ``x`` is a non-empty ``(batch, *data_shape)``
+        tensor of real numbers (floating point, integer or bool: the model and guide cast them to the dtype of
+        the VAE's parameters) whose values are finite in that dtype and inside the likelihood's support.
+        ``data_set=True``: exactly ``(N, *data_shape)``, as :func:`~pyro_vae.fit` and the evaluation
+        functions take it."""
+        x = self.as_data(x, what, data_set=data_set)
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            raise DataError(message(what, "finite values", f"{int((~finite).sum())} NaN or infinite values",
+                                    "drop or impute the non-finite entries first"))
+        if isinstance(self.likelihood, Likelihood):
+            self.likelihood.check_data(x, what)
+
+    def _batch_size(self, x: torch.Tensor) -> int:
+        # The "data" plate covers the dimension just left of data_shape; any further leading dimensions of x
+        # belong to the caller's outer plates (declared with dim=-2 or lower).
+        return x.shape[x.dim() - len(self.data_shape) - 1]
+
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's and guide's ``x``: its shape checked, cast to the parameters' dtype, and under Pyro's
+        validation its values checked too."""
+        if is_validation_enabled():
+            self.check_data(x)
+        else:
+            self._check_shape(x, "x", False)
+        dtype = self._dtype()
+        return x if x.dtype == dtype else cast_data(x, dtype, "x")
+
+    def model(self, x: Optional[torch.Tensor] = None, num_data: Optional[int] = None,
+              batch_size: Optional[int] = None) -> torch.Tensor:
+        """p(z) p(x | z) over a batch.
+
+        Args:
+            x: ``(batch, *data_shape)`` observations, or ``None`` to sample ``x``.
+            num_data: size of the full data set when ``x`` is a minibatch (scales the ELBO).
+            batch_size: number of points to generate when ``x`` is ``None``.
+
+        Returns:
+            The decoder output ``(batch, *data_shape)`` (logits or means, per the likelihood).
+        """
+        self._register("decoder", self.decoder)
+        self._register("prior", self.prior)
+        self._register("likelihood", self.likelihood)
+        if x is not None:
+            x = self._check_x(x)
+            batch, device = self._batch_size(x), x.device
+        else:
+            if batch_size is None:
+                raise ConfigError(message("batch_size", "an integer when x is None", "None",
+                                          "call model(batch_size=n) to generate n points"))
+            batch, device = integer("batch_size", batch_size, 1), self.device
+        with self.plate(batch, num_data, device):
+            with self.kl_scale():
+                z = pyro.sample(self.site("z"), self._prior_dist())
+            out = self._decode_raw(z)
+            pyro.sample(self.site("x"), self.likelihood_dist(out), obs=x)
+        return out
+
+    def guide(self, x: torch.Tensor, num_data: Optional[int] = None,
+              batch_size: Optional[int] = None) -> torch.Tensor:
+        """q(z | x) over a batch; same signature as :meth:`model` (``batch_size`` is unused).
+
+        Returns:
+            The latent sample ``(batch, *latent_shape)`` (log space for a categorical latent).
+        """
+        self._register("encoder", self.encoder)
+        if x is None:
+            raise ConfigError(message("guide x", "a data batch", "None",
+                                      "the guide encodes data: sample from the prior with vae.sample(n)"))
+        x = self._check_x(x)
+        with self.plate(self._batch_size(x), num_data, x.device):
+            with self.kl_scale():
+                return pyro.sample(self.site("z"), self._guide_dist(x))
+
+    # ------------------------------------------------------------------------------- plain torch use
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters (of the buffers when there are none; the CPU when there are neither)."""
+        t = next(self.parameters(), None)
+        if t is None:
+            t = next(self.buffers(), None)
+        return t.device if t is not None else torch.device("cpu")
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior's location for each data point, in the latent site's representation.
+
+        Gaussian latent: the posterior means ``E_q[z | x]``, ``(batch, z_dim)``. Categorical latent: the log
+        class probabilities ``log q(c | x)``, ``(batch, z_dim, categories)``, the log-space point of the mean
+        of the categorical the Concrete relaxes (``.exp()`` gives the probabilities); :meth:`decode` takes it.
+        """
+        from pyro_vae.distributions.relaxed import log_class_probs
+
+        q = self._guide_dist(self.as_data(x))
+        log_p = log_class_probs(q)
+        return q.mean if log_p is None else log_p
+
+    def decode_dist(self, z: torch.Tensor) -> dist.Distribution:
+        """The model's likelihood ``p(x | z)`` at latents ``z`` ``(..., *latent_shape)`` (for a categorical
+        latent, the log of relaxed one-hot points, see :meth:`decoder_input`): a distribution of batch shape
+        ``z``'s batch dimensions and event shape ``data_shape``.
+
+        Raises:
+            ShapeError: ``z`` not shaped ``(..., *latent_shape)``.
+            DataError: a categorical ``z`` that is not in log space (e.g. a one-hot: pass ``z.log()``).
+        """
+        self._check_latents(z)
+        return self.likelihood_dist(self._decode_raw(z))
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, mean: bool = True) -> torch.Tensor:
+        """Likelihood means (``mean=True``) or draws, ``(..., *data_shape)``, for latents ``z``
+        ``(..., *latent_shape)`` in the latent site's representation (categorical: log space, e.g.
+        ``F.one_hot(c, k).float().log()`` for hard classes ``c``); errors as :meth:`decode_dist`."""
+        px = self.decode_dist(z)
+        return px.mean if mean else px.sample()
+
+    @torch.no_grad()
+    def sample(self, n: int, mean: bool = True, source: str = "prior", data: Optional[torch.Tensor] = None,
+               **kwargs: Any) -> torch.Tensor:
+        """``n`` ancestral samples ``(n, *data_shape)``: ``z ~ p(z)``, then the likelihood's mean
+        (``mean=True``) or a draw from it. ``source="aggregate"`` or ``"mixture"`` draws ``z`` from the
+        aggregate posterior of ``data`` or a Gaussian mixture fitted to it instead
+        (:func:`pyro_vae.generation.sample`, which takes the extra ``kwargs``)."""
+        if source != "prior":
+            from pyro_vae.generation import sample
+
+            return sample(self, n, source, data=data, mean=mean, **kwargs)
+        n = self.check_sample_size(n)
+        z = self._prior_dist().sample((n,))
+        if self.categories is not None:
+            from pyro_vae.distributions.relaxed import log_one_hot
+
+            # arg-max of a Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max); the
+            # decoder sees its one-hot (log space: 0 at the class, -inf elsewhere)
+            z = log_one_hot(z.argmax(-1), self.categories, z.dtype)
+        return self.decode(z, mean=mean)
+
+    def check_sample_size(self, n: Any, name: str = "n") -> int:
+        """``n`` as an int >= 1 whose samples (with their latents and the decoder's activations) fit in the
+        memory of the VAE's device, else :class:`~pyro_vae.errors.ConfigError`."""
+        n = integer(name, n, 1)
+        per_point = 2 * (math.prod(self.data_shape) + self._decoder_features + sum(self.hidden))
+        check_memory(name, n * per_point * torch.finfo(self._dtype()).bits // 8, self.device,
+                     "draw fewer samples at once", f"{n} samples of shape {self.data_shape}")
+        return n
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, mean: bool = True) -> torch.Tensor:
+        """Decode :meth:`encode` of each data point (the posterior mean; for a categorical latent the class
+        probabilities): ``(batch, *data_shape)``."""
+        return self.decode(self.encode(x), mean=mean)
+
+    @property
+    def config(self) -> Optional[dict[str, Any]]:
+        """JSON-able description that rebuilds this VAE (``None`` when a part is a user object)."""
+        if any(self._config.get(k) is None for k in ("encoder", "decoder", "prior", "likelihood")):
+            return None
+        return dict(self._config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "VAE":
+        cfg = dict(config)
+        return cls(cfg.pop("data_shape"), cfg.pop("z_dim"), encoder=cfg.pop("encoder"), decoder=cfg.pop("decoder"),
+                   prior=cfg.pop("prior"), likelihood=cfg.pop("likelihood"), hidden=cfg.pop("hidden"),
+                   name=cfg.pop("name", ""), latent=cfg.pop("latent", "gaussian"),
+                   categories=cfg.pop("categories", None), temperature=cfg.pop("temperature", 1.0),
+                   straight_through=cfg.pop("straight_through", False))
+
+    def extra_repr(self) -> str:
+        return f"data_shape={self.data_shape}, z_dim={self.z_dim}, name={self.name!r}"
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())
+
+
+def _vaes_in(obj: Any) -> list[VAE]:
+    """The :class:`VAE` instances reachable from ``obj``: the object itself, the owner of a bound method
+    (``vae.model``), and the submodules of an ``nn.Module``."""
+    owner = getattr(obj, "__self__", obj)
+    if isinstance(owner, nn.Module):
+        return [m for m in owner.modules() if isinstance(m, VAE)]
+    return []
+
+
+@contextmanager
+def unit_kl_weight(*objs: Any) -> Iterator[None]:
+    """Within the block every :class:`VAE` reachable from ``objs`` (VAEs, modules holding them, or their bound
+    ``model``/``guide``) weighs its latent sites with ``beta = 1``, so Pyro's ELBO on their traces is the ELBO
+    itself, not the beta-weighted training objective ``E_q[log p(x|z)] - beta KL``. Each ``beta`` is restored
+    on exit. Every quantity named ELBO or log p(x) is computed inside it."""
+    saved = [(v, v.beta) for obj in objs for v in _vaes_in(obj)]
+    try:
+        for v, _ in saved:
+            v.beta = 1.0
+        yield
+    finally:
+        for v, beta in reversed(saved):
+            v.beta = beta
