@@ -126,6 +126,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "estimator, one process; see pyro_vae.fit)")
     p.add_argument("--checkpoint-every", type=_int("--checkpoint-every", 0), default=500,
                    help="also checkpoint every this many steps (besides every epoch end and on Ctrl-C)")
+    p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="write each epoch's ELBOs, objective, beta and time as TensorBoard scalars to DIR "
+                        "(RUN/tensorboard when DIR is left out); needs pip install 'pyro-vae[tensorboard]'")
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
@@ -433,6 +436,10 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
     if ctx.world_size > 1:
         train_cfg["processes"] = ctx.world_size
     callbacks = _schedules(args)
+    if args.tensorboard is not None:  # closed when the command ends, however it ends
+        from pyro_vae.train.tensorboard import TensorBoard
+
+        callbacks.append(held.enter_context(TensorBoard(args.tensorboard or out / "tensorboard")))
     if args.cuda_graph:  # refused before the run folder is written
         from pyro_vae.train.cuda_graph import check_cuda_graph
 

@@ -7,9 +7,10 @@ from pyro_vae.train.callbacks import EarlyStopping, History, TrainState
 from pyro_vae.train.cuda_graph import CUDAGraphStep
 from pyro_vae.train.loop import SYNC_EVERY, fit
 from pyro_vae.train.step import clip_grad_norm_, svi_step
+from pyro_vae.train.tensorboard import TensorBoard
 from pyro_vae.validation import resolve_device
 
-__all__ = ["fit", "History", "TrainState", "EarlyStopping", "svi_step", "clip_grad_norm_", "CUDAGraphStep",
-           "SYNC_EVERY"]
+__all__ = ["fit", "History", "TrainState", "EarlyStopping", "TensorBoard", "svi_step", "clip_grad_norm_",
+           "CUDAGraphStep", "SYNC_EVERY"]
 # Also importable from here for one more release, their homes being pyro_vae.infer, pyro_vae.data and
 # pyro_vae.validation: ELBOS, make_elbo, evaluate_elbo, as_tensor_data, resolve_device.
