@@ -20,7 +20,7 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 import pyro_vae
-from pyro_vae.models.conditional import CVAE
+from pyro_vae.models.cvae import CVAE
 from pyro_vae.validation import resolve_device
 
 

@@ -26,7 +26,9 @@ import pyro
 import torch
 
 import pyro_vae
-from pyro_vae.models.conditional import SSVAE, ConcatMLP, accuracy, fit_classifier, fit_semisupervised, split_labelled
+from pyro_vae.models.ssvae import SSVAE, accuracy, split_labelled
+from pyro_vae.networks import ConcatMLP
+from pyro_vae.train.semisupervised import fit_classifier, fit_semisupervised
 from pyro_vae.validation import resolve_device
 
 # Defaults per data set. The 8x8 digits are grey levels: a Gaussian likelihood with a fixed scale and a

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_vae.errors import ShapeError, message
+from pyro_vae.validation import integer
 
-__all__ = ["Encoder", "GaussianEncoder", "RelaxedCategoricalEncoder"]
+__all__ = ["Encoder", "GaussianEncoder", "RelaxedCategoricalEncoder", "ConditionalGaussianEncoder",
+           "CategoricalEncoder"]
 
 
 class Encoder(nn.Module):
@@ -124,3 +126,60 @@ class RelaxedCategoricalEncoder(Encoder):
     def config(self) -> dict[str, Any]:
         return {"latent": "categorical", "categories": self.k, "temperature": self._temperature,
                 "straight_through": self.straight_through}
+
+
+class ConditionalGaussianEncoder(Encoder):
+    """``q(z | x, c) = N(loc, diag(scale^2))`` from a network of ``(x, *context)`` (e.g. a
+    :class:`~pyro_vae.networks.ConcatMLP`) whose last output dimension is ``2 * z_dim``: the mean, then a
+    pre-softplus scale, ``scale = softplus(raw) + min_scale``, as :class:`GaussianEncoder`.
+
+    Raises:
+        ShapeError: (``forward``) the network's last output dimension is not ``2 * z_dim``.
+    """
+
+    def __init__(self, net: nn.Module, z_dim: int, min_scale: float = 1e-4) -> None:
+        super().__init__()
+        self.net = net
+        self.z_dim = integer("z_dim", z_dim, 1)
+        self.min_scale = float(min_scale)
+
+    def forward(self, x: torch.Tensor, *context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)``, each ``(..., z_dim)``."""
+        h = self.net(x, *context)
+        if h.shape[-1] != 2 * self.z_dim:
+            raise ShapeError(message("encoder network output", f"last dimension 2 * z_dim = {2 * self.z_dim}",
+                                     f"shape {tuple(h.shape)}",
+                                     f"make the encoder network end in {2 * self.z_dim} features"))
+        loc, raw = h.split(self.z_dim, dim=-1)
+        return loc, F.softplus(raw) + self.min_scale
+
+    def distribution(self, x: torch.Tensor, *context: torch.Tensor) -> dist.Distribution:
+        """``q(z | x, c)``: batch shape the broadcast batch dimensions of the inputs, event shape ``(z_dim,)``."""
+        loc, scale = self(x, *context)
+        return dist.Normal(loc, scale).to_event(1)
+
+
+class CategoricalEncoder(Encoder):
+    """``q(y | x) = Categorical(logits=net(x))`` for a network ending in ``num_classes`` features (the
+    classifier of the semi-supervised model, :class:`pyro_vae.SSVAE`).
+
+    Raises:
+        ShapeError: (``forward``) the network's last output dimension is not ``num_classes``.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.net = net
+        self.num_classes = integer("num_classes", num_classes, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(..., num_classes)``."""
+        logits = self.net(x)
+        if logits.shape[-1] != self.num_classes:
+            raise ShapeError(message("classifier output", f"last dimension num_classes = {self.num_classes}",
+                                     f"shape {tuple(logits.shape)}", "make the network end in num_classes features"))
+        return logits
+
+    def distribution(self, x: torch.Tensor) -> dist.Distribution:
+        """``q(y | x)``: batch shape ``x``'s batch dimensions, integer values in ``0 .. num_classes - 1``."""
+        return dist.Categorical(logits=self(x))

@@ -8,14 +8,31 @@ straight through a decoder.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 
-from pyro_vae.errors import ConfigError, message
+from pyro_vae.errors import ConfigError, ShapeError, message
+from pyro_vae.validation import integer
 
-__all__ = ["MLP", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "image_shape"]
+__all__ = ["MLP", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "ConcatMLP", "image_shape", "Shape",
+           "as_shape"]
+
+Shape = Union[int, Sequence[int]]
+"""An event shape: one integer ``n`` for ``(n,)``, or a sequence of them."""
+
+
+def as_shape(s: Shape) -> tuple[int, ...]:
+    """``s`` as a tuple of positive integers (``8`` gives ``(8,)``).
+
+    Raises:
+        ConfigError: ``s`` is empty or has an entry below 1.
+    """
+    shape = (int(s),) if isinstance(s, int) else tuple(int(v) for v in s)
+    if not shape or any(v < 1 for v in shape):
+        raise ConfigError(message("shape", "a non-empty tuple of positive integers", repr(s), "pass e.g. (64,)"))
+    return shape
 
 
 def _check_positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
@@ -66,6 +83,47 @@ class MLPDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.mlp(z).reshape(*z.shape[:-1], *self.data_shape)
+
+
+class ConcatMLP(nn.Module):
+    """An MLP over several inputs, flattened and concatenated along the features.
+
+    Args:
+        in_shapes: the event shape of each input, e.g. ``[(64,), (10,)]`` for an image and a one-hot label.
+        out_shape: event shape of the output, e.g. ``(2 * z_dim,)`` or ``data_shape``.
+        hidden: hidden layer sizes.
+
+    ``forward(*inputs)`` takes tensors of shapes ``(*batch_i, *in_shapes[i])``; the ``batch_i`` broadcast
+    against each other (an enumerated label of shape ``(K, 1, k)`` meets a batch ``(B, D)`` and gives
+    ``(K, B, ...)``) and the output is ``(*broadcast_batch, *out_shape)``.
+
+    Raises:
+        ShapeError: (``forward``) not one input per entry of ``in_shapes``, or an input of another event shape.
+    """
+
+    def __init__(self, in_shapes: Sequence[Shape], out_shape: Shape, hidden: Sequence[int] = (400,),
+                 activation: type[nn.Module] = nn.Softplus) -> None:
+        super().__init__()
+        self.in_shapes = [as_shape(s) for s in in_shapes]
+        self.out_shape = as_shape(out_shape)
+        hidden = tuple(integer("hidden entries", h, 1) for h in hidden)
+        self.mlp = MLP((sum(math.prod(s) for s in self.in_shapes), *hidden, math.prod(self.out_shape)), activation)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(self.in_shapes):
+            raise ShapeError(message("ConcatMLP inputs", f"{len(self.in_shapes)} tensors", f"{len(inputs)}",
+                                     "pass one tensor per entry of in_shapes"))
+        flat, batches = [], []
+        for i, (t, shape) in enumerate(zip(inputs, self.in_shapes)):
+            n = t.dim() - len(shape)
+            if n < 0 or tuple(t.shape[n:]) != shape:
+                raise ShapeError(message(f"ConcatMLP input {i}", f"shape (..., {', '.join(map(str, shape))})",
+                                         f"shape {tuple(t.shape)}", "reshape the input or fix in_shapes"))
+            batches.append(t.shape[:n])
+            flat.append(t.reshape(*t.shape[:n], -1))
+        batch = torch.broadcast_shapes(*batches)
+        h = torch.cat([f.expand(*batch, f.shape[-1]) for f in flat], dim=-1)
+        return self.mlp(h).reshape(*batch, *self.out_shape)
 
 
 def image_shape(data_shape: Sequence[int]) -> tuple[int, int, int]:

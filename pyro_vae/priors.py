@@ -10,6 +10,7 @@ learn with the rest of the VAE. Built in: :class:`StandardNormal`, :class:`Mixtu
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import pyro.distributions as dist
@@ -17,10 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyro_vae.encoders import ConditionalGaussianEncoder
 from pyro_vae.errors import ConfigError, message
+from pyro_vae.networks import ConcatMLP, Shape
+from pyro_vae.validation import integer
 
 __all__ = ["StandardNormal", "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
-           "RelaxedCategoricalPrior", "PRIORS", "CATEGORICAL_PRIORS", "build_prior"]
+           "RelaxedCategoricalPrior", "PRIORS", "CATEGORICAL_PRIORS", "build_prior", "Unconditional",
+           "ClassConditionalNormal", "ConditionalNormalPrior"]
 
 PriorFn = Callable[[], dist.Distribution]
 
@@ -43,8 +48,6 @@ class StandardNormal(nn.Module):
 
 
 def _positive(name: str, value: Any, integer: bool = False) -> Any:
-    import math
-
     ok = (isinstance(value, int) and not isinstance(value, bool)) if integer else (
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
     if not ok or value <= 0:
@@ -346,3 +349,50 @@ def build_prior(spec: Union[str, dict, PriorFn, None], z_dim: int, *, categories
     except TypeError as e:
         raise ConfigError(message(f"prior {spec!r} options", "the constructor's keyword arguments",
                                   f"{sorted(kwargs)} ({e})", f"see help(pyro_vae.priors) for {spec!r}")) from None
+
+
+# ------------------------------------------------------------------------------ conditional priors
+class Unconditional(nn.Module):
+    """A prior that ignores its conditioning inputs: ``Unconditional(StandardNormal(8))(y)`` is ``N(0, I)``,
+    whatever ``y``."""
+
+    def __init__(self, prior: Callable[[], dist.Distribution]) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, *_: torch.Tensor) -> dist.Distribution:
+        return self.prior()
+
+
+class ClassConditionalNormal(nn.Module):
+    """``p(z | y) = N(loc[y], diag(scale[y]^2))``: one learnable Gaussian per class (a Gaussian-mixture prior
+    once ``y`` is summed out).
+
+    ``forward(y)`` takes integer labels of any shape ``(...)``, enumerated ones included, and returns a
+    distribution of batch shape ``(...)`` and event shape ``(z_dim,)``.
+    """
+
+    def __init__(self, num_classes: int, z_dim: int, init_spread: float = 1.0) -> None:
+        super().__init__()
+        self.num_classes = integer("num_classes", num_classes, 2)
+        self.z_dim = integer("z_dim", z_dim, 1)
+        self.loc = nn.Parameter(init_spread * torch.randn(self.num_classes, self.z_dim))
+        self.raw_scale = nn.Parameter(torch.full((self.num_classes, self.z_dim), math.log(math.expm1(1.0))))
+
+    def forward(self, y: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(self.loc[y], F.softplus(self.raw_scale[y]) + 1e-4).to_event(1)
+
+
+class ConditionalNormalPrior(nn.Module):
+    """``p(z | c) = N(loc(c), diag(scale(c)^2))`` computed by an MLP of the context (the prior network of
+    Sohn et al. 2015, "Learning structured output representation using deep conditional generative models").
+    ``forward(c)`` takes ``(..., *context_shape)`` and returns a distribution of batch shape ``(...)`` and event
+    shape ``(z_dim,)``."""
+
+    def __init__(self, context_shape: Shape, z_dim: int, hidden: Sequence[int] = (400,)) -> None:
+        super().__init__()
+        self.z_dim = integer("z_dim", z_dim, 1)
+        self.net = ConditionalGaussianEncoder(ConcatMLP([context_shape], (2 * self.z_dim,), hidden), self.z_dim)
+
+    def forward(self, context: torch.Tensor) -> dist.Distribution:
+        return self.net.distribution(context)

@@ -14,8 +14,12 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 
 from pyro_vae import ShapeError
-from pyro_vae.models.conditional import CVAE, SSVAE, ClassConditionalNormal, ConcatMLP, ConditionalNormalPrior, fit_semisupervised, split_labelled
 from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.models.cvae import CVAE
+from pyro_vae.models.ssvae import SSVAE, split_labelled
+from pyro_vae.networks import ConcatMLP
+from pyro_vae.priors import ClassConditionalNormal, ConditionalNormalPrior
+from pyro_vae.train.semisupervised import fit_semisupervised
 
 K, D, Z, B = 3, 4, 2, 5
 ROOT = Path(__file__).resolve().parents[1]

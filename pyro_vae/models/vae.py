@@ -20,10 +20,18 @@ from pyro.infer.util import is_validation_enabled
 from pyro.params import param_with_module_name
 from torch import nn
 
-from pyro_vae.distributions.relaxed import check_temperature
+from pyro_vae.distributions.relaxed import (
+    check_log_simplex,
+    check_temperature,
+    is_simplex_valued,
+    log_class_probs,
+    log_one_hot,
+    to_simplex,
+)
 from pyro_vae.encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, DataError, ModelError, PyroVAEError, ShapeError, message
 from pyro_vae.likelihoods import Likelihood, build_likelihood
+from pyro_vae.models.sites import Sites
 from pyro_vae.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from pyro_vae.priors import build_prior
 from pyro_vae.validation import beta as check_beta
@@ -35,18 +43,7 @@ NETS = ("mlp", "conv")
 LATENTS = ("gaussian", "categorical")
 
 
-def data_plate(name: str, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
-    """The plate over a batch of ``batch`` data points. With ``num_data`` (the full data-set size) the plate
-    has the full size and a subsample of ``batch``, so Pyro scales the log-densities by ``num_data / batch``."""
-    if num_data is None or num_data == batch:
-        return pyro.plate(name, batch, device=device)
-    if num_data < batch:
-        raise ConfigError(message("num_data", f"the full data-set size, >= the batch size {batch}",
-                                  repr(num_data), "pass num_data=len(train_data)"))
-    return pyro.plate(name, num_data, subsample=torch.arange(batch, device=device))
-
-
-class VAE(nn.Module):
+class VAE(Sites):
     """A VAE whose parts are all swappable.
 
     Args:
@@ -202,7 +199,6 @@ class VAE(nn.Module):
         """
         if self.categories is None:
             return z
-        from pyro_vae.distributions.relaxed import to_simplex
         from pyro_vae.infer.estimators import straight_through_override
 
         straight = straight_through_override(self.site("z"))
@@ -219,8 +215,6 @@ class VAE(nn.Module):
                                      found, "pass latents shaped like the latent site's values, e.g. from "
                                      "pyro_vae.generation.sample_latents"))
         if self.categories is not None:
-            from pyro_vae.distributions.relaxed import check_log_simplex
-
             check_log_simplex(z, what)
 
     def _check_latent_representation(self, prior: dist.Distribution, q: dist.Distribution) -> None:
@@ -228,8 +222,6 @@ class VAE(nn.Module):
         (a density of the simplex point would be applied to its log)."""
         if self.categories is None:
             return
-        from pyro_vae.distributions.relaxed import is_simplex_valued
-
         for part, d in (("prior", prior), ("encoder", q)):
             if is_simplex_valued(d):
                 raise ConfigError(message(
@@ -306,11 +298,6 @@ class VAE(nn.Module):
                 m.training = mode
 
     # ---------------------------------------------------------------------------------- Pyro sites
-    def site(self, name: str) -> str:
-        """The Pyro site name of ``name`` (``"z"``, ``"x"``, ``"data"``, a module key): prefixed with
-        ``self.name + "/"`` when the model has a name."""
-        return f"{self.name}/{name}" if self.name else name
-
     _registered = False  # True inside modules_registered(): the modules are in Pyro's param store already
 
     @contextmanager
@@ -338,11 +325,6 @@ class VAE(nn.Module):
                         "a parameter of another module registered under the same name",
                         "call pyro.clear_param_store() before building a new VAE, or give each VAE its own name="))
         pyro.module(name, module)
-
-    def plate(self, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
-        """The data plate (site ``site("data")``) over a batch of ``batch`` points, subsampled from ``num_data``
-        when given (:func:`data_plate`)."""
-        return data_plate(self.site("data"), batch, num_data, device)
 
     @property
     def beta(self) -> float:
@@ -521,9 +503,7 @@ class VAE(nn.Module):
         Returns:
             The decoder output ``(batch, *data_shape)`` (logits or means, per the likelihood).
         """
-        self._register("decoder", self.decoder)
-        self._register("prior", self.prior)
-        self._register("likelihood", self.likelihood)
+        self.register_with_pyro("decoder", "prior", "likelihood")
         if x is not None:
             x = self._check_x(x)
             batch, device = self._batch_size(x), x.device
@@ -546,7 +526,7 @@ class VAE(nn.Module):
         Returns:
             The latent sample ``(batch, *latent_shape)`` (log space for a categorical latent).
         """
-        self._register("encoder", self.encoder)
+        self.register_with_pyro("encoder")
         if x is None:
             raise ConfigError(message("guide x", "a data batch", "None",
                                       "the guide encodes data: sample from the prior with vae.sample(n)"))
@@ -556,14 +536,6 @@ class VAE(nn.Module):
                 return pyro.sample(self.site("z"), self._guide_dist(x))
 
     # ------------------------------------------------------------------------------- plain torch use
-    @property
-    def device(self) -> torch.device:
-        """The device of the parameters (of the buffers when there are none; the CPU when there are neither)."""
-        t = next(self.parameters(), None)
-        if t is None:
-            t = next(self.buffers(), None)
-        return t.device if t is not None else torch.device("cpu")
-
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The posterior's location for each data point, in the latent site's representation.
@@ -572,8 +544,6 @@ class VAE(nn.Module):
         class probabilities ``log q(c | x)``, ``(batch, z_dim, categories)``, the log-space point of the mean
         of the categorical the Concrete relaxes (``.exp()`` gives the probabilities); :meth:`decode` takes it.
         """
-        from pyro_vae.distributions.relaxed import log_class_probs
-
         q = self._guide_dist(self.as_data(x))
         log_p = log_class_probs(q)
         return q.mean if log_p is None else log_p
@@ -602,18 +572,24 @@ class VAE(nn.Module):
     def sample(self, n: int, mean: bool = True, source: str = "prior", data: Optional[torch.Tensor] = None,
                **kwargs: Any) -> torch.Tensor:
         """``n`` ancestral samples ``(n, *data_shape)``: ``z ~ p(z)``, then the likelihood's mean
-        (``mean=True``) or a draw from it. ``source="aggregate"`` or ``"mixture"`` draws ``z`` from the
-        aggregate posterior of ``data`` or a Gaussian mixture fitted to it instead
-        (:func:`pyro_vae.generation.sample`, which takes the extra ``kwargs``)."""
-        if source != "prior":
-            from pyro_vae.generation import sample
+        (``mean=True``) or a draw from it. For a categorical latent ``z`` is the hard one-hot of the prior's
+        draw (its arg-max is an exact draw of the categorical it relaxes).
 
-            return sample(self, n, source, data=data, mean=mean, **kwargs)
+        Raises:
+            ConfigError: ``source`` is not ``"prior"``: draws from the aggregate posterior or a mixture fitted to
+                it are made by ``pyro_vae.generation.sample(vae, n, source=..., data=...)`` (``data``, ``kwargs``
+                are accepted here only to name that fix); or ``n`` is not an integer >= 1 whose samples fit in
+                memory.
+        """
+        if source != "prior":
+            extra = "".join(f", {k}=..." for k in kwargs)
+            raise ConfigError(message(
+                "source", '"prior" (VAE.sample draws z from the prior only)', repr(source),
+                f"call pyro_vae.generation.sample(vae, n, source={source!r}, data=...{extra}) to draw from the "
+                "aggregate posterior or a mixture fitted to it"))
         n = self.check_sample_size(n)
         z = self._prior_dist().sample((n,))
         if self.categories is not None:
-            from pyro_vae.distributions.relaxed import log_one_hot
-
             # arg-max of a Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max); the
             # decoder sees its one-hot (log space: 0 at the class, -inf elsewhere)
             z = log_one_hot(z.argmax(-1), self.categories, z.dtype)
