@@ -1,9 +1,9 @@
 """Evaluation of a trained VAE: the importance-sampled log-likelihood, the gap to the ELBO, active units,
 Pareto-k diagnostics of the importance weights, export to ArviZ, and the amortization gap.
 
-Every estimate is read off Pyro traces of ``vae.model`` and ``vae.guide``: the guide runs once per batch
-under an outer ``pyro.plate`` over ``K`` particles (so the encoder runs once and the decoder sees a
-``(K, batch, z_dim)`` tensor), the model is replayed against the guide's trace, and each site's
+Every estimate is read off Pyro traces of ``vae.model`` and ``vae.guide`` (:mod:`pyro_vae.infer.traces`): the
+guide runs once per batch under an outer ``pyro.plate`` over ``K`` particles (so the encoder runs once and the
+decoder sees a ``(K, batch, z_dim)`` tensor), the model is replayed against the guide's trace, and each site's
 ``log_prob`` (unscaled: minibatch and beta scaling are training devices, not part of ``p``) is reduced to
 ``(K, batch)``. Any prior, likelihood or latent type that the model/guide pair accepts works unchanged.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyro
@@ -21,131 +21,52 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
-from pyro.poutine.util import prune_subsample_sites
+from pyro.infer import Trace_ELBO
 
 from pyro_vae.data import as_tensor_data
+from pyro_vae.distributions.relaxed import log_class_probs
+from pyro_vae.encoders import GaussianEncoder
 from pyro_vae.errors import ConfigError, DataError, message
+from pyro_vae.infer.traces import max_plate_nesting, particle_chunks, particle_log_probs, particle_plate_dim
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.validation import integer
 
 __all__ = ["LogLikelihood", "log_likelihood", "importance_log_weights", "pareto_k", "active_units",
-           "latent_variances", "to_inference_data", "AmortizationGap", "amortization_gap", "posterior_means"]
-
-PARTICLES = "_iw_particles"
-MAX_ELEMENTS = 2 ** 24  # bound on K * batch * data size held at once (64 MiB of float32)
+           "latent_variances", "to_inference_data", "AmortizationGap", "amortization_gap", "posterior_means",
+           "as_data_set", "PARETO_K_MIN_SAMPLES"]
 
 
-# ----------------------------------------------------------------------------------------- the traces
-def _data(vae: VAE, data: Any, what: str = "data") -> torch.Tensor:
-    """The ``(N, *data_shape)`` data set of ``data``, cast to the VAE's dtype (values are checked in the model
-    under Pyro's validation)."""
-    return vae.as_data(as_tensor_data(data, what), what, data_set=True)
+# ----------------------------------------------------------------------------------------- the data
+def as_data_set(vae: VAE, data: Any, what: str = "data") -> torch.Tensor:
+    """The ``(N, *data_shape)`` data set of ``data`` (a tensor, array or :class:`pyro_vae.data.Dataset`), cast to
+    the VAE's dtype. Values are checked in the model under Pyro's validation.
 
-
-def _plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, **kwargs: Any) -> int:
-    """Deepest vectorized plate dimension used by the model or the guide on the batch ``x``."""
-    with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
-    dims = [-f.dim for tr in (guide_trace, model_trace) for site in tr.nodes.values()
-            if site["type"] == "sample" for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
-    return max(dims, default=1)
-
-
-def _per_point(site: dict, log_p: torch.Tensor, particle_dim: int, data_plate: str, k: int, batch: int) -> torch.Tensor:
-    """Reduce a site's log-density to ``(k, batch)``: sum every batch dimension other than the particle
-    plate and the data plate."""
-    data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == data_plate]
-    if not data_dims:
-        raise ConfigError(message(
-            f'site "{site["name"]}"', f'a site inside the data plate "{data_plate}" (one value per data point)',
-            "a site outside it (a global latent variable)",
-            "log p(x) per data point needs per-data-point sites; integrate global latents out in the model"))
-    data_dim = data_dims[0]
-    nd = max(-particle_dim, log_p.dim())
-    log_p = log_p.reshape((1,) * (nd - log_p.dim()) + tuple(log_p.shape))
-    other = [d for d in range(-nd, 0) if d not in (particle_dim, data_dim)]
-    if other:
-        log_p = log_p.sum(dim=other, keepdim=True)
-    log_p = log_p.movedim((particle_dim, data_dim), (0, 1))
-    return log_p.reshape(log_p.shape[0], log_p.shape[1]).expand(k, batch)
-
-
-def _masked_obs_log_prob(site: dict, mask: torch.Tensor) -> torch.Tensor:
-    """``log p(x_obs | z)`` of an observed site: entry-wise log-densities summed over observed entries only."""
-    fn, n_event = site["fn"], 0
-    while isinstance(fn, dist.Independent):
-        n_event += fn.reinterpreted_batch_ndims
-        fn = fn.base_dist
-    if fn.event_shape:
-        raise ConfigError(message(
-            f'likelihood at site "{site["name"]}"', "a distribution over single entries (event shape ())",
-            f"event shape {tuple(fn.event_shape)} for the whole data point",
-            "return an entry-wise distribution from the likelihood so missing entries can be left out"))
-    value = site["value"]
-    log_p = fn.log_prob(value)
-    log_p = torch.where(mask.to(log_p.device).expand_as(log_p), log_p, torch.zeros((), device=log_p.device))
-    return log_p.sum(dim=tuple(range(-n_event, 0))) if n_event else log_p
-
-
-def _weights_chunk(vae: VAE, model: Callable, guide: Callable, x: torch.Tensor, k: int, particle_dim: int,
-                   obs_mask: Optional[torch.Tensor] = None, keep: Sequence[str] = ()) -> dict[str, Any]:
-    """One chunk of ``k`` importance samples for the batch ``x``.
-
-    Returns ``{"log_w", "log_p_latent", "log_p_obs", "log_q"}``, each ``(k, batch)``, plus
-    ``"z"`` (the guide's latent values) and ``"x_mean"`` (the observed site's mean) when named in ``keep``.
+    Raises:
+        DataError: ``data`` (named ``what``) is not ``(N, *data_shape)``, is empty or is not numeric.
     """
-    batch = x.shape[0]
-    data_plate = vae.site("data")
-    x_site = vae.site("x")
-    with pyro.plate(PARTICLES, k, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    zero = torch.zeros(k, batch, device=x.device)
-    out: dict[str, Any] = {"log_q": zero, "log_p_latent": zero, "log_p_obs": zero}
-    for key, trace in (("log_q", guide_trace), ("model", model_trace)):
-        trace = prune_subsample_sites(trace)
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"] and name == x_site and obs_mask is not None:
-                log_p = _masked_obs_log_prob(site, obs_mask)
-            else:
-                log_p = site["fn"].log_prob(site["value"])
-                log_p = scale_and_mask(log_p, 1.0, site["mask"])
-            lp = _per_point(site, log_p, particle_dim, data_plate, k, batch)
-            slot = key if key == "log_q" else ("log_p_obs" if site["is_observed"] else "log_p_latent")
-            out[slot] = out[slot] + lp
-            if key == "model" and name == x_site and "x_mean" in keep:
-                out["x_mean"] = site["fn"].mean.expand(k, batch, *vae.data_shape)
-    if "z" in keep:
-        z = guide_trace.nodes[vae.site("z")]["value"]
-        out["z"] = z.expand(k, batch, *z.shape[2:]) if z.dim() >= 2 else z
-    out["log_w"] = out["log_p_latent"] + out["log_p_obs"] - out["log_q"]
-    return out
-
-
-def _chunk_size(k: int, batch: int, vae: VAE, chunk_size: Optional[int]) -> int:
-    if chunk_size is not None:
-        return min(integer("chunk_size", chunk_size), k)
-    per_sample = batch * max(math.prod(vae.data_shape), 1)
-    return max(1, min(k, MAX_ELEMENTS // per_sample))
+    return vae.as_data(as_tensor_data(data, what), what, data_set=True)
 
 
 def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, *,
                            model: Optional[Callable] = None, guide: Optional[Callable] = None,
                            chunk_size: Optional[int] = None) -> torch.Tensor:
     """Log importance weights ``log p(x, z_k) - log q(z_k | x)``, ``z_k ~ q(z | x)``, as a
-    ``(batch, num_samples)`` tensor on ``x``'s device (no gradients)."""
+    ``(batch, num_samples)`` tensor on ``x``'s device, nats per data point (no gradients).
+
+    Args:
+        x: ``(batch, *data_shape)``.
+        model, guide: replace ``vae.model`` / ``vae.guide`` (same signature and sites).
+        chunk_size: samples traced at once (``None``: :func:`pyro_vae.infer.traces.sample_chunk_size`).
+
+    Raises:
+        ConfigError: ``num_samples`` or ``chunk_size`` not an integer >= 1.
+    """
     model, guide = model or vae.model, guide or vae.guide
     num_samples = integer("num_samples", num_samples)
-    particle_dim = -(_plate_nesting(model, guide, x) + 1)
-    k = _chunk_size(num_samples, x.shape[0], vae, chunk_size)
-    parts = []
+    particle_dim = particle_plate_dim(model, guide, x)
     with torch.no_grad():
-        for start in range(0, num_samples, k):
-            parts.append(_weights_chunk(vae, model, guide, x, min(k, num_samples - start), particle_dim)["log_w"])
+        parts = [c.log_w for c in particle_chunks(vae, model, guide, x, num_samples, particle_dim,
+                                                  chunk_size=chunk_size)]
     return torch.cat(parts).T
 
 
@@ -235,7 +156,7 @@ def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: 
     Returns:
         :class:`LogLikelihood` with the mean, its standard error, the per-point values, the ELBO and the gap.
     """
-    x = _data(vae, data)
+    x = as_data_set(vae, data)
     num_samples = integer("num_samples", num_samples)
     batch_size = integer("batch_size", batch_size)
     model, guide = model or vae.model, guide or vae.guide
@@ -245,15 +166,14 @@ def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: 
     lls, elbos, lws = [], [], []
     try:
         with torch.no_grad():
-            particle_dim = -(_plate_nesting(model, guide, x[:batch_size].to(device)) + 1)
+            particle_dim = particle_plate_dim(model, guide, x[:batch_size].to(device))
             for i in range(0, x.shape[0], batch_size):
                 xb = x[i: i + batch_size].to(device)
-                k = _chunk_size(num_samples, xb.shape[0], vae, chunk_size)
                 lse = torch.full((xb.shape[0],), -math.inf, device=device)
                 total = torch.zeros(xb.shape[0], device=device)
                 kept = []
-                for start in range(0, num_samples, k):
-                    lw = _weights_chunk(vae, model, guide, xb, min(k, num_samples - start), particle_dim)["log_w"]
+                for chunk in particle_chunks(vae, model, guide, xb, num_samples, particle_dim, chunk_size=chunk_size):
+                    lw = chunk.log_w
                     lse = torch.logaddexp(lse, lw.logsumexp(0))
                     total += lw.sum(0)
                     if return_log_weights:
@@ -368,9 +288,7 @@ def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples:
     (:class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`) the log class probabilities ``log q(c | x)``,
     the log of the mean of the categorical it relaxes (``.exp()`` gives the probabilities), as
     :meth:`pyro_vae.VAE.encode`."""
-    from pyro_vae.distributions.relaxed import log_class_probs
-
-    x = _data(vae, data)
+    x = as_data_set(vae, data)
     device = vae.device
     means = []
     with torch.no_grad():
@@ -436,7 +354,7 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
         DataError: ``data`` does not have the VAE's data shape.
     """
     az = _arviz()
-    x = _data(vae, data)
+    x = as_data_set(vae, data)
     num_samples = integer("num_samples", num_samples, PARETO_K_MIN_SAMPLES)
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -444,11 +362,11 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
     device = vae.device
     parts = []
     with torch.no_grad():
-        particle_dim = -(_plate_nesting(vae.model, vae.guide, x[:batch_size].to(device)) + 1)
+        particle_dim = particle_plate_dim(vae.model, vae.guide, x[:batch_size].to(device))
         for i in range(0, x.shape[0], batch_size):
-            out = _weights_chunk(vae, vae.model, vae.guide, x[i: i + batch_size].to(device), num_samples,
-                                 particle_dim, keep=("z",))
-            parts.append((out["z"].cpu(), out["log_w"].cpu(), out["log_p_obs"].cpu()))
+            out = particle_log_probs(vae, vae.model, vae.guide, x[i: i + batch_size].to(device), num_samples,
+                                     particle_dim, keep=("z",))
+            parts.append((out.z.cpu(), out.log_w.cpu(), out.log_p_obs.cpu()))
     z, log_w, log_px = (torch.cat(p, dim=1) for p in zip(*parts))  # (S, N, ...), (S, N), (S, N)
     if resample:
         idx = torch.distributions.Categorical(logits=log_w.T).sample((num_samples,))  # (S, N)
@@ -527,10 +445,6 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
 
     Needs a Gaussian encoder (:class:`pyro_vae.GaussianEncoder`).
     """
-    from pyro.infer import Trace_ELBO
-
-    from pyro_vae.encoders import GaussianEncoder
-
     if not isinstance(vae.encoder, GaussianEncoder):
         raise ConfigError(message("vae.encoder", "a GaussianEncoder (the per-point guide is Gaussian)",
                                   type(vae.encoder).__name__, "use the amortization gap with Gaussian latents"))
@@ -538,7 +452,7 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
     num_particles = integer("num_particles", num_particles)
     if seed is not None:
         pyro.set_rng_seed(seed)
-    x = _data(vae, data).to(vae.device)
+    x = as_data_set(vae, data).to(vae.device)
     was_training = vae.training
     vae.eval()
     try:
@@ -548,7 +462,7 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
         loc = loc0.detach().clone().requires_grad_(True)
         raw = torch.log(torch.expm1((scale0 - min_scale).clamp_min(1e-6))).detach().clone().requires_grad_(True)
         guide = _local_guide(vae, loc, raw, min_scale)
-        nesting = _plate_nesting(vae.model, guide, x)
+        nesting = max_plate_nesting(vae.model, guide, x)
         loss_fn = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
                              max_plate_nesting=nesting)
         opt = torch.optim.Adam([loc, raw], lr=lr)

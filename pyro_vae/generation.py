@@ -18,7 +18,7 @@ from pyro import poutine
 
 from pyro_vae.distributions.relaxed import log_class_probs, log_one_hot
 from pyro_vae.errors import ConfigError, DataError, message
-from pyro_vae.evaluation import _data, posterior_means
+from pyro_vae.evaluation import as_data_set, posterior_means
 from pyro_vae.models.vae import VAE
 from pyro_vae.validation import integer
 
@@ -26,9 +26,6 @@ __all__ = ["SOURCES", "sample", "sample_latents", "posterior_samples", "fit_mixt
            "slerp", "interpolate", "traverse"]
 
 SOURCES = ("prior", "aggregate", "mixture")
-
-
-_count = integer
 
 
 def posterior_samples(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
@@ -50,7 +47,7 @@ def fit_mixture(vae: VAE, data: Any, n_components: int = 10, *, covariance_type:
     autoencoders", ex-post density estimation). Returns the fitted ``sklearn.mixture.GaussianMixture``."""
     from sklearn.mixture import GaussianMixture
 
-    n_components = _count("n_components", n_components)
+    n_components = integer("n_components", n_components)
     m = posterior_means(vae, data)
     if m.dim() != 2:
         raise ConfigError(message("fit_mixture latents", "a vector latent (event shape (z_dim,))",
@@ -77,7 +74,7 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
         mixture: a fitted mixture from :func:`fit_mixture` to reuse (``"mixture"``).
         n_components: mixture components when the mixture is fitted here.
     """
-    n = vae.check_sample_size(n) if isinstance(vae, VAE) else _count("n", n)
+    n = vae.check_sample_size(n) if isinstance(vae, VAE) else integer("n", n)
     if source not in SOURCES:
         raise ConfigError(message("source", f"one of {SOURCES}", repr(source), 'pass source="prior"'))
     device = vae.device
@@ -98,7 +95,7 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
         if data is None:
             raise ConfigError(message("data", f'the data set the {source} sampler is built from', "None",
                                       f'pass data=train_x with source="{source}"'))
-        x = _data(vae, data)
+        x = as_data_set(vae, data)
         if source == "aggregate":
             idx = torch.randint(x.shape[0], (n,))
             return posterior_samples(vae, x[idx])
@@ -109,8 +106,14 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
 
 def sample(vae: VAE, n: int, source: str = "prior", *, data: Any = None, mean: bool = True, mixture: Any = None,
            n_components: int = 10) -> torch.Tensor:
-    """``n`` generated data points ``(n, *data_shape)``: latents from :func:`sample_latents`, decoded to the
-    likelihood's mean (``mean=True``) or a draw from it."""
+    """``n`` generated data points ``(n, *data_shape)``: latents from :func:`sample_latents` (any ``source``;
+    :meth:`pyro_vae.VAE.sample` draws from the prior only), decoded to the likelihood's mean (``mean=True``) or a
+    draw from it.
+
+    Raises:
+        ConfigError: an unknown ``source``, ``n`` not an integer >= 1, or no ``data`` for ``"aggregate"`` /
+            ``"mixture"`` (without a fitted ``mixture``).
+    """
     z = sample_latents(vae, n, source, data=data, mixture=mixture, n_components=n_components)
     return vae.decode(z, mean=mean)
 
@@ -119,7 +122,7 @@ def reconstruct(vae: VAE, x: torch.Tensor, *, mean: bool = True, draw_z: bool = 
     """Reconstructions ``(batch, *data_shape)``: decode :func:`~pyro_vae.evaluation.posterior_means` (the
     posterior mean; for a categorical latent the class probabilities) or, with ``draw_z=True``, one draw
     ``z ~ q(z | x)``."""
-    x = _data(vae, x, "x")
+    x = as_data_set(vae, x, "x")
     z = posterior_samples(vae, x) if draw_z else posterior_means(vae, x).to(vae.device)
     return vae.decode(z, mean=mean)
 
@@ -168,7 +171,7 @@ def interpolate(vae: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int = 10, m
     Returns:
         ``(batch, steps, *data_shape)`` (``(steps, *data_shape)`` for single points).
     """
-    steps = _count("steps", steps, 2)
+    steps = integer("steps", steps, 2)
     if method not in ("lerp", "slerp"):
         raise ConfigError(message("method", '"lerp" or "slerp"', repr(method), 'pass method="slerp"'))
     single = x0.dim() == len(vae.data_shape)

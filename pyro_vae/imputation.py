@@ -30,10 +30,11 @@ from typing import Optional, Sequence
 
 import pyro
 import torch
+from pyro import poutine
 
 from pyro_vae.errors import ConfigError, DataError, message
-from pyro_vae.evaluation import _chunk_size, _plate_nesting, _weights_chunk
 from pyro_vae.generation import posterior_samples
+from pyro_vae.infer.traces import particle_chunks, particle_log_probs, particle_plate_dim
 from pyro_vae.models.vae import VAE
 from pyro_vae.validation import integer
 
@@ -169,23 +170,21 @@ def _gibbs(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, 
 
 
 def _metropolis(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_iters: int) -> torch.Tensor:
-    from pyro import poutine
-
     site = vae.site("z")
     total = torch.zeros_like(filled)
     count = 0
     with pyro.validation_enabled(False):
-        particle_dim = -(_plate_nesting(vae.model, vae.guide, filled) + 1)
+        particle_dim = particle_plate_dim(vae.model, vae.guide, filled)
         z = posterior_samples(vae, filled).unsqueeze(0)  # (1, B, *latent_event_shape)
         for t in range(num_iters):
-            proposal = _weights_chunk(vae, vae.model, vae.guide, filled, 1, particle_dim, keep=("z",))
+            proposal = particle_log_probs(vae, vae.model, vae.guide, filled, 1, particle_dim, keep=("z",))
             data = {site: z}
-            current = _weights_chunk(vae, poutine.condition(vae.model, data=data),
-                                     poutine.condition(vae.guide, data=data), filled, 1, particle_dim)
-            log_rho = (proposal["log_w"] - current["log_w"])[0]  # (B,)
+            current = particle_log_probs(vae, poutine.condition(vae.model, data=data),
+                                         poutine.condition(vae.guide, data=data), filled, 1, particle_dim)
+            log_rho = (proposal.log_w - current.log_w)[0]  # (B,)
             accept = torch.rand_like(log_rho).log() < log_rho
             shape = (1, -1, *([1] * (z.dim() - 2)))
-            z = torch.where(accept.reshape(shape), proposal["z"], z)
+            z = torch.where(accept.reshape(shape), proposal.z, z)
             px = vae.decode_dist(z[0])  # p(x | z) as the model defines it, for any latent type
             filled = torch.where(mask, x, px.sample())
             if t >= num_iters // 2:
@@ -196,14 +195,12 @@ def _metropolis(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Ten
 
 def _importance(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_samples: int) -> torch.Tensor:
     with pyro.validation_enabled(False):
-        particle_dim = -(_plate_nesting(vae.model, vae.guide, filled) + 1)
-        k = _chunk_size(num_samples, x.shape[0], vae, None)
+        particle_dim = particle_plate_dim(vae.model, vae.guide, filled)
         log_norm = torch.full((x.shape[0],), -math.inf, device=x.device)
         acc = torch.zeros_like(filled)
-        for start in range(0, num_samples, k):
-            out = _weights_chunk(vae, vae.model, vae.guide, filled, min(k, num_samples - start), particle_dim,
-                                 obs_mask=mask, keep=("x_mean",))
-            lw, xm = out["log_w"], out["x_mean"]  # (k, B), (k, B, *data_shape)
+        for out in particle_chunks(vae, vae.model, vae.guide, filled, num_samples, particle_dim, obs_mask=mask,
+                                   keep=("x_mean",)):
+            lw, xm = out.log_w, out.x_mean  # (k, B), (k, B, *data_shape)
             new_norm = torch.logaddexp(log_norm, lw.logsumexp(0))
             w = (lw - new_norm).exp().reshape(*lw.shape, *([1] * len(vae.data_shape)))
             acc = acc * (log_norm - new_norm).exp().reshape(-1, *([1] * len(vae.data_shape))) + (w * xm).sum(0)

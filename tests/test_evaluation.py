@@ -342,3 +342,25 @@ def test_cuda_log_likelihood_imputation_and_generation_match_the_closed_forms():
     assert generation.sample(vae, 8, "mixture", data=x, n_components=2).is_cuda
     assert generation.interpolate(vae, x[:2], x[2:4], 4).shape == (2, 4, D)
     assert evaluation.active_units(vae, x) == 3
+
+
+def test_plate_nesting_is_the_one_pyro_guesses():
+    # max_plate_nesting reads the traces as Pyro's ELBO guesses its own: 1 for a VAE, 2 inside an outer plate.
+    from pyro.infer import Trace_ELBO
+
+    from pyro_vae.infer.traces import max_plate_nesting, particle_plate_dim
+
+    vae, marginal, _ = linear_gaussian()
+    x = marginal.sample((4,))
+
+    def outer(fn):
+        def run(xs):
+            with pyro.plate("groups", 2, dim=-2):
+                return fn(xs)
+        return run
+
+    for model, guide, expected in ((vae.model, vae.guide, 1), (outer(vae.model), outer(vae.guide), 2)):
+        elbo = Trace_ELBO()
+        elbo._guess_max_plate_nesting(model, guide, (x,), {})
+        assert max_plate_nesting(model, guide, x) == elbo.max_plate_nesting == expected
+        assert particle_plate_dim(model, guide, x) == -(expected + 1)

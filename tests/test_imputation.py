@@ -100,19 +100,19 @@ def test_missing_entries_are_never_scored():
 
 def test_masked_importance_weights_score_only_observed_entries():
     # With everything observed the masked weights are the full ones; hiding entries changes them.
-    from pyro_vae.evaluation import _weights_chunk
+    from pyro_vae.infer.traces import particle_log_probs
 
     vae, marginal, _ = linear_gaussian()
     x = marginal.sample((4,))
     pyro.set_rng_seed(0)
-    full = _weights_chunk(vae, vae.model, vae.guide, x, 5, -2)
+    full = particle_log_probs(vae, vae.model, vae.guide, x, 5, -2)
     pyro.set_rng_seed(0)
-    masked = _weights_chunk(vae, vae.model, vae.guide, x, 5, -2, obs_mask=torch.ones(D, dtype=torch.bool))
-    assert torch.allclose(full["log_w"], masked["log_w"])
+    masked = particle_log_probs(vae, vae.model, vae.guide, x, 5, -2, obs_mask=torch.ones(D, dtype=torch.bool))
+    assert torch.allclose(full.log_w, masked.log_w)
     pyro.set_rng_seed(0)
-    half = _weights_chunk(vae, vae.model, vae.guide, x, 5, -2, obs_mask=MASK)
-    assert torch.allclose(half["log_p_latent"], full["log_p_latent"])
-    assert torch.all(half["log_p_obs"] != full["log_p_obs"])
+    half = particle_log_probs(vae, vae.model, vae.guide, x, 5, -2, obs_mask=MASK)
+    assert torch.allclose(half.log_p_latent, full.log_p_latent)
+    assert torch.all(half.log_p_obs != full.log_p_obs)
 
 
 def test_bad_masks_and_arguments_raise():

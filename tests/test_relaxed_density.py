@@ -130,13 +130,13 @@ def test_importance_weights_and_the_elbo_use_the_value_not_its_history():
     t = 0.1
     vae = categorical_vae(t, 50.0)
     x = torch.bernoulli(torch.full((4, DATA), 0.5), generator=torch.Generator().manual_seed(2))
-    from pyro_vae.evaluation import _weights_chunk
+    from pyro_vae.infer.traces import particle_log_probs
 
     pyro.set_rng_seed(3)
-    out = _weights_chunk(vae, vae.model, vae.guide, x, 5, -2, keep=("z",))
-    z = out["z"]  # (5, 4, N, K)
-    assert torch.allclose(out["log_q"].double(), reference(z, vae.encoder(x), t), atol=1e-3, rtol=0)
-    assert torch.allclose(out["log_p_latent"].double(), reference(z, torch.zeros(N, K), t), atol=1e-3, rtol=0)
+    out = particle_log_probs(vae, vae.model, vae.guide, x, 5, -2, keep=("z",))
+    z = out.z  # (5, 4, N, K)
+    assert torch.allclose(out.log_q.double(), reference(z, vae.encoder(x), t), atol=1e-3, rtol=0)
+    assert torch.allclose(out.log_p_latent.double(), reference(z, torch.zeros(N, K), t), atol=1e-3, rtol=0)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

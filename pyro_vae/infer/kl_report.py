@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
-
 from torch.distributions import kl_divergence
 
 import pyro_vae.distributions.kl  # noqa: F401  (registers the closed forms the report looks up)
+from pyro_vae.infer.traces import trace_guide_and_model
 
 __all__ = ["KLSite", "KLReport", "kl_report", "describe"]
 
@@ -108,8 +107,7 @@ def kl_report(vae_or_model: Any, *args: Any, guide: Optional[Callable] = None, *
     x = args[0] if args else next(iter(kwargs.values()), None)
     n = int(x.shape[0]) if torch.is_tensor(x) and x.dim() > 0 else 1
     with torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        guide_trace, model_trace = trace_guide_and_model(model, guide, *args, **kwargs)
         guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
         report = KLReport()
         for name, site in model_trace.nodes.items():
