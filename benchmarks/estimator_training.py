@@ -29,7 +29,7 @@ import pyro
 import torch
 
 import pyro_vae
-from pyro_vae.infer.estimators import make_estimator_elbo
+from pyro_vae.infer.elbo import make_estimator_elbo
 from pyro_vae.infer import evaluate_elbo
 from pyro_vae.validation import resolve_device
 

@@ -17,7 +17,14 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 import pyro_vae
 from pyro_vae.errors import ConfigError
-from pyro_vae.infer.estimators import ESTIMATORS, EstimatorTrace_ELBO, EstimatorTraceGraph_ELBO, ScoreFunction, make_estimator_elbo, score_function
+from pyro_vae.infer.elbo import make_elbo, make_estimator_elbo
+from pyro_vae.infer.estimators import (
+    ESTIMATORS,
+    EstimatorTrace_ELBO,
+    EstimatorTraceGraph_ELBO,
+    ScoreFunction,
+    score_function,
+)
 from pyro_vae.models.linear_gaussian import linear_gaussian_vae
 
 
@@ -144,6 +151,49 @@ def test_bad_estimator_choices_raise_clear_errors():
         make_estimator_elbo("straight-through").loss(vae.model, vae.guide, torch.randn(4, 5))
     with pytest.raises(ConfigError, match="categorical latents"):
         pyro_vae.fit(vae, torch.randn(8, 5), estimator="relaxed", epochs=1, progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_make_elbo_and_its_alias_build_the_same_elbo(estimator, elbo):
+    """make_estimator_elbo(estimator, elbo, n) is make_elbo(elbo, n, estimator): same class, same settings, or the
+    same error in the same words."""
+    def build(factory, *args):
+        try:
+            return factory(*args, data_shape=(5,))
+        except ConfigError as e:
+            return str(e)
+
+    a = build(make_elbo, elbo, 3, estimator)
+    b = build(make_estimator_elbo, estimator, elbo, 3)
+    if isinstance(a, str):  # a score-function estimator under the mean-field ELBO
+        assert a == b and "drops the score-function term" in a
+        return
+    assert type(a) is type(b)
+    settings = [(e.num_particles, e.vectorize_particles, e.max_plate_nesting) for e in (a, b)]
+    assert settings[0] == settings[1] and settings[0][:2] == (3, True)
+    assert getattr(a, "estimator", None) == getattr(b, "estimator", None)
+    if estimator == "pathwise":  # Pyro's own class: the pathwise estimator changes no site
+        assert type(a) is {"trace": Trace_ELBO, "meanfield": pyro.infer.TraceMeanField_ELBO}[elbo]
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(estimator="reinforce"), "estimator: expected one of"),
+    (dict(elbo="trace_graph"), 'elbo: expected "trace" or "meanfield"'),
+    (dict(num_particles=0), "num_particles: expected an integer >= 1"),
+    (dict(num_particles=True), "num_particles: expected an integer >= 1"),
+    (dict(estimator="score-function", elbo="meanfield"), "drops the score-function term"),
+    (dict(estimator="score-function-neural-baseline"), "data_shape"),
+    (dict(elbo=Trace_ELBO(), estimator="score-function"), '"pathwise" when elbo is an ELBO object'),
+])
+def test_make_elbo_and_its_alias_raise_the_same_error(args, match):
+    full = dict(estimator="pathwise", elbo="trace", num_particles=1)
+    full.update(args)
+    with pytest.raises(ConfigError, match=match) as e1:
+        make_elbo(full["elbo"], full["num_particles"], full["estimator"])
+    with pytest.raises(ConfigError, match=match) as e2:
+        make_estimator_elbo(full["estimator"], full["elbo"], full["num_particles"])
+    assert str(e1.value) == str(e2.value)
 
 
 def test_score_function_elbo_on_vae_matches_loss_value():

@@ -26,9 +26,22 @@ from torch.func import functional_call, grad
 
 from pyro_vae import VAE, GaussianEncoder
 from pyro_vae.errors import ConfigError, NonFiniteLossError
-from pyro_vae.infer.estimators import BASELINE_PARAM, EstimatorMessenger, NeuralBaseline, get_estimator, make_estimator_elbo
+from pyro_vae.infer.elbo import make_estimator_elbo
+from pyro_vae.infer.estimators import BASELINE_PARAM, EstimatorMessenger, NeuralBaseline, get_estimator
+from pyro_vae.infer.variance import (
+    METHODS,
+    PARAM_GROUP,
+    _iter_gradients,
+    _plan,
+    _Surrogate,
+    exact_gradient,
+    flat_gradient,
+    gradient_samples,
+    gradient_statistics,
+    parameter_groups,
+    summarize,
+)
 from pyro_vae.models.linear_gaussian import linear_gaussian_vae
-from pyro_vae.infer.variance import METHODS, PARAM_GROUP, _iter_gradients, _plan, _Surrogate, exact_gradient, flat_gradient, gradient_samples, gradient_statistics, parameter_groups, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 GAUSSIAN = ["pathwise", "score-function", "score-function-baseline", "score-function-neural-baseline"]

@@ -1,8 +1,9 @@
 """The ELBO factory and the ELBO of a data set.
 
-:func:`make_elbo` is the one place an objective is built from its name (``"trace"``: ``Trace_ELBO``;
-``"meanfield"``: ``TraceMeanField_ELBO``) with its particles and gradient estimator; :func:`evaluate_elbo`
-averages Pyro's ELBO over a data set, in nats per data point.
+:func:`make_elbo` is the one place an objective is built: from its name (``"trace"``: ``Trace_ELBO``;
+``"meanfield"``: ``TraceMeanField_ELBO``), its particles and its gradient estimator (the ELBO classes of
+:mod:`pyro_vae.infer.estimators`); :func:`make_estimator_elbo` is the same factory with the estimator first.
+:func:`evaluate_elbo` averages Pyro's ELBO over a data set, in nats per data point.
 """
 
 from __future__ import annotations
@@ -11,37 +12,105 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
 
 from pyro_vae.data import as_tensor_data
 from pyro_vae.errors import ConfigError, message
+from pyro_vae.infer.estimators import (
+    ESTIMATORS,
+    Estimator,
+    EstimatorTrace_ELBO,
+    EstimatorTraceGraph_ELBO,
+    EstimatorTraceMeanField_ELBO,
+    NeuralBaseline,
+    get_estimator,
+)
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.validation import integer
 
-__all__ = ["ELBOS", "make_elbo", "evaluate_elbo"]
+__all__ = ["ELBOS", "make_elbo", "make_estimator_elbo", "check_elbo", "evaluate_elbo"]
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
 
-def make_elbo(elbo: Union[str, ELBO] = "trace", num_particles: int = 1, estimator: str = "pathwise",
-              data_shape: Optional[Sequence[int]] = None) -> ELBO:
-    """``"trace"`` (``Trace_ELBO``, Monte Carlo KL) or ``"meanfield"`` (``TraceMeanField_ELBO``, analytic KL
-    where one is registered), with ``num_particles`` vectorized particles; an ELBO object is returned as is.
-    Any ``estimator`` but ``"pathwise"`` gets the ELBO of :func:`pyro_vae.estimators.make_estimator_elbo`
-    (``TraceGraph_ELBO`` for baselines; ``data_shape`` sizes a neural baseline)."""
+def check_elbo(elbo: Any, estimator: Union[str, Estimator] = "pathwise") -> Estimator:
+    """The :class:`~pyro_vae.infer.estimators.Estimator` of ``estimator`` when it can go with the ELBO named
+    ``elbo`` (a key of :data:`ELBOS`).
+
+    Raises:
+        ConfigError: an unknown estimator or ELBO name, or ``"meanfield"`` with a score-function estimator
+            (Pyro's ``TraceMeanField_ELBO`` drops the score-function term of the reconstruction).
+    """
+    est = get_estimator(estimator)
+    if not isinstance(elbo, str) or elbo not in ELBOS:
+        raise ConfigError(message("elbo", " or ".join(f'"{name}"' for name in ELBOS), repr(elbo),
+                                  'pass elbo="trace"'))
+    if elbo == "meanfield" and est.score_function:
+        raise ConfigError(message(
+            f'elbo with estimator "{est.name}"', '"trace" (Monte Carlo KL)', '"meanfield"',
+            "TraceMeanField_ELBO drops the score-function term of the reconstruction; use elbo=\"trace\""))
+    return est
+
+
+def make_elbo(elbo: Union[str, ELBO] = "trace", num_particles: int = 1,
+              estimator: Union[str, Estimator] = "pathwise", data_shape: Optional[Sequence[int]] = None, *,
+              baseline_beta: float = 0.9, nn_baseline: Optional[nn.Module] = None,
+              max_plate_nesting: int = 1) -> ELBO:
+    """The Pyro ELBO that computes ``estimator``'s gradient of the ELBO on an unchanged model/guide pair.
+
+    The pathwise estimator changes no site, so it gets Pyro's own class: ``Trace_ELBO`` (Monte Carlo KL) for
+    ``"trace"``, ``TraceMeanField_ELBO`` (analytic KL where one is registered) for ``"meanfield"``. Any other
+    estimator gets the class of :mod:`pyro_vae.infer.estimators` that applies it: ``EstimatorTraceGraph_ELBO``
+    (Pyro's ``TraceGraph_ELBO``) for the baseline estimators, else ``EstimatorTrace_ELBO`` or
+    ``EstimatorTraceMeanField_ELBO``. The particles are vectorized. An ELBO object is returned as is.
+
+    Args:
+        elbo: ``"trace"``, ``"meanfield"`` or a ``pyro.infer.ELBO`` object (pathwise estimator only).
+        num_particles: particles per estimate, an integer >= 1.
+        estimator: a name of :data:`~pyro_vae.infer.estimators.ESTIMATORS` or an ``Estimator``.
+        data_shape: shape of one data point; sizes the neural baseline of ``"score-function-neural-baseline"``.
+        baseline_beta: decay of the average baseline of ``"score-function-baseline"``.
+        nn_baseline: your own baseline module for ``"score-function-neural-baseline"`` (default: a
+            :class:`~pyro_vae.infer.estimators.NeuralBaseline` for ``data_shape``).
+        max_plate_nesting: plates in the model (1 for a :class:`pyro_vae.VAE`).
+
+    Raises:
+        ConfigError: as :func:`check_elbo`; ``num_particles`` not an integer >= 1; an ELBO object with an
+            estimator other than pathwise; the neural baseline without ``data_shape`` or ``nn_baseline``.
+    """
     if isinstance(elbo, ELBO):
-        if estimator != "pathwise":
+        if get_estimator(estimator) != ESTIMATORS["pathwise"]:
             raise ConfigError(message("estimator", '"pathwise" when elbo is an ELBO object', repr(estimator),
                                       'pass elbo="trace" with the estimator name'))
         return elbo
-    if estimator != "pathwise":
-        from pyro_vae.infer.estimators import make_estimator_elbo
-
-        return make_estimator_elbo(estimator, elbo, num_particles, data_shape=data_shape)
-    if elbo not in ELBOS:
-        raise ConfigError(message("elbo", f"one of {sorted(ELBOS)} or a pyro.infer.ELBO", repr(elbo),
-                                  "pick a known name"))
     num_particles = integer("num_particles", num_particles, 1)
-    return ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+    est = check_elbo(elbo, estimator)
+    kwargs: dict[str, Any] = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                                  max_plate_nesting=max_plate_nesting)
+    if est == ESTIMATORS["pathwise"]:
+        return ELBOS[elbo](**kwargs)  # type: ignore[index]
+    if est.baseline == "neural" and nn_baseline is None:
+        if data_shape is None:
+            raise ConfigError(message("data_shape", "the shape of one data point for the neural baseline", "None",
+                                      "pass data_shape=vae.data_shape or nn_baseline=module"))
+        nn_baseline = NeuralBaseline(data_shape)
+    kwargs.update(estimator=est, baseline_beta=baseline_beta,
+                  nn_baseline=nn_baseline if est.baseline == "neural" else None)
+    if est.baseline is not None:
+        return EstimatorTraceGraph_ELBO(**kwargs)
+    if elbo == "meanfield":
+        return EstimatorTraceMeanField_ELBO(**kwargs)
+    return EstimatorTrace_ELBO(**kwargs)
+
+
+def make_estimator_elbo(estimator: Union[str, Estimator] = "pathwise", elbo: Union[str, ELBO] = "trace",
+                        num_particles: int = 1, *, data_shape: Optional[Sequence[int]] = None,
+                        baseline_beta: float = 0.9, nn_baseline: Optional[nn.Module] = None,
+                        max_plate_nesting: int = 1) -> ELBO:
+    """An alias of :func:`make_elbo` with the estimator as first argument: ``make_estimator_elbo(estimator,
+    elbo, num_particles, ...)`` is ``make_elbo(elbo, num_particles, estimator, ...)``, same ELBO, same errors."""
+    return make_elbo(elbo, num_particles, estimator, data_shape, baseline_beta=baseline_beta,
+                     nn_baseline=nn_baseline, max_plate_nesting=max_plate_nesting)
 
 
 def evaluate_elbo(vae: VAE, data: Any, *, elbo: Union[str, ELBO] = "trace", num_particles: int = 1,

@@ -12,6 +12,9 @@ samples from, through an effect handler, and lets Pyro's ``Trace_ELBO`` / ``Trac
   ``straight-through`` (Bengio et al. 2013; Jang et al. 2017), and the ``score-function`` variants on the
   exact ``OneHotCategorical`` in both model and guide.
 
+The ELBO of an estimator is built by :func:`pyro_vae.infer.elbo.make_elbo` (``make_elbo(elbo, num_particles,
+estimator)``); this module holds the estimators, the handler and the ELBO classes it builds.
+
 ``dist.Normal(...).to_event(1).has_rsample_(False)`` raises, and ``.has_rsample_(False).to_event(1)`` fails
 inside a plate on pyro-ppl 1.9; :class:`ScoreFunction` is a thin distribution wrapper that works at any
 position in the stack of ``plate``, ``expand`` and ``to_event``.
@@ -27,12 +30,17 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.distributions import constraints
+from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 
+from pyro_vae.distributions.relaxed import ExpOneHotCategorical
+from pyro_vae.encoders import RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, message
+from pyro_vae.networks import MLP
+from pyro_vae.pyro_internals import ParticleHandlerMixin, active_messengers
 
 __all__ = [
     "ScoreFunction",
@@ -44,10 +52,11 @@ __all__ = [
     "check_estimator",
     "NeuralBaseline",
     "EstimatorTrace_ELBO",
+    "EstimatorTraceMeanField_ELBO",
     "EstimatorTraceGraph_ELBO",
-    "make_estimator_elbo",
     "BASELINE_PARAM",
     "straight_through_override",
+    "unwrap_independent",
 ]
 
 #: Name prefix of the decaying-average baseline Pyro keeps in the param store (``+ site name``).
@@ -158,8 +167,6 @@ def get_estimator(estimator: Union[str, Estimator]) -> Estimator:
 def check_estimator(estimator: Union[str, Estimator], vae: nn.Module) -> Estimator:
     """The :class:`Estimator`, or :class:`ConfigError` when it does not fit the VAE's latent (``relaxed`` and
     ``straight-through`` need a relaxed-categorical encoder)."""
-    from pyro_vae.encoders import RelaxedCategoricalEncoder
-
     est = get_estimator(estimator)
     if not est.gaussian and not isinstance(getattr(vae, "encoder", None), RelaxedCategoricalEncoder):
         raise ConfigError(message(f'estimator "{est.name}"', "a VAE with categorical latents",
@@ -169,7 +176,9 @@ def check_estimator(estimator: Union[str, Estimator], vae: nn.Module) -> Estimat
     return est
 
 
-def _unwrap_independent(fn: dist.Distribution) -> tuple[dist.Distribution, list[int]]:
+def unwrap_independent(fn: dist.Distribution) -> tuple[dist.Distribution, list[int]]:
+    """The distribution inside any number of ``Independent`` wrappers (``.to_event``) and the
+    ``reinterpreted_batch_ndims`` of each wrapper, outermost first."""
     dims = []
     while isinstance(fn, torch.distributions.Independent):
         dims.append(fn.reinterpreted_batch_ndims)
@@ -186,8 +195,6 @@ def _rewrap_independent(fn: dist.Distribution, dims: list[int]) -> dist.Distribu
 def _is_relaxed_categorical(fn: Any) -> bool:
     """A relaxed one-hot categorical on the simplex (torch's ``RelaxedOneHotCategorical``) or in log space
     (torch's ``ExpRelaxedCategorical``, :class:`pyro_vae.relaxed.ExpRelaxedOneHotCategorical`)."""
-    from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
-
     return isinstance(fn, (torch.distributions.RelaxedOneHotCategorical, ExpRelaxedCategorical))
 
 
@@ -198,9 +205,7 @@ def _convert_categorical(fn: dist.Distribution, mode: Optional[str], role: str, 
     ``"straight-through"`` leave the distribution as it is: the latent is the same relaxed draw, and the
     straight-through estimator changes only what the consumer of a log-space latent computes from it
     (:func:`straight_through_override`)."""
-    from pyro_vae.distributions.relaxed import ExpOneHotCategorical
-
-    base, dims = _unwrap_independent(fn)
+    base, dims = unwrap_independent(fn)
     if mode is None or not _is_relaxed_categorical(base):
         return fn
     simplex = isinstance(base, torch.distributions.RelaxedOneHotCategorical)
@@ -221,10 +226,8 @@ def straight_through_override(site: str) -> Optional[bool]:
     """Whether an :class:`EstimatorMessenger` of the model that is running now asks for the straight-through
     estimator (``True``) or the plain relaxed one (``False``) at the log-space categorical latent ``site``;
     ``None`` when none does (the latent's own setting applies). :meth:`pyro_vae.VAE.decoder_input` reads it
-    while the model runs under ``make_estimator_elbo("straight-through")`` or ``"relaxed"``."""
-    from pyro.poutine.runtime import _PYRO_STACK
-
-    for handler in reversed(_PYRO_STACK):
+    while the model runs under ``make_elbo(estimator="straight-through")`` or ``"relaxed"``."""
+    for handler in reversed(active_messengers()):
         if isinstance(handler, EstimatorMessenger) and handler.role == "model" and (
                 handler.sites is None or site in handler.sites):
             mode = handler.estimator.categorical
@@ -274,10 +277,10 @@ class EstimatorMessenger(Messenger):
             return
         est = self.estimator
         mode = "exact" if est.score_function else est.categorical
-        if not est.gaussian and not _is_relaxed_categorical(_unwrap_independent(msg["fn"])[0]):
+        if not est.gaussian and not _is_relaxed_categorical(unwrap_independent(msg["fn"])[0]):
             raise ConfigError(message(
                 f'estimator "{est.name}" at site "{msg["name"]}"', "a relaxed one-hot categorical latent",
-                type(_unwrap_independent(msg["fn"])[0]).__name__,
+                type(unwrap_independent(msg["fn"])[0]).__name__,
                 'use "pathwise" or a "score-function" estimator, or build the VAE with latent="categorical"'))
         fn = _convert_categorical(msg["fn"], mode, self.role, msg["name"])
         if self.role == "guide" and est.score_function:
@@ -336,8 +339,6 @@ class NeuralBaseline(nn.Module):
 
     def __init__(self, data_shape: Sequence[int], hidden: Sequence[int] = (64,)) -> None:
         super().__init__()
-        from pyro_vae.networks import MLP
-
         self.data_shape = tuple(int(s) for s in data_shape)
         self.mlp = MLP((math.prod(self.data_shape), *[int(h) for h in hidden], 1), activation=nn.Tanh)
 
@@ -346,9 +347,9 @@ class NeuralBaseline(nn.Module):
         return self.mlp(x.reshape(*batch, -1)).squeeze(-1)
 
 
-class _EstimatorELBOMixin:
-    """Applies :class:`EstimatorMessenger` to model and guide inside ``_get_trace``, which every particle
-    (sequential or vectorized) of Pyro's ELBOs goes through."""
+class _EstimatorELBOMixin(ParticleHandlerMixin):
+    """Applies :class:`EstimatorMessenger` to the model and guide of every particle (sequential or
+    vectorized) of Pyro's ELBOs (:class:`pyro_vae.pyro_internals.ParticleHandlerMixin`)."""
 
     def __init__(self, *args: Any, estimator: Union[str, Estimator] = "pathwise", baseline_beta: float = 0.9,
                  nn_baseline: Optional[nn.Module] = None, sites: Optional[Iterable[str]] = None,
@@ -371,12 +372,14 @@ class _EstimatorELBOMixin:
             x = x.expand(self.num_particles, *x.shape)  # type: ignore[attr-defined]
         return x
 
-    def _get_trace(self, model, guide, args, kwargs):
+    def handle_particle(self, model: Callable, guide: Callable, args: tuple,
+                        kwargs: dict) -> tuple[Callable, Callable]:
+        """The model and the guide under :class:`EstimatorMessenger` for this ELBO's estimator."""
         model = EstimatorMessenger(self.estimator, "model", sites=self.sites)(model)
         guide = EstimatorMessenger(self.estimator, "guide", sites=self.sites, baseline_beta=self.baseline_beta,
                                    nn_baseline=self.nn_baseline,
                                    nn_baseline_input=self._baseline_input(args, kwargs))(guide)
-        return super()._get_trace(model, guide, args, kwargs)  # type: ignore[misc]
+        return model, guide
 
 
 class EstimatorTrace_ELBO(_EstimatorELBOMixin, Trace_ELBO):
@@ -390,44 +393,3 @@ class EstimatorTraceMeanField_ELBO(_EstimatorELBOMixin, TraceMeanField_ELBO):
 class EstimatorTraceGraph_ELBO(_EstimatorELBOMixin, TraceGraph_ELBO):
     """``TraceGraph_ELBO`` (Rao-Blackwellized score-function terms, baselines) under
     :class:`EstimatorMessenger`."""
-
-
-def make_estimator_elbo(estimator: Union[str, Estimator] = "pathwise", elbo: str = "trace",
-                        num_particles: int = 1, *, data_shape: Optional[Sequence[int]] = None,
-                        baseline_beta: float = 0.9, nn_baseline: Optional[nn.Module] = None,
-                        max_plate_nesting: int = 1) -> ELBO:
-    """The Pyro ELBO that computes ``estimator``'s gradient on an unchanged model/guide pair.
-
-    Args:
-        estimator: a name of :data:`ESTIMATORS` or an :class:`Estimator`.
-        elbo: ``"trace"`` (Monte Carlo KL) or ``"meanfield"`` (analytic KL where registered). Analytic KL
-            is only sound with reparameterized guide sites: Pyro's ``TraceMeanField_ELBO`` would drop the
-            score-function term of the reconstruction, so score-function estimators refuse it.
-        num_particles: vectorized particles per estimate.
-        data_shape: shape of one data point (sizes the neural baseline).
-        baseline_beta: decay of the average baseline.
-        nn_baseline: your own baseline module (default: a :class:`NeuralBaseline` for ``data_shape``).
-        max_plate_nesting: plates in the model (1 for a :class:`pyro_vae.VAE`).
-    """
-    est = get_estimator(estimator)
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ConfigError(message("num_particles", "an integer >= 1", repr(num_particles), "pass num_particles=1"))
-    if elbo not in ("trace", "meanfield"):
-        raise ConfigError(message("elbo", '"trace" or "meanfield"', repr(elbo), 'pass elbo="trace"'))
-    if elbo == "meanfield" and est.score_function:
-        raise ConfigError(message(
-            f'elbo with estimator "{est.name}"', '"trace" (Monte Carlo KL)', '"meanfield"',
-            "TraceMeanField_ELBO drops the score-function term of the reconstruction; use elbo=\"trace\""))
-    if est.baseline == "neural" and nn_baseline is None:
-        if data_shape is None:
-            raise ConfigError(message("data_shape", "the shape of one data point for the neural baseline", "None",
-                                      "pass data_shape=vae.data_shape or nn_baseline=module"))
-        nn_baseline = NeuralBaseline(data_shape)
-    kwargs = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
-                  max_plate_nesting=max_plate_nesting, estimator=est, baseline_beta=baseline_beta,
-                  nn_baseline=nn_baseline if est.baseline == "neural" else None)
-    if est.baseline is not None:
-        return EstimatorTraceGraph_ELBO(**kwargs)
-    if elbo == "meanfield":
-        return EstimatorTraceMeanField_ELBO(**kwargs)
-    return EstimatorTrace_ELBO(**kwargs)

@@ -1,9 +1,9 @@
 """Pyro's ELBO loss and surrogate loss as tensors, without host synchronization.
 
 For ``Trace_ELBO`` and ``TraceMeanField_ELBO`` the surrogate loss is assembled from the traces Pyro records
-(``ELBO._get_traces``: the sites' ``log_prob_sum``, ``score_parts`` and, for the mean-field ELBO, the
-registered ``kl_divergence``) without the ``.item()`` calls of ``ELBO.loss_and_grads``, so a training step
-queues its work on the GPU without waiting for it. Its value and gradients are those of Pyro's
+(:func:`pyro_vae.pyro_internals.particle_traces`: the sites' ``log_prob_sum``, ``score_parts`` and, for the
+mean-field ELBO, the registered ``kl_divergence``) without the ``.item()`` calls of ``ELBO.loss_and_grads``, so a
+training step queues its work on the GPU without waiting for it. Its value and gradients are those of Pyro's
 ``loss_and_grads`` (``tests/test_step.py`` checks them parameter by parameter); sites with a score-function
 term, and every other ELBO, go through Pyro's own code unchanged.
 """
@@ -18,6 +18,8 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 
+from pyro_vae.pyro_internals import particle_loss, particle_traces
+
 __all__ = ["elbo_loss", "fast_kind"]
 
 
@@ -30,7 +32,7 @@ def _trace_particle(loss_fn: Trace_ELBO, model_trace: Any, guide_trace: Any) -> 
         if site["type"] == "sample":
             _, score_function_term, entropy_term = site["score_parts"]
             if not is_identically_zero(score_function_term):
-                loss, surrogate_loss = loss_fn._differentiable_loss_particle(model_trace, guide_trace)
+                loss, surrogate_loss = particle_loss(type(loss_fn))(loss_fn, model_trace, guide_trace)
                 return torch.as_tensor(loss, device=surrogate_loss.device), surrogate_loss
             if not is_identically_zero(entropy_term):
                 surrogate = surrogate - entropy_term.sum()
@@ -39,8 +41,8 @@ def _trace_particle(loss_fn: Trace_ELBO, model_trace: Any, guide_trace: Any) -> 
 
 
 def _mean_field_particle(model_trace: Any, guide_trace: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    # TraceMeanField_ELBO._differentiable_loss_particle without its torch_item: analytic KL where one is
-    # registered, Monte Carlo otherwise.
+    # TraceMeanField_ELBO's particle loss (pyro_internals.particle_loss) without its torch_item: analytic KL
+    # where one is registered, Monte Carlo otherwise.
     elbo: Any = 0.0
     for name, model_site in model_trace.nodes.items():
         if model_site["type"] != "sample":
@@ -77,7 +79,7 @@ def fast_kind(loss_fn: ELBO) -> Optional[type]:
     cls = type(loss_fn)
     for base in (TraceMeanField_ELBO, Trace_ELBO):
         if (isinstance(loss_fn, base) and cls.loss_and_grads is base.loss_and_grads
-                and cls._differentiable_loss_particle is base._differentiable_loss_particle):
+                and particle_loss(cls) is particle_loss(base)):
             return base
     return None
 
@@ -86,7 +88,7 @@ def elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, *args: Any,
               **kwargs: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """``(loss, surrogate_loss)`` as tensors, with no host synchronization, for ``Trace_ELBO`` and
     ``TraceMeanField_ELBO`` (and subclasses that keep their ``loss_and_grads`` and particle loss, such as
-    :class:`pyro_vae.estimators.EstimatorTrace_ELBO`); ``None`` for any other ELBO.
+    :class:`pyro_vae.infer.estimators.EstimatorTrace_ELBO`); ``None`` for any other ELBO.
 
     ``loss`` is the detached negative ELBO estimate (averaged over particles); ``surrogate_loss`` is what
     Pyro differentiates (equal to ``loss`` in value unless a guide site has a score-function term).
@@ -101,7 +103,7 @@ def _elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, args: tuple,
         return None
     loss: Any = 0.0
     surrogate: Any = 0.0
-    for model_trace, guide_trace in loss_fn._get_traces(model, guide, args, kwargs):
+    for model_trace, guide_trace in particle_traces(loss_fn, model, guide, args, kwargs):
         if kind is Trace_ELBO:
             loss_p, surrogate_p = _trace_particle(loss_fn, model_trace, guide_trace)
         else:

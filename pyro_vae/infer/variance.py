@@ -48,27 +48,30 @@ import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
-from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.tracegraph_elbo import TrackNonReparam
 from pyro.infer.util import MultiFrameTensor, is_identically_zero
 from pyro.ops.provenance import get_provenance
-from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER
+from pyro.params.param_store import user_param_name
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 from torch.distributions import constraints, transform_to
 
 from pyro_vae.errors import ConfigError, NonFiniteLossError, message
+from pyro_vae.infer.elbo import check_elbo, make_elbo
 from pyro_vae.infer.estimators import (
     BASELINE_PARAM,
     Estimator,
     EstimatorMessenger,
     NeuralBaseline,
     ScoreFunction,
-    _unwrap_independent,
     get_estimator,
-    make_estimator_elbo,
+    unwrap_independent,
 )
+from pyro_vae.infer.kl_report import kl_report
+from pyro_vae.models.linear_gaussian import exact_elbo
+from pyro_vae.pyro_internals import param_constraints, trace_log_r, unconstrained_params
+from pyro_vae.validation import integer
 
 __all__ = ["gradient_samples", "gradient_statistics", "parameter_groups", "exact_gradient", "flat_gradient",
            "summarize", "METHODS", "PARAM_GROUP"]
@@ -128,8 +131,6 @@ def exact_gradient(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Exact gradient of the loss ``-sum(ELBO(x))`` of a linear-Gaussian VAE (see
     :mod:`pyro_vae.linear_gaussian`), by autograd of the closed form; ``(num_params,)`` over the VAE's
     module parameters (the model has no ``pyro.param``)."""
-    from pyro_vae.models.linear_gaussian import exact_elbo
-
     return flat_gradient(vae, -exact_elbo(vae, x).sum())
 
 
@@ -156,7 +157,7 @@ def _categorical_kind(base: Any) -> bool:
 
 def _noise_kind(fn: dist.Distribution, site: str) -> str:
     base = fn.base if isinstance(fn, ScoreFunction) else fn
-    base, _ = _unwrap_independent(base)
+    base, _ = unwrap_independent(base)
     if isinstance(base, (torch.distributions.Normal,)):
         return "normal"
     if _categorical_kind(base):
@@ -177,7 +178,7 @@ def _draw(fn: dist.Distribution, eps: torch.Tensor, site: str) -> torch.Tensor:
     draw gives)."""
     detach = isinstance(fn, ScoreFunction) or not fn.has_rsample
     base = fn.base if isinstance(fn, ScoreFunction) else fn
-    base, _ = _unwrap_independent(base)
+    base, _ = unwrap_independent(base)
     if hasattr(base, "from_gumbel"):
         value = base.from_gumbel(eps)
     elif isinstance(base, torch.distributions.Normal):
@@ -236,8 +237,8 @@ class _Plan:
 
     def tensors(self) -> list[torch.Tensor]:
         """The current leaf tensors, in column order (param-store entries looked up by name)."""
-        store = pyro.get_param_store()
-        return [store._params[n] if g == PARAM_GROUP else p for g, items in self.groups.items() for n, p in items]
+        leaves = unconstrained_params()
+        return [leaves[n] if g == PARAM_GROUP else p for g, items in self.groups.items() for n, p in items]
 
 
 def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, elbo: str,
@@ -246,8 +247,6 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
 
     ``pyro.param`` statements create their params as a first ``SVI`` step would; registrations of the
     VAE's own modules that the run adds to the param store are taken out again."""
-    from pyro_vae.infer.kl_report import kl_report
-
     groups = _module_groups(vae)
     ids = {id(p): n for items in groups.values() for n, p in items}
     store = pyro.get_param_store()
@@ -281,19 +280,20 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
     vae_names: dict[str, tuple[str, Any]] = {}
     pyro_params: dict[str, Any] = {}
     external: list[str] = []
+    leaves, constraint_of = unconstrained_params(store), param_constraints(store)
     for name, site in params.trace.nodes.items():
-        if site["type"] != "param" or name.startswith(BASELINE_PARAM) or name not in store._params:
+        if site["type"] != "param" or name.startswith(BASELINE_PARAM) or name not in leaves:
             continue
-        tensor = store._params[name]
+        tensor = leaves[name]
         if id(tensor) in ids:
-            vae_names[name] = (ids[id(tensor)], store._constraints.get(name, constraints.real))
+            vae_names[name] = (ids[id(tensor)], constraint_of.get(name, constraints.real))
             if name not in before:
                 del store[name]
-        elif _MODULE_NAMESPACE_DIVIDER in name:
+        elif user_param_name(name) != name:  # "module$$$param": a pyro.module registration
             external.append(name)
         else:
-            pyro_params[name] = store._constraints.get(name, constraints.real)
-    extra = [(n, store._params[n]) for n in [*pyro_params, *external]]
+            pyro_params[name] = constraint_of.get(name, constraints.real)
+    extra = [(n, leaves[n]) for n in [*pyro_params, *external]]
     if extra:
         groups[PARAM_GROUP] = extra
     latent = {n: (s["value"].detach(), s["fn"]) for n, s in guide_tr.nodes.items()
@@ -406,7 +406,7 @@ class _Surrogate(nn.Module):
                     elbo = elbo - entropy.sum()
                 if not is_identically_zero(score):
                     if log_r is None and not self.graph:
-                        log_r = _compute_log_r(model_tr, guide_tr)
+                        log_r = trace_log_r(model_tr, guide_tr)
                     cost = self._cost(name, model_tr, guide_tr, log_r)
                     elbo = elbo + (cost.detach() * score).sum()
         self.answered |= answer.answered
@@ -426,7 +426,7 @@ def _baselines(vae: nn.Module, x: torch.Tensor, est: Estimator, plan: _Plan, nn_
         with torch.no_grad():
             b = nn_baseline(x).detach()
         return {s: b for s in sites}, nn_baseline
-    loss_fn = make_estimator_elbo(est, "trace", 1)
+    loss_fn = make_elbo("trace", 1, est)
     store = pyro.get_param_store()
     for s in sites:
         if BASELINE_PARAM + s in store:
@@ -443,16 +443,17 @@ def _clear_grads(plan: _Plan) -> None:
 
 
 # ---------------------------------------------------------------------------------------- the samplers
-def _check(vae: nn.Module, x: torch.Tensor, num_samples: int, num_particles: int, method: str, elbo: str) -> None:
-    for name, value in (("num_samples", num_samples), ("num_particles", num_particles)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(message(name, "an integer >= 1", repr(value), f"pass {name}=1 or more"))
+def _check(vae: nn.Module, x: torch.Tensor, est: Estimator, num_samples: Any, num_particles: Any, method: str,
+           elbo: str) -> tuple[int, int]:
+    """``(num_samples, num_particles)`` as ints, once every argument is checked."""
+    num_samples = integer("num_samples", num_samples, 1)
+    num_particles = integer("num_particles", num_particles, 1)
     if method not in METHODS:
         raise ConfigError(message("method", " or ".join(map(repr, METHODS)), repr(method), 'pass "vectorized"'))
-    if elbo not in ("trace", "meanfield"):
-        raise ConfigError(message("elbo", '"trace" or "meanfield"', repr(elbo), 'pass elbo="trace"'))
+    check_elbo(elbo, est)
     if hasattr(vae, "check_data"):
         vae.check_data(x)
+    return num_samples, num_particles
 
 
 def _draw_noise(plan: _Plan, n: int) -> dict[str, torch.Tensor]:
@@ -466,7 +467,7 @@ def _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline, nn
                noise: Optional[dict[str, torch.Tensor]] = None) -> Iterator[torch.Tensor]:
     """Pyro's ``loss_and_grads``, one estimate per call; with ``noise`` (``(num_samples, ...)`` per latent
     site) the guide's draws are set from it as in the vectorized path."""
-    loss_fn = make_estimator_elbo(est, elbo, num_particles, nn_baseline=nn_baseline)
+    loss_fn = make_elbo(elbo, num_particles, est, nn_baseline=nn_baseline)
     store = pyro.get_param_store()
     known = set(plan.vae_names) | set(plan.store) | set(plan.external)
     rows = []
@@ -484,8 +485,9 @@ def _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline, nn
         with poutine.trace(param_only=True) as seen:
             loss_fn.loss_and_grads(vae.model, guide, x, **kwargs)
         ids = {id(p) for p in params}
+        leaves = unconstrained_params(store)
         new = [n for n in seen.trace.nodes if n not in known and not n.startswith(BASELINE_PARAM)
-               and id(store._params.get(n)) not in ids]
+               and id(leaves.get(n)) not in ids]
         if new:
             raise ConfigError(message(
                 f'Pyro param "{new[0]}"', "the pyro.param statements of the run that collected the parameters",
@@ -512,10 +514,10 @@ def _iter_vectorized(vae, x, est, plan, num_samples, num_particles, elbo, baseli
             'use method="loop", or hold that module in a part of the VAE (an nn.Module prior, likelihood, '
             "encoder or decoder)"))
     surrogate = _Surrogate(vae, est, num_particles, elbo, baseline, kwargs, plan)
-    store = pyro.get_param_store()
+    leaves = unconstrained_params()
     module_params = {f"vae.{n}": p.detach() for g, items in plan.groups.items() if g != PARAM_GROUP
                      for n, p in items}
-    store_params = {n: store._params[n].detach() for n in plan.store}
+    store_params = {n: leaves[n].detach() for n in plan.store}
     frozen = {n: t.detach() for n, t in surrogate.named_parameters() if n not in module_params}
     frozen.update({n: b for n, b in surrogate.named_buffers()})
     columns = [(g == PARAM_GROUP, n if g == PARAM_GROUP else f"vae.{n}") for g, items in plan.groups.items()
@@ -551,9 +553,7 @@ def _default_chunk(x: torch.Tensor, num_particles: int, method: str) -> int:
 def _iter_gradients(vae, x, estimator, num_samples, num_particles, method, elbo, nn_baseline, warmup,
                     chunk_size, kwargs, noise=None) -> tuple[_Plan, Iterator[torch.Tensor]]:
     est = get_estimator(estimator)
-    _check(vae, x, num_samples, num_particles, method, elbo)
-    if elbo == "meanfield":
-        make_estimator_elbo(est, elbo, 1, data_shape=getattr(vae, "data_shape", None))  # validates the pair
+    num_samples, num_particles = _check(vae, x, est, num_samples, num_particles, method, elbo)
     plan = _plan(vae, x, est, num_particles, elbo, kwargs)
     if elbo == "meanfield" and plan.monte_carlo_kl:
         warnings.warn(

@@ -34,6 +34,7 @@ from pyro_vae.likelihoods import Likelihood, build_likelihood
 from pyro_vae.models.sites import Sites
 from pyro_vae.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from pyro_vae.priors import build_prior
+from pyro_vae.pyro_internals import unconstrained_params
 from pyro_vae.validation import beta as check_beta
 from pyro_vae.validation import cast_data, check_memory, integer
 
@@ -319,7 +320,7 @@ class VAE(Sites):
             store = pyro.get_param_store()
             for pname, param in module.named_parameters():
                 full = param_with_module_name(name, pname)
-                if full in store._params and store._params[full] is not param:
+                if unconstrained_params(store).get(full, param) is not param:
                     raise ConfigError(message(
                         f'Pyro param "{full}"', "the parameter of this VAE's module",
                         "a parameter of another module registered under the same name",
