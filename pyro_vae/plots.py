@@ -33,14 +33,18 @@ def as_images(x: torch.Tensor) -> Optional[np.ndarray]:
 
 
 def image_grid(images: np.ndarray, ncol: Optional[int] = None, pad: int = 1) -> np.ndarray:
-    n, h, w = images.shape
+    """``(N, H, W)`` grey images laid out row by row, ``ncol`` to a row (default ``ceil(sqrt(N))``), in one
+    float32 picture ``(nrow * (H + pad) + pad, min(ncol, N) * (W + pad) + pad)`` with ``nrow = ceil(N / ncol)``:
+    the images are framed and separated by ``pad`` pixels of white (1.0), and the places after the last image
+    of an incomplete last row are white. A single image is returned as it is, ``(H, W)``, unframed.
+    ``torchvision.utils.make_grid`` draws it."""
+    from torchvision.utils import make_grid  # a few seconds to import: only where a grid is drawn
+
+    n = images.shape[0]
     ncol = ncol or int(math.ceil(math.sqrt(n)))
-    nrow = int(math.ceil(n / ncol))
-    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.float32)
-    for k in range(n):
-        r, c = divmod(k, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[k]
-    return grid
+    grid = make_grid(torch.as_tensor(images, dtype=torch.float32).unsqueeze(1), nrow=ncol, padding=pad,
+                     pad_value=1.0)
+    return grid[0].numpy()
 
 
 def _save(fig: plt.Figure, path: PathLike) -> Path:

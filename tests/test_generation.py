@@ -259,3 +259,21 @@ def test_plots_draw_non_image_data(tmp_path):
     mask = torch.tensor([True, False] * 3)
     assert plots.save_imputations(x, mask, x, tmp_path / "m.png").stat().st_size > 0
     assert plots.save_pareto_k(torch.tensor([0.1, 0.6, 0.9]), tmp_path / "k.png").stat().st_size > 0
+
+
+def test_image_grid_lays_images_out_row_by_row_in_a_white_frame():
+    import numpy as np
+
+    from pyro_vae import plots
+
+    h, w, pad = 2, 3, 1
+    images = np.stack([np.full((h, w), k / 10) for k in range(5)])
+    grid = plots.image_grid(images, ncol=3, pad=pad)
+    assert grid.dtype == np.float32 and grid.shape == (2 * (h + pad) + pad, 3 * (w + pad) + pad)
+    for k in range(5):
+        r, c = divmod(k, 3)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        assert np.all(grid[top: top + h, left: left + w] == np.float32(k / 10))
+        grid[top: top + h, left: left + w] = 1.0
+    assert np.all(grid == 1.0)  # the frame, the gaps and the empty sixth place are white
+    assert plots.image_grid(images).shape == (2 * (h + pad) + pad, 3 * (w + pad) + pad)  # ceil(sqrt(5)) = 3 a row
