@@ -32,8 +32,10 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from pyro_vae.errors import CheckpointError, message
+from pyro_vae.errors import CheckpointError, ConfigError, message
 from pyro_vae.models.vae import VAE
+from pyro_vae.validation import describe_path
+from pyro_vae.version import __version__
 
 __all__ = ["atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors", "json_bytes",
            "tensor_bytes", "save", "load", "config_json", "check_writable", "rng_state", "set_rng_state",
@@ -202,22 +204,8 @@ def _read_file(path: Path, what: str) -> bytes:
 
 def describe(path: PathLike, limit: int = 6) -> str:
     """What is at ``path``, in words: nothing, a file of N bytes, an empty folder, a folder holding a, b, ...
-    (this package's lock and temporary files left out)."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            names = sorted(n for n in os.listdir(path) if n != LOCK and not _TEMP.match(n))
-            if not names:
-                return "an empty folder"
-            more = f" and {len(names) - limit} more" if len(names) > limit else ""
-            return "a folder holding " + ", ".join(names[:limit]) + more
-        if path.is_file():
-            return f"a file of {path.stat().st_size} bytes"
-        if path.exists():
-            return "something that is neither a file nor a folder"
-    except OSError as e:
-        return f"something that cannot be read ({e.strerror or type(e).__name__})"
-    return "nothing (it does not exist)"
+    (this module's lock and temporary files left out); :func:`pyro_vae.validation.describe_path`."""
+    return describe_path(path, limit, hide=lambda name: name == LOCK or _TEMP.match(name) is not None)
 
 
 # ------------------------------------------------------------------------------------------ the manifest
@@ -709,8 +697,6 @@ def has_checkpoint(folder: PathLike) -> bool:
 # --------------------------------------------------------------------------------------- save and load
 def config_json(vae: VAE, **extra: Any) -> bytes:
     """The bytes of a run's ``config.json``: the package version, the VAE's config and ``extra`` sections."""
-    from pyro_vae.version import __version__
-
     if vae.config is None:
         raise CheckpointError(message("vae", "a VAE built from named parts (so its config is JSON)",
                                       "a VAE with a user-supplied module or callable",
@@ -816,8 +802,6 @@ def check_writable(folder: PathLike, need_bytes: int = 0, what: str = "checkpoin
     """
     import shutil
 
-    from pyro_vae.errors import ConfigError
-
     folder = Path(folder)
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -911,8 +895,6 @@ def load_training_state(path: PathLike, *, vae_config: Any = None, signature: Op
     Raises:
         CheckpointError: naming the first mismatch and how to proceed.
     """
-    from pyro_vae.version import __version__
-
     path = Path(path)
     if path.is_dir():
         run = RunFolder(path)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pyro_vae.errors import ConfigError, DataError, message
-from pyro_vae.validation import positive, unit_interval
+from pyro_vae.validation import describe_path, positive, unit_interval
 
 __all__ = ["Dataset", "Splits", "load", "digits", "torchvision_dataset", "from_file", "binarize",
            "check_binarizable", "DATASETS", "BINARIZE"]
@@ -146,10 +146,8 @@ def from_file(path: Union[str, Path], seed: int = 0, val_fraction: float = 0.1,
     (``torch.load(weights_only=True)``) of shape ``(N, *data_shape)``; 8-bit integers are scaled to [0, 1]."""
     path = Path(path)
     if not path.is_file():
-        from pyro_vae.checkpoint import describe
-
         raise DataError(message("data", f"one of {DATASETS} or an existing .npy/.pt file",
-                                f"{describe(path)} at {path}", "check the path"))
+                                f"{describe_path(path)} at {path}", "check the path"))
     try:
         if path.suffix == ".npy":
             arr = torch.as_tensor(np.load(path, allow_pickle=False))
@@ -230,8 +228,6 @@ def as_tensor_data(data: Any, what: str = "train_data") -> torch.Tensor:
     """The data tensor of a tensor or of a :class:`pyro_vae.data.Dataset` (anything with ``.x``)."""
     x = getattr(data, "x", data)
     if not torch.is_tensor(x):
-        from pyro_vae.errors import DataError
-
         raise DataError(message(what, "a torch.Tensor or a pyro_vae.data.Dataset", type(data).__name__,
                                 "convert with torch.as_tensor(array, dtype=torch.float32)"))
     return x

@@ -18,6 +18,7 @@ from torch import nn
 
 from pyro_vae.distributions.continuous_bernoulli import StableContinuousBernoulli
 from pyro_vae.errors import ConfigError, DataError, message
+from pyro_vae.validation import positive
 
 __all__ = [
     "Likelihood",
@@ -104,9 +105,7 @@ class Normal(Likelihood):
 
     def __init__(self, scale: float = 0.1) -> None:
         super().__init__()
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ConfigError(message("likelihood scale", "a finite number > 0", repr(scale), "pass e.g. scale=0.1"))
-        self.scale = float(scale)
+        self.scale = positive("likelihood scale", scale, fix="pass e.g. scale=0.1")
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "scale": self.scale}

@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from pyro_vae.errors import ConfigError, message
-from pyro_vae.validation import beta as _beta
+from pyro_vae.validation import beta as check_beta
 from pyro_vae.validation import integer, number
 
 __all__ = ["Schedule", "ConstantTemperature", "ExponentialTemperature", "ConstantBeta", "KLWarmup"]
@@ -108,7 +108,7 @@ class ConstantBeta(_BetaSchedule):
     """A fixed KL weight ``beta > 0`` (beta-VAE, Higgins et al. 2017)."""
 
     def __init__(self, beta: float) -> None:
-        self.beta = _beta("beta", beta)
+        self.beta = check_beta("beta", beta)
 
     def value(self, step: int) -> float:
         return self.beta
@@ -127,8 +127,8 @@ class KLWarmup(_BetaSchedule):
 
     def __init__(self, steps: int, start: float | None = None, end: float = 1.0) -> None:
         self.steps = integer("warm-up steps", steps, 1)
-        self.end = _beta("end beta", end)
-        self.start = _beta("start beta", start if start is not None else self.end / self.steps)
+        self.end = check_beta("end beta", end)
+        self.start = check_beta("start beta", start if start is not None else self.end / self.steps)
 
     def value(self, step: int) -> float:
         frac = min(1.0, max(0, int(step)) / self.steps)

@@ -21,12 +21,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 
 from pyro_vae.errors import ConfigError, DataError, message
 
-__all__ = ["integer", "number", "positive", "beta", "image_path", "memory_bytes", "check_memory", "data_dtype",
-           "cast_data", "unit_interval", "arg_type", "IMAGE_SUFFIXES"]
+__all__ = ["integer", "number", "positive", "beta", "boolean", "image_path", "describe_path", "memory_bytes",
+           "check_memory", "data_dtype", "cast_data", "unit_interval", "arg_type", "resolve_device", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 """File types the pictures can be written as (matplotlib's own formats that need no extra package)."""
@@ -109,6 +110,14 @@ def beta(name: str, value: Any) -> float:
                                         "positive weight)")
 
 
+def boolean(name: str, value: Any) -> bool:
+    """``value`` as a ``bool`` when it is one (Python or NumPy bool), else :class:`ConfigError` naming ``name``:
+    ``1``, ``"yes"`` or ``None`` for a switch is refused, not read as true or false."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ConfigError(message(name, "True or False", repr(value), f"pass {name}=True or {name}=False"))
+
+
 def image_path(name: str, value: Union[str, Path]) -> Path:
     """A path for a picture: its suffix one of :data:`IMAGE_SUFFIXES`."""
     path = Path(value)
@@ -117,6 +126,26 @@ def image_path(name: str, value: Union[str, Path]) -> Path:
                                   f"{str(value)!r} (suffix {path.suffix!r})" if path.suffix else repr(str(value)),
                                   f"pass e.g. {name} {path.with_suffix('.png').name}"))
     return path
+
+
+def describe_path(path: Union[str, os.PathLike], limit: int = 6, hide: Optional[Callable[[str], bool]] = None) -> str:
+    """What is at ``path``, in words, for an error message: nothing, a file of N bytes, an empty folder, a folder
+    holding a, b, ... (at most ``limit`` names, those for which ``hide(name)`` is true left out)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            names = sorted(n for n in os.listdir(path) if hide is None or not hide(n))
+            if not names:
+                return "an empty folder"
+            more = f" and {len(names) - limit} more" if len(names) > limit else ""
+            return "a folder holding " + ", ".join(names[:limit]) + more
+        if path.is_file():
+            return f"a file of {path.stat().st_size} bytes"
+        if path.exists():
+            return "something that is neither a file nor a folder"
+    except OSError as e:
+        return f"something that cannot be read ({e.strerror or type(e).__name__})"
+    return "nothing (it does not exist)"
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -252,6 +281,8 @@ def _parse_int(text: str) -> int:
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """The ``torch.device`` of ``device``: ``"auto"`` is CUDA when it is available, else the CPU; a device this
+    machine does not have, or a name torch does not know, raises :class:`ConfigError`."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -46,6 +46,13 @@ def test_integer_and_number_accept_numpy_and_0_dim_tensors_and_refuse_bools_stri
         validation.integer("seed", 2 ** 32, 0, 2 ** 32 - 1)
 
 
+def test_boolean_takes_python_and_numpy_bools_only():
+    assert validation.boolean("progress", np.bool_(True)) is True and validation.boolean("progress", False) is False
+    for bad in (1, 0, "yes", None, torch.tensor(True)):
+        with pytest.raises(ConfigError, match=r"progress: expected True or False, found .*\. Fix: pass progress=True"):
+            validation.boolean("progress", bad)
+
+
 def test_the_command_line_parses_with_the_same_checks():
     to_int = validation.arg_type("--n", validation.integer)
     assert to_int("1e3") == 1000 and to_int("7") == 7
