@@ -8,14 +8,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from pyro_vae.errors import ConfigError, PyroVAEError, message
-from pyro_vae.validation import arg_type, beta, check_memory, image_path, integer, number
+import numpy as np
+import pyro
+import torch
+import torch.distributed as tdist
+
+from pyro_vae import checkpoint, evaluation, generation, imputation
+from pyro_vae.data import BINARIZE, binarize
+from pyro_vae.data import load as load_splits
+from pyro_vae.errors import ConfigError, PyroVAEError, TrainingInterrupted, message
+from pyro_vae.infer.elbo import ELBOS, evaluate_elbo
+from pyro_vae.infer.estimators import ESTIMATORS, get_estimator
+from pyro_vae.likelihoods import LIKELIHOODS
+from pyro_vae.models.vae import VAE
+from pyro_vae.priors import CATEGORICAL_PRIORS, PRIORS
+from pyro_vae.schedules import ConstantTemperature, ExponentialTemperature, KLWarmup
+from pyro_vae.train import distributed
+from pyro_vae.train.callbacks import EarlyStopping
+from pyro_vae.train.cuda_graph import check_cuda_graph
+from pyro_vae.train.loop import fit
+from pyro_vae.train.tensorboard import TensorBoard
+from pyro_vae.validation import arg_type, beta, check_memory, image_path, integer, number, resolve_device
 
 __all__ = ["main", "build_parser"]
 
@@ -47,12 +68,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from pyro_vae.data import BINARIZE
-    from pyro_vae.infer.elbo import ELBOS
-    from pyro_vae.infer.estimators import ESTIMATORS
-    from pyro_vae.likelihoods import LIKELIHOODS
-    from pyro_vae.priors import CATEGORICAL_PRIORS, PRIORS
-
     p = sub.add_parser("train", help="train a VAE and write its run folder",
                        description="Train a VAE by stochastic variational inference and write a run folder "
                                    "(config, weights, metrics, history, pictures).")
@@ -69,7 +84,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=_int("--hidden"), nargs="+", default=[400], help="hidden layer sizes of the MLPs")
     p.add_argument("--likelihood", default="continuous-bernoulli", choices=sorted(LIKELIHOODS),
                    help="p(x|z): bernoulli (binary data), continuous-bernoulli (grey levels), normal, "
-                        "normal-learned")
+                        "normal-learned; default: continuous-bernoulli (pyro_vae.VAE's default is bernoulli)")
     p.add_argument("--likelihood-scale", type=_float("--likelihood-scale"), default=None,
                    help="standard deviation of the 'normal' likelihood (default 0.1)")
     p.add_argument("--prior", default=None, choices=sorted(PRIORS) + sorted(CATEGORICAL_PRIORS),
@@ -102,7 +117,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="stop when the validation ELBO has not improved for this many epochs (0: never)")
     p.add_argument("--elbo", default=None, choices=sorted(ELBOS),
                    help="trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL); "
-                        "default meanfield, trace for the score-function estimators")
+                        "default: meanfield, trace for the score-function estimators (pyro_vae.fit's default is "
+                        "trace)")
     p.add_argument("--estimator", default="pathwise", choices=list(ESTIMATORS),
                    help="gradient estimator: pathwise (reparameterized), score-function (REINFORCE), "
                         "score-function-baseline (TraceGraph_ELBO, decaying-average baseline), "
@@ -162,8 +178,6 @@ def _latent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _schedules(args: argparse.Namespace) -> list:
-    from pyro_vae.schedules import ConstantTemperature, ExponentialTemperature, KLWarmup
-
     out: list = []
     if args.latent == "categorical":
         out.append(ExponentialTemperature(args.temperature, args.anneal_rate, args.temperature_min)
@@ -171,8 +185,6 @@ def _schedules(args: argparse.Namespace) -> list:
     if args.kl_warmup:
         out.append(KLWarmup(args.kl_warmup, end=args.beta))
     if args.early_stopping:
-        from pyro_vae.train.callbacks import EarlyStopping
-
         out.append(EarlyStopping(args.early_stopping))
     return out
 
@@ -196,13 +208,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 def _iw_samples(flag: str, value: Any) -> int:
     """0 (skip importance sampling) or enough samples per point for the Pareto-k fit."""
-    from pyro_vae.evaluation import PARETO_K_MIN_SAMPLES
-
     value = integer(flag, value, 0)
-    if 0 < value < PARETO_K_MIN_SAMPLES:
-        raise ConfigError(message(flag, f"0 (skip log p(x)) or an integer >= {PARETO_K_MIN_SAMPLES} (the Pareto-k "
-                                  "diagnostic of the importance weights needs that many per point)", repr(value),
-                                  f"pass {flag} 1000, or {flag} 0 for the ELBO alone"))
+    if 0 < value < evaluation.PARETO_K_MIN_SAMPLES:
+        raise ConfigError(message(flag, f"0 (skip log p(x)) or an integer >= {evaluation.PARETO_K_MIN_SAMPLES} "
+                                  "(the Pareto-k diagnostic of the importance weights needs that many per point)",
+                                  repr(value), f"pass {flag} 1000, or {flag} 0 for the ELBO alone"))
     return value
 
 
@@ -274,9 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------------- commands
 def _load_data(cfg: dict[str, Any]):
-    from pyro_vae import data
-
-    return data.load(cfg["data"], cfg.get("data_dir"), binarize_mode=cfg.get("binarize", "none"),
+    return load_splits(cfg["data"], cfg.get("data_dir"), binarize_mode=cfg.get("binarize", "none"),
                      seed=cfg.get("seed", 0), scale=cfg.get("scale"))
 
 
@@ -289,9 +297,7 @@ def _check_splits(vae: Any, splits: Any, name: str) -> None:
 
 
 def write_pictures(vae, splits, run: Path, history: Optional[list] = None, n: int = 64) -> list[Path]:
-    import torch
-
-    from pyro_vae import plots
+    from pyro_vae import plots  # matplotlib: loaded only when pictures are drawn
 
     vae.eval()
     device = vae.device
@@ -310,8 +316,6 @@ def write_pictures(vae, splits, run: Path, history: Optional[list] = None, n: in
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pyro_vae.train import distributed
-
     if args.resume and not args.out:
         raise ConfigError(message("--resume", "--out RUN naming the run folder to continue", "no --out",
                                   "pass --out RUN with the options of the original run"))
@@ -319,8 +323,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(message("--resume / --overwrite", "one of them", "both",
                                   "pass --resume to continue the run in --out, --overwrite to replace it"))
     if args.elbo is None:
-        from pyro_vae.infer.estimators import get_estimator
-
         args.elbo = "trace" if get_estimator(args.estimator).score_function else "meanfield"
     ctx, device = distributed.init_from_env(args.device)
     try:
@@ -328,8 +330,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             code = _train(args, ctx, device, held)
     except BaseException:
         if ctx.enabled:
-            import torch.distributed as tdist
-
             tdist.destroy_process_group()
         raise
     distributed.shutdown()
@@ -339,8 +339,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _check_resume(out: Path, data_cfg: dict[str, Any]) -> bool:
     """Check, reading only, that ``out`` is a run to continue with these data options; return whether it has a
     checkpoint (``False``: it stopped before its first one, and training starts from step 0)."""
-    from pyro_vae import checkpoint
-
     run = checkpoint.RunFolder(out)
     if not out.is_dir() or not run.started():
         raise checkpoint.CheckpointError(message(
@@ -367,8 +365,6 @@ class _RunConfig:
         self.out, self.config, self.held, self.is_main = out, config, held, is_main
 
     def on_fit_start(self, state: Any) -> None:
-        from pyro_vae import checkpoint
-
         if self.is_main:
             run = checkpoint.RunFolder(self.out)
             self.held.enter_context(run.lock())
@@ -385,23 +381,12 @@ class _NamePath:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        import errno
-
         disk = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
         if isinstance(exc, OSError) and not exc.filename and exc.errno in disk:
             exc.filename = f"{self.out} (the run folder)"
 
 
 def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.ExitStack) -> int:
-    import pyro
-    import torch
-
-    from pyro_vae import checkpoint
-    from pyro_vae.infer.elbo import evaluate_elbo
-    from pyro_vae.models.vae import VAE
-    from pyro_vae.train import distributed
-    from pyro_vae.train.loop import fit
-
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.out is None:
         out = Path(distributed.broadcast_object(str(out)))
@@ -437,12 +422,8 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
         train_cfg["processes"] = ctx.world_size
     callbacks = _schedules(args)
     if args.tensorboard is not None:  # closed when the command ends, however it ends
-        from pyro_vae.train.tensorboard import TensorBoard
-
         callbacks.append(held.enter_context(TensorBoard(args.tensorboard or out / "tensorboard")))
     if args.cuda_graph:  # refused before the run folder is written
-        from pyro_vae.train.cuda_graph import check_cuda_graph
-
         check_cuda_graph(vae, device, ctx, args.estimator, args.elbo, callbacks)
     run_config = _RunConfig(out, checkpoint.config_json(vae, data=data_cfg, train=train_cfg), held, ctx.is_main)
     start = time.perf_counter()
@@ -459,8 +440,6 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
     checkpoint.save(vae, out, data=data_cfg, train=train_cfg)
     train_x = splits.train.x
     if splits.dynamic_binarize:
-        from pyro_vae.data import binarize
-
         train_x = binarize(train_x, args.seed)
     elbo_name = _elbo_class_name(args.elbo)
     metrics: dict[str, Any] = {"units": "nats per data point", "how": {}}
@@ -499,20 +478,13 @@ def _run_data(cfg: Any) -> dict[str, Any]:
 
 
 def _load_run(run: str, device: str):
-    import pyro
-
-    from pyro_vae import checkpoint
-    from pyro_vae.validation import resolve_device
-
     pyro.clear_param_store()  # each command works on one VAE; main() may be called again in one process
     vae = checkpoint.load(run, map_location="cpu")
     return vae.to(resolve_device(device)), checkpoint.read_json(Path(run) / checkpoint.CONFIG)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import pyro
-
-    from pyro_vae import plots
+    from pyro_vae import plots  # matplotlib: loaded only when pictures are drawn
 
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
@@ -522,8 +494,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.source == "prior":
         x = vae.sample(args.n, mean=not args.draw)
     else:
-        from pyro_vae import generation
-
         x = generation.sample(vae, args.n, args.source, data=_train_x(cfg), mean=not args.draw,
                               n_components=args.components)
     title = {"prior": "samples from the prior", "aggregate": "samples from the aggregate posterior",
@@ -534,11 +504,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import pyro
-
-    from pyro_vae import checkpoint
-    from pyro_vae.infer.elbo import evaluate_elbo
-
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
     splits = _load_data(_run_data(cfg))
@@ -573,9 +538,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                 "evaluate")
     elbo = metrics["test_elbo"]
     if args.amortization_points > 0:
-        from pyro_vae.evaluation import amortization_gap
-
-        metrics.update(amortization_gap(vae, splits.test.x[: args.amortization_points],
+        metrics.update(evaluation.amortization_gap(vae, splits.test.x[: args.amortization_points],
                                         num_steps=args.amortization_steps, seed=args.seed).to_dict())
         how["amortization_gap"] = _how(f"optimized per-point Gaussian guide ({args.amortization_steps} Adam steps) "
                                        "against the encoder, KL weight 1", "test", args.amortization_points,
@@ -593,17 +556,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _pareto_summary(metrics: dict[str, Any]) -> str:
-    from pyro_vae.evaluation import PARETO_K_MIN_SAMPLES
-
     if "pareto_k_frac_above_0.7" not in metrics:
-        return f"no Pareto k (it needs --iw-samples >= {PARETO_K_MIN_SAMPLES})"
+        return f"no Pareto k (it needs --iw-samples >= {evaluation.PARETO_K_MIN_SAMPLES})"
     return f"Pareto k > 0.7 for {metrics['pareto_k_frac_above_0.7']:.1%} of points"
 
 
 def _elbo_class_name(name: str) -> str:
     """``Trace_ELBO`` for ``"trace"``, ``TraceMeanField_ELBO`` for ``"meanfield"`` (the names of train.ELBOS)."""
-    from pyro_vae.infer.elbo import ELBOS
-
     return ELBOS[name].__name__ if name in ELBOS else str(name)
 
 
@@ -618,14 +577,12 @@ def _train_x(cfg: dict[str, Any]):
     splits = _load_data(_run_data(cfg))
     x = splits.train.x
     if splits.dynamic_binarize:
-        from pyro_vae.data import binarize
-
         x = binarize(x, _run_data(cfg).get("seed", 0))
     return x
 
 
 def _importance_metrics(vae, test, args: argparse.Namespace) -> dict[str, Any]:
-    from pyro_vae import evaluation, plots
+    from pyro_vae import plots  # matplotlib: loaded only when pictures are drawn
 
     ll = evaluation.log_likelihood(vae, test, args.iw_samples, batch_size=args.iw_batch_size,
                                    return_log_weights=args.iw_samples >= evaluation.PARETO_K_MIN_SAMPLES)
@@ -638,10 +595,7 @@ def _importance_metrics(vae, test, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    import pyro
-    import torch
-
-    from pyro_vae import generation, plots
+    from pyro_vae import plots  # matplotlib: loaded only when pictures are drawn
 
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
@@ -669,14 +623,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def _load_mask(spec: str, data_shape: tuple, n: int, seed: int):
-    import torch
-
-    from pyro_vae import checkpoint, imputation
-
     if spec.endswith((".npy", ".pt")):
         if spec.endswith(".npy"):
-            import numpy as np
-
             try:
                 arr = torch.as_tensor(np.load(spec, allow_pickle=False))
             except (OSError, ValueError) as e:
@@ -694,10 +642,7 @@ def _load_mask(spec: str, data_shape: tuple, n: int, seed: int):
 
 
 def cmd_impute(args: argparse.Namespace) -> int:
-    import pyro
-    import torch
-
-    from pyro_vae import checkpoint, imputation, plots
+    from pyro_vae import plots  # matplotlib: loaded only when pictures are drawn
 
     pyro.set_rng_seed(args.seed)
     vae, cfg = _load_run(args.run, args.device)
@@ -754,11 +699,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "the path, its permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from pyro_vae.errors import TrainingInterrupted
-
         if isinstance(e, TrainingInterrupted) and e.checkpoint:
-            import shlex
-
             words = list(sys.argv[1:] if argv is None else argv)
             resume = shlex.join(["pyro-vae", *words, *([] if "--resume" in words else ["--resume"])])
             print(f"pyro-vae {args.command}: {str(e).split('; checkpoint')[0]}; checkpoint written to "

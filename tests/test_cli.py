@@ -61,6 +61,24 @@ def test_help_explains_every_flag():
         assert flag in proc.stdout
 
 
+def test_help_names_the_defaults_that_differ_from_the_library(capsys):
+    """The command line trains with the mean-field ELBO and the continuous Bernoulli likelihood; pyro_vae.fit and
+    pyro_vae.VAE default to Trace_ELBO and the Bernoulli likelihood. --help says both, and both statements hold."""
+    import inspect
+
+    import pyro_vae
+    from pyro_vae import cli
+
+    assert cli.main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: continuous-bernoulli (pyro_vae.VAE's default is bernoulli)" in text
+    assert "default: meanfield, trace for the score-function estimators (pyro_vae.fit's default is trace)" in text
+    args = cli.build_parser().parse_args(["train"])
+    assert args.likelihood == "continuous-bernoulli" and args.elbo is None  # None: meanfield, set in cmd_train
+    assert inspect.signature(pyro_vae.VAE).parameters["likelihood"].default == "bernoulli"
+    assert inspect.signature(pyro_vae.fit).parameters["elbo"].default == "trace"
+
+
 def test_errors_are_one_line_and_non_zero(tmp_path):
     proc = run("-m", "pyro_vae", "train", "--z-dim", "0", "--epochs", "1", "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
