@@ -18,7 +18,7 @@ from torch import nn
 
 from pyro_vae.distributions.continuous_bernoulli import StableContinuousBernoulli
 from pyro_vae.errors import ConfigError, DataError, message
-from pyro_vae.validation import positive
+from pyro_vae.validation import number, positive
 
 __all__ = [
     "Likelihood",
@@ -123,12 +123,10 @@ class NormalLearnedScale(Likelihood):
 
     def __init__(self, data_shape: Sequence[int], init_scale: float = 0.1, min_scale: float = 1e-3) -> None:
         super().__init__()
-        if not (init_scale > min_scale >= 0):
-            raise ConfigError(
-                message("init_scale", f"a number > min_scale={min_scale}", repr(init_scale), "pass init_scale=0.1")
-            )
+        min_scale = number("min_scale", min_scale, 0.0, strict=False, fix="pass min_scale=1e-3")
+        init_scale = number("init_scale", init_scale, min_scale, fix=f"pass init_scale=0.1 (> min_scale={min_scale:g})")
         self.data_shape = tuple(int(s) for s in data_shape)
-        self.min_scale = float(min_scale)
+        self.min_scale = min_scale
         rho = math.log(math.expm1(init_scale - min_scale))
         self.rho = nn.Parameter(torch.full(self.data_shape, rho))
 

@@ -53,6 +53,20 @@ def test_boolean_takes_python_and_numpy_bools_only():
             validation.boolean("progress", bad)
 
 
+def test_the_likelihoods_scales_go_through_the_same_checks():
+    from pyro_vae.likelihoods import Normal, NormalLearnedScale
+
+    assert Normal(np.float32(0.5)).scale == 0.5
+    for bad in (0, -1.0, math.nan, math.inf, True, "0.1"):
+        with pytest.raises(ConfigError, match=r"^likelihood scale: expected a finite number > 0, found .*scale=0\.1"):
+            Normal(bad)
+    with pytest.raises(ConfigError, match=r"^min_scale: expected a finite number >= 0, found -1"):
+        NormalLearnedScale((3,), min_scale=-1)
+    for bad in (1e-3, 1e-4, math.nan, math.inf, None):
+        with pytest.raises(ConfigError, match=r"^init_scale: expected a finite number > 0.001, found"):
+            NormalLearnedScale((3,), init_scale=bad)
+
+
 def test_the_command_line_parses_with_the_same_checks():
     to_int = validation.arg_type("--n", validation.integer)
     assert to_int("1e3") == 1000 and to_int("7") == 7
