@@ -366,6 +366,7 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
         for i in range(0, x.shape[0], batch_size):
             out = particle_log_probs(vae, vae.model, vae.guide, x[i: i + batch_size].to(device), num_samples,
                                      particle_dim, keep=("z",))
+            assert out.z is not None  # kept
             parts.append((out.z.cpu(), out.log_w.cpu(), out.log_p_obs.cpu()))
     z, log_w, log_px = (torch.cat(p, dim=1) for p in zip(*parts))  # (S, N, ...), (S, N), (S, N)
     if resample:

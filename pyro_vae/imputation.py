@@ -184,6 +184,7 @@ def _metropolis(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Ten
             log_rho = (proposal.log_w - current.log_w)[0]  # (B,)
             accept = torch.rand_like(log_rho).log() < log_rho
             shape = (1, -1, *([1] * (z.dim() - 2)))
+            assert proposal.z is not None  # kept
             z = torch.where(accept.reshape(shape), proposal.z, z)
             px = vae.decode_dist(z[0])  # p(x | z) as the model defines it, for any latent type
             filled = torch.where(mask, x, px.sample())
@@ -201,6 +202,7 @@ def _importance(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Ten
         for out in particle_chunks(vae, vae.model, vae.guide, filled, num_samples, particle_dim, obs_mask=mask,
                                    keep=("x_mean",)):
             lw, xm = out.log_w, out.x_mean  # (k, B), (k, B, *data_shape)
+            assert xm is not None  # kept
             new_norm = torch.logaddexp(log_norm, lw.logsumexp(0))
             w = (lw - new_norm).exp().reshape(*lw.shape, *([1] * len(vae.data_shape)))
             acc = acc * (log_norm - new_norm).exp().reshape(-1, *([1] * len(vae.data_shape))) + (w * xm).sum(0)
