@@ -1,18 +1,19 @@
 # The two set-up commands of the README. Both create .venv when it is missing and are idempotent:
-# the install step is skipped while pyproject.toml is older than the stamp it leaves.
+# the install step (the package with its test and docs extras) is skipped while pyproject.toml is older than the
+# stamp it leaves.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?= -m "not slow" -q
 
-.PHONY: demo test test-all test-matrix install clean
+.PHONY: demo test test-all test-matrix install docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,docs]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,8 +24,15 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/pyro-vae train --data digits --z-dim 8 --likelihood continuous-bernoulli \
 	    --elbo meanfield --epochs 100 --batch-size 64 --lr 3e-3 --seed 0 --out runs/demo --overwrite
 
+# make test also builds the documentation strictly: a docstring or page the site cannot render fails it.
 test: $(VENV)/.installed
+	$(MAKE) --no-print-directory docs
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The documentation site (MkDocs, API reference from the docstrings) into site/; --strict turns every warning
+# (a broken link, a module the reference names that does not exist, a docstring it cannot parse) into a failure.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -64,4 +72,4 @@ test-matrix: $(MATRIX_PYTHONS:%=$(MATRIX)/py%/.installed)
 	exit $$status
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

@@ -15,7 +15,6 @@ from pyro_vae.train.callbacks import TrainState
 
 __all__ = ["TensorBoard", "TAGS"]
 
-#: The scalar written for each key of a :class:`~pyro_vae.train.History` record, in this order.
 TAGS: dict[str, str] = {
     "train_elbo": "elbo/train",
     "val_elbo": "elbo/val",
@@ -23,6 +22,7 @@ TAGS: dict[str, str] = {
     "beta": "beta",
     "seconds": "time/epoch_seconds",
 }
+"""The TensorBoard tag written for each key of a :class:`~pyro_vae.train.History` record, in this order."""
 
 
 def _is_rank0() -> bool:
