@@ -147,6 +147,8 @@ def _write(path: PathLike, data: bytes) -> None:
 
 
 def write_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path``: atomically, or by a commit under the folder's lock for a run folder's
+    state file."""
     _write(path, json_bytes(obj))
 
 
@@ -361,9 +363,12 @@ class RunFolder:
         return None, problem
 
     def read_json(self, name: str) -> Any:
+        """The JSON of the folder's file ``name``, verified against the manifest."""
         return _decode_json(self.read(name), str(self.path / name))
 
     def read_tensors(self, name: str, map_location: Any = "cpu") -> Any:
+        """The tensors of the folder's file ``name`` (``torch.load``, weights only), verified against the
+        manifest."""
         return _load_bytes(self.read(name), str(self.path / name), map_location)
 
     def holds_run(self) -> bool:
@@ -551,6 +556,9 @@ class RunLock:
         self.release(failed=exc_type is not None and issubclass(exc_type, Exception))
 
     def release(self, failed: bool = False) -> None:
+        """Let go of the lock (the last holder in this process unlocks the folder). With ``failed``, in a folder
+        that was empty when it was locked, what the run wrote before committing anything trained is removed
+        (and the folders the lock created). Does nothing when not held."""
         if not self._entered:
             return
         self._entered = False

@@ -275,6 +275,8 @@ def _add_impute(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-vae`` parser with its subcommands (``train``, ``sample``, ``evaluate``, ``interpolate``,
+    ``impute``); each sets ``func``, the command that :func:`main` runs."""
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders in Pyro.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_train, _add_sample, _add_evaluate, _add_interpolate, _add_impute):

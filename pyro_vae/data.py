@@ -41,6 +41,7 @@ class Dataset:
 
     @property
     def data_shape(self) -> tuple[int, ...]:
+        """The shape of one data point, ``x.shape[1:]``."""
         return tuple(self.x.shape[1:])
 
 
@@ -54,6 +55,7 @@ class Splits:
 
     @property
     def data_shape(self) -> tuple[int, ...]:
+        """The shape of one data point (the training split's)."""
         return self.train.data_shape
 
 

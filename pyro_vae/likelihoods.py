@@ -41,6 +41,7 @@ class Likelihood(nn.Module):
     support_text = "any real values"
 
     def config(self) -> dict[str, Any]:
+        """The JSON-able spec :func:`build_likelihood` rebuilds this likelihood from (name and settings)."""
         return {"name": self.name}
 
     def check_data(self, x: torch.Tensor, what: str = "x") -> None:
@@ -135,6 +136,7 @@ class NormalLearnedScale(Likelihood):
 
     @property
     def scale(self) -> torch.Tensor:
+        """The learned standard deviation per data entry, ``softplus(rho) + min_scale``, shape ``data_shape``."""
         return F.softplus(self.rho) + self.min_scale
 
     def forward(self, out: torch.Tensor) -> dist.Distribution:

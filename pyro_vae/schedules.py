@@ -31,15 +31,19 @@ class Schedule:
     resuming) applies ``value(state.step)``."""
 
     def value(self, step: int) -> float:  # pragma: no cover - abstract
+        """The setting after ``step`` optimizer steps (a pure function of ``step``)."""
         raise NotImplementedError
 
     def apply(self, vae: Any, step: int) -> float:  # pragma: no cover - abstract
+        """Write ``value(step)`` into ``vae`` and return it."""
         raise NotImplementedError
 
     def on_fit_start(self, state: Any) -> None:
+        """Apply the setting of ``state.step`` before the first step (of a new or a resumed run)."""
         self.apply(state.vae, state.step)
 
     def on_step(self, state: Any) -> None:
+        """Apply the setting of ``state.step`` for the next step."""
         self.apply(state.vae, state.step)
 
 
