@@ -40,6 +40,7 @@ class History:
         return [e[key] for e in self.epochs]
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"epochs": [record, ...]}``, JSON-able."""
         return {"epochs": self.epochs}
 
 
@@ -77,10 +78,12 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
     def on_fit_start(self, state: TrainState) -> None:
+        """Start over, then re-read the records of a resumed run's history."""
         self.best, self.bad_epochs = -math.inf, 0
         for record in state.history.epochs:
             self._update(record)
 
     def on_epoch_end(self, state: TrainState) -> None:
+        """Read the epoch's record; set ``state.stop`` after ``patience`` epochs without improvement."""
         if self._update(state.history.epochs[-1]):
             state.stop = True

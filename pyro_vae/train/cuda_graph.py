@@ -4,7 +4,8 @@ work, the configurations whose step a graph cannot replay faithfully.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pyro.infer import ELBO
@@ -12,6 +13,7 @@ from pyro.infer import ELBO
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.infer.losses import fast_kind
 from pyro_vae.models.vae import VAE
+from pyro_vae.schedules import Schedule
 from pyro_vae.train.step import svi_step
 
 __all__ = ["CUDAGraphStep", "check_cuda_graph", "set_capturable"]
@@ -20,8 +22,6 @@ __all__ = ["CUDAGraphStep", "check_cuda_graph", "set_capturable"]
 def check_cuda_graph(vae: VAE, dev: torch.device, ctx: Any, estimator: str, elbo: Any,
                       callbacks: Sequence[Any]) -> None:
     """Refuse, before any work, the configurations whose step a CUDA graph cannot replay faithfully."""
-    from pyro_vae.schedules import Schedule
-
     def refuse(found: str, fix: str) -> ConfigError:
         return ConfigError(message("cuda_graph=True", "a Gaussian VAE on a CUDA device, trained by one process "
                                    "with the pathwise estimator", found, fix))
@@ -83,7 +83,7 @@ class CUDAGraphStep:
 
     def __init__(self, loss_fn: ELBO, vae: torch.nn.Module, example: torch.Tensor, num_data: int,
                  optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                 clip_norm: Optional[float] = None, warmup: int = 3) -> None:
+                 clip_norm: float | None = None, warmup: int = 3) -> None:
         if not example.is_cuda:
             raise ConfigError(message("CUDAGraphStep example", "a CUDA tensor", f"a tensor on {example.device}",
                                       "move the VAE and the data to a CUDA device, or use svi_step"))
@@ -104,8 +104,8 @@ class CUDAGraphStep:
         self._args = (loss_fn, vae, num_data, optimizer, params, clip_norm)
         self._side = torch.cuda.Stream(device=example.device)
         self._warmup_left = warmup
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.static_loss: Optional[torch.Tensor] = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_loss: torch.Tensor | None = None
         self._key: tuple = ()
 
     def _baked(self) -> tuple:

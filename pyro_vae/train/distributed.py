@@ -1,30 +1,37 @@
 """Data-parallel training across processes with ``torch.distributed`` (``torchrun``; gloo on CPU, NCCL on GPU).
 
-:func:`pyro_vae.fit` runs unchanged under an initialized process group: every rank starts from rank 0's
-parameters, takes its interleaved share of each global minibatch (the rule of
-``torch.utils.data.DistributedSampler``: rank ``r`` of ``W`` gets positions ``r, r + W, ...``), computes
-Pyro's ``loss_and_grads`` with ``num_data`` the full data-set size, and the gradients are summed across
-ranks with weights ``b_r / b`` (its share of the global batch) in one ``all_reduce`` before the optimizer
-step. The result is the gradient a single process would compute on the whole global batch, so ``N``
-processes with ``batch_size=B`` follow the same optimization path as one process with ``batch_size=B``, up
-to floating-point summation order and each rank drawing its own Monte Carlo noise. Rank 0 alone writes
-checkpoints, pictures and metrics.
+:func:`pyro_vae.fit` runs unchanged under an initialized process group. Every rank starts from rank 0's
+parameters (:func:`broadcast_module`, :func:`broadcast_tensor`), takes its interleaved share of each global
+minibatch (the rule of ``torch.utils.data.DistributedSampler``: rank ``r`` of ``W`` gets positions
+``r, r + W, ...``) and runs the step of one process, :func:`pyro_vae.train.svi_step`, on it with ``num_data``
+the full data-set size. No module is wrapped in ``DistributedDataParallel``: the optimizer's step pre-hook
+(:class:`pyro_vae.train.guards.StepGuard`) calls :func:`reduce_gradients`, which replaces every gradient by
+the sum over ranks of ``b_r / b`` times that rank's gradient (``b_r / b``: its share of the global batch) in
+one ``all_reduce``, and then, with ``clip_norm``, clips the sum. The result is the gradient a single process
+would compute on the whole global batch, so ``N`` processes with ``batch_size=B`` follow the same optimization
+path as one process with ``batch_size=B``, up to floating-point summation order and each rank drawing its own
+Monte Carlo noise. A rank whose share of a short last batch is empty steps with zero gradients, so that it
+still joins the reduction. Rank 0 alone writes checkpoints, pictures and metrics (:func:`rank0_call` hands
+its result, or its error, to every rank).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from pyro_vae.errors import ConfigError, PyroVAEError, message
+from pyro_vae.validation import resolve_device
 
-__all__ = ["Context", "context", "init_from_env", "shutdown", "broadcast_module", "broadcast_tensor", "broadcast_object",
-           "all_gather_object", "all_reduce_sum", "reduce_gradients", "rank0_call", "env_world_size"]
+__all__ = ["Context", "context", "init_from_env", "shutdown", "comm_device", "broadcast_module", "broadcast_tensor",
+           "broadcast_object", "all_gather_object", "all_reduce_sum", "reduce_gradients", "rank0_call",
+           "env_world_size"]
 
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("PYRO_VAE_DIST_TIMEOUT_MIN", "30")))
@@ -40,10 +47,12 @@ class Context:
 
     @property
     def enabled(self) -> bool:
+        """Whether more than one process trains."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the one that writes files."""
         return self.rank == 0
 
 
@@ -71,8 +80,6 @@ def init_from_env(device: str = "auto") -> tuple[Context, torch.device]:
     Returns:
         The :class:`Context` and this rank's device.
     """
-    from pyro_vae.validation import resolve_device
-
     dev = resolve_device(device)
     if env_world_size() <= 1 or not dist.is_available():
         return context(), dev
@@ -104,6 +111,7 @@ def shutdown() -> None:
 
 
 def comm_device() -> torch.device:
+    """Where the process group's collectives take their tensors: this rank's GPU under NCCL, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -172,7 +180,7 @@ def reduce_gradients(params: Sequence[torch.Tensor], weight: float, flags: Seque
     flat[: flat.numel() - len(flags)].mul_(weight)
     dist.all_reduce(flat)
     offset = 0
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         k = g.numel()
         if p.grad is not None:
             p.grad.copy_(flat[offset: offset + k].view_as(g).to(g.device, g.dtype))
@@ -191,8 +199,8 @@ def rank0_call(fn: Callable[[], T]) -> T:
     if not ctx.enabled:
         return fn()
     result: Any = None
-    error: Optional[tuple[type, str]] = None
-    original: Optional[BaseException] = None
+    error: tuple[type, str] | None = None
+    original: BaseException | None = None
     if ctx.is_main:
         try:
             result = fn()

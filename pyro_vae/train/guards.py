@@ -8,12 +8,16 @@ from __future__ import annotations
 import math
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as tdist
 
+from pyro_vae.checkpoint import has_checkpoint
 from pyro_vae.errors import NonFiniteLossError, message
+from pyro_vae.train import distributed
 from pyro_vae.train.step import clip_grad_norm_
 
 __all__ = ["StopOnSignal", "StepGuard", "reduce_flags", "check_finite_record"]
@@ -29,7 +33,7 @@ class StopOnSignal:
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 sig = getattr(signal, name)
@@ -51,8 +55,8 @@ class StepGuard:
     result); always it records, without waiting for the device, the first step whose loss or gradient is not
     finite. :meth:`sync` reads those records on the host and raises."""
 
-    def __init__(self, params: Sequence[torch.Tensor], device: torch.device, ctx: Any,
-                 clip_norm: Optional[float], steps_per_epoch: int, ckpt_dir: Optional[Path]) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], device: torch.device, ctx: distributed.Context,
+                 clip_norm: float | None, steps_per_epoch: int, ckpt_dir: Path | None) -> None:
         self.params, self.ctx, self.clip_norm = list(params), ctx, clip_norm
         self.steps_per_epoch, self.ckpt_dir = steps_per_epoch, ckpt_dir
         self.bad_loss = torch.zeros((), dtype=torch.int64, device=device)
@@ -61,11 +65,10 @@ class StepGuard:
         self.weight = 1.0
 
     def set_step(self, step: int) -> None:
+        """The number (from 1) of the step about to run, which a non-finite record names; no host synchronization."""
         self.step_t.fill_(step)
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        from pyro_vae.train import distributed
-
         if self.ctx.enabled:
             distributed.reduce_gradients(self.params, self.weight, ())
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -80,6 +83,7 @@ class StepGuard:
         flag.copy_(torch.where((flag == 0) & ~torch.isfinite(value).to(flag.device), self.step_t, flag))
 
     def note_loss(self, loss: torch.Tensor) -> None:
+        """Record the step's ``loss`` if it is the first non-finite one, on the device."""
         self._record(self.bad_loss, loss.detach())
 
     def sync(self, stop: bool) -> bool:
@@ -100,8 +104,6 @@ class StepGuard:
 
     def kept(self) -> str:
         """What the run folder keeps, for an error message."""
-        from pyro_vae.checkpoint import has_checkpoint
-
         if self.ckpt_dir is None:
             return ""
         if has_checkpoint(self.ckpt_dir):
@@ -111,18 +113,15 @@ class StepGuard:
 
 def reduce_flags(bad_loss: int, bad_grad: int, stop: bool) -> tuple[int, int, bool]:
     """Across ranks: the earliest bad step of each kind (0 = none) and whether any rank asked to stop."""
-    import torch.distributed as tdist
-
-    from pyro_vae.train.distributed import comm_device
-
     big = 2 ** 62
-    t = torch.tensor([bad_loss or big, bad_grad or big, 0 if stop else 1], dtype=torch.int64, device=comm_device())
+    t = torch.tensor([bad_loss or big, bad_grad or big, 0 if stop else 1], dtype=torch.int64,
+                     device=distributed.comm_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
     lo, gr, go = t.tolist()
     return (0 if lo == big else lo), (0 if gr == big else gr), go == 0
 
 
-def check_finite_record(record: dict[str, Any], guard: "StepGuard") -> None:
+def check_finite_record(record: dict[str, Any], guard: StepGuard) -> None:
     """An epoch's ELBOs must be finite: a NaN or infinite one (e.g. validation data the likelihood cannot
     score) stops training before the epoch's checkpoint, and best-model selection never goes silent."""
     names = {"val_elbo": "validation ELBO", "train_elbo": "training ELBO"}

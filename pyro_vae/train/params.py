@@ -4,10 +4,11 @@ likelihood or encoder), and their values in the param store, as a checkpoint sav
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import ELBO
 
 from pyro_vae.errors import ConfigError, message
@@ -22,8 +23,6 @@ def collect_user_params(loss_fn: ELBO, vae: VAE, xb: torch.Tensor, num_data: int
     are not parameters of the VAE's (or the ELBO's) modules: what ``pyro.infer.SVI`` would optimize beyond
     them, e.g. a ``pyro.param`` declared inside a user prior, likelihood or encoder. One evaluation of the
     loss on ``xb``, with the random streams left as they were."""
-    from pyro import poutine
-
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         if dynamic_binarize:  # the batch as the steps see it

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import pyro
 import torch
@@ -25,7 +25,7 @@ __all__ = ["svi_step", "clip_grad_norm_"]
 
 def svi_step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
              optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-             clip_norm: Optional[float] = None, *, validate: Optional[bool] = None,
+             clip_norm: float | None = None, *, validate: bool | None = None,
              check_finite: bool = True) -> torch.Tensor:
     """Zero the gradients, compute the ELBO's loss and gradients on ``xb`` (scaled to ``num_data``),
     optionally clip, step.
@@ -69,7 +69,7 @@ def _hot_loop(vae: torch.nn.Module, validate: bool, loss_fn: ELBO) -> Iterator[N
 
 
 def _step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
-          optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], clip_norm: Optional[float],
+          optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], clip_norm: float | None,
           check_finite: bool) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=num_data)
