@@ -1,38 +1,51 @@
 """Training: minibatch stochastic variational inference over the VAE's model and guide.
 
-:func:`fit` drives Pyro's own ``ELBO.loss_and_grads`` (the call ``SVI.step`` makes) and steps a
-``torch.optim.Adam`` over ``vae.parameters()``. Holding a torch optimizer rather than Pyro's per-parameter
-wrappers is what lets its state go into one checkpoint and lets the same loop run under
-``DistributedDataParallel``; the objective is Pyro's, unchanged.
+:func:`fit` trains by :func:`~pyro_vae.train.step.svi_step` on every minibatch: Pyro's ELBO on the model and
+guide traces (through :func:`pyro_vae.infer.elbo_loss`, or Pyro's own ``loss_and_grads`` for an ELBO that
+function does not handle), backward, and one step of a ``torch.optim.Adam`` over the VAE's parameters, those of
+the ELBO's own modules (a neural baseline) and the ``pyro.param`` sites of the user's parts. One torch
+optimizer, rather than Pyro's per-parameter wrappers, is what lets its state go into one checkpoint. With
+``cuda_graph=True`` that step is recorded once and replayed (:class:`~pyro_vae.train.cuda_graph.CUDAGraphStep`).
+
+The optimizer's step pre-hook, a :class:`~pyro_vae.train.guards.StepGuard`, runs before every update. Under a
+``torch.distributed`` process group it sums the ranks' weighted gradients in one all-reduce
+(:func:`pyro_vae.train.distributed.reduce_gradients`) and, with ``clip_norm``, clips the sum (one process
+clips in the step itself); in every run it records on the device the first step whose loss or gradient is not
+finite. The host reads those records, a stop request (SIGINT, SIGTERM) and the progress bar every
+:data:`SYNC_EVERY` steps, at a checkpoint and at each epoch's end; the steps in between queue their work on the
+device without waiting for it. Checkpoints, resume and the run folder's lock: :mod:`pyro_vae.train.checkpointing`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
-import json
+import logging
 import math
-import os
 import time
-import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import pyro
 import torch
 from pyro.infer import ELBO, TraceMeanField_ELBO
+from tqdm.auto import tqdm
 
-from pyro_vae.data import as_tensor_data
-from pyro_vae.errors import CheckpointError, ConfigError, TrainingInterrupted, message
+from pyro_vae.data import as_tensor_data, check_binarizable
+from pyro_vae.errors import ConfigError, message
 from pyro_vae.infer.elbo import evaluate_elbo, make_elbo
+from pyro_vae.infer.estimators import check_estimator
+from pyro_vae.infer.kl_report import kl_report
+from pyro_vae.infer.losses import elbo_loss
 from pyro_vae.models.vae import VAE, unit_kl_weight
+from pyro_vae.train import distributed
 from pyro_vae.train.callbacks import History, TrainState
-from pyro_vae.train.cuda_graph import CUDAGraphStep, check_cuda_graph, set_capturable
+from pyro_vae.train.checkpointing import Checkpointer, ResumePoint, holding_run_folders, open_run_folder
+from pyro_vae.train.cuda_graph import CUDAGraphStep, check_cuda_graph
 from pyro_vae.train.guards import StepGuard, StopOnSignal, check_finite_record
-from pyro_vae.train.params import check_no_new_params, collect_user_params, pyro_param_values, set_pyro_param_values
+from pyro_vae.train.params import check_no_new_params, collect_user_params
 from pyro_vae.train.step import svi_step
-from pyro_vae.validation import check_memory, integer, positive, resolve_device
+from pyro_vae.validation import boolean, check_memory, integer, positive, resolve_device
 
 __all__ = ["fit", "SYNC_EVERY"]
 
@@ -41,70 +54,34 @@ SYNC_EVERY = 20
 agreement on a stop request. Steps in between queue their work on the device without waiting for it."""
 
 
-_RUN_FOLDERS: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("pyro_vae_run_folders")
-
-
-def _holding_run_folders(fn: Any) -> Any:
-    """Whatever run-folder lock ``fn`` takes (:func:`_lock_run_folder`) is released when it returns or raises."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with contextlib.ExitStack() as stack:
-            token = _RUN_FOLDERS.set(stack)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _RUN_FOLDERS.reset(token)
-
-    return wrapper
-
-
-def _lock_run_folder(folder: Path, resume_from: Any, overwrite: bool) -> None:
-    """Lock ``folder`` until :func:`fit` ends; a new run refuses a folder training already wrote."""
-    from pyro_vae import checkpoint as ckpt
-
-    here = os.path.realpath(folder)
-    resume = resume_from is not None and here in (os.path.realpath(resume_from),
-                                                  os.path.dirname(os.path.realpath(resume_from)))
-    _RUN_FOLDERS.get().enter_context(ckpt.open_run(folder, resume=resume, overwrite=overwrite))
-
-
-def _flag(name: str, value: Any) -> bool:
-    import numpy as np
-
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise ConfigError(message(name, "True or False", repr(value), f"pass {name}=True or {name}=False"))
-
-
-@_holding_run_folders
+@holding_run_folders
 def fit(
     vae: VAE,
     train_data: Any,
     *,
-    elbo: Union[str, ELBO] = "trace",
+    elbo: str | ELBO = "trace",
     num_particles: int = 1,
     estimator: str = "pathwise",
     epochs: int = 10,
     batch_size: int = 128,
     lr: float = 1e-3,
     val_data: Any = None,
-    device: Union[str, torch.device] = "auto",
-    seed: Optional[int] = 0,
+    device: str | torch.device = "auto",
+    seed: int | None = 0,
     callbacks: Sequence[Any] = (),
     dynamic_binarize: bool = False,
-    clip_norm: Optional[float] = None,
+    clip_norm: float | None = None,
     progress: bool = True,
-    checkpoint_dir: Union[str, Path, None] = None,
-    checkpoint_every: Optional[int] = None,
-    resume_from: Union[str, Path, None] = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume_from: str | Path | None = None,
     cuda_graph: bool = False,
     overwrite: bool = False,
 ) -> History:
     """Train ``vae`` by minibatch SVI with Adam.
 
     Runs as one process, or data-parallel under an initialized ``torch.distributed`` process group (see
-    :mod:`pyro_vae.distributed`): ``batch_size`` is then the global batch, shared out among the ranks.
+    :mod:`pyro_vae.train.distributed`): ``batch_size`` is then the global batch, shared out among the ranks.
 
     Args:
         vae: the model/guide pair to train (moved to ``device``).
@@ -112,7 +89,7 @@ def fit(
             (floating point, integer or bool: cast to the dtype of the VAE's parameters, values unchanged).
         elbo: ``"trace"``, ``"meanfield"`` or any ``pyro.infer.ELBO``.
         num_particles: Monte Carlo particles per step (vectorized).
-        estimator: gradient estimator, a name of :data:`pyro_vae.estimators.ESTIMATORS` (``"pathwise"``,
+        estimator: gradient estimator, a name of :data:`pyro_vae.infer.estimators.ESTIMATORS` (``"pathwise"``,
             ``"score-function"``, ``"score-function-baseline"``, ``"straight-through"``, ...).
         epochs, batch_size, lr: the usual (``batch_size`` over all processes together).
         val_data: optional validation data; its ELBO is recorded every epoch.
@@ -139,7 +116,7 @@ def fit(
             (statistically the same, not bit for bit, with ``cuda_graph=True``). The folder of a run stopped
             before its first checkpoint starts from step 0 (with a warning).
         cuda_graph: on a CUDA device, record the training step as a CUDA graph after four eager steps and
-            replay it for every full minibatch (:class:`pyro_vae.step.CUDAGraphStep`), which removes Pyro's
+            replay it for every full minibatch (:class:`pyro_vae.train.CUDAGraphStep`), which removes Pyro's
             per-step Python cost. For a Gaussian latent under ``"trace"`` or ``"meanfield"`` with the
             pathwise estimator, in one process; callbacks must not change what the model or guide read from
             Python (KL-weight and temperature schedules are refused; a changed learning rate re-records the
@@ -162,9 +139,87 @@ def fit(
         TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was written first when ``checkpoint_dir``
             is set.
     """
-    from pyro_vae import checkpoint as ckpt
-    from pyro_vae.train import distributed
+    cfg = _fit_config(vae, callbacks, elbo=elbo, num_particles=num_particles, estimator=estimator, epochs=epochs,
+                      batch_size=batch_size, lr=lr, device=device, seed=seed, dynamic_binarize=dynamic_binarize,
+                      clip_norm=clip_norm, progress=progress, checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=checkpoint_every, resume_from=resume_from, cuda_graph=cuda_graph,
+                      overwrite=overwrite)
+    run = _prepare(vae, train_data, val_data, cfg)
+    folder, resume_from = open_run_folder(cfg.checkpoint_dir, cfg.resume_from, cfg.overwrite, vae)
+    history = History()
+    state = TrainState(vae=vae, optimizer=run.optimizer, history=history)
+    checkpointer = Checkpointer(folder, cfg.signature(run.num_data), state, run.extra, list(run.user_params),
+                                _shuffle_seed(cfg), cfg.ctx)
+    start = checkpointer.resume(resume_from, cfg.cuda_graph) if resume_from is not None else ResumePoint()
+    guard = StepGuard(run.params, cfg.device, cfg.ctx, cfg.clip_norm if cfg.ctx.enabled else None,
+                      run.steps_per_epoch, folder)
+    hook = run.optimizer.register_step_pre_hook(guard)
+    graph_step = CUDAGraphStep(run.loss_fn, vae, run.x[: min(cfg.batch_size, run.num_data)], run.num_data,
+                               run.optimizer, run.params, cfg.clip_norm) if cfg.cuda_graph else None
+    bar = _progress_bar(cfg, cfg.epochs * run.steps_per_epoch, state.step)
+    _fit_start(state, callbacks, run.loss_fn, run.x[:2], bar if cfg.ctx.is_main else False, cfg.dynamic_binarize)
+    first_step = state.step
+    vae.train()
+    try:
+        with StopOnSignal() as stopper:
+            loop = _Loop(cfg, run, state, guard, graph_step, checkpointer, stopper, bar, callbacks, first_step)
+            for epoch in range(start.epoch, cfg.epochs + 1):
+                state.epoch = epoch
+                started = time.perf_counter()
+                totals = _run_epoch(loop, epoch, start)
+                record = _epoch_record(loop, epoch, totals, started)
+                check_no_new_params(run.user_params, run.params_in_store)
+                history.epochs.append(record)
+                checkpointer.save(epoch, run.steps_per_epoch, True, [0.0, 0.0], record)
+                _call(callbacks, "on_epoch_end", state)
+                if guard.sync(stopper.requested):
+                    raise checkpointer.interrupted(stopper.signal_name, epoch)
+                if state.stop:
+                    break
+    finally:
+        hook.remove()
+        if bar is not None:
+            bar.close()
+        vae.eval()
+    return history
 
+
+@dataclass(frozen=True)
+class FitConfig:
+    """:func:`fit`'s arguments, checked before any work and normalized to plain Python values (they go into
+    checkpoints), with the resolved ``device`` and the process group's ``ctx``."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    clip_norm: float | None
+    checkpoint_every: int | None
+    num_particles: int
+    dynamic_binarize: bool
+    progress: bool
+    cuda_graph: bool
+    overwrite: bool
+    elbo: str | ELBO
+    estimator: str
+    seed: int | None
+    device: torch.device
+    ctx: distributed.Context
+    checkpoint_dir: str | Path | None
+    resume_from: str | Path | None
+
+    def signature(self, num_data: int) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes from it."""
+        return {"num_data": num_data, "batch_size": self.batch_size, "lr": self.lr, "clip_norm": self.clip_norm,
+                "elbo": self.elbo if isinstance(self.elbo, str) else type(self.elbo).__name__,
+                "num_particles": self.num_particles, "estimator": self.estimator,
+                "dynamic_binarize": self.dynamic_binarize, "seed": self.seed}
+
+
+def _fit_config(vae: VAE, callbacks: Sequence[Any], *, elbo: Any, num_particles: Any, estimator: Any, epochs: Any,
+                batch_size: Any, lr: Any, device: Any, seed: Any, dynamic_binarize: Any, clip_norm: Any,
+                progress: Any, checkpoint_dir: Any, checkpoint_every: Any, resume_from: Any, cuda_graph: Any,
+                overwrite: Any) -> FitConfig:
+    """Check :func:`fit`'s arguments (the first bad one raises :class:`ConfigError`), before any work."""
     epochs = integer("epochs", epochs, 1)
     batch_size = integer("batch_size", batch_size, 1)
     lr = positive("lr", lr)
@@ -175,8 +230,8 @@ def fit(
         clip_norm = positive("clip_norm", clip_norm)
     if checkpoint_every is not None:
         checkpoint_every = integer("checkpoint_every", checkpoint_every, 1)
-    num_particles = integer("num_particles", num_particles, 1)  # plain Python values: they go into checkpoints
-    dynamic_binarize, progress, cuda_graph, overwrite = (_flag(name, value) for name, value in (
+    num_particles = integer("num_particles", num_particles, 1)
+    dynamic_binarize, progress, cuda_graph, overwrite = (boolean(name, value) for name, value in (
         ("dynamic_binarize", dynamic_binarize), ("progress", progress), ("cuda_graph", cuda_graph),
         ("overwrite", overwrite)))
     elbo, estimator = (str(v) if isinstance(v, str) else v for v in (elbo, estimator))
@@ -189,227 +244,225 @@ def fit(
     dev = resolve_device(device)
     if cuda_graph:
         check_cuda_graph(vae, dev, ctx, estimator, elbo, callbacks)
+    return FitConfig(epochs, batch_size, lr, clip_norm, checkpoint_every, num_particles, dynamic_binarize, progress,
+                     cuda_graph, overwrite, elbo, estimator, seed, dev, ctx, checkpoint_dir, resume_from)
+
+
+@dataclass(frozen=True)
+class _Training:
+    """What :func:`_prepare` builds: the data, the ELBO, the optimizer and the tensors it steps."""
+
+    vae: VAE
+    x: torch.Tensor  # (num_data, *data_shape), on the device
+    xv: torch.Tensor | None  # validation data, where it was given
+    loss_fn: ELBO
+    extra: list[torch.nn.Module]  # the ELBO's own modules (a neural baseline)
+    user_params: dict[str, torch.Tensor]  # pyro.param sites of the user's parts, by name
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]  # what the optimizer steps (and the guard checks and reduces)
+    params_in_store: int
+    steps_per_epoch: int
+
+    @property
+    def num_data(self) -> int:
+        return self.x.shape[0]
+
+
+def _prepare(vae: VAE, train_data: Any, val_data: Any, cfg: FitConfig) -> _Training:
+    """Check the data, seed the random streams, build the ELBO and the optimizer, and move the VAE and the
+    training data to the device (rank 0's initial values on every rank)."""
+    x, xv = _checked_data(vae, train_data, val_data, cfg)
+    if cfg.seed is not None:
+        pyro.set_rng_seed(cfg.seed + cfg.ctx.rank)
+    if cfg.estimator != "pathwise":
+        check_estimator(cfg.estimator, vae)
+    loss_fn = make_elbo(cfg.elbo, cfg.num_particles, cfg.estimator, vae.data_shape)
+    vae.to(cfg.device)
+    distributed.broadcast_module(vae)
+    x = x.to(cfg.device)
+    n = x.shape[0]
+    extra = [m.to(cfg.device) for m in getattr(loss_fn, "extra_modules", list)()]  # e.g. a neural baseline
+    for m in extra:
+        distributed.broadcast_module(m)
+    own = [*vae.parameters(), *(p for m in extra for p in m.parameters())]
+    user_params = collect_user_params(loss_fn, vae, x[: min(cfg.batch_size, n)], n, own, cfg.dynamic_binarize)
+    for p in user_params.values():
+        distributed.broadcast_tensor(p)
+    optimizer = torch.optim.Adam([*own, *user_params.values()], lr=cfg.lr, capturable=bool(cfg.cuda_graph))
+    params_in_store = len(pyro.get_param_store())
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    return _Training(vae, x, xv, loss_fn, extra, user_params, optimizer, params, params_in_store,
+                     math.ceil(n / cfg.batch_size))
+
+
+def _checked_data(vae: VAE, train_data: Any, val_data: Any, cfg: FitConfig) -> tuple[torch.Tensor,
+                                                                                    torch.Tensor | None]:
+    """The training and validation data as the VAE's tensors, checked whole (shape, dtype, finite values, the
+    likelihood's support), and the training's memory checked against the device's."""
     x = vae.as_data(as_tensor_data(train_data, "train_data"), "train_data", data_set=True)
     xv = vae.as_data(as_tensor_data(val_data, "val_data"), "val_data", data_set=True) if val_data is not None else None
-    if dynamic_binarize:  # grey levels are probabilities of a one: refused outside [0, 1], never clamped
-        from pyro_vae.data import check_binarizable
-
+    if cfg.dynamic_binarize:  # grey levels are probabilities of a one: refused outside [0, 1], never clamped
         check_binarizable(x, "train_data (dynamic_binarize=True)")
-    vae.check_data(x >= 0.5 if dynamic_binarize else x, "train_data", data_set=True)
+    vae.check_data(x >= 0.5 if cfg.dynamic_binarize else x, "train_data", data_set=True)
     if xv is not None:
         vae.check_data(xv, "val_data", data_set=True)
+    dev = cfg.device
     weights = sum(p.numel() * p.element_size() for p in vae.parameters())
     check_memory("fit", 4 * weights + (x.numel() * x.element_size() if dev.type != "cpu" else 0), dev,
                  "use a smaller VAE", "weights, gradients and Adam's two moments" +
                  (", and the training data" if dev.type != "cpu" else ""))
-    batch_bytes = min(batch_size, len(x)) * math.prod(vae.data_shape) * torch.finfo(torch.float32).bits // 8
-    check_memory("num_particles", 3 * int(num_particles) * batch_bytes, dev,
+    batch_bytes = min(cfg.batch_size, len(x)) * math.prod(vae.data_shape) * torch.finfo(torch.float32).bits // 8
+    check_memory("num_particles", 3 * int(cfg.num_particles) * batch_bytes, dev,
                  "use fewer particles or a smaller batch_size",
-                 f"{num_particles} particles' decoder outputs, log-densities and gradients")
-    if seed is not None:
-        pyro.set_rng_seed(seed + ctx.rank)
-    if estimator != "pathwise":
-        from pyro_vae.infer.estimators import check_estimator
+                 f"{cfg.num_particles} particles' decoder outputs, log-densities and gradients")
+    return x, xv
 
-        check_estimator(estimator, vae)
-    loss_fn = make_elbo(elbo, num_particles, estimator, vae.data_shape)
-    vae.to(dev)
-    distributed.broadcast_module(vae)
-    x = x.to(dev)
-    n = x.shape[0]
-    extra = [m.to(dev) for m in getattr(loss_fn, "extra_modules", list)()]  # e.g. a neural baseline
-    for m in extra:
-        distributed.broadcast_module(m)
-    own = [*vae.parameters(), *(p for m in extra for p in m.parameters())]
-    user_params = collect_user_params(loss_fn, vae, x[: min(batch_size, n)], n, own, dynamic_binarize)
-    for p in user_params.values():
-        distributed.broadcast_tensor(p)
-    optimizer = torch.optim.Adam([*own, *user_params.values()], lr=lr, capturable=bool(cuda_graph))
-    params_in_store = len(pyro.get_param_store())
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if resume_from is not None and distributed.rank0_call(lambda: ckpt.started_without_checkpoint(resume_from)):
-        warnings.warn(f"resume_from {resume_from}: the run stopped before its first checkpoint, so there is "
-                      "nothing to continue; training starts from step 0", stacklevel=3)
-        resume_from = None
-    if ckpt_dir is not None:
-        size = sum(t.numel() * t.element_size() for t in vae.state_dict().values())
-        distributed.rank0_call(lambda: ckpt.check_writable(ckpt_dir, 9 * size + 2 ** 20))
-        distributed.rank0_call(lambda: _lock_run_folder(ckpt_dir, resume_from, overwrite))
-    history = History()
-    state = TrainState(vae=vae, optimizer=optimizer, history=history)
-    signature = {"num_data": n, "batch_size": batch_size, "lr": lr, "clip_norm": clip_norm,
-                 "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__, "num_particles": num_particles,
-                 "estimator": estimator, "dynamic_binarize": dynamic_binarize, "seed": seed}
-    vae_config = vae.config
-    shuffle_seed = seed if seed is not None else distributed.broadcast_object(int(torch.randint(2 ** 31 - 1, ())))
-    steps_per_epoch = math.ceil(n / batch_size)
-    best, start_epoch, start_batch, carried = -math.inf, 1, 0, [0.0, 0.0]
-    if resume_from is not None:
-        payload = distributed.rank0_call(
-            lambda: ckpt.load_training_state(resume_from, vae_config=vae_config, signature=signature))
-        _restore(payload, vae, optimizer, ctx, resume_from, extra)
-        set_capturable(optimizer, bool(cuda_graph))
-        history.epochs = list(payload["history"])
-        best, state.step, shuffle_seed = payload["best"], payload["step"], payload["shuffle_seed"]
-        if payload["epoch_complete"]:
-            start_epoch = payload["epoch"] + 1
-        else:
-            start_epoch, start_batch = payload["epoch"], payload["batch"]
-            carried = _epoch_totals(payload["epoch_total"])
-    guard = StepGuard(params, dev, ctx, clip_norm if ctx.enabled else None, steps_per_epoch, ckpt_dir)
-    hook = optimizer.register_step_pre_hook(guard)
-    graph_step = None
-    if cuda_graph:
-        graph_step = CUDAGraphStep(loss_fn, vae, x[: min(batch_size, n)], n, optimizer, params, clip_norm)
 
-    def save(epoch: int, batch: int, complete: bool, total: list[float], record: Optional[dict] = None) -> None:
-        nonlocal best
-        ranks = distributed.all_gather_object((ckpt.rng_state(), pyro_param_values(list(user_params))))
-        score = None if record is None else (record["val_elbo"] if record["val_elbo"] is not None
-                                             else record["train_elbo"])
-        is_best = score is not None and score > best
-        if is_best:
-            best = score
-        if not ctx.is_main or ckpt_dir is None:
-            return
-        from pyro_vae.version import __version__
+def _shuffle_seed(cfg: FitConfig) -> int:
+    """The seed of the epochs' shuffles: ``seed``, or without one a draw from torch's random stream (rank 0's
+    draw on every rank)."""
+    return cfg.seed if cfg.seed is not None else distributed.broadcast_object(int(torch.randint(2 ** 31 - 1, ())))
 
-        payload = {
-            "format": ckpt.FORMAT, "version": __version__, "signature": signature,
-            "vae_config": json.dumps(vae_config) if vae_config is not None else None,
-            "vae": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
-            "extra_modules": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in extra],
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "epoch_complete": complete,
-            "step": state.step, "epoch_total": total, "history": history.epochs, "best": best,
-            "shuffle_seed": shuffle_seed, "world_size": ctx.world_size, "rng": [r for r, _ in ranks],
-            "pyro_params": [p for _, p in ranks],
-        }
-        files = {ckpt.CHECKPOINT: ckpt.tensor_bytes(payload)}
-        if is_best:  # one commit: best.pt never lags behind the best score checkpoint.pt records
-            files[ckpt.BEST] = files[ckpt.CHECKPOINT]
-            files[ckpt.BEST_JSON] = ckpt.json_bytes({"epoch": epoch, "step": state.step, "elbo": score})
-        ckpt.RunFolder(ckpt_dir).commit(files)
 
-    def interrupted(stopper: StopOnSignal, epoch: int) -> TrainingInterrupted:
-        where = f"training stopped by {stopper.signal_name or 'a signal'} at epoch {epoch}, step {state.step}"
-        if ckpt_dir is None:
-            return TrainingInterrupted(f"{where}; no checkpoint_dir was given, so nothing was saved (the VAE "
-                                       "holds the parameters of that step)", None, epoch, state.step)
-        path = ckpt_dir / ckpt.CHECKPOINT
-        return TrainingInterrupted(f"{where}; checkpoint written to {path}. Resume with the same options and "
-                                   f"fit(..., resume_from={str(ckpt_dir)!r}) or `pyro-vae train ... --resume`",
-                                   str(path), epoch, state.step)
+def _progress_bar(cfg: FitConfig, total: int, initial: int) -> tqdm | None:
+    """A tqdm bar over all the run's steps, on rank 0 when ``progress`` is on."""
+    if not (cfg.progress and cfg.ctx.is_main):
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
 
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs * steps_per_epoch, initial=state.step, unit="step", dynamic_ncols=True,
-                   leave=False)
-    _fit_start(state, callbacks, loss_fn, x[:2], bar if ctx.is_main else False, dynamic_binarize)
-    first_step = state.step
-    vae.train()
-    try:
-        with StopOnSignal() as stopper:
-            for epoch in range(start_epoch, epochs + 1):
-                state.epoch = epoch
-                start = time.perf_counter()
-                first = start_batch if epoch == start_epoch else 0
-                total = torch.zeros(2, dtype=torch.float64, device=dev)  # objective and ELBO losses
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed + epoch)).to(dev)
+def _fit_start(state: TrainState, callbacks: Sequence[Any], loss_fn: ELBO, x: torch.Tensor, bar: Any,
+               dynamic_binarize: bool) -> None:
+    """Call ``on_fit_start(state)`` of the callbacks that have it (schedules set their step-``state.step``
+    value), and under ``TraceMeanField_ELBO`` log once which latent sites get an analytic KL."""
+    _call(callbacks, "on_fit_start", state)
+    if bar is False or not isinstance(loss_fn, TraceMeanField_ELBO):
+        return
+    dev = x.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # leave the training RNG alone
+        state.vae.eval()
+        report = str(kl_report(state.vae, torch.bernoulli(x) if dynamic_binarize else x))
+        state.vae.train()
+    logging.getLogger("pyro_vae").info(report)
+    if bar is not None:
+        bar.write(report)
+
+
+def _call(callbacks: Sequence[Any], hook: str, state: TrainState) -> None:
+    """``callback.<hook>(state)`` for each callback that has the method, in order."""
+    for cb in callbacks:
+        if hasattr(cb, hook):
+            getattr(cb, hook)(state)
+
+
+@dataclass(frozen=True)
+class _Loop:
+    """What the epochs of one :func:`fit` call step through and report to."""
+
+    cfg: FitConfig
+    run: _Training
+    state: TrainState
+    guard: StepGuard
+    graph_step: CUDAGraphStep | None
+    checkpointer: Checkpointer
+    stopper: StopOnSignal
+    bar: tqdm | None
+    callbacks: Sequence[Any]
+    first_step: int  # the step validated in full (the first of this call)
+
+
+def _run_epoch(loop: _Loop, epoch: int, start: ResumePoint) -> list[float]:
+    """Train the minibatches of ``epoch`` (from ``start.batch`` on when it is ``start.epoch``: a resumed epoch
+    continues mid-way), checkpointing and stopping on request at the synchronization points. Returns the epoch's
+    losses ``[objective, ELBO]`` summed over the data and the ranks, the sums ``start.totals`` of a resumed
+    epoch's earlier minibatches included."""
+    cfg, run, state, guard, stopper = loop.cfg, loop.run, loop.state, loop.guard, loop.stopper
+    first, carried = (start.batch, start.totals) if epoch == start.epoch else (0, (0.0, 0.0))
+    n, batch_size, ctx = run.num_data, cfg.batch_size, cfg.ctx
+    total = torch.zeros(2, dtype=torch.float64, device=cfg.device)  # objective and ELBO losses
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(loop.checkpointer.shuffle_seed + epoch))
+    perm = perm.to(cfg.device)
+    shown = state.step
+    for i in range(first, run.steps_per_epoch):
+        idx = perm[i * batch_size: (i + 1) * batch_size]
+        b = idx.numel()
+        if ctx.enabled:
+            idx = idx[ctx.rank:: ctx.world_size]
+        guard.set_step(state.step + 1)
+        guard.weight = idx.numel() / b
+        loss, xb = _train_step(loop, idx)
+        guard.note_loss(loss)
+        state.step += 1
+        state.loss = loss
+        elbo_loss = _unit_beta_loss(run.loss_fn, run.vae, xb, n, loss) if xb is not None else loss
+        total += torch.stack([loss.detach(), elbo_loss.detach()]).to(total.dtype) * (idx.numel() / n)
+        _call(loop.callbacks, "on_step", state)
+        last = i == run.steps_per_epoch - 1
+        ckpt_now = cfg.checkpoint_every is not None and state.step % cfg.checkpoint_every == 0 and not last
+        if last or ckpt_now or state.step % SYNC_EVERY == 0 or (stopper.requested and not ctx.enabled):
+            stop = guard.sync(stopper.requested)
+            if loop.bar is not None:
+                loop.bar.update(state.step - shown)
                 shown = state.step
-                for i in range(first, steps_per_epoch):
-                    idx = perm[i * batch_size: (i + 1) * batch_size]
-                    b = idx.numel()
-                    if ctx.enabled:
-                        idx = idx[ctx.rank:: ctx.world_size]
-                    guard.set_step(state.step + 1)
-                    guard.weight = idx.numel() / b
-                    if idx.numel() == 0:  # this rank's share of a short last batch is empty
-                        for p in params:
-                            p.grad = torch.zeros_like(p)
-                        optimizer.step()
-                        loss = torch.zeros((), device=dev)
-                    else:
-                        xb = x[idx]
-                        if dynamic_binarize:
-                            xb = torch.bernoulli(xb)
-                        try:
-                            if graph_step is not None and state.step != first_step:
-                                loss = graph_step(xb).clone()  # a replay overwrites its loss tensor
-                            else:
-                                loss = torch.as_tensor(svi_step(
-                                    loss_fn, vae, xb, n, optimizer, params, None if ctx.enabled else clip_norm,
-                                    validate=None if state.step == first_step else False, check_finite=False))
-                        except Exception:
-                            if not ctx.enabled:
-                                guard.sync(False)  # an earlier NaN explains this failure: report that instead
-                            raise
-                    guard.note_loss(loss)
-                    state.step += 1
-                    state.loss = loss
-                    elbo_loss = _unit_beta_loss(loss_fn, vae, xb, n, loss) if idx.numel() else loss
-                    total += torch.stack([loss.detach(), elbo_loss.detach()]).to(total.dtype) * (idx.numel() / n)
-                    for cb in callbacks:
-                        if hasattr(cb, "on_step"):
-                            cb.on_step(state)
-                    last = i == steps_per_epoch - 1
-                    ckpt_now = checkpoint_every is not None and state.step % checkpoint_every == 0 and not last
-                    if last or ckpt_now or state.step % SYNC_EVERY == 0 or (stopper.requested and not ctx.enabled):
-                        stop = guard.sync(stopper.requested)
-                        if bar is not None:
-                            bar.update(state.step - shown)
-                            shown = state.step
-                            bar.set_postfix(epoch=epoch, elbo=f"{-float(elbo_loss) / n:.2f}")
-                        if stop or ckpt_now:
-                            save(epoch, i + 1, False, _add(carried, _global_sum(total, ctx)))
-                        if stop:
-                            raise interrupted(stopper, epoch)
-                objective_f, elbo_f = _add(carried, _global_sum(total, ctx))
-                carried = [0.0, 0.0]
-                record: dict[str, Any] = {"epoch": epoch, "step": state.step, "train_elbo": -elbo_f / n,
-                                          "train_objective": -objective_f / n, "beta": _beta(vae),
-                                          "val_elbo": None}
-                if xv is not None:
-                    vae.eval()
-                    record["val_elbo"] = _val_elbo(vae, xv, loss_fn, max(batch_size, 512), ctx)
-                    vae.train()
-                check_finite_record(record, guard)
-                record["seconds"] = time.perf_counter() - start
-                check_no_new_params(user_params, params_in_store)
-                history.epochs.append(record)
-                save(epoch, steps_per_epoch, True, [0.0, 0.0], record)
-                for cb in callbacks:
-                    if hasattr(cb, "on_epoch_end"):
-                        cb.on_epoch_end(state)
-                if guard.sync(stopper.requested):
-                    raise interrupted(stopper, epoch)
-                if state.stop:
-                    break
-    finally:
-        hook.remove()
-        if bar is not None:
-            bar.close()
+                loop.bar.set_postfix(epoch=epoch, elbo=f"{-float(elbo_loss) / n:.2f}")
+            if stop or ckpt_now:
+                loop.checkpointer.save(epoch, i + 1, False, _add(carried, _global_sum(total, ctx)))
+            if stop:
+                raise loop.checkpointer.interrupted(stopper.signal_name, epoch)
+    return _add(carried, _global_sum(total, ctx))
+
+
+def _train_step(loop: _Loop, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step on this rank's rows ``idx`` of the training data. Returns the loss (a 0-dim tensor on
+    the device) and the minibatch, or ``None`` for it when this rank's share of a short last batch is empty:
+    that rank steps with zero gradients, so that it still meets the others in the gradients' all-reduce."""
+    cfg, run, state = loop.cfg, loop.run, loop.state
+    if idx.numel() == 0:
+        for p in run.params:
+            p.grad = torch.zeros_like(p)
+        run.optimizer.step()
+        return torch.zeros((), device=cfg.device), None
+    xb = run.x[idx]
+    if cfg.dynamic_binarize:
+        xb = torch.bernoulli(xb)
+    try:
+        if loop.graph_step is not None and state.step != loop.first_step:
+            loss = loop.graph_step(xb).clone()  # a replay overwrites its loss tensor
+        else:
+            loss = torch.as_tensor(svi_step(
+                run.loss_fn, run.vae, xb, run.num_data, run.optimizer, run.params,
+                None if cfg.ctx.enabled else cfg.clip_norm,
+                validate=None if state.step == loop.first_step else False, check_finite=False))
+    except Exception:
+        if not cfg.ctx.enabled:
+            loop.guard.sync(False)  # an earlier NaN explains this failure: report that instead
+        raise
+    return loss, xb
+
+
+def _epoch_record(loop: _Loop, epoch: int, totals: Sequence[float], started: float) -> dict[str, Any]:
+    """The :class:`History` record of ``epoch`` from its summed losses ``totals`` ``[objective, ELBO]``, with
+    the validation ELBO; a non-finite ELBO raises :class:`NonFiniteLossError`."""
+    run, vae, n = loop.run, loop.run.vae, loop.run.num_data
+    objective, elbo = totals
+    record: dict[str, Any] = {"epoch": epoch, "step": loop.state.step, "train_elbo": -elbo / n,
+                              "train_objective": -objective / n, "beta": _beta(vae), "val_elbo": None}
+    if run.xv is not None:
         vae.eval()
-    return history
+        record["val_elbo"] = _val_elbo(vae, run.xv, run.loss_fn, max(loop.cfg.batch_size, 512), loop.cfg.ctx)
+        vae.train()
+    check_finite_record(record, loop.guard)
+    record["seconds"] = time.perf_counter() - started
+    return record
 
 
-def _global_sum(total: torch.Tensor, ctx: Any) -> list[float]:
-    from pyro_vae.train import distributed
-
+def _global_sum(total: torch.Tensor, ctx: distributed.Context) -> list[float]:
     values = [float(t) for t in total]
     return distributed.all_reduce_sum(values, total.device) if ctx.enabled else values
 
 
 def _add(a: Sequence[float], b: Sequence[float]) -> list[float]:
-    return [float(u) + float(v) for u, v in zip(a, b)]
-
-
-def _epoch_totals(saved: Any) -> list[float]:
-    """A checkpoint's partial-epoch sums ``[objective loss, ELBO loss]`` (one number in older checkpoints,
-    written when the two were the same)."""
-    return [float(saved), float(saved)] if isinstance(saved, (int, float)) else [float(v) for v in saved]
+    return [float(u) + float(v) for u, v in zip(a, b, strict=False)]
 
 
 def _beta(vae: Any) -> float:
@@ -422,8 +475,6 @@ def _unit_beta_loss(loss_fn: ELBO, vae: Any, xb: torch.Tensor, num_data: int, lo
     for ``Trace_ELBO`` / ``TraceMeanField_ELBO``)."""
     if _beta(vae) == 1.0:
         return loss
-    from pyro_vae.infer.losses import elbo_loss
-
     with torch.no_grad(), unit_kl_weight(vae), pyro.validation_enabled(False):
         out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=num_data)
         if out is None:
@@ -431,60 +482,10 @@ def _unit_beta_loss(loss_fn: ELBO, vae: Any, xb: torch.Tensor, num_data: int, lo
     return out[0]
 
 
-def _val_elbo(vae: VAE, xv: torch.Tensor, loss_fn: ELBO, batch_size: int, ctx: Any) -> float:
+def _val_elbo(vae: VAE, xv: torch.Tensor, loss_fn: ELBO, batch_size: int, ctx: distributed.Context) -> float:
     """Validation ELBO per data point; in distributed runs each rank evaluates its interleaved share."""
-    from pyro_vae.train import distributed
-
     if not ctx.enabled:
         return evaluate_elbo(vae, xv, elbo=loss_fn, batch_size=batch_size)
     share = xv[ctx.rank:: ctx.world_size]
     part = evaluate_elbo(vae, share, elbo=loss_fn, batch_size=batch_size) * len(share) if len(share) else 0.0
     return distributed.all_reduce_sum([part], xv.device)[0] / len(xv)
-
-
-def _restore(payload: dict[str, Any], vae: VAE, optimizer: torch.optim.Optimizer, ctx: Any,
-             source: Union[str, Path], extra: Sequence[torch.nn.Module] = ()) -> None:
-    from pyro_vae.checkpoint import set_rng_state
-
-    try:
-        vae.load_state_dict(payload["vae"])
-        for module, sd in zip(extra, payload.get("extra_modules", [])):
-            module.load_state_dict(sd)
-        optimizer.load_state_dict(payload["optimizer"])
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(message(f"checkpoint {source}", "weights and optimizer state of this VAE",
-                                      f"a mismatch ({first})",
-                                      "resume with the VAE configuration of the original run")) from None
-    rngs = payload.get("rng") or []
-    if len(rngs) == ctx.world_size:
-        set_rng_state(rngs[ctx.rank])
-        set_pyro_param_values((payload.get("pyro_params") or [{}] * ctx.world_size)[ctx.rank])
-    else:
-        warnings.warn(f"checkpoint {source} was written by {len(rngs)} process(es), this run has "
-                      f"{ctx.world_size}: the random streams are reseeded, so the run continues correctly but not "
-                      "bit for bit as the original would have", stacklevel=3)
-        pyro.set_rng_seed((int(payload["shuffle_seed"]) * 1_000_003 + int(payload["step"])) % 2 ** 31 + ctx.rank)
-
-
-def _fit_start(state: TrainState, callbacks: Sequence[Any], loss_fn: ELBO, x: torch.Tensor, bar: Any,
-               dynamic_binarize: bool) -> None:
-    """Call ``on_fit_start(state)`` of the callbacks that have it (schedules set their step-``state.step``
-    value), and under ``TraceMeanField_ELBO`` log once which latent sites get an analytic KL."""
-    for cb in callbacks:
-        if hasattr(cb, "on_fit_start"):
-            cb.on_fit_start(state)
-    if bar is False or not isinstance(loss_fn, TraceMeanField_ELBO):
-        return
-    import logging
-
-    from pyro_vae.infer.kl_report import kl_report
-
-    dev = x.device
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # leave the training RNG alone
-        state.vae.eval()
-        report = str(kl_report(state.vae, torch.bernoulli(x) if dynamic_binarize else x))
-        state.vae.train()
-    logging.getLogger("pyro_vae").info(report)
-    if bar is not None:
-        bar.write(report)
