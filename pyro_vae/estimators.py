@@ -1,9 +1,16 @@
-"""Moved to :mod:`pyro_vae.infer.estimators`; this name stays importable for one release."""
+"""Moved to :mod:`pyro_vae.infer.estimators` (``make_estimator_elbo`` to :mod:`pyro_vae.infer.elbo`); this name
+stays importable for one release."""
 
-import sys
 import warnings
+from typing import Any
 
 import pyro_vae.infer.estimators as _module
+from pyro_vae.infer.elbo import make_estimator_elbo
 
-warnings.warn("pyro_vae.estimators moved to pyro_vae.infer.estimators; import it from there", DeprecationWarning, stacklevel=2)
-sys.modules[__name__] = _module
+warnings.warn("pyro_vae.estimators moved to pyro_vae.infer.estimators; import it from there", DeprecationWarning,
+              stacklevel=2)
+__all__ = [*_module.__all__, "make_estimator_elbo"]
+
+
+def __getattr__(name: str) -> Any:
+    return getattr(_module, name)

@@ -91,7 +91,7 @@ def active_messengers() -> tuple[Messenger, ...]:
     """The effect handlers active now, outermost first (empty outside any handler).
 
     Relies on ``pyro.poutine.runtime._PYRO_STACK``, the list Pyro pushes a ``Messenger`` onto when it is
-    entered and pops it from on exit. :func:`pyro_vae.infer.estimators.straight_through_override` reads it:
+    entered and pops it from on exit. :func:`pyro_vae.distributions.relaxed.straight_through_override` reads it:
     code that runs inside a model but outside a sample statement (the decoder's input of a categorical
     latent) asks which gradient estimator the enclosing ELBO applies."""
     return tuple(runtime._PYRO_STACK)

@@ -34,9 +34,11 @@ from torch.distributions import constraints
 from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 from torch.distributions.utils import broadcast_all
 
+from pyro_vae.pyro_internals import active_messengers
+
 __all__ = ["ExpRelaxedOneHotCategorical", "ExpOneHotCategorical", "to_simplex", "log_one_hot",
            "log_class_probs", "is_log_categorical", "is_simplex_valued", "check_log_simplex", "gumbel_noise",
-           "log_simplex", "log_one_hot_constraint", "check_temperature"]
+           "log_simplex", "log_one_hot_constraint", "check_temperature", "straight_through_override"]
 
 
 def check_temperature(value: Union[float, torch.Tensor], what: str = "temperature") -> float:
@@ -289,3 +291,18 @@ def log_class_probs(fn: Any) -> Optional[torch.Tensor]:
     if not isinstance(base, (ExpRelaxedCategorical, ExpOneHotCategorical)):
         return None
     return base.logits.expand(tuple(fn.batch_shape) + tuple(fn.event_shape))
+
+
+def straight_through_override(site: str) -> Optional[bool]:
+    """Whether an effect handler of the model that is running now asks for the straight-through estimator
+    (``True``) or the plain relaxed one (``False``) at the log-space categorical latent ``site``; ``None`` when
+    none does (the latent's own setting applies). A handler asks by having a method ``straight_through_at(site)``
+    that returns ``True``, ``False`` or ``None`` (:class:`pyro_vae.infer.estimators.EstimatorMessenger` under
+    ``make_elbo(estimator="straight-through")`` or ``"relaxed"``); the innermost one that answers wins.
+    :meth:`pyro_vae.VAE.decoder_input` reads it while the model runs."""
+    for handler in reversed(active_messengers()):
+        ask = getattr(handler, "straight_through_at", None)
+        answer = ask(site) if callable(ask) else None
+        if answer is not None:
+            return bool(answer)
+    return None

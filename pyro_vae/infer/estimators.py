@@ -36,11 +36,11 @@ from torch import nn
 from torch.distributions import constraints
 from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 
-from pyro_vae.distributions.relaxed import ExpOneHotCategorical
+from pyro_vae.distributions.relaxed import ExpOneHotCategorical, straight_through_override
 from pyro_vae.encoders import RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.networks import MLP
-from pyro_vae.pyro_internals import ParticleHandlerMixin, active_messengers
+from pyro_vae.pyro_internals import ParticleHandlerMixin
 
 __all__ = [
     "ScoreFunction",
@@ -222,19 +222,6 @@ def _convert_categorical(fn: dist.Distribution, mode: Optional[str], role: str, 
     return fn
 
 
-def straight_through_override(site: str) -> Optional[bool]:
-    """Whether an :class:`EstimatorMessenger` of the model that is running now asks for the straight-through
-    estimator (``True``) or the plain relaxed one (``False``) at the log-space categorical latent ``site``;
-    ``None`` when none does (the latent's own setting applies). :meth:`pyro_vae.VAE.decoder_input` reads it
-    while the model runs under ``make_elbo(estimator="straight-through")`` or ``"relaxed"``."""
-    for handler in reversed(active_messengers()):
-        if isinstance(handler, EstimatorMessenger) and handler.role == "model" and (
-                handler.sites is None or site in handler.sites):
-            mode = handler.estimator.categorical
-            return None if mode not in ("relaxed", "straight-through") else mode == "straight-through"
-    return None
-
-
 class EstimatorMessenger(Messenger):
     """Effect handler that makes the latent sites of a model or guide use one :class:`Estimator`.
 
@@ -266,6 +253,16 @@ class EstimatorMessenger(Messenger):
         self.baseline_beta = float(baseline_beta)
         self.nn_baseline = nn_baseline
         self.nn_baseline_input = nn_baseline_input
+
+    def straight_through_at(self, site: str) -> Optional[bool]:
+        """At the log-space categorical latent ``site`` of the model (``role="model"``): ``True`` for the
+        straight-through estimator, ``False`` for the plain relaxed one, ``None`` when this handler does not
+        decide there (another role or site, or an estimator that is neither). Read by
+        :func:`pyro_vae.distributions.relaxed.straight_through_override`."""
+        if self.role != "model" or (self.sites is not None and site not in self.sites):
+            return None
+        mode = self.estimator.categorical
+        return None if mode not in ("relaxed", "straight-through") else mode == "straight-through"
 
     def _applies(self, msg: dict) -> bool:
         if msg["type"] != "sample" or msg["is_observed"] or type(msg["fn"]).__name__ == "_Subsample":

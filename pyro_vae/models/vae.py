@@ -26,6 +26,7 @@ from pyro_vae.distributions.relaxed import (
     is_simplex_valued,
     log_class_probs,
     log_one_hot,
+    straight_through_override,
     to_simplex,
 )
 from pyro_vae.encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder
@@ -200,8 +201,6 @@ class VAE(Sites):
         """
         if self.categories is None:
             return z
-        from pyro_vae.infer.estimators import straight_through_override
-
         straight = straight_through_override(self.site("z"))
         y = to_simplex(z, self.straight_through if straight is None else straight)
         return y.reshape(*y.shape[:-2], self._decoder_features)
