@@ -29,8 +29,8 @@ import pyro
 import torch
 
 import pyro_vae
-from pyro_vae.infer.elbo import make_estimator_elbo
 from pyro_vae.infer import evaluate_elbo
+from pyro_vae.infer.elbo import make_estimator_elbo
 from pyro_vae.validation import resolve_device
 
 RUNS = {

@@ -35,15 +35,15 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pyro
 import torch
 
 import pyro_vae
+from pyro_vae.infer.variance import exact_gradient, gradient_statistics
 from pyro_vae.models.linear_gaussian import linear_gaussian_vae
 from pyro_vae.validation import resolve_device
-from pyro_vae.infer.variance import exact_gradient, gradient_statistics
 
 # (label, estimator name, elbo)
 GAUSSIAN = [("pathwise", "pathwise", "trace"), ("pathwise-analytic-kl", "pathwise", "meanfield"),
@@ -56,7 +56,7 @@ MODELS = ("linear-gaussian", "digits-mlp", "mnist-mlp", "categorical")
 MNIST_DIRS = ("/work/shared/data/mnist", "shared/data/mnist", "../shared/data/mnist")
 
 
-def find_mnist(data_dir: Optional[str]) -> Optional[str]:
+def find_mnist(data_dir: str | None) -> str | None:
     for d in ([data_dir] if data_dir else list(MNIST_DIRS)):
         if d and Path(d).is_dir() and any(Path(d).rglob("train-images-idx3-ubyte*")):
             return d
@@ -111,7 +111,7 @@ def samples_for(num_particles: int, args: argparse.Namespace, model: str, cuda: 
 
 
 def run_cell(spec: dict[str, Any], name: str, elbo: str, num_particles: int, n: int,
-             exact: Optional[torch.Tensor], seed: int, warmup: int) -> dict[str, dict[str, Any]]:
+             exact: torch.Tensor | None, seed: int, warmup: int) -> dict[str, dict[str, Any]]:
     return gradient_statistics(spec["vae"], spec["x"], name, n, num_particles=num_particles, elbo=elbo,
                                exact=exact, seed=seed, baseline_warmup=warmup)
 

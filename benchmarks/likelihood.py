@@ -30,7 +30,7 @@ import math
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pyro
 import torch
@@ -65,7 +65,7 @@ def default_data_dir() -> str:
 class TimeBudget:
     """Stops training at the end of the first epoch that ends after ``seconds`` of training."""
 
-    def __init__(self, seconds: Optional[float]) -> None:
+    def __init__(self, seconds: float | None) -> None:
         self.seconds, self.start = seconds, None
 
     def on_fit_start(self, state: Any) -> None:

@@ -42,8 +42,9 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -51,8 +52,7 @@ import torch.nn.functional as F
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_vae
-from pyro_vae.train import CUDAGraphStep, svi_step
-from pyro_vae.train import SYNC_EVERY
+from pyro_vae.train import SYNC_EVERY, CUDAGraphStep, svi_step
 
 CONFIGS = {
     # name: (data_shape, z_dim, net, hidden, batch)
@@ -239,7 +239,7 @@ class FitLoop:
 
 
 def contenders(vae: pyro_vae.VAE, device: torch.device, example: torch.Tensor, skip: Sequence[str] = (),
-               failed: Optional[dict[str, str]] = None) -> dict[str, Callable]:
+               failed: dict[str, str] | None = None) -> dict[str, Callable]:
     """The contenders by name (``skip`` leaves some out); a CUDA-graph capture that fails is reported in
     ``failed`` (and the JSON) instead of ending the run."""
     makers: dict[str, Callable[[], Callable]] = {

@@ -27,8 +27,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Union
 
 import torch
 
@@ -257,7 +258,7 @@ class RunFolder:
         return f"RunFolder({str(self.path)!r})"
 
     # reading
-    def manifest(self) -> Optional[dict[str, Any]]:
+    def manifest(self) -> dict[str, Any] | None:
         """The parsed manifest, ``None`` when the folder has none.
 
         Raises:
@@ -339,7 +340,7 @@ class RunFolder:
             f"{entry['sha256'][:12]}...)", f"{problem}: the file is damaged, or comes from another run",
             _repair_hint(name)))
 
-    def _match(self, m: dict[str, Any], name: str, keep: bool) -> tuple[Optional[bytes], str]:
+    def _match(self, m: dict[str, Any], name: str, keep: bool) -> tuple[bytes | None, str]:
         """``(bytes or b"", "")`` for the recorded file ``name`` (final or staged), else ``(None, what is
         there)``."""
         entry, problem = m["files"][name], "no such file"
@@ -382,12 +383,12 @@ class RunFolder:
         """Whether a run started in this folder (its lock file or manifest exists)."""
         return (self.path / LOCK).is_file() or (self.path / MANIFEST).is_file()
 
-    def holder(self) -> Optional[str]:
+    def holder(self) -> str | None:
         """Who holds the run's lock now ("pid 123 on host h since ..."), or ``None``."""
         return _probe_lock(self.path)
 
     # writing
-    def lock(self) -> "RunLock":
+    def lock(self) -> RunLock:
         """The run's exclusive lock (a context manager): see :class:`RunLock`."""
         return RunLock(self.path)
 
@@ -465,7 +466,7 @@ def _recover(folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- locking
-_held: dict[tuple[str, int], "_Held"] = {}
+_held: dict[tuple[str, int], _Held] = {}
 _held_guard = threading.Lock()
 
 
@@ -512,7 +513,7 @@ def _holder_text(folder: Path) -> str:
         return "another process (it has not written its name yet)"
 
 
-def _probe_lock(folder: Path) -> Optional[str]:
+def _probe_lock(folder: Path) -> str | None:
     if _key(folder) in _held:
         return _holder_text(folder)
     try:
@@ -541,7 +542,7 @@ class RunLock:
         self.folder = Path(folder)
         self._entered = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         key = _key(self.folder)
         with _held_guard:
             held = _held.get(key)
@@ -890,7 +891,7 @@ def _check_payload(payload: dict[str, Any], path: Path) -> None:
                                       repr(payload["best"]), f"resume from the {CHECKPOINT} of a run folder"))
 
 
-def load_training_state(path: PathLike, *, vae_config: Any = None, signature: Optional[dict[str, Any]] = None
+def load_training_state(path: PathLike, *, vae_config: Any = None, signature: dict[str, Any] | None = None
                         ) -> dict[str, Any]:
     """Load a training checkpoint (``fit(checkpoint_dir=...)`` writes them) safely and check that it belongs
     to this configuration: the checksum, the format, the package release, the VAE's config and the training

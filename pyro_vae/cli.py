@@ -13,8 +13,9 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pyro
@@ -49,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(text.split())}{hint}\n")
 
 
-def _int(flag: str, minimum: int = 1, maximum: Optional[int] = None) -> Callable[[str], int]:
+def _int(flag: str, minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
     return arg_type(flag, integer, minimum=minimum, maximum=maximum)
 
 
@@ -298,7 +299,7 @@ def _check_splits(vae: Any, splits: Any, name: str) -> None:
         vae.check_data(x, f"{split} split of {name}", data_set=True)
 
 
-def write_pictures(vae, splits, run: Path, history: Optional[list] = None, n: int = 64) -> list[Path]:
+def write_pictures(vae, splits, run: Path, history: list | None = None, n: int = 64) -> list[Path]:
     from pyro_vae import plots  # matplotlib: loaded only when pictures are drawn
 
     vae.eval()
@@ -379,7 +380,7 @@ class _NamePath:
     def __init__(self, out: Path) -> None:
         self.out = out
 
-    def __enter__(self) -> "_NamePath":
+    def __enter__(self) -> _NamePath:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -678,7 +679,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit status: 0, 2 for an error (one line on stderr; a value refused while
     parsing included), 130 when interrupted."""
     parser = build_parser()

@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ class Dataset:
     """``x``: ``(N, *data_shape)`` float tensor; ``y``: ``(N,)`` labels or ``None``."""
 
     x: torch.Tensor
-    y: Optional[torch.Tensor] = None
+    y: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -77,7 +77,7 @@ def check_binarizable(x: torch.Tensor, what: str = "data") -> None:
     unit_interval(x, what, "grey levels in [0, 1] to binarize (each the probability of a one)")
 
 
-def _split(x: torch.Tensor, y: Optional[torch.Tensor], n_val: int, n_test: int, seed: int) -> tuple[Dataset, ...]:
+def _split(x: torch.Tensor, y: torch.Tensor | None, n_val: int, n_test: int, seed: int) -> tuple[Dataset, ...]:
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     parts = (perm[n_val + n_test:], perm[:n_val], perm[n_val: n_val + n_test])
     return tuple(Dataset(x[p], None if y is None else y[p]) for p in parts)
@@ -116,7 +116,7 @@ def _stage_raw_files(name: str, root: Path) -> Path:
     return staged
 
 
-def torchvision_dataset(name: str, root: Union[str, Path], seed: int = 0, n_val: int = 10000) -> Splits:
+def torchvision_dataset(name: str, root: str | Path, seed: int = 0, n_val: int = 10000) -> Splits:
     """MNIST-format data through torchvision (``download=True``: files already in ``root`` are verified and
     used, so this works offline; where a network exists missing files are fetched). The official test set is
     the test split; ``n_val`` training images chosen by ``seed`` form the validation split."""
@@ -142,7 +142,7 @@ def torchvision_dataset(name: str, root: Union[str, Path], seed: int = 0, n_val:
     return Splits(train, val, test, name=name)
 
 
-def from_file(path: Union[str, Path], seed: int = 0, val_fraction: float = 0.1,
+def from_file(path: str | Path, seed: int = 0, val_fraction: float = 0.1,
               test_fraction: float = 0.1) -> Splits:
     """The user's own array from ``.npy`` (``np.load(allow_pickle=False)``) or ``.pt``
     (``torch.load(weights_only=True)``) of shape ``(N, *data_shape)``; 8-bit integers are scaled to [0, 1]."""
@@ -179,8 +179,8 @@ def from_file(path: Union[str, Path], seed: int = 0, val_fraction: float = 0.1,
     return Splits(train, val, test, name=path.name)
 
 
-def load(name: str = "digits", root: Union[str, Path, None] = None, *, binarize_mode: str = "none",
-         seed: int = 0, scale: Optional[float] = None) -> Splits:
+def load(name: str = "digits", root: str | Path | None = None, *, binarize_mode: str = "none",
+         seed: int = 0, scale: float | None = None) -> Splits:
     """Load a data set by name (``digits``, ``mnist``, ``fashion-mnist``, ``kmnist``) or file path.
 
     Args:

@@ -37,7 +37,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT (Ctrl-C) or SIGTERM after writing a checkpoint; the message says how to
     resume. A ``KeyboardInterrupt``, so code that stops on Ctrl-C keeps doing so."""
 
-    def __init__(self, text: str, checkpoint: "str | None" = None, epoch: int = 0, step: int = 0) -> None:
+    def __init__(self, text: str, checkpoint: str | None = None, epoch: int = 0, step: int = 0) -> None:
         super().__init__(text)
         self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import pyro
@@ -48,8 +49,8 @@ def as_data_set(vae: VAE, data: Any, what: str = "data") -> torch.Tensor:
 
 
 def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, *,
-                           model: Optional[Callable] = None, guide: Optional[Callable] = None,
-                           chunk_size: Optional[int] = None) -> torch.Tensor:
+                           model: Callable | None = None, guide: Callable | None = None,
+                           chunk_size: int | None = None) -> torch.Tensor:
     """Log importance weights ``log p(x, z_k) - log q(z_k | x)``, ``z_k ~ q(z | x)``, as a
     ``(batch, num_samples)`` tensor on ``x``'s device, nats per data point (no gradients).
 
@@ -96,7 +97,7 @@ class LogLikelihood:
     elbo: float
     elbo_per_point: torch.Tensor
     num_samples: int
-    log_weights: Optional[torch.Tensor] = field(default=None, repr=False)
+    log_weights: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def gap_per_point(self) -> torch.Tensor:
@@ -132,8 +133,8 @@ class LogLikelihood:
 
 
 def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: int = 256,
-                   chunk_size: Optional[int] = None, return_log_weights: bool = False,
-                   model: Optional[Callable] = None, guide: Optional[Callable] = None) -> LogLikelihood:
+                   chunk_size: int | None = None, return_log_weights: bool = False,
+                   model: Callable | None = None, guide: Callable | None = None) -> LogLikelihood:
     """Importance-sampled log-likelihood (Burda et al. 2016, "Importance Weighted Autoencoders"):
 
     ``log p(x) ~ logsumexp_k [log p(x, z_k) - log q(z_k | x)] - log K``, ``z_k ~ q(z | x)``,
@@ -324,7 +325,7 @@ def active_units(vae: VAE, data: Any, threshold: float = 0.01, *, batch_size: in
 
 
 def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: bool = False,
-                      seed: Optional[int] = None, batch_size: int = 256):
+                      seed: int | None = None, batch_size: int = 256):
     """Posterior draws of ``z`` for the given data points in ArviZ's container: an
     ``arviz.InferenceData`` with ArviZ 0.x, an ``xarray.DataTree`` with ArviZ 1.x (whose ``from_dict``
     returns one). Both are read the same way (``idata.posterior["z"]``, ``idata.attrs["pareto_k"]``) and
@@ -424,7 +425,7 @@ class AmortizationGap:
 
 
 def _local_guide(vae: VAE, loc: torch.Tensor, raw: torch.Tensor, min_scale: float) -> Callable:
-    def guide(x: torch.Tensor, num_data: Optional[int] = None, batch_size: Optional[int] = None) -> torch.Tensor:
+    def guide(x: torch.Tensor, num_data: int | None = None, batch_size: int | None = None) -> torch.Tensor:
         with vae.plate(x.shape[0], None, x.device), vae.kl_scale():
             return pyro.sample(vae.site("z"), dist.Normal(loc, F.softplus(raw) + min_scale).to_event(1))
 
@@ -432,7 +433,7 @@ def _local_guide(vae: VAE, loc: torch.Tensor, raw: torch.Tensor, min_scale: floa
 
 
 def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1e-2, num_particles: int = 8,
-                     num_eval_samples: int = 256, seed: Optional[int] = 0) -> AmortizationGap:
+                     num_eval_samples: int = 256, seed: int | None = 0) -> AmortizationGap:
     """Optimize a separate Gaussian guide ``N(m_n, diag(s_n^2))`` for each data point, starting from the
     encoder's output, with the decoder and prior fixed (Adam on Pyro's vectorized ``Trace_ELBO``), and
     compare its ELBO with the encoder's (Cremer et al. 2018).

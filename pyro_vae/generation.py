@@ -11,7 +11,8 @@ one-hots, 0 at the class and ``-inf`` elsewhere).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pyro import poutine
@@ -203,8 +204,8 @@ def _simplex_path(log_p0: torch.Tensor, log_p1: torch.Tensor, t: torch.Tensor, m
     return p.log().movedim(-2, 1)
 
 
-def traverse(vae: VAE, x: Optional[torch.Tensor] = None, dims: Optional[Sequence[int]] = None,
-             values: Union[Sequence[float], torch.Tensor, None] = None, *, mean: bool = True) -> torch.Tensor:
+def traverse(vae: VAE, x: torch.Tensor | None = None, dims: Sequence[int] | None = None,
+             values: Sequence[float] | torch.Tensor | None = None, *, mean: bool = True) -> torch.Tensor:
     """Latent traversals: vary one latent dimension at a time over ``values`` (default ``-3 .. 3`` in 9
     steps), the others held at the posterior mean of ``x`` (a single data point) or at the prior's mean.
 

@@ -26,7 +26,7 @@ estimate beats it.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import pyro
 import torch
@@ -102,8 +102,8 @@ def _default_init(vae: VAE, num_samples: int = 512) -> torch.Tensor:
 
 
 def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "importance", num_iters: int = 10,
-           num_samples: int = 500, init: Optional[torch.Tensor] = None, batch_size: int = 256,
-           seed: Optional[int] = None) -> torch.Tensor:
+           num_samples: int = 500, init: torch.Tensor | None = None, batch_size: int = 256,
+           seed: int | None = None) -> torch.Tensor:
     """Fill the missing entries of ``x``.
 
     Args:

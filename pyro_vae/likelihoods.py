@@ -9,7 +9,8 @@ grey image scored under a Bernoulli likelihood is an error, not a silent mistake
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -148,7 +149,7 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
 }
 
 
-def build_likelihood(spec: Union[str, dict, LikelihoodFn], data_shape: Sequence[int]) -> LikelihoodFn:
+def build_likelihood(spec: str | dict | LikelihoodFn, data_shape: Sequence[int]) -> LikelihoodFn:
     """A likelihood from a name (``"bernoulli"``), a config dict (``{"name": "normal", "scale": 0.2}``),
     or a callable, which is returned as is."""
     if callable(spec):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Union
 
 import matplotlib
 
@@ -19,7 +20,7 @@ __all__ = ["image_grid", "save_image_grid", "save_reconstructions", "save_elbo_c
 PathLike = Union[str, Path]
 
 
-def as_images(x: torch.Tensor) -> Optional[np.ndarray]:
+def as_images(x: torch.Tensor) -> np.ndarray | None:
     """``(N, H, W)`` grey images from ``(N, 1, H, W)``, ``(N, H, W)`` or square flat ``(N, D)``; else ``None``."""
     x = x.detach().cpu().float()
     if x.dim() == 4 and x.shape[1] == 1:
@@ -32,7 +33,7 @@ def as_images(x: torch.Tensor) -> Optional[np.ndarray]:
     return None
 
 
-def image_grid(images: np.ndarray, ncol: Optional[int] = None, pad: int = 1) -> np.ndarray:
+def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
     """``(N, H, W)`` grey images laid out row by row, ``ncol`` to a row (default ``ceil(sqrt(N))``), in one
     float32 picture ``(nrow * (H + pad) + pad, min(ncol, N) * (W + pad) + pad)`` with ``nrow = ceil(N / ncol)``:
     the images are framed and separated by ``pad`` pixels of white (1.0), and the places after the last image
@@ -63,7 +64,7 @@ def _show_grid(grid: np.ndarray, title: str, path: PathLike) -> Path:
     return _save(fig, path)
 
 
-def save_image_grid(x: torch.Tensor, path: PathLike, title: str = "", ncol: Optional[int] = None) -> Path:
+def save_image_grid(x: torch.Tensor, path: PathLike, title: str = "", ncol: int | None = None) -> Path:
     """A grid of images (values in [0, 1]); non-image data is drawn as one row of bars per data point."""
     imgs = as_images(x)
     if imgs is None:
@@ -106,7 +107,7 @@ def save_elbo_curve(history: Sequence[dict], path: PathLike) -> Path:
     return _save(fig, path)
 
 
-def save_latent_map(z: torch.Tensor, labels: Optional[torch.Tensor], path: PathLike) -> Path:
+def save_latent_map(z: torch.Tensor, labels: torch.Tensor | None, path: PathLike) -> Path:
     """2-D map of latent codes coloured by label; a PCA projection when ``z_dim > 2``."""
     z = z.detach().cpu().reshape(z.shape[0], -1).numpy()
     title = "posterior means"
@@ -141,7 +142,7 @@ def save_interpolations(paths: torch.Tensor, path: PathLike, method: str = "sler
     return _rows_grid(paths, path, f"{method} interpolation between posterior means (one pair a row)")
 
 
-def save_traversals(grid: torch.Tensor, path: PathLike, values: Optional[Sequence[float]] = None) -> Path:
+def save_traversals(grid: torch.Tensor, path: PathLike, values: Sequence[float] | None = None) -> Path:
     """Latent traversals: ``(dims, values, *data_shape)``, one latent dimension varied along each row."""
     title = "latent traversals (row j: z_j varied"
     if values is not None and len(values):

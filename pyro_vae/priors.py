@@ -11,7 +11,8 @@ learn with the rest of the VAE. Built in: :class:`StandardNormal`, :class:`Mixtu
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -108,7 +109,7 @@ class VampPrior(nn.Module):
     needs_encoder = True
 
     def __init__(self, encoder: nn.Module, data_shape: Sequence[int], components: int = 50,
-                 init: Optional[torch.Tensor] = None) -> None:
+                 init: torch.Tensor | None = None) -> None:
         super().__init__()
         if not hasattr(encoder, "distribution"):
             raise ConfigError(message("VampPrior encoder", "an Encoder with distribution(x)",
@@ -156,7 +157,7 @@ class FlowPrior(nn.Module):
     name = "flow"
     KINDS = ("affine", "spline")
 
-    def __init__(self, z_dim: int, flows: int = 2, kind: str = "affine", hidden: Optional[Sequence[int]] = None) -> None:
+    def __init__(self, z_dim: int, flows: int = 2, kind: str = "affine", hidden: Sequence[int] | None = None) -> None:
         super().__init__()
         from pyro.distributions import transforms as T
 
@@ -252,7 +253,7 @@ class RelaxedCategoricalPrior(nn.Module):
     name = "categorical"
 
     def __init__(self, n: int, k: int, learnable: bool = False, temperature: float = 1.0,
-                 encoder: Optional[nn.Module] = None) -> None:
+                 encoder: nn.Module | None = None) -> None:
         super().__init__()
         from pyro_vae.distributions.relaxed import check_temperature
 
@@ -304,8 +305,8 @@ CATEGORICAL_PRIORS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_prior(spec: Union[str, dict, PriorFn, None], z_dim: int, *, categories: Optional[int] = None,
-                encoder: Optional[nn.Module] = None, data_shape: Optional[Sequence[int]] = None) -> PriorFn:
+def build_prior(spec: str | dict | PriorFn | None, z_dim: int, *, categories: int | None = None,
+                encoder: nn.Module | None = None, data_shape: Sequence[int] | None = None) -> PriorFn:
     """A prior from a name, a config dict (``{"name": ..., **options}``) or a callable (returned as is).
 
     Args:

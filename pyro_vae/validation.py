@@ -18,8 +18,9 @@ import argparse
 import math
 import numbers
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
 # ------------------------------------------------------------------------------------------- numbers
-def _real(value: Any) -> Optional[float]:
+def _real(value: Any) -> float | None:
     """``value`` as a float when it is a real number (Python or NumPy scalar, 0-dim real tensor), else None.
     Booleans are not numbers here."""
     if torch.is_tensor(value):
@@ -46,7 +47,7 @@ def _real(value: Any) -> Optional[float]:
     return float(value)
 
 
-def _integral(value: Any) -> Optional[int]:
+def _integral(value: Any) -> int | None:
     if torch.is_tensor(value):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
             return None
@@ -56,7 +57,7 @@ def _integral(value: Any) -> Optional[int]:
     return int(value)
 
 
-def _range_text(minimum: Optional[float], maximum: Optional[float], strict: bool, fmt: str = "g") -> str:
+def _range_text(minimum: float | None, maximum: float | None, strict: bool, fmt: str = "g") -> str:
     lo = None if minimum is None else f"{minimum:{fmt}}"
     hi = None if maximum is None else f"{maximum:{fmt}}"
     if lo is not None and hi is not None:
@@ -68,8 +69,8 @@ def _range_text(minimum: Optional[float], maximum: Optional[float], strict: bool
     return ""
 
 
-def integer(name: str, value: Any, minimum: int = 1, maximum: Optional[int] = None, *,
-            fix: Optional[str] = None) -> int:
+def integer(name: str, value: Any, minimum: int = 1, maximum: int | None = None, *,
+            fix: str | None = None) -> int:
     """``value`` as an ``int`` (Python or NumPy integer, 0-dim integer tensor; not a bool or a float) with
     ``minimum <= value <= maximum``, else :class:`ConfigError` naming ``name``."""
     v = _integral(value)
@@ -82,8 +83,8 @@ def integer(name: str, value: Any, minimum: int = 1, maximum: Optional[int] = No
     return v
 
 
-def number(name: str, value: Any, minimum: Optional[float] = None, maximum: Optional[float] = None, *,
-           strict: bool = True, fix: Optional[str] = None) -> float:
+def number(name: str, value: Any, minimum: float | None = None, maximum: float | None = None, *,
+           strict: bool = True, fix: str | None = None) -> float:
     """``value`` as a finite ``float`` above ``minimum`` (``strict``: ``>``, else ``>=``) and at most
     ``maximum``, else :class:`ConfigError` naming ``name``. Strings are refused, not parsed."""
     v = _real(value)
@@ -99,7 +100,7 @@ def number(name: str, value: Any, minimum: Optional[float] = None, maximum: Opti
     return float(v)  # type: ignore[arg-type]
 
 
-def positive(name: str, value: Any, *, fix: Optional[str] = None) -> float:
+def positive(name: str, value: Any, *, fix: str | None = None) -> float:
     """A finite ``float > 0``."""
     return number(name, value, 0.0, fix=fix)
 
@@ -118,7 +119,7 @@ def boolean(name: str, value: Any) -> bool:
     raise ConfigError(message(name, "True or False", repr(value), f"pass {name}=True or {name}=False"))
 
 
-def image_path(name: str, value: Union[str, Path]) -> Path:
+def image_path(name: str, value: str | Path) -> Path:
     """A path for a picture: its suffix one of :data:`IMAGE_SUFFIXES`."""
     path = Path(value)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -128,7 +129,7 @@ def image_path(name: str, value: Union[str, Path]) -> Path:
     return path
 
 
-def describe_path(path: Union[str, os.PathLike], limit: int = 6, hide: Optional[Callable[[str], bool]] = None) -> str:
+def describe_path(path: str | os.PathLike, limit: int = 6, hide: Callable[[str], bool] | None = None) -> str:
     """What is at ``path``, in words, for an error message: nothing, a file of N bytes, an empty folder, a folder
     holding a, b, ... (at most ``limit`` names, those for which ``hide(name)`` is true left out)."""
     path = Path(path)
@@ -149,7 +150,7 @@ def describe_path(path: Union[str, os.PathLike], limit: int = 6, hide: Optional[
 
 
 # -------------------------------------------------------------------------------------------- memory
-def memory_bytes(device: Union[str, torch.device, None] = None) -> Optional[int]:
+def memory_bytes(device: str | torch.device | None = None) -> int | None:
     """Total memory of ``device`` in bytes (physical memory for the CPU, the GPU's memory for CUDA), or
     ``None`` where it cannot be read."""
     dev = torch.device(device if device is not None else "cpu")
@@ -170,7 +171,7 @@ def _size_text(n: float) -> str:
     return f"{n / 2 ** 10:.1f} KiB"
 
 
-def check_memory(what: str, nbytes: float, device: Union[str, torch.device, None], fix: str,
+def check_memory(what: str, nbytes: float, device: str | torch.device | None, fix: str,
                  detail: str = "") -> None:
     """:class:`ConfigError` when ``nbytes`` exceed the total memory of ``device`` (checked before the
     allocation, which would otherwise fail inside torch or be killed by the operating system). ``detail``
@@ -242,7 +243,7 @@ def unit_interval(x: torch.Tensor, what: str, purpose: str = "grey levels in [0,
 
 
 # -------------------------------------------------------------------------------------- command line
-def arg_type(flag: str, check: Callable[..., Any], *, parse: Optional[Callable[[str], Any]] = None,
+def arg_type(flag: str, check: Callable[..., Any], *, parse: Callable[[str], Any] | None = None,
              **kwargs: Any) -> Callable[[str], Any]:
     """An ``argparse`` type: parse the text (``int`` also takes ``1e3``; ``float`` takes ``nan``, which the
     check then refuses) and run ``check(flag, value, **kwargs)``. A refusal becomes argparse's error
@@ -280,7 +281,7 @@ def _parse_int(text: str) -> int:
         return int(v)
 
 
-def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """The ``torch.device`` of ``device``: ``"auto"`` is CUDA when it is available, else the CPU; a device this
     machine does not have, or a name torch does not know, raises :class:`ConfigError`."""
     if str(device) == "auto":

@@ -16,8 +16,8 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_vae
-from pyro_vae.errors import ConfigError, ShapeError
 from pyro_vae.distributions.relaxed import ExpOneHotCategorical, ExpRelaxedOneHotCategorical
+from pyro_vae.errors import ConfigError, ShapeError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,8 @@ line and exits with status 2."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyro

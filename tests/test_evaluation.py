@@ -16,12 +16,12 @@ import json
 import math
 from statistics import NormalDist
 
+import pyro
 import pytest
 import torch
 from torch import nn
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-import pyro
 import pyro_vae
 from pyro_vae import evaluation
 from pyro_vae.errors import ConfigError, DataError

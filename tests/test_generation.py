@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pytest
 import torch
+from test_evaluation import D, d, linear_gaussian, make_run
 from torch.distributions import MultivariateNormal
 
-import pyro
 import pyro_vae
 from pyro_vae import generation
 from pyro_vae.errors import ConfigError
-from test_evaluation import D, d, linear_gaussian, make_run
 
 
 def _nn_distance(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -12,14 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyro
 import pytest
 import torch
+from test_evaluation import D, linear_gaussian, make_run
 
-import pyro
 import pyro_vae
 from pyro_vae import imputation
 from pyro_vae.errors import ConfigError, DataError
-from test_evaluation import D, linear_gaussian, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK = torch.tensor([True, False, True, False, True, False])

@@ -21,8 +21,8 @@ from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 
 import pyro_vae
-from pyro_vae.train import CUDAGraphStep, svi_step
 from pyro_vae.infer import elbo_loss
+from pyro_vae.train import CUDAGraphStep, svi_step
 
 N = 1000
 ROOT = Path(__file__).resolve().parents[1]

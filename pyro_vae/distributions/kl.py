@@ -9,7 +9,7 @@ latent sites get a closed form under ``TraceMeanField_ELBO``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.distributions import (
@@ -25,7 +25,7 @@ __all__: list[str] = []
 
 
 # ------------------------------------------------------------------------------------ closed forms
-def _diag_normal(d: Any) -> Optional[Normal]:
+def _diag_normal(d: Any) -> Normal | None:
     if isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1 and type(d.base_dist).__name__ == "Normal" \
             and isinstance(d.base_dist, Normal):
         return d.base_dist

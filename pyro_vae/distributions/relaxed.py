@@ -26,7 +26,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from pyro.distributions.torch_distribution import TorchDistributionMixin
@@ -41,7 +41,7 @@ __all__ = ["ExpRelaxedOneHotCategorical", "ExpOneHotCategorical", "to_simplex", 
            "log_simplex", "log_one_hot_constraint", "check_temperature", "straight_through_override"]
 
 
-def check_temperature(value: Union[float, torch.Tensor], what: str = "temperature") -> float:
+def check_temperature(value: float | torch.Tensor, what: str = "temperature") -> float:
     """``value`` as a float, or :class:`~pyro_vae.errors.ConfigError` unless it is finite and > 0."""
     from pyro_vae.errors import ConfigError, message
 
@@ -137,8 +137,8 @@ class ExpRelaxedOneHotCategorical(ExpRelaxedCategorical, TorchDistributionMixin)
 
     support = log_simplex
 
-    def __init__(self, temperature: Union[float, torch.Tensor], probs: Optional[torch.Tensor] = None,
-                 logits: Optional[torch.Tensor] = None, validate_args: Optional[bool] = None) -> None:
+    def __init__(self, temperature: float | torch.Tensor, probs: torch.Tensor | None = None,
+                 logits: torch.Tensor | None = None, validate_args: bool | None = None) -> None:
         param = probs if probs is not None else logits
         if not torch.is_tensor(temperature):
             temperature = torch.tensor(float(temperature), dtype=param.dtype if param is not None else None,
@@ -283,7 +283,7 @@ def is_simplex_valued(fn: Any) -> bool:
     return isinstance(support, (type(constraints.simplex), type(constraints.one_hot)))
 
 
-def log_class_probs(fn: Any) -> Optional[torch.Tensor]:
+def log_class_probs(fn: Any) -> torch.Tensor | None:
     """The normalized log class probabilities of a log-space categorical ``fn``, shape
     ``batch_shape + event_shape`` of ``fn`` (``None`` for any other distribution). ``exp`` of it is the mean
     of the categorical the Concrete relaxes (the limit of ``E[exp(x)]`` as the temperature goes to 0)."""
@@ -293,7 +293,7 @@ def log_class_probs(fn: Any) -> Optional[torch.Tensor]:
     return base.logits.expand(tuple(fn.batch_shape) + tuple(fn.event_shape))
 
 
-def straight_through_override(site: str) -> Optional[bool]:
+def straight_through_override(site: str) -> bool | None:
     """Whether an effect handler of the model that is running now asks for the straight-through estimator
     (``True``) or the plain relaxed one (``False``) at the log-space categorical latent ``site``; ``None`` when
     none does (the latent's own setting applies). A handler asks by having a method ``straight_through_at(site)``

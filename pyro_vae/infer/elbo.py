@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -33,7 +34,7 @@ __all__ = ["ELBOS", "make_elbo", "make_estimator_elbo", "check_elbo", "evaluate_
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
 
-def check_elbo(elbo: Any, estimator: Union[str, Estimator] = "pathwise") -> Estimator:
+def check_elbo(elbo: Any, estimator: str | Estimator = "pathwise") -> Estimator:
     """The :class:`~pyro_vae.infer.estimators.Estimator` of ``estimator`` when it can go with the ELBO named
     ``elbo`` (a key of :data:`ELBOS`).
 
@@ -52,9 +53,9 @@ def check_elbo(elbo: Any, estimator: Union[str, Estimator] = "pathwise") -> Esti
     return est
 
 
-def make_elbo(elbo: Union[str, ELBO] = "trace", num_particles: int = 1,
-              estimator: Union[str, Estimator] = "pathwise", data_shape: Optional[Sequence[int]] = None, *,
-              baseline_beta: float = 0.9, nn_baseline: Optional[nn.Module] = None,
+def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
+              estimator: str | Estimator = "pathwise", data_shape: Sequence[int] | None = None, *,
+              baseline_beta: float = 0.9, nn_baseline: nn.Module | None = None,
               max_plate_nesting: int = 1) -> ELBO:
     """The Pyro ELBO that computes ``estimator``'s gradient of the ELBO on an unchanged model/guide pair.
 
@@ -103,9 +104,9 @@ def make_elbo(elbo: Union[str, ELBO] = "trace", num_particles: int = 1,
     return EstimatorTrace_ELBO(**kwargs)
 
 
-def make_estimator_elbo(estimator: Union[str, Estimator] = "pathwise", elbo: Union[str, ELBO] = "trace",
-                        num_particles: int = 1, *, data_shape: Optional[Sequence[int]] = None,
-                        baseline_beta: float = 0.9, nn_baseline: Optional[nn.Module] = None,
+def make_estimator_elbo(estimator: str | Estimator = "pathwise", elbo: str | ELBO = "trace",
+                        num_particles: int = 1, *, data_shape: Sequence[int] | None = None,
+                        baseline_beta: float = 0.9, nn_baseline: nn.Module | None = None,
                         max_plate_nesting: int = 1) -> ELBO:
     """An alias of :func:`make_elbo` with the estimator as first argument: ``make_estimator_elbo(estimator,
     elbo, num_particles, ...)`` is ``make_elbo(elbo, num_particles, estimator, ...)``, same ELBO, same errors."""
@@ -113,7 +114,7 @@ def make_estimator_elbo(estimator: Union[str, Estimator] = "pathwise", elbo: Uni
                      nn_baseline=nn_baseline, max_plate_nesting=max_plate_nesting)
 
 
-def evaluate_elbo(vae: VAE, data: Any, *, elbo: Union[str, ELBO] = "trace", num_particles: int = 1,
+def evaluate_elbo(vae: VAE, data: Any, *, elbo: str | ELBO = "trace", num_particles: int = 1,
                   batch_size: int = 1024) -> float:
     """Mean ELBO per data point (nats) of ``data`` (``(N, *data_shape)``, any real dtype) under ``elbo``,
     without gradients, in batches of ``batch_size`` (an integer >= 1; :class:`ConfigError` otherwise).

@@ -23,8 +23,9 @@ position in the stack of ``plate``, ``expand`` and ``to_event``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -78,7 +79,7 @@ class ScoreFunction(TorchDistribution):
     arg_constraints: dict = {}
     has_rsample = False
 
-    def __init__(self, base: dist.Distribution, validate_args: Optional[bool] = None) -> None:
+    def __init__(self, base: dist.Distribution, validate_args: bool | None = None) -> None:
         self.base = base
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
@@ -97,7 +98,7 @@ class ScoreFunction(TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return self.base.log_prob(value)
 
-    def expand(self, batch_shape, _instance=None) -> "ScoreFunction":
+    def expand(self, batch_shape, _instance=None) -> ScoreFunction:
         return ScoreFunction(self.base.expand(torch.Size(batch_shape)))
 
     def enumerate_support(self, expand: bool = True) -> torch.Tensor:
@@ -134,8 +135,8 @@ class Estimator:
 
     name: str
     score_function: bool = False
-    baseline: Optional[str] = None
-    categorical: Optional[str] = None
+    baseline: str | None = None
+    categorical: str | None = None
     gaussian: bool = True
     description: str = ""
 
@@ -154,7 +155,7 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
 )}
 
 
-def get_estimator(estimator: Union[str, Estimator]) -> Estimator:
+def get_estimator(estimator: str | Estimator) -> Estimator:
     """The :class:`Estimator` of a name (or the object itself); :class:`ConfigError` for unknown names."""
     if isinstance(estimator, Estimator):
         return estimator
@@ -164,7 +165,7 @@ def get_estimator(estimator: Union[str, Estimator]) -> Estimator:
     return ESTIMATORS[estimator]
 
 
-def check_estimator(estimator: Union[str, Estimator], vae: nn.Module) -> Estimator:
+def check_estimator(estimator: str | Estimator, vae: nn.Module) -> Estimator:
     """The :class:`Estimator`, or :class:`ConfigError` when it does not fit the VAE's latent (``relaxed`` and
     ``straight-through`` need a relaxed-categorical encoder)."""
     est = get_estimator(estimator)
@@ -198,7 +199,7 @@ def _is_relaxed_categorical(fn: Any) -> bool:
     return isinstance(fn, (torch.distributions.RelaxedOneHotCategorical, ExpRelaxedCategorical))
 
 
-def _convert_categorical(fn: dist.Distribution, mode: Optional[str], role: str, site: str) -> dist.Distribution:
+def _convert_categorical(fn: dist.Distribution, mode: str | None, role: str, site: str) -> dist.Distribution:
     """The distribution ``mode`` asks for in place of a relaxed one-hot categorical (same logits, same shapes,
     same representation of the value). ``"exact"``: the categorical itself (:class:`pyro_vae.relaxed.
     ExpOneHotCategorical` for a log-space latent, ``OneHotCategorical`` on the simplex). ``"relaxed"`` and
@@ -241,9 +242,9 @@ class EstimatorMessenger(Messenger):
         nn_baseline_input: its input, e.g. the data batch.
     """
 
-    def __init__(self, estimator: Union[str, Estimator] = "score-function", role: str = "guide",
-                 sites: Optional[Iterable[str]] = None, baseline_beta: float = 0.9,
-                 nn_baseline: Optional[nn.Module] = None, nn_baseline_input: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, estimator: str | Estimator = "score-function", role: str = "guide",
+                 sites: Iterable[str] | None = None, baseline_beta: float = 0.9,
+                 nn_baseline: nn.Module | None = None, nn_baseline_input: torch.Tensor | None = None) -> None:
         super().__init__()
         if role not in ("guide", "model"):
             raise ConfigError(message("role", '"guide" or "model"', repr(role), 'pass role="guide"'))
@@ -254,7 +255,7 @@ class EstimatorMessenger(Messenger):
         self.nn_baseline = nn_baseline
         self.nn_baseline_input = nn_baseline_input
 
-    def straight_through_at(self, site: str) -> Optional[bool]:
+    def straight_through_at(self, site: str) -> bool | None:
         """At the log-space categorical latent ``site`` of the model (``role="model"``): ``True`` for the
         straight-through estimator, ``False`` for the plain relaxed one, ``None`` when this handler does not
         decide there (another role or site, or an estimator that is neither). Read by
@@ -307,8 +308,8 @@ class EstimatorMessenger(Messenger):
                 store[key] = old.mean().expand(shape).clone()
 
 
-def score_function(fn: Optional[Callable] = None, sites: Optional[Iterable[str]] = None,
-                   baseline: Optional[str] = None, baseline_beta: float = 0.9):
+def score_function(fn: Callable | None = None, sites: Iterable[str] | None = None,
+                   baseline: str | None = None, baseline_beta: float = 0.9):
     """Force the score-function estimator on the latent sites of a guide (a handler in ``poutine`` style).
 
     Example::
@@ -348,8 +349,8 @@ class _EstimatorELBOMixin(ParticleHandlerMixin):
     """Applies :class:`EstimatorMessenger` to the model and guide of every particle (sequential or
     vectorized) of Pyro's ELBOs (:class:`pyro_vae.pyro_internals.ParticleHandlerMixin`)."""
 
-    def __init__(self, *args: Any, estimator: Union[str, Estimator] = "pathwise", baseline_beta: float = 0.9,
-                 nn_baseline: Optional[nn.Module] = None, sites: Optional[Iterable[str]] = None,
+    def __init__(self, *args: Any, estimator: str | Estimator = "pathwise", baseline_beta: float = 0.9,
+                 nn_baseline: nn.Module | None = None, sites: Iterable[str] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.estimator = get_estimator(estimator)
@@ -361,7 +362,7 @@ class _EstimatorELBOMixin(ParticleHandlerMixin):
         """Modules the estimator trains besides the VAE (the neural baseline); an optimizer must hold them."""
         return [self.nn_baseline] if self.nn_baseline is not None else []
 
-    def _baseline_input(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    def _baseline_input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         if self.nn_baseline is None:
             return None
         x = args[0] if args else kwargs.get("x")

@@ -9,8 +9,9 @@ The closed forms this package adds to torch's and Pyro's are registered by :mod:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from pyro.poutine.util import prune_subsample_sites
@@ -84,7 +85,7 @@ class KLReport:
         return "\n".join(lines)
 
 
-def kl_report(vae_or_model: Any, *args: Any, guide: Optional[Callable] = None, **kwargs: Any) -> KLReport:
+def kl_report(vae_or_model: Any, *args: Any, guide: Callable | None = None, **kwargs: Any) -> KLReport:
     """Which latent sites ``TraceMeanField_ELBO`` gives an analytic KL and which fall back to Monte Carlo.
 
     Runs the guide once, replays the model against it, and for every latent site tries

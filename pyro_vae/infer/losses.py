@@ -10,7 +10,8 @@ term, and every other ELBO, go through Pyro's own code unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro.distributions.kl import kl_divergence
@@ -73,7 +74,7 @@ def _mean_field_particle(model_trace: Any, guide_trace: Any) -> tuple[torch.Tens
     return surrogate.detach(), surrogate
 
 
-def fast_kind(loss_fn: ELBO) -> Optional[type]:
+def fast_kind(loss_fn: ELBO) -> type | None:
     """``Trace_ELBO`` or ``TraceMeanField_ELBO`` when ``loss_fn`` is one of them, or a subclass that keeps
     their ``loss_and_grads`` and particle loss (e.g. one that only changes how traces are drawn); else ``None``."""
     cls = type(loss_fn)
@@ -85,7 +86,7 @@ def fast_kind(loss_fn: ELBO) -> Optional[type]:
 
 
 def elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, *args: Any,
-              **kwargs: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+              **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(loss, surrogate_loss)`` as tensors, with no host synchronization, for ``Trace_ELBO`` and
     ``TraceMeanField_ELBO`` (and subclasses that keep their ``loss_and_grads`` and particle loss, such as
     :class:`pyro_vae.infer.estimators.EstimatorTrace_ELBO`); ``None`` for any other ELBO.
@@ -97,7 +98,7 @@ def elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, *args: Any,
 
 
 def _elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, args: tuple,
-               kwargs: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+               kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     kind = fast_kind(loss_fn)
     if kind is None:
         return None

@@ -14,8 +14,9 @@ guide take the batch ``x`` as their only argument here and keep the sites of :cl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -151,12 +152,12 @@ class ParticleLogProbs:
     log_p_latent: torch.Tensor
     log_p_obs: torch.Tensor
     log_w: torch.Tensor
-    z: Optional[torch.Tensor] = None
-    x_mean: Optional[torch.Tensor] = None
+    z: torch.Tensor | None = None
+    x_mean: torch.Tensor | None = None
 
 
 def particle_log_probs(vae: VAE, model: Callable, guide: Callable, x: torch.Tensor, num_particles: int,
-                       particle_dim: int, *, obs_mask: Optional[torch.Tensor] = None,
+                       particle_dim: int, *, obs_mask: torch.Tensor | None = None,
                        keep: Sequence[str] = ()) -> ParticleLogProbs:
     """``num_particles`` importance samples for the batch ``x``: the guide traced under the particle plate
     (:data:`PARTICLE_PLATE` at ``particle_dim``), the model replayed against it
@@ -211,7 +212,7 @@ def particle_log_probs(vae: VAE, model: Callable, guide: Callable, x: torch.Tens
 
 
 def sample_chunk_size(num_samples: int, batch: int, data_shape: Sequence[int],
-                      chunk_size: Optional[int] = None) -> int:
+                      chunk_size: int | None = None) -> int:
     """Importance samples per chunk for a batch of ``batch`` points of ``data_shape``: ``chunk_size`` (an integer
     >= 1) capped at ``num_samples``, or by default the most that keep ``chunk * batch * prod(data_shape)`` under
     :data:`MAX_ELEMENTS` (at least 1).
@@ -226,7 +227,7 @@ def sample_chunk_size(num_samples: int, batch: int, data_shape: Sequence[int],
 
 
 def particle_chunks(vae: VAE, model: Callable, guide: Callable, x: torch.Tensor, num_samples: int,
-                    particle_dim: int, *, chunk_size: Optional[int] = None, obs_mask: Optional[torch.Tensor] = None,
+                    particle_dim: int, *, chunk_size: int | None = None, obs_mask: torch.Tensor | None = None,
                     keep: Sequence[str] = ()) -> Iterator[ParticleLogProbs]:
     """``num_samples`` importance samples for the batch ``x`` in chunks of at most :func:`sample_chunk_size`
     samples: one :class:`ParticleLogProbs` (each log-density ``(chunk, batch)``, nats) per chunk, from

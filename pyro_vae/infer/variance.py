@@ -40,7 +40,8 @@ import math
 import operator
 import time
 import warnings
-from typing import Any, Callable, Iterator, Optional, Union
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -93,7 +94,7 @@ def _module_groups(vae: nn.Module) -> dict[str, list[tuple[str, torch.Tensor]]]:
     return {g: groups[g] for g in order}
 
 
-def parameter_groups(vae: nn.Module, x: Optional[torch.Tensor] = None,
+def parameter_groups(vae: nn.Module, x: torch.Tensor | None = None,
                      **model_kwargs: Any) -> dict[str, list[tuple[str, torch.Tensor]]]:
     """The parameters a gradient sample covers, in the order of its columns, per group.
 
@@ -118,7 +119,7 @@ def _split(flat: torch.Tensor, groups: dict[str, list[tuple[str, torch.Tensor]]]
     return out
 
 
-def flat_gradient(vae: nn.Module, loss: torch.Tensor, x: Optional[torch.Tensor] = None,
+def flat_gradient(vae: nn.Module, loss: torch.Tensor, x: torch.Tensor | None = None,
                   **model_kwargs: Any) -> torch.Tensor:
     """Gradient of a scalar ``loss`` with respect to the parameters of :func:`parameter_groups` (``x`` and
     ``model_kwargs`` as there), flattened in that order, ``(num_params,)``."""
@@ -333,7 +334,7 @@ class _Surrogate(nn.Module):
     ``pyro.param`` entries by name."""
 
     def __init__(self, vae: nn.Module, est: Estimator, num_particles: int, elbo: str,
-                 baseline: Optional[dict[str, torch.Tensor]], kwargs: dict, plan: _Plan) -> None:
+                 baseline: dict[str, torch.Tensor] | None, kwargs: dict, plan: _Plan) -> None:
         super().__init__()
         self.vae = vae
         self.est = dataclasses.replace(est, baseline=None)  # baselines are subtracted in forward
@@ -354,7 +355,7 @@ class _Surrogate(nn.Module):
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, **self.kwargs)
         return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
 
-    def _cost(self, name: str, model_tr, guide_tr, log_r: Optional[MultiFrameTensor]):
+    def _cost(self, name: str, model_tr, guide_tr, log_r: MultiFrameTensor | None):
         site = guide_tr.nodes[name]
         if self.graph:  # TraceGraph_ELBO: the terms whose log-density depends on this site
             model_sites, guide_sites = self.plan.costs.get(name, ([], []))
@@ -371,7 +372,7 @@ class _Surrogate(nn.Module):
         return total
 
     def forward(self, noise: dict[str, torch.Tensor], x: torch.Tensor,
-                params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         answer = _FunctionalParams(self.vae, self.plan, params or {})
         # The param store is set aside while the parts run on functional tensors: the registration checks of
         # pyro.module and PyroModule compare the store's tensors with the module's and would see a mismatch.
@@ -414,8 +415,8 @@ class _Surrogate(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- baselines
-def _baselines(vae: nn.Module, x: torch.Tensor, est: Estimator, plan: _Plan, nn_baseline: Optional[nn.Module],
-               warmup: int, kwargs: dict) -> tuple[dict[str, torch.Tensor], Optional[nn.Module]]:
+def _baselines(vae: nn.Module, x: torch.Tensor, est: Estimator, plan: _Plan, nn_baseline: nn.Module | None,
+               warmup: int, kwargs: dict) -> tuple[dict[str, torch.Tensor], nn.Module | None]:
     """Fixed baselines per latent guide site: the warmed-up decaying average or ``nn_baseline(x)``."""
     if est.baseline is None:
         return {}, None
@@ -464,7 +465,7 @@ def _draw_noise(plan: _Plan, n: int) -> dict[str, torch.Tensor]:
 
 
 def _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline, nn_baseline, kwargs, chunk,
-               noise: Optional[dict[str, torch.Tensor]] = None) -> Iterator[torch.Tensor]:
+               noise: dict[str, torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Pyro's ``loss_and_grads``, one estimate per call; with ``noise`` (``(num_samples, ...)`` per latent
     site) the guide's draws are set from it as in the vectorized path."""
     loss_fn = make_elbo(elbo, num_particles, est, nn_baseline=nn_baseline)
@@ -502,7 +503,7 @@ def _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline, nn
 
 
 def _iter_vectorized(vae, x, est, plan, num_samples, num_particles, elbo, baseline, kwargs, chunk,
-                     noise: Optional[dict[str, torch.Tensor]] = None) -> Iterator[torch.Tensor]:
+                     noise: dict[str, torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """``vmap`` of ``grad`` of the surrogate over noise drawn here (or given, ``(num_samples, ...)``)."""
     from torch.func import functional_call, grad, vmap
 
@@ -590,11 +591,11 @@ def _finite(plan: _Plan, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tenso
         yield chunk
 
 
-def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: Union[str, Estimator] = "pathwise",
+def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator = "pathwise",
                      num_samples: int = 1000, *, num_particles: int = 1, method: str = "vectorized",
-                     elbo: str = "trace", groups: bool = False, nn_baseline: Optional[nn.Module] = None,
-                     baseline_warmup: int = 100, chunk_size: Optional[int] = None,
-                     seed: Optional[int] = None, **model_kwargs: Any) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
+                     elbo: str = "trace", groups: bool = False, nn_baseline: nn.Module | None = None,
+                     baseline_warmup: int = 100, chunk_size: int | None = None,
+                     seed: int | None = None, **model_kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
     """Independent estimates of the gradient of the loss ``-ELBO(x)`` (nats, summed over the batch) at the
     current parameters, with respect to every parameter the model and guide traces touch.
 
@@ -636,7 +637,7 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: Union[str, Esti
 
 
 # ------------------------------------------------------------------------------------------ statistics
-def summarize(samples: torch.Tensor, exact: Optional[torch.Tensor] = None) -> dict[str, Any]:
+def summarize(samples: torch.Tensor, exact: torch.Tensor | None = None) -> dict[str, Any]:
     """Statistics of ``(num_samples, D)`` gradient samples: ``mean_variance`` ``(1/D) tr Cov``,
     ``total_variance`` ``tr Cov``, ``snr`` (mean over coordinates of ``|mean| / std``, coordinates with
     zero variance left out), and with ``exact``: ``bias`` ``|mean - exact|_2``, ``relative_bias``
@@ -645,7 +646,7 @@ def summarize(samples: torch.Tensor, exact: Optional[torch.Tensor] = None) -> di
     return _stats(s.shape[0], s.sum(0), s.pow(2).sum(0), exact)
 
 
-def _stats(n: int, total: torch.Tensor, total_sq: torch.Tensor, exact: Optional[torch.Tensor]) -> dict[str, Any]:
+def _stats(n: int, total: torch.Tensor, total_sq: torch.Tensor, exact: torch.Tensor | None) -> dict[str, Any]:
     mean = total / n
     var = ((total_sq - n * mean.pow(2)) / max(n - 1, 1)).clamp_min(0)
     std = var.sqrt()
@@ -669,11 +670,11 @@ def _stats(n: int, total: torch.Tensor, total_sq: torch.Tensor, exact: Optional[
     return out
 
 
-def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: Union[str, Estimator] = "pathwise",
+def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator = "pathwise",
                         num_samples: int = 1000, *, num_particles: int = 1, method: str = "vectorized",
-                        elbo: str = "trace", exact: Optional[torch.Tensor] = None,
-                        nn_baseline: Optional[nn.Module] = None, baseline_warmup: int = 100,
-                        chunk_size: Optional[int] = None, seed: Optional[int] = None,
+                        elbo: str = "trace", exact: torch.Tensor | None = None,
+                        nn_baseline: nn.Module | None = None, baseline_warmup: int = 100,
+                        chunk_size: int | None = None, seed: int | None = None,
                         **model_kwargs: Any) -> dict[str, dict[str, Any]]:
     """Per-group (and ``"all"``) :func:`summarize` statistics of :func:`gradient_samples`, accumulated
     chunk by chunk so that ``num_samples x num_params`` never has to fit in memory. Each entry also records

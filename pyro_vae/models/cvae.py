@@ -8,7 +8,7 @@ Every network broadcasts the leading (batch) dimensions of its inputs against ea
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -49,8 +49,8 @@ class CVAE(Sites):
     """
 
     def __init__(self, data_shape: Shape, context_shape: Shape, z_dim: int, *, hidden: Sequence[int] = (400,),
-                 likelihood: Union[str, dict, Callable[[torch.Tensor], dist.Distribution]] = "bernoulli",
-                 prior: Union[str, Callable[[torch.Tensor], dist.Distribution], None] = "conditional",
+                 likelihood: str | dict | Callable[[torch.Tensor], dist.Distribution] = "bernoulli",
+                 prior: str | Callable[[torch.Tensor], dist.Distribution] | None = "conditional",
                  name: str = "") -> None:
         super().__init__()
         self.data_shape, self.context_shape = as_shape(data_shape), as_shape(context_shape)
@@ -72,8 +72,8 @@ class CVAE(Sites):
                                       repr(prior), "pass one of those"))
         self.likelihood = build_likelihood(likelihood, self.data_shape)
 
-    def model(self, context: torch.Tensor, x: Optional[torch.Tensor] = None,
-              num_data: Optional[int] = None) -> torch.Tensor:
+    def model(self, context: torch.Tensor, x: torch.Tensor | None = None,
+              num_data: int | None = None) -> torch.Tensor:
         """``p(z | c) p(x | z, c)``.
 
         Args:
@@ -100,8 +100,8 @@ class CVAE(Sites):
             pyro.sample(self.site("x"), self.likelihood_dist(out), obs=x)
         return out
 
-    def guide(self, context: torch.Tensor, x: Optional[torch.Tensor] = None,
-              num_data: Optional[int] = None) -> torch.Tensor:
+    def guide(self, context: torch.Tensor, x: torch.Tensor | None = None,
+              num_data: int | None = None) -> torch.Tensor:
         """``q(z | x, c)``; same signature as :meth:`model`. Returns ``z`` ``(batch, z_dim)``.
 
         Raises:

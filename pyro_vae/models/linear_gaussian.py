@@ -13,7 +13,6 @@ with ``m``, ``v`` the guide's mean and variance. Used by the tests and benchmark
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -74,7 +73,7 @@ def exact_posterior(vae: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def set_exact_guide(vae: VAE, min_scale: Optional[float] = None) -> None:
+def set_exact_guide(vae: VAE, min_scale: float | None = None) -> None:
     """Set the linear encoder to the exact posterior (exact when the posterior covariance is diagonal)."""
     w, b, s = _parts(vae)
     cov = torch.linalg.inv(torch.eye(w.shape[1]) + w.T @ w / s**2)

@@ -8,7 +8,8 @@ a ``name``), so several models live in one larger Pyro model, and runs its per-d
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -22,7 +23,7 @@ from pyro_vae.likelihoods import Likelihood
 __all__ = ["Sites", "data_plate"]
 
 
-def data_plate(name: str, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
+def data_plate(name: str, batch: int, num_data: int | None, device: torch.device) -> pyro.plate:
     """The plate over a batch of ``batch`` data points. With ``num_data`` (the full data-set size) the plate
     has the full size and a subsample of ``batch``, so Pyro scales the log-densities by ``num_data / batch``.
 
@@ -54,7 +55,7 @@ class Sites(nn.Module):
         ``self.name + "/"`` when the model has a name."""
         return f"{self.name}/{name}" if self.name else name
 
-    def plate(self, batch: int, num_data: Optional[int], device: torch.device) -> pyro.plate:
+    def plate(self, batch: int, num_data: int | None, device: torch.device) -> pyro.plate:
         """The data plate (site ``site("data")``) over a batch of ``batch`` points, subsampled from ``num_data``
         when given (:func:`data_plate`)."""
         return data_plate(self.site("data"), batch, num_data, device)

@@ -12,7 +12,7 @@ data and gives ``(K, B, ...)`` outputs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -63,8 +63,8 @@ class SSVAE(Sites):
     """
 
     def __init__(self, data_shape: Shape, num_classes: int, z_dim: int, *, hidden: Sequence[int] = (500,),
-                 likelihood: Union[str, dict, Callable[[torch.Tensor], dist.Distribution]] = "bernoulli",
-                 prior: Union[str, Callable[[torch.Tensor], dist.Distribution], None] = None,
+                 likelihood: str | dict | Callable[[torch.Tensor], dist.Distribution] = "bernoulli",
+                 prior: str | Callable[[torch.Tensor], dist.Distribution] | None = None,
                  aux_weight: float = 1.0, name: str = "") -> None:
         super().__init__()
         self.data_shape = as_shape(data_shape)
@@ -103,8 +103,8 @@ class SSVAE(Sites):
             raise DataError(message("y", f"labels in 0..{self.num_classes - 1}",
                                     f"values in [{int(y.min())}, {int(y.max())}]", "relabel the classes 0..K-1"))
 
-    def model(self, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
-              num_data: Optional[int] = None, batch_size: Optional[int] = None) -> torch.Tensor:
+    def model(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+              num_data: int | None = None, batch_size: int | None = None) -> torch.Tensor:
         """``p(y) p(z | y) p(x | y, z)`` over a batch.
 
         Args:
@@ -145,8 +145,8 @@ class SSVAE(Sites):
                     pyro.sample(self.site("y_aux"), self.classifier.distribution(x), obs=y)
         return out
 
-    def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, num_data: Optional[int] = None,
-              batch_size: Optional[int] = None) -> torch.Tensor:
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, num_data: int | None = None,
+              batch_size: int | None = None) -> torch.Tensor:
         """``q(y | x) q(z | x, y)``; same signature as :meth:`model`. Returns the latent ``z`` ``(batch, z_dim)``.
 
         Raises:

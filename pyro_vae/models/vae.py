@@ -9,8 +9,9 @@ signature and the same single plate, so they work under ``SVI`` with any ELBO, u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -90,15 +91,15 @@ class VAE(Sites):
         data_shape: Sequence[int],
         z_dim: int,
         *,
-        encoder: Union[str, nn.Module] = "mlp",
-        decoder: Union[str, nn.Module] = "mlp",
-        prior: Union[str, dict, Callable[[], dist.Distribution], None] = None,
-        likelihood: Union[str, dict, Callable[[torch.Tensor], dist.Distribution]] = "bernoulli",
+        encoder: str | nn.Module = "mlp",
+        decoder: str | nn.Module = "mlp",
+        prior: str | dict | Callable[[], dist.Distribution] | None = None,
+        likelihood: str | dict | Callable[[torch.Tensor], dist.Distribution] = "bernoulli",
         hidden: Sequence[int] = (400,),
         name: str = "",
         beta: float = 1.0,
         latent: str = "gaussian",
-        categories: Optional[int] = None,
+        categories: int | None = None,
         temperature: float = 1.0,
         straight_through: bool = False,
     ) -> None:
@@ -135,13 +136,13 @@ class VAE(Sites):
         self._check_shapes()
 
     # ----------------------------------------------------------------------------------- building
-    def _init_latent(self, latent: str, categories: Optional[int], temperature: float,
+    def _init_latent(self, latent: str, categories: int | None, temperature: float,
                      straight_through: bool) -> None:
         if latent not in LATENTS:
             raise ConfigError(message("latent", f"one of {LATENTS}", repr(latent), 'pass latent="categorical"'))
         self.latent = latent
         if latent == "categorical":
-            self.categories: Optional[int] = integer("categories", categories, 2)
+            self.categories: int | None = integer("categories", categories, 2)
             self._temperature0 = check_temperature(temperature)
             self._straight_through = bool(straight_through)
             self._config.update(latent=latent, categories=self.categories, temperature=self._temperature0,
@@ -231,7 +232,7 @@ class VAE(Sites):
                     "return pyro_vae.relaxed.ExpRelaxedOneHotCategorical(temperature, logits=...).to_event(1) "
                     "(torch's ExpRelaxedCategorical works too)"))
 
-    def _build_encoder(self, encoder: Union[str, nn.Module]) -> Encoder:
+    def _build_encoder(self, encoder: str | nn.Module) -> Encoder:
         if isinstance(encoder, Encoder):
             self._config["encoder"] = None
             return encoder
@@ -251,7 +252,7 @@ class VAE(Sites):
         raise ConfigError(message("encoder", f"one of {NETS} or an nn.Module", type(encoder).__name__,
                                   "pass a name or an nn.Module"))
 
-    def _build_decoder(self, decoder: Union[str, nn.Module]) -> nn.Module:
+    def _build_decoder(self, decoder: str | nn.Module) -> nn.Module:
         if isinstance(decoder, str):
             self._config["decoder"] = decoder
             if decoder == "mlp":
@@ -390,7 +391,7 @@ class VAE(Sites):
             stack.enter_context(poutine.scale(scale=self.beta))
         return stack
 
-    def likelihood_dist(self, out: torch.Tensor, batch_shape: Optional[tuple] = None) -> dist.Distribution:
+    def likelihood_dist(self, out: torch.Tensor, batch_shape: tuple | None = None) -> dist.Distribution:
         """p(x | z) for decoder output ``out`` ``(..., *decoder_shape)``: the likelihood's distribution with the data
         dimensions as its event shape (expanded to ``batch_shape`` when given).
 
@@ -491,8 +492,8 @@ class VAE(Sites):
         dtype = self._dtype()
         return x if x.dtype == dtype else cast_data(x, dtype, "x")
 
-    def model(self, x: Optional[torch.Tensor] = None, num_data: Optional[int] = None,
-              batch_size: Optional[int] = None) -> torch.Tensor:
+    def model(self, x: torch.Tensor | None = None, num_data: int | None = None,
+              batch_size: int | None = None) -> torch.Tensor:
         """p(z) p(x | z) over a batch.
 
         Args:
@@ -519,8 +520,8 @@ class VAE(Sites):
             pyro.sample(self.site("x"), self.likelihood_dist(out), obs=x)
         return out
 
-    def guide(self, x: torch.Tensor, num_data: Optional[int] = None,
-              batch_size: Optional[int] = None) -> torch.Tensor:
+    def guide(self, x: torch.Tensor, num_data: int | None = None,
+              batch_size: int | None = None) -> torch.Tensor:
         """q(z | x) over a batch; same signature as :meth:`model` (``batch_size`` is unused).
 
         Returns:
@@ -569,7 +570,7 @@ class VAE(Sites):
         return px.mean if mean else px.sample()
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = True, source: str = "prior", data: Optional[torch.Tensor] = None,
+    def sample(self, n: int, mean: bool = True, source: str = "prior", data: torch.Tensor | None = None,
                **kwargs: Any) -> torch.Tensor:
         """``n`` ancestral samples ``(n, *data_shape)``: ``z ~ p(z)``, then the likelihood's mean
         (``mean=True``) or a draw from it. For a categorical latent ``z`` is the hard one-hot of the prior's
@@ -611,14 +612,14 @@ class VAE(Sites):
         return self.decode(self.encode(x), mean=mean)
 
     @property
-    def config(self) -> Optional[dict[str, Any]]:
+    def config(self) -> dict[str, Any] | None:
         """JSON-able description that rebuilds this VAE (``None`` when a part is a user object)."""
         if any(self._config.get(k) is None for k in ("encoder", "decoder", "prior", "likelihood")):
             return None
         return dict(self._config)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "VAE":
+    def from_config(cls, config: dict[str, Any]) -> VAE:
         cfg = dict(config)
         return cls(cfg.pop("data_shape"), cfg.pop("z_dim"), encoder=cfg.pop("encoder"), decoder=cfg.pop("decoder"),
                    prior=cfg.pop("prior"), likelihood=cfg.pop("likelihood"), hidden=cfg.pop("hidden"),

@@ -4,7 +4,7 @@ minibatch SVI under ``TraceEnum_ELBO``, and the labelled-points-only classifier 
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pyro
 import torch
@@ -48,11 +48,11 @@ def fit_semisupervised(
     epochs: int = 50,
     batch_size: int = 128,
     lr: float = 1e-3,
-    enumeration: Optional[str] = "parallel",
+    enumeration: str | None = "parallel",
     dynamic_binarize: bool = False,
     seed: int = 0,
-    callback: Optional[Callable[[int, dict[str, float]], None]] = None,
-    time_budget: Optional[float] = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    time_budget: float | None = None,
 ) -> list[dict[str, float]]:
     """Train an :class:`~pyro_vae.models.ssvae.SSVAE` by minibatch SVI under ``TraceEnum_ELBO``.
 
@@ -98,7 +98,7 @@ def fit_semisupervised(
     pyro.set_rng_seed(seed)
     optim = torch.optim.Adam(ssvae.parameters(), lr=lr)
 
-    def step(xb: torch.Tensor, yb: Optional[torch.Tensor], n: int) -> float:
+    def step(xb: torch.Tensor, yb: torch.Tensor | None, n: int) -> float:
         if dynamic_binarize:
             xb = torch.bernoulli(xb)
         elbo = elbo_u if yb is None else elbo_l
