@@ -3,9 +3,9 @@
 The digits VAE (8x8 digits, grey levels, continuous Bernoulli likelihood, MLP with 200 hidden units) is
 trained from the same initialization and seed with each estimator by :func:`pyro_vae.fit` for ``--seconds``
 of training time (validation is timed apart and not counted): wall-clock time on CUDA, the process's CPU time
-on the CPU (``--clock``), so other jobs on a shared machine do not skew the comparison. After every epoch the validation ELBO is
-measured with the same yardstick for all estimators: ``Trace_ELBO`` with 10 particles for the Gaussian
-latents (8 dimensions), and the ELBO of the exact one-hot categorical for the categorical latents
+on the CPU (``--clock``), so other jobs on a shared machine do not skew the comparison. After every epoch the
+validation ELBO is measured with the same yardstick for all estimators: ``Trace_ELBO`` with 10 particles for the
+Gaussian latents (8 dimensions), and the ELBO of the exact one-hot categorical for the categorical latents
 (8 variables of 10 classes, temperature 0.5), so relaxed and straight-through runs are scored on the discrete
 model they stand in for.
 

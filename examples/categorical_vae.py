@@ -135,9 +135,9 @@ def main() -> None:
     start, cpu_start = time.perf_counter(), time.process_time()
     if args.kl == "discrete":
         use_discrete_kl()
-    history = pyro_vae.fit(vae, train, elbo="trace" if args.kl == "relaxed" else "meanfield", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                           dynamic_binarize=True, device=args.device, seed=args.seed, callbacks=callbacks,
-                           progress=False)
+    history = pyro_vae.fit(vae, train, elbo="trace" if args.kl == "relaxed" else "meanfield", epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr, dynamic_binarize=True, device=args.device,
+                           seed=args.seed, callbacks=callbacks, progress=False)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
     device = vae.device

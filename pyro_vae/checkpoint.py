@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -55,7 +55,7 @@ TRAINED = (WEIGHTS, CHECKPOINT, BEST)
 """A folder holding one of these is a run that training wrote (never replaced without ``overwrite``)."""
 FORMAT = 1
 MANIFEST_FORMAT = 1
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\.write-test-[a-z0-9_]{8}$")
 """The names of this module's temporary files (``tempfile`` adds 8 characters of ``[a-z0-9_]``)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from pyro_vae.validation import integer
 __all__ = ["MLP", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "ConcatMLP", "image_shape", "Shape",
            "as_shape"]
 
-Shape = Union[int, Sequence[int]]
+Shape = int | Sequence[int]
 """An event shape: one integer ``n`` for ``(n,)``, or a sequence of them."""
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import matplotlib
 
@@ -17,7 +16,7 @@ import torch  # noqa: E402
 __all__ = ["image_grid", "save_image_grid", "save_reconstructions", "save_elbo_curve", "save_latent_map",
            "as_images", "save_interpolations", "save_traversals", "save_pareto_k", "save_imputations"]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def as_images(x: torch.Tensor) -> np.ndarray | None:

@@ -5,5 +5,6 @@ import warnings
 
 import pyro_vae.distributions.relaxed as _module
 
-warnings.warn("pyro_vae.relaxed moved to pyro_vae.distributions.relaxed; import it from there", DeprecationWarning, stacklevel=2)
+warnings.warn("pyro_vae.relaxed moved to pyro_vae.distributions.relaxed; import it from there", DeprecationWarning,
+              stacklevel=2)
 sys.modules[__name__] = _module

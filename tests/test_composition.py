@@ -139,7 +139,10 @@ def test_vectorized_particles_with_a_prefix():
 @pytest.mark.parametrize("name,data_shape", [("", (D,)), ("img", (1, 4, 4))])
 def test_predictive_returns_the_documented_sites_and_shapes(name, data_shape):
     vae = pyro_vae.VAE(data_shape, Z, hidden=(8,), name=name, likelihood="normal")
-    site = (lambda s: f"{name}/{s}" if name else s)
+
+    def site(s):
+        return f"{name}/{s}" if name else s
+
     x = torch.randn(B, *data_shape)
     post = Predictive(vae.model, guide=vae.guide, num_samples=11)(x)
     assert {k: tuple(v.shape) for k, v in post.items()} == {site("z"): (11, B, Z), site("x"): (11, B, *data_shape)}

@@ -40,5 +40,6 @@ def test_the_package_attribute_of_an_old_module_still_resolves():
 
 def test_importing_the_package_warns_about_nothing():
     # a fresh interpreter: nothing in the package imports an old module path
-    code = "import warnings; warnings.filterwarnings('error', 'pyro_vae', DeprecationWarning); import pyro_vae, pyro_vae.cli"
+    code = ("import warnings; warnings.filterwarnings('error', 'pyro_vae', DeprecationWarning); "
+            "import pyro_vae, pyro_vae.cli")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,6 +8,7 @@ nothing is statistical and the false-failure rate is zero.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import subprocess
 import sys
@@ -217,7 +218,8 @@ def test_cuda_graph_step_trains_like_the_eager_step(elbo_cls):
         opt = torch.optim.Adam(params, lr=1e-2, capturable=graphed)
         loss_fn = elbo_cls(max_plate_nesting=1)
         step = (CUDAGraphStep(loss_fn, vae, x, N, opt, params) if graphed else
-                lambda xb: svi_step(loss_fn, vae, xb, N, opt, params, validate=False, check_finite=False))
+                functools.partial(svi_step, loss_fn, vae, num_data=N, optimizer=opt, params=params, validate=False,
+                                  check_finite=False))
         losses = torch.stack([step(x).clone() for _ in range(200)])
         assert bool(torch.isfinite(losses).all())
         with torch.no_grad():
@@ -276,8 +278,9 @@ MNIST = Path("/work/shared/data/mnist")
 @pytest.mark.slow
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="needs the MNIST files")
 def test_likelihood_benchmark_quick(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "likelihood.py"), "--quick", "--lr-schedule", "burda", "--full-train",
-                          "--device", "cpu", "--data-dir", str(MNIST), "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "likelihood.py"), "--quick",
+                          "--lr-schedule", "burda", "--full-train", "--device", "cpu", "--data-dir", str(MNIST),
+                          "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     import json

@@ -176,7 +176,8 @@ def test_negative_values_under_continuous_bernoulli_are_refused():
 
 def test_wrong_data_shape_is_refused():
     vae = pyro_vae.VAE((64,), 2)
-    with pytest.raises(pyro_vae.DataError, match=r"expected shape \(batch, \*data_shape\) = \(batch, 64\), found shape \(3, 32\)"):
+    with pytest.raises(pyro_vae.DataError,
+                       match=r"expected shape \(batch, \*data_shape\) = \(batch, 64\), found shape \(3, 32\)"):
         vae.guide(torch.zeros(3, 32))
 
 
@@ -195,7 +196,8 @@ def test_bad_z_dim_is_refused(z_dim):
 
 
 def test_prior_of_the_wrong_event_shape_is_refused():
-    with pytest.raises(pyro_vae.ShapeError, match=r'prior at site "z": expected event shape \(4,\).*found event shape \(\)'):
+    with pytest.raises(pyro_vae.ShapeError,
+                       match=r'prior at site "z": expected event shape \(4,\).*found event shape \(\)'):
         pyro_vae.VAE((64,), 4, prior=lambda: dist.Normal(torch.zeros(4), 1.0))
 
 

@@ -158,7 +158,7 @@ class ExpRelaxedOneHotCategorical(ExpRelaxedCategorical, TorchDistributionMixin)
         differentiable in ``logits``."""
         return torch.log_softmax((self.logits + gumbel) / self.temperature, dim=-1)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008 (torch.Size is immutable)
         shape = self._extended_shape(sample_shape)
         return self.from_gumbel(gumbel_noise(shape, self.logits.dtype, self.logits.device))
 
@@ -203,7 +203,7 @@ class ExpOneHotCategorical(torch.distributions.OneHotCategorical, TorchDistribut
         """The Gumbel-max draw that Gumbel noise ``gumbel`` determines (not differentiable)."""
         return _log_one_hot_argmax(self.logits + gumbel)
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008 (torch.Size is immutable)
         with torch.no_grad():
             return super().sample(sample_shape).log()
 
