@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -321,7 +321,7 @@ class RunFolder:
                         "pass the folder of a run that wrote it, or copy the file out of the folder to load it "
                         "unverified"))
             out: dict[str, bytes] = {}
-            failure = None
+            failure: tuple[str, str] | None = None
             for name in sorted(m["files"], key=lambda n: (n not in keep, n)):
                 data, problem = self._match(m, name, name in keep)
                 if data is None:
@@ -333,6 +333,7 @@ class RunFolder:
                 return out
             if self.manifest() == m:
                 break
+        assert failure is not None and m is not None  # the loop returned unless a file failed to match
         name, problem = failure
         entry = m["files"][name]
         raise CheckpointError(message(
@@ -842,7 +843,8 @@ def rng_state() -> dict[str, Any]:
     import numpy as np
 
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # the global RandomState's generator is MT19937: its state is the legacy tuple
+    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,

@@ -23,7 +23,7 @@ __all__ = ["Encoder", "GaussianEncoder", "RelaxedCategoricalEncoder", "Condition
 class Encoder(nn.Module):
     """Base class: a guide distribution computed from data."""
 
-    def distribution(self, x: torch.Tensor) -> dist.Distribution:  # pragma: no cover - abstract
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -54,7 +54,7 @@ class GaussianEncoder(Encoder):
         loc, raw = h.split(self.z_dim, dim=-1)
         return loc, F.softplus(raw) + self.min_scale
 
-    def distribution(self, x: torch.Tensor) -> dist.Distribution:
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         loc, scale = self(x)
         return dist.Normal(loc, scale).to_event(1)
 
@@ -114,7 +114,7 @@ class RelaxedCategoricalEncoder(Encoder):
             )
         return torch.log_softmax(h.reshape(*h.shape[:-1], self.n, self.k), dim=-1)
 
-    def distribution(self, x: torch.Tensor) -> dist.Distribution:
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         """``q(z | x)``: :class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical` at the current temperature,
         batch shape ``x``'s batch dimensions, event shape ``(n, k)``, values in log space."""
         from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical
@@ -153,7 +153,7 @@ class ConditionalGaussianEncoder(Encoder):
         loc, raw = h.split(self.z_dim, dim=-1)
         return loc, F.softplus(raw) + self.min_scale
 
-    def distribution(self, x: torch.Tensor, *context: torch.Tensor) -> dist.Distribution:
+    def distribution(self, x: torch.Tensor, *context: torch.Tensor) -> dist.TorchDistribution:
         """``q(z | x, c)``: batch shape the broadcast batch dimensions of the inputs, event shape ``(z_dim,)``."""
         loc, scale = self(x, *context)
         return dist.Normal(loc, scale).to_event(1)
@@ -180,6 +180,6 @@ class CategoricalEncoder(Encoder):
                                      f"shape {tuple(logits.shape)}", "make the network end in num_classes features"))
         return logits
 
-    def distribution(self, x: torch.Tensor) -> dist.Distribution:
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         """``q(y | x)``: batch shape ``x``'s batch dimensions, integer values in ``0 .. num_classes - 1``."""
         return dist.Categorical(logits=self(x))

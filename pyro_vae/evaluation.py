@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyro
@@ -295,7 +295,7 @@ def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples:
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             xb = x[i: i + batch_size].to(device)
-            q = poutine.trace(vae.guide).get_trace(xb).nodes[vae.site("z")]["fn"]
+            q = cast(dist.TorchDistribution, poutine.trace(vae.guide).get_trace(xb).nodes[vae.site("z")]["fn"])
             m = log_class_probs(q)
             if m is None:
                 try:

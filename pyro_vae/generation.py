@@ -12,7 +12,7 @@ one-hots, 0 at the class and ``-inf`` elsewhere).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pyro import poutine
@@ -33,11 +33,11 @@ def posterior_samples(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024) -> t
     """One draw ``z ~ q(z | x)`` per data point (the value of the latent site in a trace of ``vae.guide``),
     ``(N, *latent_event_shape)`` on the VAE's device."""
     device = vae.device
-    out = []
+    out: list[torch.Tensor] = []
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             tr = poutine.trace(vae.guide).get_trace(x[i: i + batch_size].to(device))
-            out.append(tr.nodes[vae.site("z")]["value"])
+            out.append(cast(torch.Tensor, tr.nodes[vae.site("z")]["value"]))
     return torch.cat(out)
 
 
@@ -222,12 +222,12 @@ def traverse(vae: VAE, x: torch.Tensor | None = None, dims: Sequence[int] | None
         x = x.unsqueeze(0) if x.dim() == len(vae.data_shape) else x[:1]
         base = posterior_means(vae, x)[0].to(device)
     elif categories is not None:
-        base = log_class_probs(vae.prior())
-        if base is None:
+        log_p = log_class_probs(vae.prior())
+        if log_p is None:
             raise ConfigError(message("traverse prior", "a log-space categorical prior (its class probabilities "
                                       "hold the other variables)", type(vae.prior()).__name__,
                                       "pass a data point x to hold them at its posterior"))
-        base = base.reshape(vae.z_dim, categories).to(device)
+        base = log_p.reshape(vae.z_dim, categories).to(device)
     else:
         prior = vae.prior()
         try:

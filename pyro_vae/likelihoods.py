@@ -31,7 +31,7 @@ __all__ = [
     "build_likelihood",
 ]
 
-LikelihoodFn = Callable[[torch.Tensor], dist.Distribution]
+LikelihoodFn = Callable[[torch.Tensor], dist.TorchDistribution]
 
 
 class Likelihood(nn.Module):
@@ -58,7 +58,7 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
     support_text = "binary values in {0, 1}"
 
-    def forward(self, out: torch.Tensor) -> dist.Distribution:
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
         return dist.Bernoulli(logits=out)
 
     def check_data(self, x: torch.Tensor, what: str = "x") -> None:
@@ -85,7 +85,7 @@ class ContinuousBernoulli(Likelihood):
     name = "continuous-bernoulli"
     support_text = "values in [0, 1]"
 
-    def forward(self, out: torch.Tensor) -> dist.Distribution:
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
         return StableContinuousBernoulli(logits=out)
 
     def check_data(self, x: torch.Tensor, what: str = "x") -> None:
@@ -112,7 +112,7 @@ class Normal(Likelihood):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "scale": self.scale}
 
-    def forward(self, out: torch.Tensor) -> dist.Distribution:
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
         return dist.Normal(out, self.scale)
 
 
@@ -140,7 +140,7 @@ class NormalLearnedScale(Likelihood):
         """The learned standard deviation per data entry, ``softplus(rho) + min_scale``, shape ``data_shape``."""
         return F.softplus(self.rho) + self.min_scale
 
-    def forward(self, out: torch.Tensor) -> dist.Distribution:
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
         return dist.Normal(out, self.scale)
 
 

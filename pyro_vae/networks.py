@@ -132,7 +132,7 @@ def image_shape(data_shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) == 2:
         return (1, *shape)
     if len(shape) == 3:
-        return shape  # type: ignore[return-value]
+        return shape
     raise ConfigError(
         message(
             "data_shape",

@@ -108,18 +108,18 @@ def save_elbo_curve(history: Sequence[dict], path: PathLike) -> Path:
 
 def save_latent_map(z: torch.Tensor, labels: torch.Tensor | None, path: PathLike) -> Path:
     """2-D map of latent codes coloured by label; a PCA projection when ``z_dim > 2``."""
-    z = z.detach().cpu().reshape(z.shape[0], -1).numpy()
+    points = z.detach().cpu().reshape(z.shape[0], -1).numpy()
     title = "posterior means"
-    if z.shape[1] > 2:
+    if points.shape[1] > 2:
         from sklearn.decomposition import PCA
 
-        z = PCA(n_components=2, random_state=0).fit_transform(z)
+        points = PCA(n_components=2, random_state=0).fit_transform(points)
         title += " (PCA to 2-D)"
-    elif z.shape[1] == 1:
-        z = np.concatenate([z, np.zeros_like(z)], axis=1)
+    elif points.shape[1] == 1:
+        points = np.concatenate([points, np.zeros_like(points)], axis=1)
     fig, ax = plt.subplots(figsize=(6, 5))
     c = None if labels is None else labels.detach().cpu().numpy()
-    sc = ax.scatter(z[:, 0], z[:, 1], c=c, cmap="tab10", s=6)
+    sc = ax.scatter(points[:, 0], points[:, 1], c=c, cmap="tab10", s=6)
     if c is not None:
         fig.colorbar(sc, ax=ax, label="label")
     ax.set_title(title)
@@ -152,14 +152,15 @@ def save_traversals(grid: torch.Tensor, path: PathLike, values: Sequence[float] 
 def save_pareto_k(k: torch.Tensor, path: PathLike) -> Path:
     """Pareto-k of each data point's importance weights, with the 0.5 / 0.7 / 1 reliability thresholds
     (Vehtari et al. 2024)."""
-    k = torch.as_tensor(k).detach().cpu().reshape(-1).numpy()
+    ks = torch.as_tensor(k).detach().cpu().reshape(-1).numpy()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(np.arange(len(k)), k, s=6, c=np.where(k > 0.7, "tab:red", np.where(k > 0.5, "tab:orange", "tab:blue")))
+    ax.scatter(np.arange(len(ks)), ks, s=6,
+               c=np.where(ks > 0.7, "tab:red", np.where(ks > 0.5, "tab:orange", "tab:blue")))
     for level, style in ((0.5, ":"), (0.7, "--"), (1.0, "-")):
         ax.axhline(level, color="grey", linestyle=style, linewidth=1)
     ax.set_xlabel("data point")
     ax.set_ylabel("Pareto k")
-    ax.set_title(f"importance weights: {np.mean(k > 0.7):.1%} of points with k > 0.7")
+    ax.set_title(f"importance weights: {np.mean(ks > 0.7):.1%} of points with k > 0.7")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

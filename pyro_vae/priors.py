@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyro_vae.encoders import ConditionalGaussianEncoder
+from pyro_vae.encoders import ConditionalGaussianEncoder, Encoder
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.networks import ConcatMLP, Shape
 from pyro_vae.validation import integer
@@ -28,13 +28,15 @@ __all__ = ["StandardNormal", "MixtureOfGaussians", "VampPrior", "FlowPrior", "La
            "RelaxedCategoricalPrior", "PRIORS", "CATEGORICAL_PRIORS", "build_prior", "Unconditional",
            "ClassConditionalNormal", "ConditionalNormalPrior"]
 
-PriorFn = Callable[[], dist.Distribution]
+PriorFn = Callable[[], dist.TorchDistribution]
 
 
 class StandardNormal(nn.Module):
     """``N(0, I)`` over ``z_dim`` dimensions; buffers follow the module across devices."""
 
     name = "normal"
+    loc: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, z_dim: int) -> None:
         super().__init__()
@@ -44,7 +46,7 @@ class StandardNormal(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"name": self.name}
 
-    def forward(self) -> dist.Distribution:
+    def forward(self) -> dist.TorchDistribution:
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
@@ -82,7 +84,7 @@ class MixtureOfGaussians(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "components": self.components}
 
-    def forward(self) -> dist.Distribution:
+    def forward(self) -> dist.TorchDistribution:
         scales = F.softplus(self.raw_scales) + 1e-4
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits),
                                       dist.Normal(self.locs, scales).to_event(1))
@@ -108,7 +110,7 @@ class VampPrior(nn.Module):
     name = "vamp"
     needs_encoder = True
 
-    def __init__(self, encoder: nn.Module, data_shape: Sequence[int], components: int = 50,
+    def __init__(self, encoder: Encoder, data_shape: Sequence[int], components: int = 50,
                  init: torch.Tensor | None = None) -> None:
         super().__init__()
         if not hasattr(encoder, "distribution"):
@@ -126,13 +128,13 @@ class VampPrior(nn.Module):
         self.pseudo_inputs = nn.Parameter(init.detach().clone().float())
 
     @property
-    def encoder(self) -> nn.Module:
+    def encoder(self) -> Encoder:
         return self._encoder[0]
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "components": self.components}
 
-    def forward(self) -> dist.Distribution:
+    def forward(self) -> dist.TorchDistribution:
         q = self.encoder.distribution(self.pseudo_inputs)
         mix = dist.Categorical(logits=torch.zeros(self.components, device=self.pseudo_inputs.device))
         return dist.MixtureSameFamily(mix, q)
@@ -156,6 +158,8 @@ class FlowPrior(nn.Module):
 
     name = "flow"
     KINDS = ("affine", "spline")
+    loc: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, z_dim: int, flows: int = 2, kind: str = "affine", hidden: Sequence[int] | None = None) -> None:
         super().__init__()
@@ -181,7 +185,7 @@ class FlowPrior(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "flows": self.flows, "kind": self.kind, "hidden": list(self.hidden)}
 
-    def forward(self) -> dist.Distribution:
+    def forward(self) -> dist.TorchDistribution:
         from pyro.distributions import transforms as T
 
         reverse = T.Permute(torch.arange(self.z_dim - 1, -1, -1, device=self.loc.device))
@@ -207,7 +211,7 @@ class Laplace(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "scale": self.scale_value}
 
-    def forward(self) -> dist.Distribution:
+    def forward(self) -> dist.TorchDistribution:
         return dist.Laplace(self.loc, self.scale).to_event(1)
 
 
@@ -227,7 +231,7 @@ class StudentT(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "df": self.df_value, "scale": self.scale_value}
 
-    def forward(self) -> dist.Distribution:
+    def forward(self) -> dist.TorchDistribution:
         return dist.StudentT(self.df, self.loc, self.scale).to_event(1)
 
 
@@ -260,7 +264,8 @@ class RelaxedCategoricalPrior(nn.Module):
         self.n, self.k = _positive("n", n, integer=True), _positive("categories", k, integer=True)
         self.learnable = bool(learnable)
         self._temperature = check_temperature(temperature)
-        self._encoder = (encoder,) if encoder is not None else ()
+        # an object with a `temperature` attribute (the VAE's encoder), held by reference: not a submodule
+        self._encoder: tuple[Any, ...] = (encoder,) if encoder is not None else ()
         if self.learnable:
             self.logits = nn.Parameter(torch.zeros(self.n, self.k))
         else:
@@ -285,7 +290,7 @@ class RelaxedCategoricalPrior(nn.Module):
             cfg["temperature"] = self._temperature  # a fixed temperature of its own
         return cfg
 
-    def forward(self) -> dist.Distribution:
+    def forward(self) -> dist.TorchDistribution:
         from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical
 
         t = torch.tensor(self.temperature, dtype=self.logits.dtype, device=self.logits.device)
@@ -357,11 +362,11 @@ class Unconditional(nn.Module):
     """A prior that ignores its conditioning inputs: ``Unconditional(StandardNormal(8))(y)`` is ``N(0, I)``,
     whatever ``y``."""
 
-    def __init__(self, prior: Callable[[], dist.Distribution]) -> None:
+    def __init__(self, prior: Callable[[], dist.TorchDistribution]) -> None:
         super().__init__()
         self.prior = prior
 
-    def forward(self, *_: torch.Tensor) -> dist.Distribution:
+    def forward(self, *_: torch.Tensor) -> dist.TorchDistribution:
         return self.prior()
 
 
@@ -380,7 +385,7 @@ class ClassConditionalNormal(nn.Module):
         self.loc = nn.Parameter(init_spread * torch.randn(self.num_classes, self.z_dim))
         self.raw_scale = nn.Parameter(torch.full((self.num_classes, self.z_dim), math.log(math.expm1(1.0))))
 
-    def forward(self, y: torch.Tensor) -> dist.Distribution:
+    def forward(self, y: torch.Tensor) -> dist.TorchDistribution:
         return dist.Normal(self.loc[y], F.softplus(self.raw_scale[y]) + 1e-4).to_event(1)
 
 
@@ -395,5 +400,5 @@ class ConditionalNormalPrior(nn.Module):
         self.z_dim = integer("z_dim", z_dim, 1)
         self.net = ConditionalGaussianEncoder(ConcatMLP([context_shape], (2 * self.z_dim,), hidden), self.z_dim)
 
-    def forward(self, context: torch.Tensor) -> dist.Distribution:
+    def forward(self, context: torch.Tensor) -> dist.TorchDistribution:
         return self.net.distribution(context)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.infer import ELBO, trace_elbo
+from pyro.infer import ELBO, Trace_ELBO, trace_elbo
 from pyro.infer.util import MultiFrameTensor
 from pyro.params.param_store import ParamStoreDict
 from pyro.poutine import runtime
@@ -41,7 +41,7 @@ def particle_traces(elbo: ELBO, model: Callable, guide: Callable, args: tuple,
     return elbo._get_traces(model, guide, args, kwargs)
 
 
-def particle_loss(elbo_class: type) -> Callable[[Any, Trace, Trace], tuple[Any, torch.Tensor]]:
+def particle_loss(elbo_class: type[Trace_ELBO]) -> Callable[[Any, Trace, Trace], tuple[Any, torch.Tensor]]:
     """The function ``(elbo, model_trace, guide_trace) -> (loss, surrogate_loss)`` with which ``elbo_class``
     computes one particle's loss (a Python float) and the surrogate loss it differentiates.
 

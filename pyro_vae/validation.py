@@ -88,16 +88,13 @@ def number(name: str, value: Any, minimum: float | None = None, maximum: float |
     """``value`` as a finite ``float`` above ``minimum`` (``strict``: ``>``, else ``>=``) and at most
     ``maximum``, else :class:`ConfigError` naming ``name``. Strings are refused, not parsed."""
     v = _real(value)
-    ok = v is not None and math.isfinite(v)
-    if ok and minimum is not None:
-        ok = v > minimum if strict else v >= minimum
-    if ok and maximum is not None:
-        ok = v <= maximum
-    if not ok:
+    ok = (v is not None and math.isfinite(v) and (minimum is None or (v > minimum if strict else v >= minimum))
+          and (maximum is None or v <= maximum))
+    if v is None or not ok:
         expected = f"a finite number {_range_text(minimum, maximum, strict)}".strip()
         raise ConfigError(message(name, expected, repr(value), fix or f"pass a finite {name} "
                                   f"{_range_text(minimum, maximum, strict)}".strip()))
-    return float(v)  # type: ignore[arg-type]
+    return float(v)
 
 
 def positive(name: str, value: Any, *, fix: str | None = None) -> float:

@@ -135,7 +135,7 @@ class ExpRelaxedOneHotCategorical(ExpRelaxedCategorical, TorchDistributionMixin)
     implemented (it has no closed form); :func:`log_class_probs` gives the log class probabilities.
     """
 
-    support = log_simplex
+    support = log_simplex  # type: ignore[assignment]  # torch's stubs pin support to the base's constraint class
 
     def __init__(self, temperature: float | torch.Tensor, probs: torch.Tensor | None = None,
                  logits: torch.Tensor | None = None, validate_args: bool | None = None) -> None:
@@ -158,7 +158,8 @@ class ExpRelaxedOneHotCategorical(ExpRelaxedCategorical, TorchDistributionMixin)
         differentiable in ``logits``."""
         return torch.log_softmax((self.logits + gumbel) / self.temperature, dim=-1)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008 (torch.Size is immutable)
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] =
+                torch.Size()) -> torch.Tensor:  # noqa: B008 (torch.Size is immutable)
         shape = self._extended_shape(sample_shape)
         return self.from_gumbel(gumbel_noise(shape, self.logits.dtype, self.logits.device))
 
@@ -182,7 +183,7 @@ class ExpOneHotCategorical(torch.distributions.OneHotCategorical, TorchDistribut
     and the consumers of a relaxed latent take it unchanged. ``log_prob`` is the categorical's, in nats,
     shape ``batch_shape``. Not reparameterizable (score-function estimators use it)."""
 
-    support = log_one_hot_constraint
+    support = log_one_hot_constraint  # type: ignore[assignment]  # torch's stubs pin support to the base's constraint class
     has_enumerate_support = True
 
     def expand(self, batch_shape, _instance=None):
@@ -203,7 +204,8 @@ class ExpOneHotCategorical(torch.distributions.OneHotCategorical, TorchDistribut
         """The Gumbel-max draw that Gumbel noise ``gumbel`` determines (not differentiable)."""
         return _log_one_hot_argmax(self.logits + gumbel)
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008 (torch.Size is immutable)
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] =
+               torch.Size()) -> torch.Tensor:  # noqa: B008 (torch.Size is immutable)
         with torch.no_grad():
             return super().sample(sample_shape).log()
 

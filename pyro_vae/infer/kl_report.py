@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pyro.poutine.util import prune_subsample_sites
-from torch.distributions import kl_divergence
+from torch.distributions import Distribution, kl_divergence
 
 import pyro_vae.distributions.kl  # noqa: F401  (registers the closed forms the report looks up)
 from pyro_vae.infer.traces import trace_guide_and_model
@@ -114,12 +114,12 @@ def kl_report(vae_or_model: Any, *args: Any, guide: Callable | None = None, **kw
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or name not in guide_trace.nodes:
                 continue
-            q, p = guide_trace.nodes[name]["fn"], site["fn"]
+            q, p = cast(Distribution, guide_trace.nodes[name]["fn"]), cast(Distribution, site["fn"])
             try:
                 kl = kl_divergence(q, p).sum()
                 method = "analytic"
             except NotImplementedError:
-                z = guide_trace.nodes[name]["value"]
+                z = cast(torch.Tensor, guide_trace.nodes[name]["value"])
                 kl = (q.log_prob(z) - p.log_prob(z)).sum()
                 method = "monte carlo"
             report.sites.append(KLSite(name, describe(q), describe(p), method, float(kl) / n))

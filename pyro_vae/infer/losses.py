@@ -11,7 +11,7 @@ term, and every other ELBO, go through Pyro's own code unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pyro.distributions.kl import kl_divergence
@@ -77,11 +77,11 @@ def _mean_field_particle(model_trace: Any, guide_trace: Any) -> tuple[torch.Tens
 def fast_kind(loss_fn: ELBO) -> type | None:
     """``Trace_ELBO`` or ``TraceMeanField_ELBO`` when ``loss_fn`` is one of them, or a subclass that keeps
     their ``loss_and_grads`` and particle loss (e.g. one that only changes how traces are drawn); else ``None``."""
-    cls = type(loss_fn)
     for base in (TraceMeanField_ELBO, Trace_ELBO):
-        if (isinstance(loss_fn, base) and cls.loss_and_grads is base.loss_and_grads
-                and particle_loss(cls) is particle_loss(base)):
-            return base
+        if isinstance(loss_fn, base):
+            cls = type(loss_fn)
+            if cls.loss_and_grads is base.loss_and_grads and particle_loss(cls) is particle_loss(base):
+                return base
     return None
 
 
@@ -106,7 +106,7 @@ def _elbo_loss(loss_fn: ELBO, model: Callable, guide: Callable, args: tuple,
     surrogate: Any = 0.0
     for model_trace, guide_trace in particle_traces(loss_fn, model, guide, args, kwargs):
         if kind is Trace_ELBO:
-            loss_p, surrogate_p = _trace_particle(loss_fn, model_trace, guide_trace)
+            loss_p, surrogate_p = _trace_particle(cast(Trace_ELBO, loss_fn), model_trace, guide_trace)
         else:
             loss_p, surrogate_p = _mean_field_particle(model_trace, guide_trace)
         loss = loss + loss_p / loss_fn.num_particles

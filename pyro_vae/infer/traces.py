@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pyro
 import pyro.distributions as dist
@@ -29,6 +29,9 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.models.vae import VAE
 from pyro_vae.validation import integer
+
+if TYPE_CHECKING:
+    from pyro.poutine.runtime import Message
 
 __all__ = ["PARTICLE_PLATE", "MAX_ELEMENTS", "trace_guide_and_model", "max_plate_nesting", "particle_plate_dim",
            "per_point_log_prob", "masked_log_prob", "ParticleLogProbs", "particle_log_probs", "sample_chunk_size",
@@ -74,7 +77,7 @@ def particle_plate_dim(model: Callable, guide: Callable, *args: Any, **kwargs: A
     return -(max_plate_nesting(model, guide, *args, **kwargs) + 1)
 
 
-def per_point_log_prob(site: dict, log_p: torch.Tensor, particle_dim: int, data_plate: str, num_particles: int,
+def per_point_log_prob(site: Message, log_p: torch.Tensor, particle_dim: int, data_plate: str, num_particles: int,
                        batch: int) -> torch.Tensor:
     """A site's log-density reduced to ``(num_particles, batch)`` (nats per particle and data point): every
     batch dimension other than the particle plate's (``particle_dim``) and the data plate's is summed.
@@ -95,7 +98,7 @@ def per_point_log_prob(site: dict, log_p: torch.Tensor, particle_dim: int, data_
             f'site "{site["name"]}"', f'a site inside the data plate "{data_plate}" (one value per data point)',
             "a site outside it (a global latent variable)",
             "log p(x) per data point needs per-data-point sites; integrate global latents out in the model"))
-    data_dim = data_dims[0]
+    data_dim = cast(int, data_dims[0])  # the data plate is vectorized: it has a dim
     nd = max(-particle_dim, log_p.dim())
     log_p = log_p.reshape((1,) * (nd - log_p.dim()) + tuple(log_p.shape))
     other = [d for d in range(-nd, 0) if d not in (particle_dim, data_dim)]
@@ -105,7 +108,7 @@ def per_point_log_prob(site: dict, log_p: torch.Tensor, particle_dim: int, data_
     return log_p.reshape(log_p.shape[0], log_p.shape[1]).expand(num_particles, batch)
 
 
-def masked_log_prob(site: dict, mask: torch.Tensor) -> torch.Tensor:
+def masked_log_prob(site: Message, mask: torch.Tensor) -> torch.Tensor:
     """``log p(x_obs | z)`` of an observed site: its entry-wise log-densities summed over the entries where
     ``mask`` is ``True`` only (nats; the site's batch shape).
 
@@ -118,7 +121,7 @@ def masked_log_prob(site: dict, mask: torch.Tensor) -> torch.Tensor:
         ConfigError: the likelihood scores the whole data point at once (event shape other than ``()``), so
             missing entries cannot be left out.
     """
-    fn, n_event = site["fn"], 0
+    fn, n_event = cast(dist.TorchDistribution, site["fn"]), 0
     while isinstance(fn, dist.Independent):
         n_event += fn.reinterpreted_batch_ndims
         fn = fn.base_dist
@@ -127,8 +130,7 @@ def masked_log_prob(site: dict, mask: torch.Tensor) -> torch.Tensor:
             f'likelihood at site "{site["name"]}"', "a distribution over single entries (event shape ())",
             f"event shape {tuple(fn.event_shape)} for the whole data point",
             "return an entry-wise distribution from the likelihood so missing entries can be left out"))
-    value = site["value"]
-    log_p = fn.log_prob(value)
+    log_p = fn.log_prob(cast(torch.Tensor, site["value"]))
     log_p = torch.where(mask.to(log_p.device).expand_as(log_p), log_p, torch.zeros((), device=log_p.device))
     return log_p.sum(dim=tuple(range(-n_event, 0))) if n_event else log_p
 
@@ -196,16 +198,16 @@ def particle_log_probs(vae: VAE, model: Callable, guide: Callable, x: torch.Tens
             if site["is_observed"] and name == x_site and obs_mask is not None:
                 log_p = masked_log_prob(site, obs_mask)
             else:
-                log_p = site["fn"].log_prob(site["value"])
+                log_p = cast(dist.TorchDistribution, site["fn"]).log_prob(cast(torch.Tensor, site["value"]))
                 log_p = scale_and_mask(log_p, 1.0, site["mask"])
             lp = per_point_log_prob(site, log_p, particle_dim, data_plate, num_particles, batch)
             slot = key if key == "log_q" else ("log_p_obs" if site["is_observed"] else "log_p_latent")
             sums[slot] = sums[slot] + lp
             if key == "model" and name == x_site and "x_mean" in keep:
-                x_mean = site["fn"].mean.expand(num_particles, batch, *vae.data_shape)
+                x_mean = cast(dist.TorchDistribution, site["fn"]).mean.expand(num_particles, batch, *vae.data_shape)
     z = None
     if "z" in keep:
-        z = guide_trace.nodes[vae.site("z")]["value"]
+        z = cast(torch.Tensor, guide_trace.nodes[vae.site("z")]["value"])
         z = z.expand(num_particles, batch, *z.shape[2:]) if z.dim() >= 2 else z
     return ParticleLogProbs(log_q=sums["log_q"], log_p_latent=sums["log_p_latent"], log_p_obs=sums["log_p_obs"],
                             log_w=sums["log_p_latent"] + sums["log_p_obs"] - sums["log_q"], z=z, x_mean=x_mean)

@@ -49,8 +49,8 @@ class CVAE(Sites):
     """
 
     def __init__(self, data_shape: Shape, context_shape: Shape, z_dim: int, *, hidden: Sequence[int] = (400,),
-                 likelihood: str | dict | Callable[[torch.Tensor], dist.Distribution] = "bernoulli",
-                 prior: str | Callable[[torch.Tensor], dist.Distribution] | None = "conditional",
+                 likelihood: str | dict | Callable[[torch.Tensor], dist.TorchDistribution] = "bernoulli",
+                 prior: str | Callable[[torch.Tensor], dist.TorchDistribution] | None = "conditional",
                  name: str = "") -> None:
         super().__init__()
         self.data_shape, self.context_shape = as_shape(data_shape), as_shape(context_shape)
@@ -61,7 +61,7 @@ class CVAE(Sites):
             ConcatMLP([self.data_shape, self.context_shape], (2 * self.z_dim,), hidden), self.z_dim)
         self.decoder = ConcatMLP([(self.z_dim,), self.context_shape], self.data_shape, hidden)
         if prior == "conditional":
-            self.prior: Callable[[torch.Tensor], dist.Distribution] = ConditionalNormalPrior(
+            self.prior: Callable[[torch.Tensor], dist.TorchDistribution] = ConditionalNormalPrior(
                 self.context_shape, self.z_dim, hidden)
         elif prior is None:
             self.prior = Unconditional(StandardNormal(self.z_dim))

@@ -13,10 +13,12 @@ with ``m``, ``v`` the guide's mean and variance. Used by the tests and benchmark
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
 
+from pyro_vae.encoders import GaussianEncoder
 from pyro_vae.likelihoods import Normal
 from pyro_vae.models.vae import VAE
 
@@ -35,15 +37,22 @@ def linear_gaussian_vae(data_dim: int = 5, z_dim: int = 2, noise_scale: float = 
         if orthogonal:
             q, _ = torch.linalg.qr(w)
             w = q * torch.linspace(1.0, 2.0, z_dim)
-        vae.decoder.weight.copy_(w)
-        vae.decoder.bias.copy_(0.5 * torch.randn(data_dim, generator=g))
-        vae.encoder.net.weight.copy_(0.3 * torch.randn(2 * z_dim, data_dim, generator=g))
-        vae.encoder.net.bias.copy_(0.3 * torch.randn(2 * z_dim, generator=g))
+        decoder, encoder_net = _linear(vae)
+        decoder.weight.copy_(w)
+        decoder.bias.copy_(0.5 * torch.randn(data_dim, generator=g))
+        encoder_net.weight.copy_(0.3 * torch.randn(2 * z_dim, data_dim, generator=g))
+        encoder_net.bias.copy_(0.3 * torch.randn(2 * z_dim, generator=g))
     return vae
 
 
+def _linear(vae: VAE) -> tuple[nn.Linear, nn.Linear]:
+    """The decoder and the encoder's network of a VAE that :func:`linear_gaussian_vae` built (both linear)."""
+    return cast(nn.Linear, vae.decoder), cast(nn.Linear, cast(GaussianEncoder, vae.encoder).net)
+
+
 def _parts(vae: VAE) -> tuple[torch.Tensor, torch.Tensor, float]:
-    return vae.decoder.weight, vae.decoder.bias, float(vae.likelihood.scale)
+    decoder, _ = _linear(vae)
+    return decoder.weight, decoder.bias, float(cast(Normal, vae.likelihood).scale)
 
 
 def exact_elbo(vae: VAE, x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +88,9 @@ def set_exact_guide(vae: VAE, min_scale: float | None = None) -> None:
     cov = torch.linalg.inv(torch.eye(w.shape[1]) + w.T @ w / s**2)
     a = cov @ w.T / s**2  # mean = a (x - b)
     z = w.shape[1]
-    sd = cov.diagonal().sqrt() - (vae.encoder.min_scale if min_scale is None else min_scale)
-    vae.encoder.net.weight[:z].copy_(a)
-    vae.encoder.net.bias[:z].copy_(-a @ b)
-    vae.encoder.net.weight[z:].zero_()
-    vae.encoder.net.bias[z:].copy_(sd + torch.log(-torch.expm1(-sd)))  # softplus^{-1}(sd)
+    sd = cov.diagonal().sqrt() - (cast(GaussianEncoder, vae.encoder).min_scale if min_scale is None else min_scale)
+    _, net = _linear(vae)
+    net.weight[:z].copy_(a)
+    net.bias[:z].copy_(-a @ b)
+    net.weight[z:].zero_()
+    net.bias[z:].copy_(sd + torch.log(-torch.expm1(-sd)))  # softplus^{-1}(sd)

@@ -31,7 +31,7 @@ def data_plate(name: str, batch: int, num_data: int | None, device: torch.device
         ConfigError: ``num_data`` is smaller than ``batch``.
     """
     if num_data is None or num_data == batch:
-        return pyro.plate(name, batch, device=device)
+        return pyro.plate(name, batch, device=device)  # type: ignore[arg-type]  # Pyro types device as str only
     if num_data < batch:
         raise ConfigError(message("num_data", f"the full data-set size, >= the batch size {batch}",
                                   repr(num_data), "pass num_data=len(train_data)"))
@@ -48,7 +48,7 @@ class Sites(nn.Module):
 
     name: str
     data_shape: tuple[int, ...]
-    likelihood: Callable[[torch.Tensor], dist.Distribution]
+    likelihood: Callable[[torch.Tensor], dist.TorchDistribution]
 
     def site(self, name: str) -> str:
         """The Pyro site name of ``name`` (``"z"``, ``"x"``, ``"data"``, a module key): prefixed with
@@ -73,12 +73,12 @@ class Sites(nn.Module):
     @property
     def device(self) -> torch.device:
         """The device of the parameters (of the buffers when there are none; the CPU when there are neither)."""
-        t = next(self.parameters(), None)
+        t: torch.Tensor | None = next(self.parameters(), None)
         if t is None:
             t = next(self.buffers(), None)
         return t.device if t is not None else torch.device("cpu")
 
-    def likelihood_dist(self, out: torch.Tensor) -> dist.Distribution:
+    def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
         """p(x | decoder output): the likelihood of ``out`` ``(..., *data_shape)``, with the data dimensions as
         its event shape."""
         px = self.likelihood(out)

@@ -63,8 +63,8 @@ class SSVAE(Sites):
     """
 
     def __init__(self, data_shape: Shape, num_classes: int, z_dim: int, *, hidden: Sequence[int] = (500,),
-                 likelihood: str | dict | Callable[[torch.Tensor], dist.Distribution] = "bernoulli",
-                 prior: str | Callable[[torch.Tensor], dist.Distribution] | None = None,
+                 likelihood: str | dict | Callable[[torch.Tensor], dist.TorchDistribution] = "bernoulli",
+                 prior: str | Callable[[torch.Tensor], dist.TorchDistribution] | None = None,
                  aux_weight: float = 1.0, name: str = "") -> None:
         super().__init__()
         self.data_shape = as_shape(data_shape)
@@ -81,7 +81,7 @@ class SSVAE(Sites):
                                                   self.z_dim)
         self.decoder = ConcatMLP([(self.z_dim,), (k,)], self.data_shape, hidden)
         if prior is None:
-            self.prior: Callable[[torch.Tensor], dist.Distribution] = Unconditional(StandardNormal(self.z_dim))
+            self.prior: Callable[[torch.Tensor], dist.TorchDistribution] = Unconditional(StandardNormal(self.z_dim))
         elif prior == "class-conditional":
             self.prior = ClassConditionalNormal(k, self.z_dim)
         elif callable(prior):

@@ -93,8 +93,8 @@ class VAE(Sites):
         *,
         encoder: str | nn.Module = "mlp",
         decoder: str | nn.Module = "mlp",
-        prior: str | dict | Callable[[], dist.Distribution] | None = None,
-        likelihood: str | dict | Callable[[torch.Tensor], dist.Distribution] = "bernoulli",
+        prior: str | dict | Callable[[], dist.TorchDistribution] | None = None,
+        likelihood: str | dict | Callable[[torch.Tensor], dist.TorchDistribution] = "bernoulli",
         hidden: Sequence[int] = (400,),
         name: str = "",
         beta: float = 1.0,
@@ -173,7 +173,7 @@ class VAE(Sites):
                      f"z_dim={self.z_dim}, hidden={self.hidden}")
 
     def _wrap_encoder(self, net: nn.Module) -> Encoder:
-        if self.latent == "categorical":
+        if self.categories is not None:  # latent == "categorical"
             return RelaxedCategoricalEncoder(net, self.z_dim, self.categories, self._temperature0,
                                              self._straight_through)
         return GaussianEncoder(net, self.z_dim)
@@ -218,7 +218,7 @@ class VAE(Sites):
         if self.categories is not None:
             check_log_simplex(z, what)
 
-    def _check_latent_representation(self, prior: dist.Distribution, q: dist.Distribution) -> None:
+    def _check_latent_representation(self, prior: dist.TorchDistribution, q: dist.TorchDistribution) -> None:
         """A categorical latent is carried in log space: refuse a prior or guide whose values lie on the simplex
         (a density of the simplex point would be applied to its log)."""
         if self.categories is None:
@@ -344,7 +344,7 @@ class VAE(Sites):
         text = (str(e).strip().splitlines() or [""])[0].rstrip(":")[:240]
         return f"invalid parameters ({type(e).__name__}: {text})"
 
-    def _prior_dist(self) -> dist.Distribution:
+    def _prior_dist(self) -> dist.TorchDistribution:
         """``self.prior()``, or :class:`ModelError` naming the prior when it fails or returns no distribution."""
         what = f'prior at site "{self.site("z")}"'
         try:
@@ -360,7 +360,7 @@ class VAE(Sites):
                                    "not a sample or a tensor")
         return p
 
-    def _guide_dist(self, x: torch.Tensor) -> dist.Distribution:
+    def _guide_dist(self, x: torch.Tensor) -> dist.TorchDistribution:
         """``self.encoder.distribution(x)``, or :class:`ModelError` naming the encoder."""
         what = f'encoder at site "{self.site("z")}"'
         try:
@@ -391,7 +391,7 @@ class VAE(Sites):
             stack.enter_context(poutine.scale(scale=self.beta))
         return stack
 
-    def likelihood_dist(self, out: torch.Tensor, batch_shape: tuple | None = None) -> dist.Distribution:
+    def likelihood_dist(self, out: torch.Tensor, batch_shape: tuple | None = None) -> dist.TorchDistribution:
         """p(x | z) for decoder output ``out`` ``(..., *decoder_shape)``: the likelihood's distribution with the data
         dimensions as its event shape (expanded to ``batch_shape`` when given).
 
@@ -549,7 +549,7 @@ class VAE(Sites):
         log_p = log_class_probs(q)
         return q.mean if log_p is None else log_p
 
-    def decode_dist(self, z: torch.Tensor) -> dist.Distribution:
+    def decode_dist(self, z: torch.Tensor) -> dist.TorchDistribution:
         """The model's likelihood ``p(x | z)`` at latents ``z`` ``(..., *latent_shape)`` (for a categorical
         latent, the log of relaxed one-hot points, see :meth:`decoder_input`): a distribution of batch shape
         ``z``'s batch dimensions and event shape ``data_shape``.

@@ -144,5 +144,6 @@ class CUDAGraphStep:
         self.static_x.copy_(xb, non_blocking=True)
         if self.graph is None or self._baked() != self._key:
             self._capture()
+        assert self.graph is not None and self.static_loss is not None  # set by _capture
         self.graph.replay()
         return self.static_loss

@@ -5,6 +5,7 @@ likelihood or encoder), and their values in the param store, as a checkpoint sav
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -13,6 +14,7 @@ from pyro.infer import ELBO
 
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.models.vae import VAE
+from pyro_vae.pyro_internals import unconstrained_params
 
 __all__ = ["collect_user_params", "check_no_new_params", "pyro_param_values", "set_pyro_param_values"]
 
@@ -28,11 +30,12 @@ def collect_user_params(loss_fn: ELBO, vae: VAE, xb: torch.Tensor, num_data: int
         if dynamic_binarize:  # the batch as the steps see it
             xb = torch.bernoulli(xb)
         with poutine.trace(param_only=True) as capture:
-            loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data)
+            # every Pyro ELBO defines loss; the ELBO base class does not declare it
+            loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data)  # type: ignore[attr-defined]
     known = {id(p) for p in own}
     found: dict[str, torch.Tensor] = {}
     for name, site in capture.trace.nodes.items():
-        value = site["value"]
+        value: Any = site["value"]  # a constrained tensor carries Pyro's `unconstrained` weak reference
         unconstrained = value.unconstrained() if hasattr(value, "unconstrained") else value
         if id(unconstrained) not in known and unconstrained.requires_grad:
             found[name] = unconstrained
@@ -47,8 +50,8 @@ def check_no_new_params(user_params: dict[str, torch.Tensor], own_count: int) ->
     store = pyro.get_param_store()
     if len(store) <= own_count:
         return
-    new = [name for name in store.keys() if "$$$" not in name and name not in user_params
-           and store.get_param(name).unconstrained().grad is not None]  # differentiated, yet not optimized
+    new = [name for name, leaf in store.named_parameters() if "$$$" not in name and name not in user_params
+           and leaf.grad is not None]  # differentiated, yet not optimized
     if new:
         raise ConfigError(message(
             f"pyro.param {new[0]!r}", "every pyro.param of the model and guide created by their first call",
@@ -63,7 +66,7 @@ def pyro_param_values(optimized: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     ``pyro.module``; the VAE's module parameters travel in its state dict."""
     store = pyro.get_param_store()
     keep = set(optimized)
-    return {name: store.get_param(name).unconstrained().detach().cpu() for name in store.keys()
+    return {name: leaf.detach().cpu() for name, leaf in store.named_parameters()
             if "$$$" not in name or name in keep}
 
 
@@ -74,7 +77,7 @@ def set_pyro_param_values(values: dict[str, torch.Tensor]) -> None:
     store = pyro.get_param_store()
     for name, value in values.items():
         if name in store:
-            target = store.get_param(name).unconstrained()
+            target = unconstrained_params(store)[name]
             target.copy_(value.to(device=target.device, dtype=target.dtype))
         else:
             store[name] = value

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import pyro
 import torch
@@ -59,11 +60,10 @@ def _hot_loop(vae: torch.nn.Module, validate: bool, loss_fn: ELBO) -> Iterator[N
     handles, a :class:`~pyro_vae.VAE` also skips re-registering its modules with Pyro's param store
     (registered by an earlier step; the step differentiates the modules' own parameters). Other ELBOs keep
     the registration: their ``loss_and_grads`` differentiates only when the trace holds param sites."""
-    skip = not validate and isinstance(vae, VAE) and fast_kind(loss_fn) is not None
     with contextlib.ExitStack() as stack:
         if validate != is_validation_enabled():
             stack.enter_context(pyro.validation_enabled(validate))
-        if skip:
+        if not validate and isinstance(vae, VAE) and fast_kind(loss_fn) is not None:
             stack.enter_context(vae.modules_registered())
         yield
 
@@ -71,10 +71,14 @@ def _hot_loop(vae: torch.nn.Module, validate: bool, loss_fn: ELBO) -> Iterator[N
 def _step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
           optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], clip_norm: float | None,
           check_finite: bool) -> torch.Tensor:
+    # methods of the pair (nn.Module's __getattr__ would type them as Tensor | Module)
+    model, guide = cast(Callable[..., Any], vae.model), cast(Callable[..., Any], vae.guide)
     optimizer.zero_grad(set_to_none=True)
-    out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=num_data)
+    out = elbo_loss(loss_fn, model, guide, xb, num_data=num_data)
     if out is None:
-        loss = torch.tensor(loss_fn.loss_and_grads(vae.model, vae.guide, xb, num_data=num_data), device=xb.device)
+        # every Pyro ELBO defines loss_and_grads; the ELBO base class does not declare it
+        loss = torch.tensor(loss_fn.loss_and_grads(model, guide, xb, num_data=num_data),  # type: ignore[attr-defined]
+                            device=xb.device)
     else:
         loss, surrogate = out
         if surrogate.requires_grad:
