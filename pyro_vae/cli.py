@@ -144,8 +144,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=_int("--checkpoint-every", 0), default=500,
                    help="also checkpoint every this many steps (besides every epoch end and on Ctrl-C)")
     p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
-                   help="write each epoch's ELBOs, objective, beta and time as TensorBoard scalars to DIR "
-                        "(RUN/tensorboard when DIR is left out); needs pip install 'pyro-vae[tensorboard]'")
+                   help="write TensorBoard events to DIR (RUN/tensorboard when DIR is left out): each epoch's "
+                        "ELBOs, objective, beta, time, learning rate, temperature (categorical latent), KL on the "
+                        "first 256 training points and a grid of prior samples (image data), and every 50 steps "
+                        "the gradient norm, loss and learning rate; needs pip install 'pyro-vae[tensorboard]'")
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
@@ -425,7 +427,8 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
         train_cfg["processes"] = ctx.world_size
     callbacks = _schedules(args)
     if args.tensorboard is not None:  # closed when the command ends, however it ends
-        callbacks.append(held.enter_context(TensorBoard(args.tensorboard or out / "tensorboard")))
+        kl_x = binarize(splits.train.x[:256], args.seed) if splits.dynamic_binarize else splits.train.x
+        callbacks.append(held.enter_context(TensorBoard(args.tensorboard or out / "tensorboard", data=kl_x)))
     if args.cuda_graph:  # refused before the run folder is written
         check_cuda_graph(vae, device, ctx, args.estimator, args.elbo, callbacks)
     run_config = _RunConfig(out, checkpoint.config_json(vae, data=data_cfg, train=train_cfg), held, ctx.is_main)
