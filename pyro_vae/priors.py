@@ -22,7 +22,7 @@ from torch import nn
 from pyro_vae.encoders import ConditionalGaussianEncoder, Encoder
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.networks import ConcatMLP, Shape
-from pyro_vae.validation import integer
+from pyro_vae.validation import integer, positive
 
 __all__ = ["StandardNormal", "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
            "RelaxedCategoricalPrior", "PRIORS", "CATEGORICAL_PRIORS", "build_prior", "Unconditional",
@@ -50,15 +50,6 @@ class StandardNormal(nn.Module):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
-def _positive(name: str, value: Any, integer: bool = False) -> Any:
-    ok = (isinstance(value, int) and not isinstance(value, bool)) if integer else (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
-    if not ok or value <= 0:
-        raise ConfigError(message(name, "an integer >= 1" if integer else "a finite number > 0", repr(value),
-                                  f"pass a valid {name}"))
-    return value
-
-
 class MixtureOfGaussians(nn.Module):
     """Learnable mixture of ``components`` diagonal Gaussians: weights, means and scales all learn.
 
@@ -76,10 +67,10 @@ class MixtureOfGaussians(nn.Module):
 
     def __init__(self, z_dim: int, components: int = 10) -> None:
         super().__init__()
-        self.z_dim, self.components = int(z_dim), _positive("components", components, integer=True)
-        self.logits = nn.Parameter(torch.zeros(components))
-        self.locs = nn.Parameter(torch.randn(components, self.z_dim))
-        self.raw_scales = nn.Parameter(torch.full((components, self.z_dim), 0.5413))  # softplus -> 1.0
+        self.z_dim, self.components = int(z_dim), integer("components", components, 1)
+        self.logits = nn.Parameter(torch.zeros(self.components))
+        self.locs = nn.Parameter(torch.randn(self.components, self.z_dim))
+        self.raw_scales = nn.Parameter(torch.full((self.components, self.z_dim), 0.5413))  # softplus -> 1.0
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "components": self.components}
@@ -117,13 +108,13 @@ class VampPrior(nn.Module):
             raise ConfigError(message("VampPrior encoder", "an Encoder with distribution(x)",
                                       type(encoder).__name__, "pass vae.encoder or build the VAE with prior='vamp'"))
         self.data_shape = tuple(int(s) for s in data_shape)
-        self.components = _positive("components", components, integer=True)
+        self.components = integer("components", components, 1)
         self._encoder = (encoder,)  # a tuple hides it from nn.Module: not a submodule, not in state_dict
         if init is None:
-            init = torch.rand(components, *self.data_shape)
-        elif tuple(init.shape) != (components, *self.data_shape):
+            init = torch.rand(self.components, *self.data_shape)
+        elif tuple(init.shape) != (self.components, *self.data_shape):
             raise ConfigError(message("VampPrior init", f"shape (components, *data_shape) = "
-                                      f"{(components, *self.data_shape)}", f"shape {tuple(init.shape)}",
+                                      f"{(self.components, *self.data_shape)}", f"shape {tuple(init.shape)}",
                                       "pass e.g. x[torch.randperm(len(x))[:components]]"))
         self.pseudo_inputs = nn.Parameter(init.detach().clone().float())
 
@@ -165,7 +156,7 @@ class FlowPrior(nn.Module):
         super().__init__()
         from pyro.distributions import transforms as T
 
-        self.z_dim, self.flows = int(z_dim), _positive("flows", flows, integer=True)
+        self.z_dim, self.flows = int(z_dim), integer("flows", flows, 1)
         if kind not in self.KINDS:
             raise ConfigError(message("flow kind", f"one of {self.KINDS}", repr(kind), "pass kind='affine'"))
         self.kind = kind
@@ -204,7 +195,7 @@ class Laplace(nn.Module):
 
     def __init__(self, z_dim: int, scale: float = 1.0) -> None:
         super().__init__()
-        self.scale_value = float(_positive("scale", scale))
+        self.scale_value = positive("scale", scale)
         self.register_buffer("loc", torch.zeros(int(z_dim)))
         self.register_buffer("scale", torch.full((int(z_dim),), self.scale_value))
 
@@ -223,7 +214,7 @@ class StudentT(nn.Module):
 
     def __init__(self, z_dim: int, df: float = 3.0, scale: float = 1.0) -> None:
         super().__init__()
-        self.df_value, self.scale_value = float(_positive("df", df)), float(_positive("scale", scale))
+        self.df_value, self.scale_value = positive("df", df), positive("scale", scale)
         self.register_buffer("df", torch.full((int(z_dim),), self.df_value))
         self.register_buffer("loc", torch.zeros(int(z_dim)))
         self.register_buffer("scale", torch.full((int(z_dim),), self.scale_value))
@@ -261,7 +252,7 @@ class RelaxedCategoricalPrior(nn.Module):
         super().__init__()
         from pyro_vae.distributions.relaxed import check_temperature
 
-        self.n, self.k = _positive("n", n, integer=True), _positive("categories", k, integer=True)
+        self.n, self.k = integer("n", n, 1), integer("categories", k, 1)
         self.learnable = bool(learnable)
         self._temperature = check_temperature(temperature)
         # an object with a `temperature` attribute (the VAE's encoder), held by reference: not a submodule

@@ -35,6 +35,7 @@ from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 from torch.distributions.utils import broadcast_all
 
 from pyro_vae.pyro_internals import active_messengers
+from pyro_vae.validation import positive
 
 __all__ = ["ExpRelaxedOneHotCategorical", "ExpOneHotCategorical", "to_simplex", "log_one_hot",
            "log_class_probs", "is_log_categorical", "is_simplex_valued", "check_log_simplex", "gumbel_noise",
@@ -42,17 +43,9 @@ __all__ = ["ExpRelaxedOneHotCategorical", "ExpOneHotCategorical", "to_simplex", 
 
 
 def check_temperature(value: float | torch.Tensor, what: str = "temperature") -> float:
-    """``value`` as a float, or :class:`~pyro_vae.errors.ConfigError` unless it is finite and > 0."""
-    from pyro_vae.errors import ConfigError, message
-
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(message(what, "a finite number > 0", repr(value), f"pass e.g. {what}=1.0")) from None
-    if not math.isfinite(t) or t <= 0:
-        raise ConfigError(message(what, "a finite number > 0", repr(value),
-                                  f"pass e.g. {what}=1.0 (Jang et al. anneal from 1.0 down to 0.5)"))
-    return t
+    """``value`` (a real number or a 0-dim real tensor; not a string or a bool) as a float, or
+    :class:`~pyro_vae.errors.ConfigError` naming ``what`` unless it is finite and > 0."""
+    return positive(what, value, fix=f"pass e.g. {what}=1.0 (Jang et al. anneal from 1.0 down to 0.5)")
 
 
 # ------------------------------------------------------------------------------------------- support

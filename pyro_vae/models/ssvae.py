@@ -11,7 +11,6 @@ data and gives ``(K, B, ...)`` outputs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import pyro
@@ -26,7 +25,7 @@ from pyro_vae.likelihoods import build_likelihood
 from pyro_vae.models.sites import Sites
 from pyro_vae.networks import ConcatMLP, Shape, as_shape
 from pyro_vae.priors import ClassConditionalNormal, StandardNormal, Unconditional
-from pyro_vae.validation import integer
+from pyro_vae.validation import integer, number
 
 __all__ = ["SSVAE", "split_labelled", "accuracy"]
 
@@ -70,10 +69,8 @@ class SSVAE(Sites):
         self.data_shape = as_shape(data_shape)
         self.num_classes = integer("num_classes", num_classes, 2)
         self.z_dim = integer("z_dim", z_dim, 1)
-        if not (isinstance(aux_weight, (int, float)) and math.isfinite(aux_weight) and aux_weight >= 0):
-            raise ConfigError(message("aux_weight", "a finite number >= 0", repr(aux_weight),
-                                      "pass e.g. aux_weight=0.1 * num_data / num_labelled"))
-        self.aux_weight = float(aux_weight)
+        self.aux_weight = number("aux_weight", aux_weight, 0.0, strict=False,
+                                 fix="pass e.g. aux_weight=0.1 * num_data / num_labelled")
         self.name = str(name)
         k, hidden = self.num_classes, tuple(hidden)
         self.classifier = CategoricalEncoder(ConcatMLP([self.data_shape], (k,), hidden), k)

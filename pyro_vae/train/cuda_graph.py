@@ -15,6 +15,7 @@ from pyro_vae.infer.losses import fast_kind
 from pyro_vae.models.vae import VAE
 from pyro_vae.schedules import Schedule
 from pyro_vae.train.step import svi_step
+from pyro_vae.validation import integer
 
 __all__ = ["CUDAGraphStep", "check_cuda_graph", "set_capturable"]
 
@@ -97,9 +98,7 @@ class CUDAGraphStep:
         if any(not g.get("capturable", False) for g in optimizer.param_groups if "capturable" in g):
             raise ConfigError(message("CUDAGraphStep optimizer", "a capturable optimizer", "capturable=False",
                                       "build it with torch.optim.Adam(params, lr=..., capturable=True)"))
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ConfigError(message("CUDAGraphStep warmup", "an integer >= 1", repr(warmup),
-                                      "pass warmup=3"))
+        warmup = integer("CUDAGraphStep warmup", warmup, 1, fix="pass warmup=3")
         self.static_x = example.detach().clone()
         self._args = (loss_fn, vae, num_data, optimizer, params, clip_norm)
         self._side = torch.cuda.Stream(device=example.device)

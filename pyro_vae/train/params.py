@@ -11,6 +11,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
+from pyro.params import user_param_name
 
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.models.vae import VAE
@@ -43,6 +44,12 @@ def collect_user_params(loss_fn: ELBO, vae: VAE, xb: torch.Tensor, num_data: int
     return found
 
 
+def _in_module(name: str) -> bool:
+    """Whether the param-store entry ``name`` is a parameter of a module registered with ``pyro.module`` (Pyro
+    names those ``module_name + separator + parameter_name``)."""
+    return user_param_name(name) != name
+
+
 def check_no_new_params(user_params: dict[str, torch.Tensor], own_count: int) -> None:
     """Refuse a ``pyro.param`` first created after training started that the steps differentiate: the optimizer
     was built without it. (Entries Pyro updates itself, such as ``TraceGraph_ELBO``'s average baselines, have no
@@ -50,7 +57,7 @@ def check_no_new_params(user_params: dict[str, torch.Tensor], own_count: int) ->
     store = pyro.get_param_store()
     if len(store) <= own_count:
         return
-    new = [name for name, leaf in store.named_parameters() if "$$$" not in name and name not in user_params
+    new = [name for name, leaf in store.named_parameters() if not _in_module(name) and name not in user_params
            and leaf.grad is not None]  # differentiated, yet not optimized
     if new:
         raise ConfigError(message(
@@ -67,7 +74,7 @@ def pyro_param_values(optimized: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     store = pyro.get_param_store()
     keep = set(optimized)
     return {name: leaf.detach().cpu() for name, leaf in store.named_parameters()
-            if "$$$" not in name or name in keep}
+            if not _in_module(name) or name in keep}
 
 
 @torch.no_grad()
