@@ -24,6 +24,12 @@ class Encoder(nn.Module):
     """Base class: a guide distribution computed from data."""
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover - abstract
+        """``q(z | x)`` for data ``x`` of shape ``(..., *data_shape)``: a Pyro distribution of batch shape
+        ``(...)`` and the latent's event shape (``(z_dim,)``; ``(n, k)`` for a categorical latent).
+
+        Raises:
+            NotImplementedError: in the base class; every encoder implements it.
+        """
         raise NotImplementedError
 
 
@@ -59,6 +65,7 @@ class GaussianEncoder(Encoder):
         return dist.Normal(loc, scale).to_event(1)
 
     def config(self) -> dict[str, Any]:
+        """The encoder's settings, JSON-able: ``{"latent": "gaussian", "min_scale": ...}``."""
         return {"latent": "gaussian", "min_scale": self.min_scale}
 
 
@@ -124,6 +131,8 @@ class RelaxedCategoricalEncoder(Encoder):
         return ExpRelaxedOneHotCategorical(temperature, logits=logits).to_event(1)
 
     def config(self) -> dict[str, Any]:
+        """The encoder's settings, JSON-able: ``{"latent": "categorical", "categories": k, "temperature": ...,
+        "straight_through": ...}`` (the current temperature)."""
         return {"latent": "categorical", "categories": self.k, "temperature": self._temperature,
                 "straight_through": self.straight_through}
 

@@ -3,6 +3,9 @@ and the fix, in the style of Pyro's own ``check_site_shape``."""
 
 from __future__ import annotations
 
+__all__ = ["PyroVAEError", "ConfigError", "DataError", "ShapeError", "ModelError", "CheckpointError",
+           "NonFiniteLossError", "TrainingInterrupted", "message"]
+
 
 class PyroVAEError(Exception):
     """Base class of every error this package raises on purpose."""

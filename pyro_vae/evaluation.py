@@ -111,6 +111,7 @@ class LogLikelihood:
 
     @property
     def gap_se(self) -> float:
+        """Standard error of :attr:`gap` over the data points (``std / sqrt(N)``, nats; NaN for ``N < 2``)."""
         return _standard_error(self.gap_per_point)
 
     def pareto_k(self) -> torch.Tensor:
@@ -407,17 +408,22 @@ class AmortizationGap:
 
     @property
     def gap_per_point(self) -> torch.Tensor:
+        """``(N,)`` amortization gap of each data point, ``elbo_optimized - elbo_amortized`` (nats)."""
         return self.elbo_optimized - self.elbo_amortized
 
     @property
     def gap(self) -> float:
+        """Mean of :attr:`gap_per_point` (nats per data point)."""
         return float(self.gap_per_point.mean())
 
     @property
     def gap_se(self) -> float:
+        """Standard error of :attr:`gap` over the data points (``std / sqrt(N)``, nats; NaN for ``N < 2``)."""
         return _standard_error(self.gap_per_point)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON-able summary: the mean gap and its standard error, the mean ELBO of each guide (nats per
+        data point), the number of points and the optimization steps."""
         return {"amortization_gap": self.gap, "amortization_gap_se": self.gap_se,
                 "elbo_amortized": float(self.elbo_amortized.mean()),
                 "elbo_optimized": float(self.elbo_optimized.mean()), "amortization_points": len(self.gap_per_point),

@@ -44,6 +44,7 @@ class StandardNormal(nn.Module):
         self.register_buffer("scale", torch.ones(int(z_dim)))
 
     def config(self) -> dict[str, Any]:
+        """The JSON-able spec :func:`build_prior` rebuilds this prior from: ``{"name": "normal"}``."""
         return {"name": self.name}
 
     def forward(self) -> dist.TorchDistribution:
@@ -73,6 +74,8 @@ class MixtureOfGaussians(nn.Module):
         self.raw_scales = nn.Parameter(torch.full((self.components, self.z_dim), 0.5413))  # softplus -> 1.0
 
     def config(self) -> dict[str, Any]:
+        """The JSON-able spec :func:`build_prior` rebuilds this prior from: ``{"name": "mixture", "components": C}``
+        (the learned weights, means and scales travel in the state dict)."""
         return {"name": self.name, "components": self.components}
 
     def forward(self) -> dist.TorchDistribution:
@@ -120,9 +123,12 @@ class VampPrior(nn.Module):
 
     @property
     def encoder(self) -> Encoder:
+        """The encoder whose distribution at the pseudo-inputs is the prior (held by reference)."""
         return self._encoder[0]
 
     def config(self) -> dict[str, Any]:
+        """The JSON-able spec :func:`build_prior` rebuilds this prior from, with the VAE's encoder:
+        ``{"name": "vamp", "components": C}`` (the pseudo-inputs travel in the state dict)."""
         return {"name": self.name, "components": self.components}
 
     def forward(self) -> dist.TorchDistribution:
@@ -174,6 +180,8 @@ class FlowPrior(nn.Module):
         self.register_buffer("scale", torch.ones(self.z_dim))
 
     def config(self) -> dict[str, Any]:
+        """The JSON-able spec :func:`build_prior` rebuilds this prior from: ``{"name": "flow", "flows": L,
+        "kind": ..., "hidden": [...]}`` (the layers' weights travel in the state dict)."""
         return {"name": self.name, "flows": self.flows, "kind": self.kind, "hidden": list(self.hidden)}
 
     def forward(self) -> dist.TorchDistribution:
@@ -200,6 +208,7 @@ class Laplace(nn.Module):
         self.register_buffer("scale", torch.full((int(z_dim),), self.scale_value))
 
     def config(self) -> dict[str, Any]:
+        """The JSON-able spec :func:`build_prior` rebuilds this prior from: ``{"name": "laplace", "scale": s}``."""
         return {"name": self.name, "scale": self.scale_value}
 
     def forward(self) -> dist.TorchDistribution:
@@ -220,6 +229,8 @@ class StudentT(nn.Module):
         self.register_buffer("scale", torch.full((int(z_dim),), self.scale_value))
 
     def config(self) -> dict[str, Any]:
+        """The JSON-able spec :func:`build_prior` rebuilds this prior from: ``{"name": "student-t", "df": df,
+        "scale": s}``."""
         return {"name": self.name, "df": self.df_value, "scale": self.scale_value}
 
     def forward(self) -> dist.TorchDistribution:
@@ -264,6 +275,8 @@ class RelaxedCategoricalPrior(nn.Module):
 
     @property
     def temperature(self) -> float:
+        """The relaxation temperature (> 0): the attached encoder's (setting it sets the encoder's), else the
+        prior's own. Setting it checks the value: :class:`~pyro_vae.errors.ConfigError` unless finite and > 0."""
         return float(self._encoder[0].temperature) if self._encoder else self._temperature
 
     @temperature.setter
@@ -276,6 +289,9 @@ class RelaxedCategoricalPrior(nn.Module):
             self._temperature = check_temperature(value)
 
     def config(self) -> dict[str, Any]:
+        """The JSON-able spec :func:`build_prior` rebuilds this prior from: ``{"name": "categorical"}`` or
+        ``{"name": "categorical-learned"}``, with its ``"temperature"`` when it keeps its own (no encoder
+        attached; the learned logits travel in the state dict)."""
         cfg: dict[str, Any] = {"name": "categorical-learned" if self.learnable else "categorical"}
         if not self._encoder:
             cfg["temperature"] = self._temperature  # a fixed temperature of its own

@@ -51,6 +51,7 @@ class KLSite:
     kl: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The site as a JSON-able dict (``kl`` in nats per data point)."""
         return {"site": self.site, "guide": self.guide, "prior": self.prior, "method": self.method, "kl": self.kl}
 
 
@@ -62,10 +63,12 @@ class KLReport:
 
     @property
     def analytic(self) -> list[str]:
+        """The latent sites whose KL is the closed form (a ``kl_divergence(q, p)`` is registered)."""
         return [s.site for s in self.sites if s.method == "analytic"]
 
     @property
     def monte_carlo(self) -> list[str]:
+        """The latent sites whose KL falls back to the Monte Carlo estimate ``log q(z) - log p(z)``."""
         return [s.site for s in self.sites if s.method == "monte carlo"]
 
     def __getitem__(self, site: str) -> KLSite:
@@ -75,6 +78,7 @@ class KLReport:
         raise KeyError(site)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"sites": [...]}``, one :meth:`KLSite.to_dict` per latent site."""
         return {"sites": [s.to_dict() for s in self.sites]}
 
     def __str__(self) -> str:

@@ -620,6 +620,13 @@ class VAE(Sites):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> VAE:
+        """A new VAE built from :attr:`config` (its parameters freshly initialized: load the weights after).
+
+        Raises:
+            KeyError: ``config`` lacks ``data_shape``, ``z_dim``, ``encoder``, ``decoder``, ``prior``,
+                ``likelihood`` or ``hidden``.
+            ConfigError: a value the constructor refuses.
+        """
         cfg = dict(config)
         return cls(cfg.pop("data_shape"), cfg.pop("z_dim"), encoder=cfg.pop("encoder"), decoder=cfg.pop("decoder"),
                    prior=cfg.pop("prior"), likelihood=cfg.pop("likelihood"), hidden=cfg.pop("hidden"),
