@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?= -m "not slow" -q
 
-.PHONY: demo test test-all test-matrix install docs clean
+.PHONY: demo test test-all test-matrix install docs lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,17 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/pyro-vae train --data digits --z-dim 8 --likelihood continuous-bernoulli \
 	    --elbo meanfield --epochs 100 --batch-size 64 --lr 3e-3 --seed 0 --out runs/demo --overwrite
 
-# make test also builds the documentation strictly: a docstring or page the site cannot render fails it.
-test: $(VENV)/.installed
+# make test also runs the static checks (make lint) and builds the documentation strictly: a lint or type error,
+# or a docstring or page the site cannot render, fails it.
+test: $(VENV)/.installed lint
 	$(MAKE) --no-print-directory docs
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The static checks, configured in pyproject.toml at the versions its test extra pins: ruff (pyflakes, pycodestyle,
+# import order, bugbear, pyupgrade) on the code, tests, examples and benchmarks; mypy on the package.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check pyro_vae tests examples benchmarks
+	$(VENV)/bin/mypy
 
 # The documentation site (MkDocs, API reference from the docstrings) into site/; --strict turns every warning
 # (a broken link, a module the reference names that does not exist, a docstring it cannot parse) into a failure.
