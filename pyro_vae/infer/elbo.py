@@ -26,6 +26,7 @@ from pyro_vae.infer.estimators import (
     NeuralBaseline,
     get_estimator,
 )
+from pyro_vae.infer.site_gradients import SiteGradientTrace_ELBO, SiteGradientTraceMeanField_ELBO
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.validation import integer
 
@@ -97,11 +98,25 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
         nn_baseline = NeuralBaseline(data_shape)
     kwargs.update(estimator=est, baseline_beta=baseline_beta,
                   nn_baseline=nn_baseline if est.baseline == "neural" else None)
+    if est.site_gradient is not None:
+        return _site_gradient_elbo(elbo, est, kwargs)
     if est.baseline is not None:
         return EstimatorTraceGraph_ELBO(**kwargs)
     if elbo == "meanfield":
         return EstimatorTraceMeanField_ELBO(**kwargs)
     return EstimatorTrace_ELBO(**kwargs)
+
+
+def _site_gradient_elbo(elbo: str, est: Estimator, kwargs: dict[str, Any]) -> ELBO:
+    """The ELBO of a per-site estimator (:mod:`pyro_vae.infer.site_gradients`); ``rloo`` needs ``K >= 2``
+    particles."""
+    if est.site_gradient == "rloo" and kwargs["num_particles"] < 2:
+        raise ConfigError(message(f'num_particles with estimator "{est.name}"',
+                                  "K >= 2 draws (each is baselined by the mean of the others)",
+                                  str(kwargs["num_particles"]), "pass num_particles=K with K >= 2"))
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("baseline_beta", "nn_baseline")}
+    cls = SiteGradientTraceMeanField_ELBO if elbo == "meanfield" else SiteGradientTrace_ELBO
+    return cls(**kwargs)
 
 
 def make_estimator_elbo(estimator: str | Estimator = "pathwise", elbo: str | ELBO = "trace",

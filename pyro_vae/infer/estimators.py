@@ -25,11 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.kl import kl_divergence, register_kl
+from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
@@ -58,6 +60,7 @@ __all__ = [
     "BASELINE_PARAM",
     "straight_through_override",
     "unwrap_independent",
+    "SiteGradient",
 ]
 
 #: Name prefix of the decaying-average baseline Pyro keeps in the param store (``+ site name``).
@@ -119,6 +122,42 @@ class ScoreFunction(TorchDistribution):
         return f"ScoreFunction({self.base!r})"
 
 
+class SiteGradient(ScoreFunction):
+    """A guide distribution whose site gets its gradient from a per-site estimator of
+    :mod:`pyro_vae.infer.site_gradients` (control variates, leave-one-out, measure-valued), not from Pyro.
+
+    It samples a detached draw of ``base`` (``rsample`` too: ``has_rsample`` is ``True`` so that
+    ``TraceMeanField_ELBO`` accepts the site) and its ``score_parts`` carry neither a score-function term nor a
+    differentiable entropy term: ``(log_prob, 0, log_prob.detach())``. The ELBO's value is unchanged; the
+    gradient with respect to the guide's parameters at this site is the surrogate term the per-site estimator
+    adds. ``kl_divergence(SiteGradient(q), p)`` is ``kl_divergence(q, p)``.
+
+    Args:
+        base: any distribution (the estimator checks the families it applies to).
+    """
+
+    has_rsample = True
+
+    def rsample(self, sample_shape: Any = ()) -> torch.Tensor:
+        return self.sample(torch.Size(sample_shape))
+
+    def score_parts(self, value: torch.Tensor) -> ScoreParts:
+        log_prob = self.log_prob(value)
+        no_score: Any = 0  # Pyro's is_identically_zero: the number 0, not a tensor
+        return ScoreParts(log_prob=log_prob, score_function=no_score, entropy_term=log_prob.detach())
+
+    def expand(self, batch_shape, _instance=None) -> SiteGradient:
+        return SiteGradient(cast(Any, self.base).expand(torch.Size(batch_shape)))
+
+    def __repr__(self) -> str:
+        return f"SiteGradient({self.base!r})"
+
+
+@register_kl(SiteGradient, torch.distributions.Distribution)
+def _kl_site_gradient(p: SiteGradient, q: torch.distributions.Distribution) -> torch.Tensor:
+    return kl_divergence(cast(Any, p.base), q)
+
+
 # ------------------------------------------------------------------------------------------ estimators
 @dataclass(frozen=True)
 class Estimator:
@@ -131,6 +170,11 @@ class Estimator:
         categorical: for relaxed-categorical latents: ``"relaxed"``, ``"straight-through"`` or ``"exact"``
             (score function on ``OneHotCategorical``); ``None`` leaves the encoder's choice.
         gaussian: whether it applies to reparameterizable (e.g. Gaussian) latents.
+        site_gradient: a per-site estimator of :mod:`pyro_vae.infer.site_gradients` (``"mean-baseline"``,
+            ``"optimal-cv"``, ``"delta-cv"``, ``"rloo"``, ``"measure-valued"``); its guide sites are wrapped in
+            :class:`SiteGradient` and its ELBO adds the estimator's surrogate term.
+        cv_samples: independent draws per estimate that the mean baseline or the optimal coefficient is
+            estimated from (``site_gradient`` ``"mean-baseline"`` and ``"optimal-cv"``).
     """
 
     name: str
@@ -139,6 +183,8 @@ class Estimator:
     categorical: str | None = None
     gaussian: bool = True
     description: str = ""
+    site_gradient: str | None = None
+    cv_samples: int = 0
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
@@ -153,6 +199,22 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
     Estimator("straight-through", categorical="straight-through", gaussian=False,
               description="hard one-hot forward, relaxed gradient backward (categorical latents)"),
 )}
+
+#: Per-site estimators (:mod:`pyro_vae.infer.site_gradients`): score function with control variates,
+#: leave-one-out, measure-valued.
+ESTIMATORS.update({e.name: e for e in (
+    Estimator("score-function-mean-baseline", categorical="exact", site_gradient="mean-baseline", cv_samples=8,
+              description="REINFORCE minus the mean cost of 8 independent draws of the site"),
+    Estimator("score-function-optimal-cv", site_gradient="optimal-cv", cv_samples=8,
+              description="REINFORCE with the variance-optimal constant baseline per parameter, estimated from "
+                          "8 independent draws (Gaussian latents)"),
+    Estimator("score-function-delta-cv", site_gradient="delta-cv",
+              description="REINFORCE with the second-order Taylor (delta-method) control variate (Gaussian latents)"),
+    Estimator("rloo", categorical="exact", site_gradient="rloo",
+              description="REINFORCE leave-one-out: each of K >= 2 particles baselined by the others' mean cost"),
+    Estimator("measure-valued", site_gradient="measure-valued",
+              description="coupled measure-valued derivative, Weibull and double-sided Maxwell (Gaussian latents)"),
+)})
 
 
 def get_estimator(estimator: str | Estimator) -> Estimator:
@@ -281,6 +343,8 @@ class EstimatorMessenger(Messenger):
                 type(unwrap_independent(msg["fn"])[0]).__name__,
                 'use "pathwise" or a "score-function" estimator, or build the VAE with latent="categorical"'))
         fn = _convert_categorical(msg["fn"], mode, self.role, msg["name"])
+        if self.role == "guide" and est.site_gradient is not None and not isinstance(fn, SiteGradient):
+            fn = SiteGradient(fn)
         if self.role == "guide" and est.score_function:
             if not isinstance(fn, ScoreFunction):
                 fn = ScoreFunction(fn)

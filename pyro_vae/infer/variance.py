@@ -70,6 +70,7 @@ from pyro_vae.infer.estimators import (
     unwrap_independent,
 )
 from pyro_vae.infer.kl_report import kl_report
+from pyro_vae.infer.site_gradients import site_surrogate
 from pyro_vae.models.linear_gaussian import exact_elbo
 from pyro_vae.pyro_internals import param_constraints, trace_log_r, unconstrained_params
 from pyro_vae.validation import integer
@@ -410,6 +411,10 @@ class _Surrogate(nn.Module):
                         log_r = trace_log_r(model_tr, guide_tr)
                     cost = self._cost(name, model_tr, guide_tr, log_r)
                     elbo = elbo + (cost.detach() * score).sum()
+            if self.est.site_gradient is not None:
+                model = _particles(EstimatorMessenger(self.est, "model")(self.vae.model), self.num_particles)
+                elbo = elbo + site_surrogate(self.est, model, (x,), self.kwargs, model_tr, guide_tr,
+                                             self.elbo == "meanfield")
         self.answered |= answer.answered
         return -elbo / self.num_particles
 
@@ -527,7 +532,8 @@ def _iter_vectorized(vae, x, est, plan, num_samples, num_particles, elbo, baseli
     def loss(p: dict, s: dict, eps: dict) -> torch.Tensor:
         return functional_call(surrogate, {**p, **frozen}, (eps, x, s))
 
-    per_sample = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))
+    # randomness="different": the per-site estimators draw their own noise inside each estimate
+    per_sample = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, None, 0), randomness="different")
     done = 0
     while done < num_samples:
         n = min(chunk, num_samples - done)

@@ -1,0 +1,275 @@
+"""Per-site gradient estimators inside Pyro's ELBOs: control variates, leave-one-out and measure-valued.
+
+An estimator whose ``site_gradient`` is set (see :data:`pyro_vae.infer.estimators.ESTIMATORS`) wraps each latent
+guide site in :class:`~pyro_vae.infer.estimators.SiteGradient`: the draw is detached and Pyro adds no gradient
+term for the guide's parameters there. This module adds the estimator's own term to the surrogate ELBO, a
+sum over those sites of ``G . theta`` with ``G`` the detached one-draw gradient estimate of the expected cost
+with respect to the site distribution's parameters ``theta``:
+
+==============================  ==================================================  ===========================
+``estimator``                   ``G``                                               evaluations of the model
+==============================  ==================================================  ===========================
+score-function-mean-baseline    ``(f(z) - mean_m f(z'_m)) d log q(z)``              ``1 + M`` (any family)
+score-function-optimal-cv       ``(f(z) - c) s(z)``, ``c`` per parameter            ``1 + M`` (Normal)
+score-function-delta-cv         ``(f - f~)(z) s(z) + grad E f~``                    ``2 + 2 D`` (Normal)
+rloo                            ``(f(z_k) - mean_{j != k} f(z_j)) d log q(z_k)``     ``1`` per particle (any)
+measure-valued                  coupled weak derivative                             ``4 D`` (Normal)
+==============================  ==================================================  ===========================
+
+(:mod:`pyro_vae.infer.control_variates` and :mod:`pyro_vae.infer.measure_valued` hold the mathematics; ``M`` is
+the estimator's ``cv_samples``, ``D`` the number of event coordinates of the site; the delta method's
+``2 + 2 D`` counts forward and backward passes.)
+
+The cost ``f`` of a value of the site is the ELBO's own: the model is replayed with that value (every other
+latent at its drawn value), and ``log p(x, z) - log q(z)`` is summed to the site's plates as in
+``Trace_ELBO``'s ``log_r`` (the scaled and masked log-densities). Under ``TraceMeanField_ELBO`` the latent sites
+with a registered KL are left out of the cost, and their KL is the closed form: the estimator is then applied
+to the rest (the likelihood term) only. The model's other parameters (the decoder's) get their gradient as in
+Pyro, by differentiating ``log p`` at the drawn value.
+
+Assumptions, as in a VAE: the other guide sites do not depend on this site's value (a mean-field guide), and
+each plate entry's cost depends only on its own value (the entries are perturbed together).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.distributions.kl import kl_divergence
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import MultiFrameTensor, get_plate_stacks
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+
+from pyro_vae.errors import ConfigError, message
+from pyro_vae.infer.control_variates import (
+    delta_method,
+    leave_one_out_baseline,
+    mean_baseline,
+    normal_scores,
+    optimal_coefficients,
+)
+from pyro_vae.infer.estimators import (
+    Estimator,
+    EstimatorTrace_ELBO,
+    EstimatorTraceMeanField_ELBO,
+    SiteGradient,
+    unwrap_independent,
+)
+from pyro_vae.infer.measure_valued import measure_valued_normal
+from pyro_vae.pyro_internals import particle_loss, particle_traces
+
+__all__ = ["SITE_GRADIENTS", "PARTICLE_PLATE_NAME", "analytic_kl_sites", "site_cost", "site_surrogate",
+           "evaluations", "SiteGradientTrace_ELBO", "SiteGradientTraceMeanField_ELBO"]
+
+#: The per-site estimators this module implements (``Estimator.site_gradient``).
+SITE_GRADIENTS = ("mean-baseline", "optimal-cv", "delta-cv", "rloo", "measure-valued")
+#: Name of the plate of vectorized particles in Pyro's ELBOs (the leave-one-out estimator's ``K`` draws).
+PARTICLE_PLATE_NAME = "num_particles_vectorized"
+_NORMAL_ONLY = ("optimal-cv", "delta-cv", "measure-valued")
+
+
+def evaluations(est: Estimator, event_size: int) -> int:
+    """Model evaluations per estimate (one particle) of ``est`` on a site of ``event_size`` coordinates,
+    counting the draw's own; for the delta method, forward and backward passes."""
+    kind = est.site_gradient
+    if kind in ("mean-baseline", "optimal-cv"):
+        return 1 + est.cv_samples
+    if kind == "delta-cv":
+        return 2 + 2 * event_size
+    if kind == "measure-valued":
+        return 1 + 4 * event_size
+    return 1
+
+
+def analytic_kl_sites(model_trace: Trace, guide_trace: Trace) -> set[str]:
+    """The latent sites whose KL ``TraceMeanField_ELBO`` takes in closed form (a ``kl_divergence`` of the guide's
+    and the model's distributions is registered)."""
+    out = set()
+    site: Any
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or name not in guide_trace.nodes:
+            continue
+        try:
+            guide_site: Any = guide_trace.nodes[name]
+            kl_divergence(guide_site["fn"], site["fn"])
+        except NotImplementedError:
+            continue
+        out.add(name)
+    return out
+
+
+def site_cost(model: Callable, args: tuple, kwargs: dict, guide_trace: Trace, site: str,
+              analytic: set[str] = frozenset()) -> Callable[[torch.Tensor], torch.Tensor]:  # type: ignore[assignment]
+    """``cost(value) -> (*batch_shape)``: the ELBO's cost of each plate entry of guide site ``site`` at
+    ``value`` (the site's value shape), ``log p(x, z) - log q(z)`` summed to the site's plates with every other
+    latent at its value in ``guide_trace``; the sites in ``analytic`` (closed-form KL) are left out. ``model``
+    is replayed once per call, with ``args`` and ``kwargs``. Differentiable in ``value`` (and in the
+    parameters; detach what you keep)."""
+    g: Any = guide_trace.nodes[site]
+    batch_shape = g["value"].shape[: g["value"].dim() - g["fn"].event_dim]
+    others = MultiFrameTensor()
+    for name, node in guide_trace.nodes.items():
+        if node["type"] == "sample" and not node["is_observed"] and name != site and name not in analytic:
+            others.add((node["cond_indep_stack"], -node["log_prob"].detach()))
+
+    def cost(value: torch.Tensor) -> torch.Tensor:
+        replay = Trace()
+        for name, node in guide_trace.nodes.items():
+            if node["type"] == "sample" and not node["is_observed"]:
+                replay.add_node(name, type="sample", is_observed=False, infer=node["infer"],
+                                value=value if name == site else node["value"])
+        model_trace = prune_subsample_sites(poutine.trace(poutine.replay(model, trace=replay)).get_trace(
+            *args, **kwargs))
+        model_trace.compute_log_prob()
+        stacks = get_plate_stacks(model_trace)
+        total = MultiFrameTensor(*others.items())
+        for name, node in model_trace.nodes.items():
+            if node["type"] == "sample" and not (name in analytic and not node["is_observed"]):
+                total.add((stacks[name], node["log_prob"]))
+        if site not in analytic:
+            total.add((g["cond_indep_stack"], -scale_and_mask(g["fn"].log_prob(value), g["scale"], g["mask"])))
+        out = total.sum_to(g["cond_indep_stack"])
+        if not torch.is_tensor(out):
+            return torch.zeros(batch_shape, dtype=value.dtype, device=value.device)
+        return out.expand(batch_shape)
+
+    return cost
+
+
+def _normal(site: Any, name: str, est: Estimator) -> torch.distributions.Normal:
+    base, _ = unwrap_independent(site["fn"].base)
+    if not isinstance(base, torch.distributions.Normal):
+        raise ConfigError(message(
+            f'estimator "{est.name}" at site "{name}"', "a Normal guide distribution (to_event allowed)",
+            type(base).__name__, 'use "score-function-mean-baseline" or "rloo", which apply to any family'))
+    return base
+
+
+def _particle_dim(site: Any, name: str, est: Estimator) -> int:
+    for frame in site["cond_indep_stack"]:
+        if frame.name == PARTICLE_PLATE_NAME and frame.vectorized and frame.size >= 2:
+            return frame.dim
+    raise ConfigError(message(f'estimator "{est.name}" at site "{name}"', "K >= 2 vectorized particles",
+                              "one draw", "pass num_particles=K with K >= 2"))
+
+
+def _site_term(est: Estimator, name: str, site: Any, cost: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    fn = site["fn"]
+    value = site["value"].detach()
+    event_dim = fn.event_dim
+    kind = est.site_gradient
+
+    def detached(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return cost(z).detach()
+
+    if kind in ("mean-baseline", "rloo"):
+        f = detached(value)
+        if kind == "mean-baseline":
+            base = fn.base
+            b = mean_baseline(detached, lambda: base.sample(), est.cv_samples)
+        else:
+            b = leave_one_out_baseline(f, _particle_dim(site, name, est))
+        return ((f - b) * fn.base.log_prob(value)).sum()
+    normal = _normal(site, name, est)
+    loc, scale = normal.loc, normal.scale
+    if kind == "optimal-cv":
+        f = detached(value).reshape(value.shape[: value.dim() - event_dim] + (1,) * event_dim)
+        c_loc, c_scale = optimal_coefficients(detached, loc.detach(), scale.detach(), value.shape, event_dim,
+                                              est.cv_samples)
+        s_loc, s_scale = normal_scores(value, loc.detach(), scale.detach())
+        g_loc, g_scale = (f - c_loc) * s_loc, (f - c_scale) * s_scale
+    elif kind == "delta-cv":
+        g_loc, g_scale = delta_method(cost, value, loc, scale, event_dim)
+    else:
+        with torch.no_grad():
+            g_loc, g_scale = measure_valued_normal(cost, value, loc, scale, event_dim)
+    return (g_loc.detach() * loc).sum() + (g_scale.detach() * scale).sum()
+
+
+def site_surrogate(est: Estimator, model: Callable, args: tuple, kwargs: dict, model_trace: Trace,
+                   guide_trace: Trace, meanfield: bool = False) -> torch.Tensor | float:
+    """The term ``est`` adds to the surrogate ELBO of one particle (or one vectorized pair of traces), summed
+    over the guide sites wrapped in :class:`~pyro_vae.infer.estimators.SiteGradient`; its gradient with respect to
+    the guide's parameters is the estimator's (its value carries no meaning).
+
+    Args:
+        est: an estimator with ``site_gradient`` set.
+        model: the model as the ELBO traced it (its estimator handler and particle plate included).
+        args, kwargs: the model's arguments.
+        model_trace, guide_trace: the particle's traces, log-densities computed.
+        meanfield: ``TraceMeanField_ELBO`` (closed-form KL sites left out of the cost).
+
+    Raises:
+        ConfigError: a Normal-only estimator at a site of another family; ``rloo`` without ``K >= 2``
+            vectorized particles.
+    """
+    analytic = analytic_kl_sites(model_trace, guide_trace) if meanfield else set()
+    total: torch.Tensor | float = 0.0
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or not isinstance(site["fn"], SiteGradient):
+            continue
+        total = total + _site_term(est, name, site, site_cost(model, args, kwargs, guide_trace, name, analytic))
+    return total
+
+
+class _SiteGradientMixin:
+    """Pyro's particle loss plus :func:`site_surrogate`; the model of each particle is kept from
+    ``handle_particle`` to replay it."""
+
+    estimator: Estimator
+    num_particles: int
+    retain_graph: Any
+    _pyro_elbo: type[Trace_ELBO] = Trace_ELBO
+
+    def handle_particle(self, model: Callable, guide: Callable, args: tuple,
+                        kwargs: dict) -> tuple[Callable, Callable]:
+        model, guide = super().handle_particle(model, guide, args, kwargs)  # type: ignore[misc]
+        self._replay = (model, args, kwargs)
+        return model, guide
+
+    def _particles(self, model: Callable, guide: Callable, args: tuple,
+                   kwargs: dict) -> Iterator[tuple[Any, torch.Tensor]]:
+        pyro_loss = particle_loss(self._pyro_elbo)
+        meanfield = issubclass(self._pyro_elbo, TraceMeanField_ELBO)
+        for model_trace, guide_trace in particle_traces(self, model, guide, args, kwargs):  # type: ignore[arg-type]
+            loss, surrogate = pyro_loss(self, model_trace, guide_trace)
+            replay_model, a, k = self._replay
+            extra = site_surrogate(self.estimator, replay_model, a, k, model_trace, guide_trace, meanfield)
+            yield loss, surrogate - extra
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """As Pyro's: the loss's value, the estimator's gradient."""
+        loss: Any = 0.0
+        surrogate: Any = 0.0
+        for loss_p, surrogate_p in self._particles(model, guide, args, kwargs):
+            loss = loss + loss_p / self.num_particles
+            surrogate = surrogate + surrogate_p / self.num_particles
+        return loss + (surrogate - surrogate.detach())
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """As Pyro's: backpropagates the estimator's surrogate, returns the loss (a float)."""
+        loss = 0.0
+        for loss_p, surrogate_p in self._particles(model, guide, args, kwargs):
+            loss += float(loss_p) / self.num_particles
+            if getattr(surrogate_p, "requires_grad", False):
+                (surrogate_p / self.num_particles).backward(retain_graph=self.retain_graph)
+        return loss
+
+
+class SiteGradientTrace_ELBO(_SiteGradientMixin, EstimatorTrace_ELBO):
+    """``Trace_ELBO`` (Monte Carlo KL) with a per-site estimator (:func:`site_surrogate`) on the guide's sites."""
+
+    _pyro_elbo = Trace_ELBO
+
+
+class SiteGradientTraceMeanField_ELBO(_SiteGradientMixin, EstimatorTraceMeanField_ELBO):
+    """``TraceMeanField_ELBO``: the closed-form KL where one is registered, and a per-site estimator
+    (:func:`site_surrogate`) on the rest of the ELBO (the likelihood term)."""
+
+    _pyro_elbo = TraceMeanField_ELBO
