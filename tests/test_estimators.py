@@ -166,8 +166,8 @@ def test_make_elbo_and_its_alias_build_the_same_elbo(estimator, elbo):
 
     a = build(make_elbo, elbo, 3, estimator)
     b = build(make_estimator_elbo, estimator, elbo, 3)
-    if isinstance(a, str):  # a score-function estimator under the mean-field ELBO
-        assert a == b and "drops the score-function term" in a
+    if isinstance(a, str):  # a score-function estimator under the mean-field ELBO, or one of the IWAE bound
+        assert a == b and ("drops the score-function term" in a or "an estimator of the ELBO" in a)
         return
     assert type(a) is type(b)
     settings = [(e.num_particles, e.vectorize_particles, e.max_plate_nesting) for e in (a, b)]

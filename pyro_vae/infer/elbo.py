@@ -1,7 +1,8 @@
 """The ELBO factory and the ELBO of a data set.
 
 :func:`make_elbo` is the one place an objective is built: from its name (``"trace"``: ``Trace_ELBO``;
-``"meanfield"``: ``TraceMeanField_ELBO``), its particles and its gradient estimator (the ELBO classes of
+``"meanfield"``: ``TraceMeanField_ELBO``; ``"iwae"``: the importance-weighted bound of
+:mod:`pyro_vae.infer.iwae`, not an ELBO), its particles and its gradient estimator (the ELBO classes of
 :mod:`pyro_vae.infer.estimators`); :func:`make_estimator_elbo` is the same factory with the estimator first.
 :func:`evaluate_elbo` averages Pyro's ELBO over a data set, in nats per data point.
 """
@@ -26,27 +27,42 @@ from pyro_vae.infer.estimators import (
     NeuralBaseline,
     get_estimator,
 )
+from pyro_vae.infer.iwae import ImportanceWeightedELBO
 from pyro_vae.infer.site_gradients import SiteGradientTrace_ELBO, SiteGradientTraceMeanField_ELBO
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.validation import integer
 
-__all__ = ["ELBOS", "make_elbo", "make_estimator_elbo", "check_elbo", "evaluate_elbo"]
+__all__ = ["ELBOS", "BOUNDS", "make_elbo", "make_estimator_elbo", "check_elbo", "evaluate_elbo", "reporting_elbo"]
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+#: Training objectives that are not the ELBO: ``"iwae"``, the importance-weighted bound (Burda et al. 2016)
+#: with ``num_particles`` importance samples per data point.
+BOUNDS = {"iwae": ImportanceWeightedELBO}
 
 
 def check_elbo(elbo: Any, estimator: str | Estimator = "pathwise") -> Estimator:
-    """The :class:`~pyro_vae.infer.estimators.Estimator` of ``estimator`` when it can go with the ELBO named
-    ``elbo`` (a key of :data:`ELBOS`).
+    """The :class:`~pyro_vae.infer.estimators.Estimator` of ``estimator`` when it can go with the objective
+    named ``elbo`` (a key of :data:`ELBOS` or :data:`BOUNDS`).
 
     Raises:
-        ConfigError: an unknown estimator or ELBO name, or ``"meanfield"`` with a score-function estimator
-            (Pyro's ``TraceMeanField_ELBO`` drops the score-function term of the reconstruction).
+        ConfigError: an unknown estimator or objective name; ``"meanfield"`` with a score-function estimator
+            (Pyro's ``TraceMeanField_ELBO`` drops the score-function term of the reconstruction); an estimator
+            of another objective (``"dreg"`` estimates the IWAE bound's gradient, ``"stl"`` and the score-function
+            estimators the ELBO's).
     """
     est = get_estimator(estimator)
-    if not isinstance(elbo, str) or elbo not in ELBOS:
-        raise ConfigError(message("elbo", " or ".join(f'"{name}"' for name in ELBOS), repr(elbo),
+    if not isinstance(elbo, str) or (elbo not in ELBOS and elbo not in BOUNDS):
+        raise ConfigError(message("elbo", " or ".join(f'"{name}"' for name in (*ELBOS, *BOUNDS)), repr(elbo),
                                   'pass elbo="trace"'))
+    objective = "iwae" if elbo in BOUNDS else "elbo"
+    if objective not in est.objectives:
+        fix = ('pass elbo="iwae" with num_particles=K importance samples, or estimator="stl" for the ELBO'
+               if objective == "elbo" else
+               'pass estimator="dreg" or "pathwise" for the IWAE bound, or elbo="trace" for this estimator')
+        raise ConfigError(message(f'elbo "{elbo}" with estimator "{est.name}"',
+                                  "an estimator of the " + ("IWAE bound" if objective == "iwae" else "ELBO"),
+                                  f'"{est.name}", an estimator of the ' + " and ".join(
+                                      "IWAE bound" if o == "iwae" else "ELBO" for o in est.objectives), fix))
     if elbo == "meanfield" and est.score_function:
         raise ConfigError(message(
             f'elbo with estimator "{est.name}"', '"trace" (Monte Carlo KL)', '"meanfield"',
@@ -57,7 +73,7 @@ def check_elbo(elbo: Any, estimator: str | Estimator = "pathwise") -> Estimator:
 def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
               estimator: str | Estimator = "pathwise", data_shape: Sequence[int] | None = None, *,
               baseline_beta: float = 0.9, nn_baseline: nn.Module | None = None,
-              max_plate_nesting: int = 1) -> ELBO:
+              max_plate_nesting: int = 1, alpha: float = 0.0) -> ELBO:
     """The Pyro ELBO that computes ``estimator``'s gradient of the ELBO on an unchanged model/guide pair.
 
     The pathwise estimator changes no site, so it gets Pyro's own class: ``Trace_ELBO`` (Monte Carlo KL) for
@@ -66,15 +82,22 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
     (Pyro's ``TraceGraph_ELBO``) for the baseline estimators, else ``EstimatorTrace_ELBO`` or
     ``EstimatorTraceMeanField_ELBO``. The particles are vectorized. An ELBO object is returned as is.
 
+    ``"iwae"`` gives :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`: the importance-weighted bound
+    (Burda et al. 2016) with ``num_particles`` = ``K`` importance samples per data point (Renyi's bound of order
+    ``alpha``; ``alpha=0`` is the IWAE bound), for ``"pathwise"`` (the bound's own gradient) or ``"dreg"``
+    (Tucker et al. 2019).
+
     Args:
-        elbo: ``"trace"``, ``"meanfield"`` or a ``pyro.infer.ELBO`` object (pathwise estimator only).
-        num_particles: particles per estimate, an integer >= 1.
+        elbo: ``"trace"``, ``"meanfield"``, ``"iwae"`` or a ``pyro.infer.ELBO`` object (pathwise estimator
+            only).
+        num_particles: particles per estimate, an integer >= 1 (``"iwae"``: the importance samples ``K``).
         estimator: a name of :data:`~pyro_vae.infer.estimators.ESTIMATORS` or an ``Estimator``.
         data_shape: shape of one data point; sizes the neural baseline of ``"score-function-neural-baseline"``.
         baseline_beta: decay of the average baseline of ``"score-function-baseline"``.
         nn_baseline: your own baseline module for ``"score-function-neural-baseline"`` (default: a
             :class:`~pyro_vae.infer.estimators.NeuralBaseline` for ``data_shape``).
         max_plate_nesting: plates in the model (1 for a :class:`pyro_vae.VAE`).
+        alpha: ``"iwae"`` only: the order of Renyi's bound, ``0 <= alpha < 1``.
 
     Raises:
         ConfigError: as :func:`check_elbo`; ``num_particles`` not an integer >= 1; an ELBO object with an
@@ -87,6 +110,11 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
         return elbo
     num_particles = integer("num_particles", num_particles, 1)
     est = check_elbo(elbo, estimator)
+    if elbo in BOUNDS:
+        return BOUNDS[elbo](num_particles, alpha=alpha, estimator=est, max_plate_nesting=max_plate_nesting)
+    if alpha != 0.0:
+        raise ConfigError(message("alpha", '0 unless elbo="iwae" (the order of its bound)', repr(alpha),
+                                  'drop alpha, or pass elbo="iwae"'))
     kwargs: dict[str, Any] = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
                                   max_plate_nesting=max_plate_nesting)
     if est == ESTIMATORS["pathwise"]:
@@ -122,11 +150,21 @@ def _site_gradient_elbo(elbo: str, est: Estimator, kwargs: dict[str, Any]) -> EL
 def make_estimator_elbo(estimator: str | Estimator = "pathwise", elbo: str | ELBO = "trace",
                         num_particles: int = 1, *, data_shape: Sequence[int] | None = None,
                         baseline_beta: float = 0.9, nn_baseline: nn.Module | None = None,
-                        max_plate_nesting: int = 1) -> ELBO:
+                        max_plate_nesting: int = 1, alpha: float = 0.0) -> ELBO:
     """An alias of :func:`make_elbo` with the estimator as first argument: ``make_estimator_elbo(estimator,
     elbo, num_particles, ...)`` is ``make_elbo(elbo, num_particles, estimator, ...)``, same ELBO, same errors."""
     return make_elbo(elbo, num_particles, estimator, data_shape, baseline_beta=baseline_beta,
-                     nn_baseline=nn_baseline, max_plate_nesting=max_plate_nesting)
+                     nn_baseline=nn_baseline, max_plate_nesting=max_plate_nesting, alpha=alpha)
+
+
+def reporting_elbo(loss_fn: ELBO) -> ELBO:
+    """The ELBO that reports the ELBO proper for a training objective ``loss_fn``: ``loss_fn`` itself when it
+    is an ELBO, a one-particle ``Trace_ELBO`` for the importance-weighted bound
+    (:class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`, whose value is not the ELBO)."""
+    if isinstance(loss_fn, ImportanceWeightedELBO):
+        return Trace_ELBO(max_plate_nesting=max(int(loss_fn.max_plate_nesting) - 1, 1)
+                          if loss_fn.max_plate_nesting != float("inf") else float("inf"))
+    return loss_fn
 
 
 def evaluate_elbo(vae: VAE, data: Any, *, elbo: str | ELBO = "trace", num_particles: int = 1,
@@ -135,7 +173,14 @@ def evaluate_elbo(vae: VAE, data: Any, *, elbo: str | ELBO = "trace", num_partic
     without gradients, in batches of ``batch_size`` (an integer >= 1; :class:`ConfigError` otherwise).
 
     The ELBO proper, ``E_q[log p(x|z)] - KL(q(z|x) || p(z))``, whatever the VAE's KL weight ``beta`` (the
-    beta-weighted training objective is ``History``'s ``train_objective``)."""
+    beta-weighted training objective is ``History``'s ``train_objective``).
+
+    ``elbo="iwae"`` (or an :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`) is refused: the importance-weighted
+    bound is not the ELBO; :func:`pyro_vae.log_likelihood` estimates it, with its standard error."""
+    if (isinstance(elbo, str) and elbo in BOUNDS) or isinstance(elbo, ImportanceWeightedELBO):
+        raise ConfigError(message("elbo", '"trace", "meanfield" or an ELBO object (this function reports the '
+                                  "ELBO)", f"{elbo!r}, the importance-weighted bound",
+                                  'pass elbo="trace", or use pyro_vae.log_likelihood(vae, data, K) for the bound'))
     x = vae.as_data(as_tensor_data(data, "data"), "data", data_set=True)
     batch_size = integer("batch_size", batch_size, 1)
     loss_fn = make_elbo(elbo, num_particles)

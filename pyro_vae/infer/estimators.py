@@ -8,6 +8,10 @@ samples from, through an effect handler, and lets Pyro's ``Trace_ELBO`` / ``Trac
 - ``score-function``: REINFORCE (Williams 1992), by wrapping the guide site in :class:`ScoreFunction`;
 - ``score-function-baseline``: REINFORCE with Pyro's decaying-average baseline under ``TraceGraph_ELBO``;
 - ``score-function-neural-baseline``: REINFORCE with an input-dependent learned baseline (Mnih & Gregor 2014);
+- ``stl``: sticking the landing (Roeder et al. 2017), the pathwise gradient without the score term of ``log q``,
+  by wrapping the guide site in :class:`~pyro_vae.infer.path_gradient.PathGradient` (the ELBO);
+- ``dreg``: the doubly reparameterized gradient of the IWAE bound (Tucker et al. 2019), the same wrapper read by
+  :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO` (``make_elbo("iwae", K, "dreg")``);
 - for categorical latents: ``relaxed`` (Gumbel-softmax / Concrete; Jang et al. 2017, Maddison et al. 2017),
   ``straight-through`` (Bengio et al. 2013; Jang et al. 2017), and the ``score-function`` variants on the
   exact ``OneHotCategorical`` in both model and guide.
@@ -34,6 +38,7 @@ from pyro.distributions.kl import kl_divergence, register_kl
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.distributions import constraints
@@ -42,6 +47,7 @@ from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 from pyro_vae.distributions.relaxed import ExpOneHotCategorical, straight_through_override
 from pyro_vae.encoders import RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, message
+from pyro_vae.infer.path_gradient import PathGradient, check_independent_parameters
 from pyro_vae.networks import MLP
 from pyro_vae.pyro_internals import ParticleHandlerMixin
 
@@ -175,6 +181,10 @@ class Estimator:
             :class:`SiteGradient` and its ELBO adds the estimator's surrogate term.
         cv_samples: independent draws per estimate that the mean baseline or the optimal coefficient is
             estimated from (``site_gradient`` ``"mean-baseline"`` and ``"optimal-cv"``).
+        path_derivative: evaluate the guide's ``log q`` with detached parameters at the reparameterized sample
+            (:class:`~pyro_vae.infer.path_gradient.PathGradient`): ``"stl"`` and ``"dreg"``.
+        objectives: the objectives whose gradient it estimates: ``"elbo"`` and/or ``"iwae"`` (the
+            importance-weighted bound of :mod:`pyro_vae.infer.iwae`).
     """
 
     name: str
@@ -183,21 +193,30 @@ class Estimator:
     categorical: str | None = None
     gaussian: bool = True
     description: str = ""
+    path_derivative: bool = False
+    objectives: tuple[str, ...] = ("elbo",)
     site_gradient: str | None = None
     cv_samples: int = 0
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
-    Estimator("pathwise", description="reparameterization gradient (relaxed sample for categorical latents)"),
+    Estimator("pathwise", description="reparameterization gradient (relaxed sample for categorical latents)",
+              objectives=("elbo", "iwae")),
     Estimator("score-function", True, None, "exact", description="REINFORCE, Monte Carlo cost, no baseline"),
     Estimator("score-function-baseline", True, "decaying", "exact",
               description="REINFORCE under TraceGraph_ELBO with a decaying-average baseline"),
     Estimator("score-function-neural-baseline", True, "neural", "exact",
               description="REINFORCE under TraceGraph_ELBO with a learned input-dependent baseline"),
     Estimator("relaxed", categorical="relaxed", gaussian=False,
-              description="Gumbel-softmax / Concrete relaxation, pathwise (categorical latents)"),
+              description="Gumbel-softmax / Concrete relaxation, pathwise (categorical latents)",
+              objectives=("elbo", "iwae")),
     Estimator("straight-through", categorical="straight-through", gaussian=False,
-              description="hard one-hot forward, relaxed gradient backward (categorical latents)"),
+              description="hard one-hot forward, relaxed gradient backward (categorical latents)",
+              objectives=("elbo", "iwae")),
+    Estimator("stl", path_derivative=True,
+              description="sticking the landing: pathwise without the score term of log q (Roeder et al. 2017)"),
+    Estimator("dreg", path_derivative=True, objectives=("iwae",),
+              description="doubly reparameterized IWAE gradient (Tucker et al. 2019); needs elbo=\"iwae\""),
 )}
 
 #: Per-site estimators (:mod:`pyro_vae.infer.site_gradients`): score function with control variates,
@@ -316,6 +335,7 @@ class EstimatorMessenger(Messenger):
         self.baseline_beta = float(baseline_beta)
         self.nn_baseline = nn_baseline
         self.nn_baseline_input = nn_baseline_input
+        self._latent_values: dict[str, torch.Tensor] = {}  # this run's latent values (path-derivative checks)
 
     def straight_through_at(self, site: str) -> bool | None:
         """At the log-space categorical latent ``site`` of the model (``role="model"``): ``True`` for the
@@ -356,9 +376,23 @@ class EstimatorMessenger(Messenger):
                                               "none", "use make_estimator_elbo(..., data_shape=...)"))
                 msg["infer"]["baseline"] = {"nn_baseline": self.nn_baseline,
                                             "nn_baseline_input": self.nn_baseline_input}
+        if self.role == "guide" and est.path_derivative:
+            fn = self._path_gradient(fn, msg["name"])
         msg["fn"] = fn
 
+    def _path_gradient(self, fn: Any, site: str) -> PathGradient:
+        """``fn`` wrapped for ``"stl"``/``"dreg"``; under Pyro's validation, refused when its parameters
+        depend on an earlier latent site of this run (:func:`~pyro_vae.infer.path_gradient.
+        check_independent_parameters`)."""
+        if isinstance(fn, PathGradient):
+            return fn
+        if is_validation_enabled():
+            check_independent_parameters(fn, site, self._latent_values)
+        return PathGradient(fn, site)
+
     def _pyro_post_sample(self, msg: dict) -> None:
+        if self.role == "guide" and self.estimator.path_derivative and self._applies(msg):
+            self._latent_values[msg["name"]] = msg["value"]
         # Pyro keeps one decaying average per data position; when the batch size changes (the last
         # minibatch), restart it from its mean so shapes agree.
         if self.role != "guide" or self.estimator.baseline != "decaying" or not self._applies(msg):

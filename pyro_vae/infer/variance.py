@@ -9,9 +9,12 @@ estimator of :mod:`pyro_vae.estimators`. Two implementations compute the same es
   model/guide pair, with the guide's noise passed in as the vmapped input (random draws cannot happen
   inside ``vmap`` over a Pyro trace). The per-sample surrogate loss is the one of the Pyro ELBO the loop
   calls: ``Trace_ELBO`` (``score_parts`` of every site, ``log_r`` summed to each site's plates),
-  ``TraceMeanField_ELBO`` (the registered KL where there is one, Monte Carlo elsewhere) or, for the
-  baseline estimators, ``TraceGraph_ELBO`` (each score-function site weighted by the cost terms that
-  depend on it, minus the baseline).
+  ``TraceMeanField_ELBO`` (the registered KL where there is one, Monte Carlo elsewhere), for the
+  baseline estimators ``TraceGraph_ELBO`` (each score-function site weighted by the cost terms that
+  depend on it, minus the baseline) or, with ``elbo="iwae"``, the importance-weighted bound's
+  (:func:`pyro_vae.infer.iwae.importance_weighted_terms`: ``num_particles`` importance samples, the bound's own
+  gradient or the doubly reparameterized one of ``"dreg"``). ``"stl"`` changes the guide's distribution
+  (:class:`~pyro_vae.infer.path_gradient.PathGradient`), which both paths read from ``score_parts``.
 
 The gradient covers every parameter the model and guide traces touch, as ``SVI`` optimizes them: the
 trainable parameters of the VAE's modules (encoder, decoder, prior, likelihood) and every ``pyro.param``
@@ -69,7 +72,9 @@ from pyro_vae.infer.estimators import (
     get_estimator,
     unwrap_independent,
 )
+from pyro_vae.infer.iwae import importance_weighted_terms, iwae_traces
 from pyro_vae.infer.kl_report import kl_report
+from pyro_vae.infer.path_gradient import PathGradient
 from pyro_vae.infer.site_gradients import site_surrogate
 from pyro_vae.models.linear_gaussian import exact_elbo
 from pyro_vae.pyro_internals import param_constraints, trace_log_r, unconstrained_params
@@ -158,7 +163,7 @@ def _categorical_kind(base: Any) -> bool:
 
 
 def _noise_kind(fn: dist.Distribution, site: str) -> str:
-    base = fn.base if isinstance(fn, ScoreFunction) else fn
+    base = fn.base if isinstance(fn, (ScoreFunction, PathGradient)) else fn
     base, _ = unwrap_independent(base)
     if isinstance(base, (torch.distributions.Normal,)):
         return "normal"
@@ -179,7 +184,7 @@ def _draw(fn: dist.Distribution, eps: torch.Tensor, site: str) -> torch.Tensor:
     the distribution's own representation (a distribution with ``from_gumbel`` says itself what a Gumbel
     draw gives)."""
     detach = isinstance(fn, ScoreFunction) or not fn.has_rsample
-    base = fn.base if isinstance(fn, ScoreFunction) else fn
+    base = fn.base if isinstance(fn, (ScoreFunction, PathGradient)) else fn
     base, _ = unwrap_independent(base)
     if hasattr(base, "from_gumbel"):
         value = base.from_gumbel(eps)
@@ -207,8 +212,9 @@ def _standard_noise(kind: str, shape: tuple, device: torch.device, dtype: torch.
     return -torch.log((-torch.log(u)).clamp_min(torch.finfo(dtype).tiny))
 
 
-def _particles(fn: Callable, num_particles: int) -> Callable:
-    if num_particles == 1:
+def _particles(fn: Callable, num_particles: int, always: bool = False) -> Callable:
+    """``fn`` in the vectorized particle plate (also for one particle with ``always``: the IWAE bound)."""
+    if num_particles == 1 and not always:
         return fn
     return pyro.plate("num_particles_vectorized", num_particles, dim=-2)(fn)
 
@@ -259,8 +265,9 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         tracker = TrackNonReparam() if est.baseline is not None else contextlib.nullcontext()
         with poutine.trace(param_only=True) as params, tracker:
-            guide_tr = poutine.trace(_particles(guide, num_particles)).get_trace(x, **kwargs)
-            model_tr = poutine.trace(poutine.replay(_particles(model, num_particles), trace=guide_tr)).get_trace(
+            iw = elbo == "iwae"
+            guide_tr = poutine.trace(_particles(guide, num_particles, iw)).get_trace(x, **kwargs)
+            model_tr = poutine.trace(poutine.replay(_particles(model, num_particles, iw), trace=guide_tr)).get_trace(
                 x, **kwargs)
             model_tr, guide_tr = prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
             costs: dict[str, tuple[list[str], list[str]]] = {}
@@ -350,11 +357,21 @@ class _Surrogate(nn.Module):
     def traces(self, noise: dict[str, torch.Tensor], x: torch.Tensor):
         guide = EstimatorMessenger(self.est, "guide")(self.vae.guide)
         model = EstimatorMessenger(self.est, "model")(self.vae.model)
-        guide = _NoiseMessenger(noise)(_particles(guide, self.num_particles))
-        model = _particles(model, self.num_particles)
+        guide = _NoiseMessenger(noise)(_particles(guide, self.num_particles, self.elbo == "iwae"))
+        model = _particles(model, self.num_particles, self.elbo == "iwae")
         guide_tr = poutine.trace(guide).get_trace(x, **self.kwargs)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, **self.kwargs)
         return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
+
+    def _iwae_loss(self, noise: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The negative surrogate of the importance-weighted bound (the particle plate left of the data plate)."""
+        guide = EstimatorMessenger(self.est, "guide")(self.vae.guide)
+        model = EstimatorMessenger(self.est, "model")(self.vae.model)
+        guide = _NoiseMessenger(noise)(_particles(guide, self.num_particles, True))
+        model = _particles(model, self.num_particles, True)
+        model_tr, guide_tr, stopped = iwae_traces(model, guide, (x,), self.kwargs,
+                                                  detached_model=self.est.path_derivative)
+        return -importance_weighted_terms(model_tr, guide_tr, -2, 0.0, stopped)[1]
 
     def _cost(self, name: str, model_tr, guide_tr, log_r: MultiFrameTensor | None):
         site = guide_tr.nodes[name]
@@ -377,6 +394,11 @@ class _Surrogate(nn.Module):
         answer = _FunctionalParams(self.vae, self.plan, params or {})
         # The param store is set aside while the parts run on functional tensors: the registration checks of
         # pyro.module and PyroModule compare the store's tensors with the module's and would see a mismatch.
+        if self.elbo == "iwae":
+            with pyro.get_param_store().scope(), answer, pyro.validation_enabled(False):
+                loss = self._iwae_loss(noise, x)
+            self.answered |= answer.answered
+            return loss
         with pyro.get_param_store().scope(), answer, pyro.validation_enabled(False):
             model_tr, guide_tr = self.traces(noise, x)
             model_tr.compute_log_prob()
@@ -602,19 +624,23 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator
                      elbo: str = "trace", groups: bool = False, nn_baseline: nn.Module | None = None,
                      baseline_warmup: int = 100, chunk_size: int | None = None,
                      seed: int | None = None, **model_kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Independent estimates of the gradient of the loss ``-ELBO(x)`` (nats, summed over the batch) at the
-    current parameters, with respect to every parameter the model and guide traces touch.
+    """Independent estimates of the gradient of the loss ``-ELBO(x)`` (the negative IWAE bound for
+    ``elbo="iwae"``; nats, summed over the batch) at the current parameters, with respect to every parameter the
+    model and guide traces touch.
 
     Args:
         vae: a :class:`pyro_vae.VAE` (any module with ``model``/``guide`` taking ``x`` works).
         x: the batch ``(batch, *data_shape)``; each estimate is the gradient of the loss of the whole batch.
         estimator: a name of :data:`pyro_vae.estimators.ESTIMATORS`.
         num_samples: number of independent estimates.
-        num_particles: particles averaged inside each estimate (vectorized).
+        num_particles: particles averaged inside each estimate (vectorized); the importance samples ``K`` of
+            ``elbo="iwae"``.
         method: ``"vectorized"`` (``torch.func.vmap``) or ``"loop"`` (Pyro's ``loss_and_grads``).
-        elbo: ``"trace"`` (``Trace_ELBO``, Monte Carlo KL) or ``"meanfield"`` (``TraceMeanField_ELBO``:
+        elbo: ``"trace"`` (``Trace_ELBO``, Monte Carlo KL), ``"meanfield"`` (``TraceMeanField_ELBO``:
             analytic KL where one is registered, the Monte Carlo estimate elsewhere, with a warning naming
-            those sites; pathwise-type estimators only).
+            those sites; pathwise-type estimators only) or ``"iwae"`` (the loss is then the negative
+            importance-weighted bound, :class:`pyro_vae.infer.iwae.ImportanceWeightedELBO`; estimators
+            ``"pathwise"`` and ``"dreg"``).
         groups: return ``{"encoder": (num_samples, D_enc), "decoder": ..., ...}`` instead of one tensor.
         nn_baseline: baseline module for ``score-function-neural-baseline`` (default: a fresh one).
         baseline_warmup: ``TraceGraph_ELBO`` calls that warm up the decaying-average baseline before it is

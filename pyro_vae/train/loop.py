@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae.data import as_tensor_data, check_binarizable
 from pyro_vae.errors import ConfigError, message
-from pyro_vae.infer.elbo import evaluate_elbo, make_elbo
+from pyro_vae.infer.elbo import BOUNDS, evaluate_elbo, make_elbo, reporting_elbo
 from pyro_vae.infer.estimators import check_estimator
 from pyro_vae.infer.kl_report import kl_report
 from pyro_vae.infer.losses import elbo_loss
@@ -87,10 +87,15 @@ def fit(
         vae: the model/guide pair to train (moved to ``device``).
         train_data: ``(N, *data_shape)`` tensor or :class:`pyro_vae.data.Dataset`, of any real dtype
             (floating point, integer or bool: cast to the dtype of the VAE's parameters, values unchanged).
-        elbo: ``"trace"``, ``"meanfield"`` or any ``pyro.infer.ELBO``.
-        num_particles: Monte Carlo particles per step (vectorized).
+        elbo: ``"trace"``, ``"meanfield"``, ``"iwae"`` (the importance-weighted bound of Burda et al. 2016 with
+            ``num_particles`` importance samples per data point, :mod:`pyro_vae.infer.iwae`) or any
+            ``pyro.infer.ELBO``. Under ``"iwae"`` the History's ``train_objective`` is the bound and
+            ``train_elbo`` / ``val_elbo`` stay the ELBO (a second, one-particle ``Trace_ELBO`` evaluation of each
+            minibatch, without gradients).
+        num_particles: Monte Carlo particles per step (vectorized); ``K`` for ``"iwae"``.
         estimator: gradient estimator, a name of :data:`pyro_vae.infer.estimators.ESTIMATORS` (``"pathwise"``,
-            ``"score-function"``, ``"score-function-baseline"``, ``"straight-through"``, ...).
+            ``"score-function"``, ``"score-function-baseline"``, ``"straight-through"``, ``"stl"`` for the
+            ELBO, ``"dreg"`` for ``"iwae"``, ...).
         epochs, batch_size, lr: the usual (``batch_size`` over all processes together).
         val_data: optional validation data; its ELBO is recorded every epoch.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
@@ -243,7 +248,8 @@ def _fit_config(vae: VAE, callbacks: Sequence[Any], *, elbo: Any, num_particles:
                                   "global batch", repr(batch_size), f"pass batch_size >= {ctx.world_size}"))
     dev = resolve_device(device)
     if cuda_graph:
-        check_cuda_graph(vae, dev, ctx, estimator, elbo, callbacks)
+        check_cuda_graph(vae, dev, ctx, estimator, BOUNDS[elbo]() if isinstance(elbo, str) and elbo in BOUNDS
+                         else elbo, callbacks)
     return FitConfig(epochs, batch_size, lr, clip_norm, checkpoint_every, num_particles, dynamic_binarize, progress,
                      cuda_graph, overwrite, elbo, estimator, seed, dev, ctx, checkpoint_dir, resume_from)
 
@@ -256,6 +262,7 @@ class _Training:
     x: torch.Tensor  # (num_data, *data_shape), on the device
     xv: torch.Tensor | None  # validation data, where it was given
     loss_fn: ELBO
+    elbo_fn: ELBO  # the ELBO reported (loss_fn itself unless the objective is another bound)
     extra: list[torch.nn.Module]  # the ELBO's own modules (a neural baseline)
     user_params: dict[str, torch.Tensor]  # pyro.param sites of the user's parts, by name
     optimizer: torch.optim.Optimizer
@@ -291,8 +298,8 @@ def _prepare(vae: VAE, train_data: Any, val_data: Any, cfg: FitConfig) -> _Train
     optimizer = torch.optim.Adam([*own, *user_params.values()], lr=cfg.lr, capturable=bool(cfg.cuda_graph))
     params_in_store = len(pyro.get_param_store())
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    return _Training(vae, x, xv, loss_fn, extra, user_params, optimizer, params, params_in_store,
-                     math.ceil(n / cfg.batch_size))
+    return _Training(vae, x, xv, loss_fn, reporting_elbo(loss_fn), extra, user_params, optimizer, params,
+                     params_in_store, math.ceil(n / cfg.batch_size))
 
 
 def _checked_data(vae: VAE, train_data: Any, val_data: Any, cfg: FitConfig) -> tuple[torch.Tensor,
@@ -394,7 +401,7 @@ def _run_epoch(loop: _Loop, epoch: int, start: ResumePoint) -> list[float]:
         guard.note_loss(loss)
         state.step += 1
         state.loss = loss
-        elbo_loss = _unit_beta_loss(run.loss_fn, run.vae, xb, n, loss) if xb is not None else loss
+        elbo_loss = _unit_beta_loss(run.loss_fn, run.vae, xb, n, loss, run.elbo_fn) if xb is not None else loss
         total += torch.stack([loss.detach(), elbo_loss.detach()]).to(total.dtype) * (idx.numel() / n)
         _call(loop.callbacks, "on_step", state)
         last = i == run.steps_per_epoch - 1
@@ -449,7 +456,7 @@ def _epoch_record(loop: _Loop, epoch: int, totals: Sequence[float], started: flo
                               "train_objective": -objective / n, "beta": _beta(vae), "val_elbo": None}
     if run.xv is not None:
         vae.eval()
-        record["val_elbo"] = _val_elbo(vae, run.xv, run.loss_fn, max(loop.cfg.batch_size, 512), loop.cfg.ctx)
+        record["val_elbo"] = _val_elbo(vae, run.xv, run.elbo_fn, max(loop.cfg.batch_size, 512), loop.cfg.ctx)
         vae.train()
     check_finite_record(record, loop.guard)
     record["seconds"] = time.perf_counter() - started
@@ -469,12 +476,16 @@ def _beta(vae: Any) -> float:
     return float(getattr(vae, "beta", 1.0))
 
 
-def _unit_beta_loss(loss_fn: ELBO, vae: Any, xb: torch.Tensor, num_data: int, loss: torch.Tensor) -> torch.Tensor:
+def _unit_beta_loss(loss_fn: ELBO, vae: Any, xb: torch.Tensor, num_data: int, loss: torch.Tensor,
+                    elbo_fn: ELBO | None = None) -> torch.Tensor:
     """The step's negative ELBO (KL weight 1) on ``xb``: ``loss`` itself when the objective is the ELBO, else
-    one more evaluation of Pyro's ELBO with every KL weight set to 1 (no gradients, no host synchronization
-    for ``Trace_ELBO`` / ``TraceMeanField_ELBO``)."""
-    if _beta(vae) == 1.0:
+    one more evaluation of Pyro's ELBO (``elbo_fn``, default ``loss_fn``) with every KL weight set to 1 (no
+    gradients, no host synchronization for ``Trace_ELBO`` / ``TraceMeanField_ELBO``)."""
+    if elbo_fn is None:
+        elbo_fn = loss_fn
+    if _beta(vae) == 1.0 and elbo_fn is loss_fn:
         return loss
+    loss_fn = elbo_fn
     with torch.no_grad(), unit_kl_weight(vae), pyro.validation_enabled(False):
         out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=num_data)
         if out is None:
