@@ -17,7 +17,17 @@ Models: ``linear-gaussian`` (20-dim data, 5 latents, exact gradients), ``digits-
 latents), ``mnist-mlp`` (784-400-20, statically binarized MNIST; when the data is found), ``categorical``
 (digits, 8 relaxed one-hot variables of 10 classes; estimators relaxed, straight-through and score function on
 the exact one-hot categorical). Gaussian estimators: pathwise (Monte Carlo KL and analytic KL), score function,
-score function with the decaying-average baseline of ``TraceGraph_ELBO``.
+score function with the decaying-average baseline of ``TraceGraph_ELBO``; and the per-site estimators of
+:mod:`pyro_vae.infer.site_gradients`: score function with the mean of independent draws as baseline, with the
+optimal constant coefficient per parameter, with the delta-method control variate; leave-one-out (``rloo``, run with
+at least 2 particles: a cell of 1 particle is run with 2); the coupled measure-valued derivative (with Monte Carlo and
+analytic KL).
+
+Cost, so that variance x cost ranks the estimators fairly: ``model_evaluations`` per estimate (all particles; the
+draw's own, plus the control variate's independent draws, the delta method's forward and backward passes, or the
+measure-valued derivative's 4 per latent coordinate), ``variance_x_evaluations`` (``mean_variance`` times it: the
+variance at equal model evaluations, up to a constant) and ``variance_x_seconds`` (``mean_variance`` times the
+vectorized seconds per estimate: the variance at equal wall time).
 
     python benchmarks/gradient_variance.py --device auto                       # full run
     python benchmarks/gradient_variance.py --quick --out /tmp/gv               # CPU smoke run, under a minute
@@ -41,6 +51,8 @@ import pyro
 import torch
 
 import pyro_vae
+from pyro_vae.infer.estimators import get_estimator
+from pyro_vae.infer.site_gradients import evaluations
 from pyro_vae.infer.variance import exact_gradient, gradient_statistics
 from pyro_vae.models.linear_gaussian import linear_gaussian_vae
 from pyro_vae.validation import resolve_device
@@ -48,7 +60,13 @@ from pyro_vae.validation import resolve_device
 # (label, estimator name, elbo)
 GAUSSIAN = [("pathwise", "pathwise", "trace"), ("pathwise-analytic-kl", "pathwise", "meanfield"),
             ("score-function", "score-function", "trace"),
-            ("score-function-baseline", "score-function-baseline", "trace")]
+            ("score-function-baseline", "score-function-baseline", "trace"),
+            ("score-function-mean-baseline", "score-function-mean-baseline", "trace"),
+            ("score-function-optimal-cv", "score-function-optimal-cv", "trace"),
+            ("score-function-delta-cv", "score-function-delta-cv", "trace"),
+            ("rloo", "rloo", "trace"),
+            ("measure-valued", "measure-valued", "trace"),
+            ("measure-valued-analytic-kl", "measure-valued", "meanfield")]
 CATEGORICAL = [("relaxed", "relaxed", "trace"), ("straight-through", "straight-through", "trace"),
                ("score-function", "score-function", "trace"),
                ("score-function-baseline", "score-function-baseline", "trace")]
@@ -116,9 +134,21 @@ def run_cell(spec: dict[str, Any], name: str, elbo: str, num_particles: int, n: 
                                exact=exact, seed=seed, baseline_warmup=warmup)
 
 
+def min_particles(name: str, num_particles: int) -> int:
+    """The leave-one-out estimator needs 2 draws: its cells of 1 particle run with 2."""
+    return max(num_particles, 2) if name == "rloo" else num_particles
+
+
+def model_evaluations(spec: dict[str, Any], name: str, num_particles: int) -> int:
+    """Model evaluations per estimate of ``num_particles`` particles (see the module's docstring)."""
+    est = get_estimator(name)
+    per = evaluations(est, int(spec["vae"].z_dim)) if est.site_gradient is not None else 1
+    return per * num_particles
+
+
 def time_loop(spec: dict[str, Any], name: str, elbo: str, n: int, seed: int) -> float:
-    stats = gradient_statistics(spec["vae"], spec["x"], name, n, method="loop", elbo=elbo, seed=seed,
-                                baseline_warmup=5)
+    stats = gradient_statistics(spec["vae"], spec["x"], name, n, num_particles=min_particles(name, 1), method="loop",
+                                elbo=elbo, seed=seed, baseline_warmup=5)
     return stats["all"]["seconds"] / n * 1000
 
 
@@ -131,7 +161,7 @@ def device_name(device: torch.device) -> str:
 def table(records: list[dict[str, Any]]) -> str:
     rows = [r for r in records if r["group"] in ("encoder", "decoder")]
     head = (f"{'model':16} {'ckpt':9} {'estimator':24} {'P':>4} {'group':8} {'mean var':>10} {'SNR':>7} "
-            f"{'rel bias':>8} {'s/1000':>8} {'loop s/1000':>11} {'speed-up':>8}")
+            f"{'rel bias':>8} {'evals':>5} {'var x evals':>11} {'s/1000':>8} {'loop s/1000':>11} {'speed-up':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         rb = "" if r["relative_bias"] is None else f"{r['relative_bias']:.3f}"
@@ -139,6 +169,7 @@ def table(records: list[dict[str, Any]]) -> str:
         sp = "" if r["speedup"] is None else f"{r['speedup']:.1f}x"
         lines.append(f"{r['model']:16} {r['checkpoint']:9} {r['estimator']:24} {r['num_particles']:>4} "
                      f"{r['group']:8} {r['mean_variance']:>10.3g} {r['snr']:>7.3f} {rb:>8} "
+                     f"{r.get('model_evaluations', 1):>5} {r.get('variance_x_evaluations', r['mean_variance']):>11.3g} "
                      f"{r['seconds_per_1000_samples']:>8.2f} {loop:>11} {sp:>8}")
     return "\n".join(lines)
 
@@ -277,18 +308,20 @@ def main(argv: Any = None) -> dict[str, Any]:
             exact = exact_gradient(spec["vae"], spec["x"]).detach() if spec["exact"] else None
             for label, name, elbo in spec["estimators"]:
                 if not args.quick:
-                    run_cell(spec, name, elbo, 1, 8, None, args.seed, 1)  # warm-up, untimed
+                    run_cell(spec, name, elbo, min_particles(name, 1), 8, None, args.seed, 1)  # warm-up, untimed
                 loop_ms = None
-                for num_particles in args.particles:
+                for requested in args.particles:
+                    num_particles = min_particles(name, requested)
                     n = samples_for(num_particles, args, model, cuda)
                     stats = run_cell(spec, name, elbo, num_particles, n, exact, args.seed + num_particles,
                                      args.baseline_warmup)
                     vec = stats["all"]["seconds"] / n * 1000
-                    if num_particles == 1:
+                    if requested == 1:
                         long = (model == "mnist-mlp" and checkpoint == "trained" and elbo == "trace"
                                 and name in ("pathwise", "score-function"))
                         loop_n = args.mnist_loop_samples if long else args.loop_samples
                         loop_ms = time_loop(spec, name, elbo, loop_n, args.seed)
+                    evals = model_evaluations(spec, name, num_particles)
                     for group, st in stats.items():
                         records.append({
                             "model": model, "checkpoint": checkpoint, "estimator": label, "estimator_name": name,
@@ -297,11 +330,13 @@ def main(argv: Any = None) -> dict[str, Any]:
                             "mean_variance": st["mean_variance"], "total_variance": st["total_variance"],
                             "snr": st["snr"], "mean_norm": st["mean_norm"], "bias": st["bias"],
                             "relative_bias": st["relative_bias"], "max_bias_z": st["max_bias_z"],
-                            "seconds_per_1000_samples": vec,
-                            "vectorized_seconds_per_1000": vec if num_particles == 1 else None,
-                            "loop_seconds_per_1000": loop_ms if num_particles == 1 else None,
-                            "loop_samples_timed": loop_n if num_particles == 1 else None,
-                            "speedup": loop_ms / vec if num_particles == 1 and vec > 0 else None,
+                            "seconds_per_1000_samples": vec, "model_evaluations": evals,
+                            "variance_x_evaluations": st["mean_variance"] * evals,
+                            "variance_x_seconds": st["mean_variance"] * vec / 1000,
+                            "vectorized_seconds_per_1000": vec if requested == 1 else None,
+                            "loop_seconds_per_1000": loop_ms if requested == 1 else None,
+                            "loop_samples_timed": loop_n if requested == 1 else None,
+                            "speedup": loop_ms / vec if requested == 1 and vec > 0 else None,
                             "train_epochs": spec["epochs"] if checkpoint == "trained" else 0,
                             "train_seconds": train_seconds, **meta})
             print(f"[{time.perf_counter() - started:6.1f} s] {model} {checkpoint} done", flush=True)

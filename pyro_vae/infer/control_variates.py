@@ -100,7 +100,7 @@ def delta_method(cost: Cost, value: torch.Tensor, loc: torch.Tensor, scale: torc
     The expansion point is held fixed (``mu`` detached): the control variate is then a fixed quadratic whose
     expectation's gradient is ``(g, diag(H) sigma)``, so the estimate is unbiased.
     """
-    mu = loc.detach().expand(value.shape)
+    mu = loc.detach().expand(value.shape).clone()  # forward-mode AD needs its own memory, not a broadcast view
     sigma = scale.detach().expand(value.shape)
 
     def total(z: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ def delta_method(cost: Cost, value: torch.Tensor, loc: torch.Tensor, scale: torc
     for j in range(d):
         e = torch.zeros(d, dtype=mu.dtype, device=mu.device)
         e[j] = 1.0
-        direction = e.reshape(event).expand(value.shape)
+        direction = e.reshape(event).expand(value.shape).clone()
         h_cols.append(jvp(g_fn, (mu,), (direction,))[1].reshape(*batch, d))
     hess = torch.stack(h_cols, -1)  # (*batch, D, D): column j is H e_j
     dz = (value - mu).reshape(*batch, d)

@@ -8,6 +8,10 @@ samples from, through an effect handler, and lets Pyro's ``Trace_ELBO`` / ``Trac
 - ``score-function``: REINFORCE (Williams 1992), by wrapping the guide site in :class:`ScoreFunction`;
 - ``score-function-baseline``: REINFORCE with Pyro's decaying-average baseline under ``TraceGraph_ELBO``;
 - ``score-function-neural-baseline``: REINFORCE with an input-dependent learned baseline (Mnih & Gregor 2014);
+- per-site estimators, whose guide sites are wrapped in :class:`SiteGradient` and whose ELBO adds the term of
+  :mod:`pyro_vae.infer.site_gradients`: ``score-function-mean-baseline``, ``score-function-optimal-cv``,
+  ``score-function-delta-cv`` (control variates; Mohamed et al. 2020, section 7), ``rloo`` (leave-one-out; Kool
+  et al. 2019) and ``measure-valued`` (coupled weak derivative of a Gaussian; Mohamed et al. 2020, section 6);
 - ``stl``: sticking the landing (Roeder et al. 2017), the pathwise gradient without the score term of ``log q``,
   by wrapping the guide site in :class:`~pyro_vae.infer.path_gradient.PathGradient` (the ELBO);
 - ``dreg``: the doubly reparameterized gradient of the IWAE bound (Tucker et al. 2019), the same wrapper read by
