@@ -26,7 +26,7 @@ from pyro_vae import checkpoint, evaluation, generation, imputation
 from pyro_vae.data import BINARIZE, binarize
 from pyro_vae.data import load as load_splits
 from pyro_vae.errors import ConfigError, PyroVAEError, TrainingInterrupted, message
-from pyro_vae.infer.elbo import ELBOS, evaluate_elbo
+from pyro_vae.infer.elbo import BOUNDS, ELBOS, check_elbo, evaluate_elbo
 from pyro_vae.infer.estimators import ESTIMATORS, get_estimator
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.models.vae import VAE
@@ -123,9 +123,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator", default="pathwise", choices=list(ESTIMATORS),
                    help="gradient estimator: pathwise (reparameterized), score-function (REINFORCE), "
                         "score-function-baseline (TraceGraph_ELBO, decaying-average baseline), "
-                        "score-function-neural-baseline, relaxed and straight-through (categorical latents)")
+                        "score-function-neural-baseline, relaxed and straight-through (categorical latents), stl "
+                        "(sticking the landing, --objective elbo), dreg (doubly reparameterized, --objective iwae)")
     p.add_argument("--particles", type=_int("--particles"), default=1,
-                   help="Monte Carlo particles per step (vectorized)")
+                   help="Monte Carlo particles per step (vectorized), --objective elbo")
+    p.add_argument("--objective", default="elbo", choices=("elbo", "iwae"),
+                   help="what the steps maximize: elbo, the ELBO (--elbo, --particles); iwae, the importance-"
+                        "weighted bound of Burda et al. 2016 with --k importance samples per data point (--elbo and "
+                        "--particles do not apply; the ELBOs the run reports stay Trace_ELBO's, the bound is "
+                        "history's train_objective)")
+    p.add_argument("--k", type=_int("--k"), default=None,
+                   help="--objective iwae: importance samples per data point (default 50)")
     p.add_argument("--epochs", type=_int("--epochs"), default=50, help="passes over the training set")
     p.add_argument("--batch-size", type=_int("--batch-size"), default=128, help="minibatch size")
     p.add_argument("--lr", type=_float("--lr"), default=1e-3, help="Adam learning rate")
@@ -327,8 +335,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ConfigError(message("--resume / --overwrite", "one of them", "both",
                                   "pass --resume to continue the run in --out, --overwrite to replace it"))
+    _check_objective(args)
     if args.elbo is None:
         args.elbo = "trace" if get_estimator(args.estimator).score_function else "meanfield"
+    check_elbo(args.objective if args.objective in BOUNDS else args.elbo, args.estimator)
     ctx, device = distributed.init_from_env(args.device)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
@@ -339,6 +349,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     distributed.shutdown()
     return code
+
+
+def _check_objective(args: argparse.Namespace) -> None:
+    """``--objective iwae`` takes ``--k`` (default 50) and neither ``--elbo`` nor ``--particles``; the run's
+    reported ELBOs are then ``Trace_ELBO``'s (``args.elbo = "trace"``). ``--k`` needs ``--objective iwae``."""
+    if args.objective != "iwae":
+        if "elbo" not in get_estimator(args.estimator).objectives:
+            raise ConfigError(message(f"--estimator {args.estimator}", "--objective iwae (it estimates the gradient of "
+                                      "the importance-weighted bound)", f"--objective {args.objective}",
+                                      "pass --objective iwae --k K, or --estimator stl for the ELBO"))
+        if args.k is not None:
+            raise ConfigError(message("--k", "--objective iwae (importance samples of the bound)",
+                                      f"--objective {args.objective}", "pass --objective iwae, or --particles N for "
+                                      "the ELBO's particles"))
+        return
+    if args.elbo is not None:
+        raise ConfigError(message("--elbo", "no --elbo with --objective iwae (the bound has no KL term to choose)",
+                                  f"--elbo {args.elbo}", "drop --elbo (the run's ELBOs are reported by Trace_ELBO)"))
+    if args.particles != 1:
+        raise ConfigError(message("--particles", "1 with --objective iwae", f"--particles {args.particles}",
+                                  "set the bound's importance samples with --k"))
+    args.k = 50 if args.k is None else args.k
+    args.elbo = "trace"
 
 
 def _check_resume(out: Path, data_cfg: dict[str, Any]) -> bool:
@@ -420,9 +453,12 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
     vae = VAE(splits.data_shape, args.z_dim, encoder=args.net, decoder=args.net, prior=_prior_spec(args),
               likelihood=likelihood, hidden=args.hidden, **_latent_kwargs(args))
     _check_splits(vae, splits, args.data)
+    iwae = args.objective == "iwae"
     train_cfg = {"elbo": args.elbo, "estimator": args.estimator, "particles": args.particles, "epochs": args.epochs,
                  "batch_size": args.batch_size, "lr": args.lr, "device": str(device), "clip_norm": args.clip_norm,
                  "cuda_graph": args.cuda_graph}
+    if iwae:
+        train_cfg.update(objective="iwae", k=args.k)
     if ctx.world_size > 1:
         train_cfg["processes"] = ctx.world_size
     callbacks = _schedules(args)
@@ -430,10 +466,11 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
         kl_x = binarize(splits.train.x[:256], args.seed) if splits.dynamic_binarize else splits.train.x
         callbacks.append(held.enter_context(TensorBoard(args.tensorboard or out / "tensorboard", data=kl_x)))
     if args.cuda_graph:  # refused before the run folder is written
-        check_cuda_graph(vae, device, ctx, args.estimator, args.elbo, callbacks)
+        check_cuda_graph(vae, device, ctx, args.estimator, BOUNDS["iwae"]() if iwae else args.elbo, callbacks)
     run_config = _RunConfig(out, checkpoint.config_json(vae, data=data_cfg, train=train_cfg), held, ctx.is_main)
     start = time.perf_counter()
-    history = fit(vae, splits.train, elbo=args.elbo, num_particles=args.particles, estimator=args.estimator,
+    history = fit(vae, splits.train, elbo="iwae" if iwae else args.elbo,
+                  num_particles=args.k if iwae else args.particles, estimator=args.estimator,
                   epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, val_data=splits.val, device=device, seed=args.seed,
                   dynamic_binarize=splits.dynamic_binarize, progress=not args.no_progress, checkpoint_dir=out,
@@ -453,13 +490,14 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
         metrics[f"{split}_elbo"] = evaluate_elbo(vae, data, elbo=args.elbo)
         metrics["how"][f"{split}_elbo"] = _how(f"{elbo_name}, 1 particle per point, KL weight 1", split, len(data),
                                               "train")
-    if any(e.get("beta", 1.0) != 1.0 for e in history.epochs):
+    if iwae or any(e.get("beta", 1.0) != 1.0 for e in history.epochs):
         last = history.epochs[-1]
         metrics["train_objective"] = last["train_objective"]
+        what = (f"the IWAE bound with {args.k} importance samples per point" if iwae else
+                f"the training objective E[log p(x|z)] - beta KL (beta = {last['beta']:g} at the end)")
         metrics["how"]["train_objective"] = _how(
-            f"the training objective E[log p(x|z)] - beta KL (beta = {last['beta']:g} at the end), averaged over "
-            f"epoch {last['epoch']}'s minibatches as they were trained", "train", len(train_x), "train",
-            weights="during the last epoch")
+            f"{what}, averaged over epoch {last['epoch']}'s minibatches as they were trained", "train", len(train_x),
+            "train", weights="during the last epoch")
     metrics.update({"epochs": len(history), "seconds": seconds, "device": str(device), "torch": torch.__version__})
     checkpoint.write_json(out / checkpoint.METRICS, metrics)
     checkpoint.write_json(out / checkpoint.HISTORY, history.to_dict())

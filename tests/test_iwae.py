@@ -235,3 +235,23 @@ def test_fit_history_keeps_the_elbo_apart_from_the_bound():
     assert abs(rec["train_elbo"] - exact) < 4 * se, (rec, exact, se)
     assert abs(rec["val_elbo"] - exact) < 4 * se, (rec, exact, se)
     assert rec["train_objective"] > rec["train_elbo"] + 4 * se
+
+
+def test_cli_trains_the_bound_and_refuses_mixed_flags(tmp_path, capsys):
+    import json
+
+    from pyro_vae.cli import main
+
+    base = ["train", "--data", "digits", "--z-dim", "2", "--hidden", "8", "--epochs", "1", "--no-progress",
+            "--device", "cpu", "--batch-size", "256"]
+    assert main([*base, "--objective", "iwae", "--k", "4", "--estimator", "dreg", "--out", str(tmp_path / "a")]) == 0
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["train"]
+    assert (config["objective"], config["k"], config["elbo"]) == ("iwae", 4, "trace")
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert "IWAE bound with 4 importance samples" in metrics["how"]["train_objective"]["estimate"]
+    assert metrics["how"]["test_elbo"]["estimate"].startswith("Trace_ELBO")
+    for extra, flag in ((["--objective", "iwae", "--elbo", "trace"], "--elbo"),
+                        (["--objective", "iwae", "--particles", "3"], "--particles"),
+                        (["--k", "5"], "--k"), (["--estimator", "dreg"], "--estimator dreg")):
+        assert main([*base, *extra, "--out", str(tmp_path / "b")]) == 2
+        assert f"error: {flag}" in capsys.readouterr().err
