@@ -118,7 +118,7 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
     kwargs: dict[str, Any] = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
                                   max_plate_nesting=max_plate_nesting)
     if est == ESTIMATORS["pathwise"]:
-        return ELBOS[elbo](**kwargs)  # type: ignore[index]
+        return ELBOS[elbo](**kwargs)
     if est.baseline == "neural" and nn_baseline is None:
         if data_shape is None:
             raise ConfigError(message("data_shape", "the shape of one data point for the neural baseline", "None",

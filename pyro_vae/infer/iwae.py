@@ -99,11 +99,11 @@ def iwae_traces(model: Callable, guide: Callable, args: tuple, kwargs: dict, *, 
         for trace in (model_trace, guide_trace):
             for site in trace.nodes.values():
                 if site["type"] == "sample":
-                    check_site_shape(site, max_plate_nesting)
+                    check_site_shape(site, max_plate_nesting)  # type: ignore[arg-type]  # inf is allowed
     return model_trace, guide_trace, stopped
 
 
-def _frames(site: dict) -> set[tuple[str, int]]:
+def _frames(site: Any) -> set[tuple[str, int]]:
     return {(f.name, f.dim) for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE}
 
 
@@ -274,9 +274,8 @@ class ImportanceWeightedELBO(ELBO):
     @torch.no_grad()
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The negative bound of the batch (nats, scaled to ``num_data``), one estimate from ``K`` samples."""
-        loss = float(self.loss_and_surrogate(model, guide, *args, **kwargs)[0])
-        warn_if_nan(loss, "loss")
-        return loss
+        loss = self.loss_and_surrogate(model, guide, *args, **kwargs)[0]
+        return float(warn_if_nan(loss, "loss"))
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The negative surrogate: the loss in value, the estimator's gradient."""
@@ -287,6 +286,4 @@ class ImportanceWeightedELBO(ELBO):
         loss, surrogate = self.loss_and_surrogate(model, guide, *args, **kwargs)
         if surrogate.requires_grad:
             surrogate.backward(retain_graph=self.retain_graph)
-        value = float(loss)
-        warn_if_nan(value, "loss")
-        return value
+        return float(warn_if_nan(loss, "loss"))

@@ -20,7 +20,7 @@ term, not a score term. :func:`check_independent_parameters` refuses that case (
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pyro.distributions as dist
 import torch
@@ -111,17 +111,17 @@ class PathGradient(TorchDistribution):
     def support(self):
         return self.base.support
 
-    def rsample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = _NO_SHAPE) -> torch.Tensor:
         return self.base.rsample(sample_shape)
 
-    def sample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = _NO_SHAPE) -> torch.Tensor:
         return self.base.sample(sample_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return self.base.log_prob(value)
 
     def score_parts(self, value: torch.Tensor) -> ScoreParts:
-        return ScoreParts(log_prob=self.base.log_prob(value), score_function=0,
+        return ScoreParts(log_prob=self.base.log_prob(value), score_function=cast(torch.Tensor, 0),
                           entropy_term=detached(self.base, self.site).log_prob(value))
 
     def expand(self, batch_shape, _instance=None) -> PathGradient:
@@ -157,7 +157,7 @@ def check_independent_parameters(fn: Any, site: str, earlier: dict[str, torch.Te
     inputs = {n: v for n, v in earlier.items() if torch.is_tensor(v) and v.requires_grad}
     if not params or not inputs:
         return
-    total = sum(p.sum() for p in params)
+    total = torch.stack([p.sum() for p in params]).sum()
     grads = torch.autograd.grad(total, list(inputs.values()), allow_unused=True, retain_graph=True)
     for name, g in zip(inputs, grads, strict=True):
         if g is not None:
