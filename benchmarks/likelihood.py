@@ -19,6 +19,11 @@ test ELBO. Published numbers, same protocol (one stochastic layer, K = 5000):
         --prior vamp --components 500 --epochs 1400 --time-budget 525 --tag gpu-vamp
     # smoke run (tiny IDX files work too)
     python benchmarks/likelihood.py --quick --out /tmp/ll
+    # trained on the IWAE bound (Burda et al.'s k = 50), optionally with the DReG encoder gradient
+    python benchmarks/likelihood.py --objective iwae --k 50 --estimator dreg --device cuda --tag gpu-iwae
+    # the same on scikit-learn's 8x8 digits (embedded, no download), a reduced CPU budget
+    python benchmarks/likelihood.py --data digits --objective iwae --k 50 --device cpu --threads 4 \
+        --arch burda --time-budget 300 --eval-k 1000 --tag digits-iwae
 """
 
 from __future__ import annotations
@@ -129,7 +134,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         names.append(p["name"])
         vals.append(p[key])
         errs.append(0.0)
-    names.append(f"pyro-vae{prior_text} ({report['epochs_run']} epochs)")
+    trained = f", IWAE k={report['train_k']}, {report['estimator']}" if report.get("objective") == "iwae" else ""
+    names.append(f"pyro-vae{prior_text}{trained} ({report['epochs_run']} epochs)")
     vals.append(report["test"][key])
     errs.append(report["test"].get(key + "_se", 0.0) or 0.0)
     y = list(range(len(names)))[::-1]
@@ -137,7 +143,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     b.set_yticks(y, names, fontsize=8)
     b.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
     b.set_xlabel("test log p(x) (nats)" if key == "log_likelihood" else "test negative ELBO (nats)")
-    b.set_title("MNIST, dynamically binarized")
+    b.set_title(report["data"].split(",")[0] + ", dynamically binarized")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -145,18 +151,27 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: Any = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=("mnist", "digits"), default="mnist",
+                        help="mnist (from --data-dir), or scikit-learn's 8x8 digits (embedded; no published numbers)")
     parser.add_argument("--data-dir", default=default_data_dir(),
                         help="folder with the four MNIST IDX files or a torchvision root")
     parser.add_argument("--latent", choices=("gaussian", "categorical"), default="gaussian")
     parser.add_argument("--arch", choices=list(ARCHS), default=None,
                         help="burda (default for gaussian), pythae, jang (default for categorical)")
-    parser.add_argument("--elbo", choices=("trace", "meanfield"), default="meanfield")
-    parser.add_argument("--particles", type=int, default=1)
+    parser.add_argument("--objective", choices=("elbo", "iwae"), default="elbo",
+                        help="elbo: the ELBO (--elbo, --particles); iwae: the importance-weighted bound with --k "
+                             "importance samples per image (Burda et al. 2016)")
+    parser.add_argument("--elbo", choices=("trace", "meanfield"), default="meanfield", help="--objective elbo")
+    parser.add_argument("--particles", type=int, default=1, help="--objective elbo: particles per step")
+    parser.add_argument("--k", type=int, default=None, help="--objective iwae: importance samples (default 50)")
+    parser.add_argument("--estimator", default="pathwise",
+                        help="gradient estimator (pyro_vae.infer.estimators.ESTIMATORS): pathwise, dreg (with "
+                             "--objective iwae), stl (with --objective elbo), ...")
     parser.add_argument("--epochs", type=int, default=3280, help="upper bound; --time-budget usually ends it")
     parser.add_argument("--time-budget", type=float, default=None, help="training seconds (checked per epoch)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--k", type=int, default=5000, help="importance samples per test point")
+    parser.add_argument("--eval-k", type=int, default=5000, help="importance samples per test point")
     parser.add_argument("--eval-points", type=int, default=None, help="first N test points (default: all)")
     parser.add_argument("--eval-batch", type=int, default=None)
     parser.add_argument("--device", default="auto")
@@ -175,18 +190,23 @@ def main(argv: Any = None) -> dict[str, Any]:
     parser.add_argument("--tag", default=None, help="results file suffix (likelihood_TAG.json)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
+    if args.objective == "elbo" and args.k is not None:
+        parser.error("--k is the IWAE bound's importance samples: pass --objective iwae (test K: --eval-k)")
+    if args.objective == "iwae":
+        args.k = 50 if args.k is None else args.k
     if args.threads:
         torch.set_num_threads(args.threads)
     arch = args.arch or ("burda" if args.latent == "gaussian" else "jang")
     hidden, z_dim = ARCHS[arch]
     device = pyro_vae.validation.resolve_device(args.device)
 
-    splits = pyro_vae.data.load("mnist", args.data_dir, binarize_mode="dynamic", seed=args.seed)
+    splits = pyro_vae.data.load(args.data, args.data_dir if args.data == "mnist" else None, binarize_mode="dynamic",
+                                seed=args.seed)
     train, test = splits.train.x.flatten(1), splits.test.x.flatten(1)
     if args.full_train:
         train = torch.cat([train, splits.val.x.flatten(1)])
     if args.quick:
-        train, args.epochs, args.k, args.eval_points = train[:2000], 1, 50, 200
+        train, args.epochs, args.eval_k, args.eval_points = train[:2000], 1, 50, 200
     if args.eval_points:
         test = test[: args.eval_points]
 
@@ -204,14 +224,16 @@ def main(argv: Any = None) -> dict[str, Any]:
     if args.lr_schedule == "burda":
         callbacks.append(BurdaSchedule(args.lr, args.epochs))
     if args.cuda_graph is None:
-        args.cuda_graph = device.type == "cuda" and args.latent == "gaussian"
-    vae = pyro_vae.VAE((784,), z_dim, likelihood="bernoulli", **kwargs)
+        args.cuda_graph = device.type == "cuda" and args.latent == "gaussian" and args.objective == "elbo"
+    vae = pyro_vae.VAE((train.shape[1],), z_dim, likelihood="bernoulli", **kwargs)
     resume = None
     if args.checkpoint_dir and (Path(args.checkpoint_dir) / "checkpoint.pt").exists():
         resume = args.checkpoint_dir
     t0 = time.perf_counter()
-    epochs = pyro_vae.fit(vae, train, elbo=args.elbo, num_particles=args.particles, epochs=args.epochs,
-                          batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
+    iwae = args.objective == "iwae"
+    epochs = pyro_vae.fit(vae, train, elbo="iwae" if iwae else args.elbo,
+                          num_particles=args.k if iwae else args.particles, estimator=args.estimator,
+                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
                           callbacks=callbacks, dynamic_binarize=True, progress=False,
                           checkpoint_dir=args.checkpoint_dir, resume_from=resume, cuda_graph=args.cuda_graph).epochs
     train_seconds = time.perf_counter() - t0
@@ -222,7 +244,7 @@ def main(argv: Any = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     vae.eval()
     test_dev = test.to(device)
-    ll = pyro_vae.log_likelihood(vae, test_dev, num_samples=args.k,
+    ll = pyro_vae.log_likelihood(vae, test_dev, num_samples=args.eval_k,
                                  batch_size=args.eval_batch or (1000 if device.type == "cuda" else 100))
     result: dict[str, Any] = ll.to_dict()
     elbo_pp = ll.elbo_per_point  # each point's ELBO averaged over the same K samples
@@ -230,7 +252,7 @@ def main(argv: Any = None) -> dict[str, Any]:
     result["neg_elbo"] = -test_elbo
     result["neg_elbo_se"] = float(elbo_pp.std() / math.sqrt(len(elbo_pp))) if len(elbo_pp) > 1 else math.nan
     eval_seconds = time.perf_counter() - t0
-    print(f"test log p(x) = {result['log_likelihood']:.2f} +- {result['log_likelihood_se']:.2f} (K={args.k}, "
+    print(f"test log p(x) = {result['log_likelihood']:.2f} +- {result['log_likelihood_se']:.2f} (K={args.eval_k}, "
           f"{len(test)} points, {eval_seconds:.0f} s); test ELBO {test_elbo:.2f}", flush=True)
 
     report = {
@@ -240,20 +262,26 @@ def main(argv: Any = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__,
                      "pyro_vae": pyro_vae.__version__},
-        "data": "MNIST, training images dynamically binarized every batch, test images binarized once (seeded)",
-        "num_train": len(train), "latent": args.latent, "architecture": f"784-{'-'.join(map(str, hidden))}-"
+        "data": f"{'MNIST' if args.data == 'mnist' else 'scikit-learn 8x8 digits'}, training images dynamically "
+                "binarized every batch, test images binarized once (seeded)",
+        "num_train": len(train), "latent": args.latent,
+        "architecture": f"{train.shape[1]}-{'-'.join(map(str, hidden))}-"
         + (f"{z_dim}" if args.latent == "gaussian" else f"({z_dim}x10)"),
-        "activation": "softplus", "elbo": args.elbo, "particles": args.particles, "batch_size": args.batch_size,
+        "activation": "softplus", "objective": args.objective,
+        "elbo": None if iwae else args.elbo, "particles": None if iwae else args.particles,
+        "train_k": args.k, "estimator": args.estimator, "batch_size": args.batch_size,
         "lr": args.lr, "optimizer": "Adam", "seed": args.seed, "epochs_run": epochs_run,
         "time_budget_s": args.time_budget, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "k": args.k, "quick": args.quick, "reduced_budget": bool(args.quick or args.time_budget or args.eval_points),
+        "k": args.eval_k, "quick": args.quick,
+        "reduced_budget": bool(args.quick or args.time_budget or args.eval_points),
         "cuda_graph": args.cuda_graph, "prior": args.prior if args.latent == "gaussian" else "relaxed categorical",
         "components": args.components, "lr_schedule": args.lr_schedule, "epochs_planned": args.epochs,
-        "test": result, "published": PUBLISHED[args.latent], "history": epochs,
+        "test": result, "published": PUBLISHED[args.latent] if args.data == "mnist" else [], "history": epochs,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "likelihood" + (f"_{args.latent}" if args.latent != "gaussian" else "") + (f"_{args.tag}" if args.tag else "")
+    name = "likelihood" + (f"_{args.latent}" if args.latent != "gaussian" else "")
+    name += f"_{args.tag}" if args.tag else ""
     (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=float))
     plot(report, out / f"{name}.png")
     print(f"wrote {out / name}.json and .png")

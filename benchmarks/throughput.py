@@ -17,14 +17,21 @@ minibatches with the same optimizer (Adam, lr 1e-3). Contenders:
   ``fit()-graph`` (``pyro_vae.fit(..., elbo="meanfield", cuda_graph=True)`` itself, timed after its first 20
   steps, which hold the eager warm-up and the capture).
 - ``pythae``: Pythae's ``VAE`` (``reconstruction_loss="bce"``) around the same networks, when importable.
+- ``torch-iwae``: the hand-written importance-weighted step (Burda et al. 2016), ``K = 50`` samples vectorized
+  in a leading dimension: encoder, ``K`` reparameterized draws, decoder, ``log p(x|z) + log p(z) - log q(z|x)``,
+  a log-mean-exp over ``K`` per image, backward, Adam.
+- ``fit-iwae``: :func:`pyro_vae.train.svi_step` with ``make_elbo("iwae", 50)``
+  (:class:`pyro_vae.infer.iwae.ImportanceWeightedELBO`), as :func:`pyro_vae.fit` calls it with
+  ``elbo="iwae", num_particles=50`` (``fit`` adds a one-particle ``Trace_ELBO`` evaluation per step for the
+  reported ELBO). Its ratio to ``torch-iwae`` is the table's ``x torch-iwae`` column.
 - ``torch-again``: a second, identical copy of ``torch``, timed in its own slot of every round: its ratio to
   ``torch`` is the noise floor of the measurement (what a ratio of identical code looks like on this machine).
 
-Repetitions are interleaved (every contender once per round, in one process, in an order shuffled every
-round), so drifts in machine load hit all of them alike; the JSON keeps every repetition, the table shows the median images/s, the spread
-(min-max over repetitions) and the ratio of median step times to ``torch``. On the CPU the table ranks by the
-process's CPU time (``--clock process``, robust to other jobs on a shared machine; run with ``--threads 1``);
-on CUDA by wall-clock time, with the device synchronized around every repetition. Both clocks are kept.
+Repetitions are interleaved (every contender once per round, in one process, in an order shuffled every round), so
+drifts in machine load hit all of them alike; the JSON keeps every repetition, the table shows the median images/s,
+the spread (min-max over repetitions) and the ratio of median step times to ``torch``. On the CPU the table ranks by
+the process's CPU time (``--clock process``, robust to other jobs on a shared machine; run with ``--threads 1``); on
+CUDA by wall-clock time, with the device synchronized around every repetition. Both clocks are kept.
 
     python benchmarks/throughput.py --device auto            # full run, CPU and (when present) CUDA
     python benchmarks/throughput.py --quick --out /tmp/tp     # CPU smoke run, under a minute
@@ -52,6 +59,7 @@ import torch.nn.functional as F
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_vae
+from pyro_vae.infer.elbo import make_elbo
 from pyro_vae.train import SYNC_EVERY, CUDAGraphStep, svi_step
 
 CONFIGS = {
@@ -65,6 +73,7 @@ CONFIGS = {
 QUICK = ("digits-mlp-b128", "mnist-mlp-b128")
 LR = 1e-3
 NUM_DATA = 60000
+IWAE_K = 50
 
 
 def sync(device: torch.device) -> None:
@@ -91,6 +100,31 @@ class HandWritten:
         rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
         kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1).sum() - scale.log().sum()
         loss = (rec + kl) * (self.num_data / x.shape[0])
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
+class HandWrittenIWAE(HandWritten):
+    """The plain PyTorch IWAE step: ``K`` draws per image in a leading dimension, one log-mean-exp per image."""
+
+    def __init__(self, vae: pyro_vae.VAE, num_data: int, k: int = IWAE_K) -> None:
+        super().__init__(vae, num_data, capturable=False)
+        self.k = k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loc, raw = self.enc(x).split(self.z_dim, dim=-1)
+        scale = F.softplus(raw) + self.min_scale
+        eps = torch.randn((self.k, *loc.shape), device=x.device, dtype=loc.dtype)
+        z = loc + scale * eps  # (K, batch, z_dim)
+        logits = self.dec(z)
+        log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+        log_q = -0.5 * (eps.pow(2) + math.log(2 * math.pi)).sum(-1) - scale.log().sum(-1)
+        log_w = log_px + log_pz - log_q
+        bound = (torch.logsumexp(log_w, 0) - math.log(self.k)).sum()
+        loss = -bound * (self.num_data / x.shape[0])
         loss.backward()
         self.opt.step()
         return loss.detach()
@@ -124,7 +158,7 @@ class PyroStep:
 
     instances = 0
 
-    def __init__(self, vae: pyro_vae.VAE, elbo: type, num_data: int, before: bool = False,
+    def __init__(self, vae: pyro_vae.VAE, elbo: Callable[..., Any], num_data: int, before: bool = False,
                  check_every: int = 1, graph: bool = False, example: Any = None) -> None:
         self.vae = copy.deepcopy(vae)
         PyroStep.instances += 1
@@ -249,6 +283,10 @@ def contenders(vae: pyro_vae.VAE, device: torch.device, example: torch.Tensor, s
         "fit-trace": lambda: PyroStep(vae, Trace_ELBO, NUM_DATA, check_every=SYNC_EVERY),
         "fit-meanfield": lambda: PyroStep(vae, TraceMeanField_ELBO, NUM_DATA, check_every=SYNC_EVERY),
         "fit()-trace": lambda: FitLoop(vae, "trace", warmup=5),
+        "torch-iwae": lambda: HandWrittenIWAE(vae, NUM_DATA),
+        "fit-iwae": lambda: PyroStep(vae, lambda max_plate_nesting: make_elbo("iwae", IWAE_K,
+                                                                              max_plate_nesting=max_plate_nesting),
+                                     NUM_DATA, check_every=SYNC_EVERY),
     }
     if device.type == "cuda":
         makers["torch-graph"] = lambda: GraphedTorch(vae, NUM_DATA, example)
@@ -288,7 +326,7 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
     steps_fns = contenders(vae, device, batches[0], skip, failed)
     times: dict[str, list[float]] = {k: [] for k in steps_fns}
     epoch_data = torch.cat([batches[i % 8] for i in range(steps)])  # fit(): one epoch of `steps` batches
-    for k, fn in steps_fns.items():
+    for fn in steps_fns.values():
         if getattr(fn, "self_timed", False):
             continue  # warms up inside every call
         for i in range(warmup):
@@ -328,6 +366,10 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
                    "images_per_s_max": batch / min(ts), "ratio_to_torch": med / base,
                    "ratio_to_torch_paired": statistics.median(a / b for a, b in zip(ts, times["torch"])),
                    ("wall" if clock == "process" else "process") + "_ms_per_step": [1e3 * t for t in other[k]]}
+        if "torch-iwae" in times and k.endswith("iwae"):
+            rows[k]["ratio_to_torch_iwae"] = med / statistics.median(times["torch-iwae"])
+            rows[k]["ratio_to_torch_iwae_paired"] = statistics.median(
+                a / b for a, b in zip(ts, times["torch-iwae"]))
     return {"config": name, "data_shape": list(data_shape), "z_dim": z_dim, "net": net, "hidden": list(hidden),
             "batch": batch, "device": str(device), "clock": clock, "steps_per_rep": steps, "reps": reps,
             "results": rows, "failed": failed}
@@ -340,7 +382,8 @@ def device_name(device: torch.device) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| device (clock) | config | contender | images/s (median) | min-max | x torch |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    lines = ["| device (clock) | config | contender | images/s (median) | min-max | x torch |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]
     for r in results:
         for k, row in r["results"].items():
             lines.append(f"| {r['device']} ({r['clock']}) | {r['config']} | {k} | {row['images_per_s']:,.0f} | "
@@ -351,14 +394,22 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def summary(results: list[dict[str, Any]]) -> str:
     """One row per device and config: the hand-written step's images/s, then each contender's ratio to it."""
-    names = [k for k in ("torch-again", "torch-graph", "fit-trace", "fit-meanfield", "graph-trace", "graph-meanfield", "fit()-trace",
-                         "fit()-graph", "pyro-before", "pythae") if any(k in r["results"] for r in results)]
-    lines = ["| device | config | torch images/s | " + " | ".join(f"{k} x" for k in names) + " |",
-             "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+    names = [k for k in ("torch-again", "torch-graph", "fit-trace", "fit-meanfield", "graph-trace", "graph-meanfield",
+                         "fit()-trace", "fit()-graph", "pyro-before", "pythae")
+             if any(k in r["results"] for r in results)]
+    iwae = any("fit-iwae" in r["results"] and "torch-iwae" in r["results"] for r in results)
+    extra = ["torch-iwae images/s", "fit-iwae x torch-iwae"] if iwae else []
+    header = ["device", "config", "torch images/s", *(f"{k} x" for k in names), *extra]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---", "---"] + ["---:"] * (len(header) - 2)) + " |"]
     for r in results:
         rows = r["results"]
         cells = [f"{rows[k]['ratio_to_torch']:.2f}" if k in rows else "-" for k in names]
-        lines.append(f"| {r['device']} | {r['config']} | {rows['torch']['images_per_s']:,.0f} | " + " | ".join(cells) + " |")
+        if iwae:
+            have = "fit-iwae" in rows and "torch-iwae" in rows
+            cells += [f"{rows['torch-iwae']['images_per_s']:,.0f}" if have else "-",
+                      f"{rows['fit-iwae']['ratio_to_torch_iwae']:.2f}" if have else "-"]
+        lines.append("| " + " | ".join([r["device"], r["config"], f"{rows['torch']['images_per_s']:,.0f}", *cells])
+                     + " |")
     return "\n".join(lines)
 
 
@@ -401,6 +452,9 @@ def main(argv: Any = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: two configs, 3 reps of 5 steps")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (e.g. pythae fit()-trace)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these contenders (and torch, the reference), e.g. torch-iwae fit-iwae")
+    parser.add_argument("--tag", default=None, help="results file suffix (throughput_TAG.json)")
     parser.add_argument("--summary", metavar="JSON", default=None,
                         help="print the README summary table of an earlier run's JSON and exit")
     args = parser.parse_args(argv)
@@ -410,6 +464,10 @@ def main(argv: Any = None) -> dict[str, Any]:
         return report
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only is not None:
+        known = ["torch", "torch-again", "pyro-before", "fit-trace", "fit-meanfield", "fit()-trace", "torch-iwae",
+                 "fit-iwae", "torch-graph", "fit()-graph", "graph-trace", "graph-meanfield", "pythae"]
+        args.skip = [*args.skip, *(c for c in known if c not in args.only)]
     pyro.enable_validation(True)  # Pyro's default (__debug__); pyro-before pays for it on every step
     if args.quick:
         args.configs, args.reps, args.steps, args.warmup = [c for c in args.configs if c in QUICK], 3, 5, 2
@@ -440,6 +498,7 @@ def main(argv: Any = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if devices == [torch.device("cpu")] else "_" + "_".join(d.type for d in devices)
+    suffix += f"_{args.tag}" if args.tag else ""
     (out / f"throughput{suffix}.json").write_text(json.dumps(report, indent=1))
     plot(results, out / f"throughput{suffix}.png")
     print(table(results))
