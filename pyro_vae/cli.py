@@ -45,7 +45,7 @@ __all__ = ["main", "build_parser"]
 class _Parser(argparse.ArgumentParser):
     """argparse with the package's error form: one line on stderr, exit status 2."""
 
-    def error(self, text: str) -> Any:  # type: ignore[override]
+    def error(self, text: str) -> Any:
         hint = "" if "Fix: " in text else f" (see {self.prog} --help)"
         self.exit(2, f"{self.prog}: error: {' '.join(text.split())}{hint}\n")
 
@@ -552,12 +552,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     vae, cfg = _load_run(args.run, args.device)
     splits = _load_data(_run_data(cfg))
     path = Path(args.run) / checkpoint.METRICS
-    metrics = checkpoint.read_json(path) if path.is_file() else {}
-    if not isinstance(metrics, dict):
-        metrics = {}
+    found = checkpoint.read_json(path) if path.is_file() else {}
+    metrics: dict[str, Any] = found if isinstance(found, dict) else {}
     for stale in ("elbo", "elbo_particles", "elbo_iw"):  # keys of earlier versions, one value per quantity now
         metrics.pop(stale, None)
-    how = metrics["how"] = metrics.get("how") if isinstance(metrics.get("how"), dict) else {}
+    found_how = metrics.get("how")
+    how: dict[str, Any] = found_how if isinstance(found_how, dict) else {}
+    metrics["how"] = how
     for stale in [key for key in metrics if key.startswith("pareto_k")]:  # recomputed below where K allows
         metrics.pop(stale)
     metrics["units"] = "nats per data point"

@@ -215,7 +215,8 @@ def test_fit_with_estimator(estimator):
 
     class Watch:
         def on_step(self, state):
-            seen.append([p.detach().clone() for p in (vae.encoder.net.mlp.net[0].weight, vae.decoder.mlp.net[0].weight)])
+            weights = (vae.encoder.net.mlp.net[0].weight, vae.decoder.mlp.net[0].weight)
+            seen.append([p.detach().clone() for p in weights])
 
     history = pyro_vae.fit(vae, x, estimator=estimator, epochs=2, batch_size=32, progress=False, device="cpu",
                            val_data=x[:20], callbacks=[Watch()])

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import pyro
 import pyro.distributions as dist
@@ -92,7 +92,7 @@ class ScoreFunction(TorchDistribution):
     arg_constraints: dict = {}
     has_rsample = False
 
-    def __init__(self, base: dist.Distribution, validate_args: bool | None = None) -> None:
+    def __init__(self, base: torch.distributions.Distribution, validate_args: bool | None = None) -> None:
         self.base = base
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
@@ -104,7 +104,8 @@ class ScoreFunction(TorchDistribution):
     def has_enumerate_support(self) -> bool:  # type: ignore[override]
         return self.base.has_enumerate_support
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] =
+               torch.Size()) -> torch.Tensor:  # noqa: B008 (torch.Size is immutable)
         with torch.no_grad():
             return self.base.sample(sample_shape).detach()
 
@@ -262,29 +263,30 @@ def check_estimator(estimator: str | Estimator, vae: nn.Module) -> Estimator:
     return est
 
 
-def unwrap_independent(fn: dist.Distribution) -> tuple[dist.Distribution, list[int]]:
+def unwrap_independent(fn: torch.distributions.Distribution) -> tuple[torch.distributions.Distribution, list[int]]:
     """The distribution inside any number of ``Independent`` wrappers (``.to_event``) and the
     ``reinterpreted_batch_ndims`` of each wrapper, outermost first."""
-    dims = []
+    dims: list[int] = []
     while isinstance(fn, torch.distributions.Independent):
         dims.append(fn.reinterpreted_batch_ndims)
         fn = fn.base_dist
     return fn, dims
 
 
-def _rewrap_independent(fn: dist.Distribution, dims: list[int]) -> dist.Distribution:
+def _rewrap_independent(fn: torch.distributions.Distribution, dims: list[int]) -> torch.distributions.Distribution:
     for d in reversed(dims):
         fn = dist.Independent(fn, d)
     return fn
 
 
-def _is_relaxed_categorical(fn: Any) -> bool:
+def _is_relaxed_categorical(fn: Any) -> TypeGuard[torch.distributions.RelaxedOneHotCategorical | ExpRelaxedCategorical]:
     """A relaxed one-hot categorical on the simplex (torch's ``RelaxedOneHotCategorical``) or in log space
     (torch's ``ExpRelaxedCategorical``, :class:`pyro_vae.relaxed.ExpRelaxedOneHotCategorical`)."""
     return isinstance(fn, (torch.distributions.RelaxedOneHotCategorical, ExpRelaxedCategorical))
 
 
-def _convert_categorical(fn: dist.Distribution, mode: str | None, role: str, site: str) -> dist.Distribution:
+def _convert_categorical(fn: torch.distributions.Distribution, mode: str | None, role: str,
+                         site: str) -> torch.distributions.Distribution:
     """The distribution ``mode`` asks for in place of a relaxed one-hot categorical (same logits, same shapes,
     same representation of the value). ``"exact"``: the categorical itself (:class:`pyro_vae.relaxed.
     ExpOneHotCategorical` for a log-space latent, ``OneHotCategorical`` on the simplex). ``"relaxed"`` and
@@ -296,8 +298,8 @@ def _convert_categorical(fn: dist.Distribution, mode: str | None, role: str, sit
         return fn
     simplex = isinstance(base, torch.distributions.RelaxedOneHotCategorical)
     if mode == "exact":
-        new: dist.Distribution = (dist.OneHotCategorical(logits=base.logits) if simplex
-                                  else ExpOneHotCategorical(logits=base.logits))
+        new: torch.distributions.Distribution = (dist.OneHotCategorical(logits=base.logits) if simplex
+                                                 else ExpOneHotCategorical(logits=base.logits))
         return _rewrap_independent(new, dims)
     if mode == "straight-through" and simplex:
         raise ConfigError(message(
@@ -451,6 +453,10 @@ class _EstimatorELBOMixin(ParticleHandlerMixin):
     """Applies :class:`EstimatorMessenger` to the model and guide of every particle (sequential or
     vectorized) of Pyro's ELBOs (:class:`pyro_vae.pyro_internals.ParticleHandlerMixin`)."""
 
+    # set by the Pyro ELBO the mixin is listed before
+    num_particles: int
+    vectorize_particles: bool
+
     def __init__(self, *args: Any, estimator: str | Estimator = "pathwise", baseline_beta: float = 0.9,
                  nn_baseline: nn.Module | None = None, sites: Iterable[str] | None = None,
                  **kwargs: Any) -> None:
@@ -468,8 +474,8 @@ class _EstimatorELBOMixin(ParticleHandlerMixin):
         if self.nn_baseline is None:
             return None
         x = args[0] if args else kwargs.get("x")
-        if self.vectorize_particles and self.num_particles > 1:  # type: ignore[attr-defined]
-            x = x.expand(self.num_particles, *x.shape)  # type: ignore[attr-defined]
+        if x is not None and self.vectorize_particles and self.num_particles > 1:
+            x = x.expand(self.num_particles, *x.shape)
         return x
 
     def handle_particle(self, model: Callable, guide: Callable, args: tuple,

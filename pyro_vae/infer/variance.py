@@ -44,10 +44,9 @@ import operator
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
@@ -77,6 +76,7 @@ from pyro_vae.infer.kl_report import kl_report
 from pyro_vae.infer.path_gradient import PathGradient
 from pyro_vae.infer.site_gradients import site_surrogate
 from pyro_vae.models.linear_gaussian import exact_elbo
+from pyro_vae.models.vae import VAE
 from pyro_vae.pyro_internals import param_constraints, trace_log_r, unconstrained_params
 from pyro_vae.validation import integer
 
@@ -134,11 +134,17 @@ def flat_gradient(vae: nn.Module, loss: torch.Tensor, x: torch.Tensor | None = N
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
-def exact_gradient(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def exact_gradient(vae: VAE, x: torch.Tensor) -> torch.Tensor:
     """Exact gradient of the loss ``-sum(ELBO(x))`` of a linear-Gaussian VAE (see
     :mod:`pyro_vae.linear_gaussian`), by autograd of the closed form; ``(num_params,)`` over the VAE's
     module parameters (the model has no ``pyro.param``)."""
     return flat_gradient(vae, -exact_elbo(vae, x).sum())
+
+
+def _model_and_guide(vae: nn.Module) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``vae.model`` and ``vae.guide``, the methods of the pair (nn.Module's ``__getattr__`` would type them as
+    ``Tensor | Module``)."""
+    return cast(Callable[..., Any], vae.model), cast(Callable[..., Any], vae.guide)
 
 
 # --------------------------------------------------------------------------------- noise-driven guide
@@ -162,7 +168,7 @@ def _categorical_kind(base: Any) -> bool:
         torch.distributions.relaxed_categorical.ExpRelaxedCategorical))
 
 
-def _noise_kind(fn: dist.Distribution, site: str) -> str:
+def _noise_kind(fn: torch.distributions.Distribution, site: str) -> str:
     base = fn.base if isinstance(fn, (ScoreFunction, PathGradient)) else fn
     base, _ = unwrap_independent(base)
     if isinstance(base, (torch.distributions.Normal,)):
@@ -179,7 +185,7 @@ def _one_hot_argmax(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(t).scatter(-1, t.argmax(-1, keepdim=True), 1.0)
 
 
-def _draw(fn: dist.Distribution, eps: torch.Tensor, site: str) -> torch.Tensor:
+def _draw(fn: torch.distributions.Distribution, eps: torch.Tensor, site: str) -> torch.Tensor:
     """The value ``fn`` draws from standard noise ``eps`` (Normal: ``eps``; categoricals: Gumbel noise), in
     the distribution's own representation (a distribution with ``from_gumbel`` says itself what a Gumbel
     draw gives)."""
@@ -234,7 +240,7 @@ class _Plan:
     vae_names: dict[str, tuple[str, Any]]  # param-store name of a VAE parameter -> (name in the VAE, constraint)
     store: dict[str, Any]  # pyro.param outside the VAE's modules -> its constraint
     external: list[str]  # pyro.module registrations of modules the VAE does not hold
-    latent: dict[str, tuple[torch.Tensor, dist.Distribution]]  # latent guide site -> (a value, distribution)
+    latent: dict[str, tuple[torch.Tensor, torch.distributions.Distribution]]  # latent site -> (a value, distribution)
     costs: dict[str, tuple[list[str], list[str]]]  # score-function site -> (model sites, guide sites)
     analytic_kl: list[str]
     monte_carlo_kl: list[str]
@@ -259,8 +265,9 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
     ids = {id(p): n for items in groups.values() for n, p in items}
     store = pyro.get_param_store()
     before = set(store.keys())
-    model = EstimatorMessenger(est, "model")(vae.model)
-    guide = _guide_for(est)(vae.guide)
+    vae_model, vae_guide = _model_and_guide(vae)
+    model = EstimatorMessenger(est, "model")(vae_model)
+    guide = _guide_for(est)(vae_guide)
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         tracker = TrackNonReparam() if est.baseline is not None else contextlib.nullcontext()
@@ -305,8 +312,8 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
     extra = [(n, leaves[n]) for n in [*pyro_params, *external]]
     if extra:
         groups[PARAM_GROUP] = extra
-    latent = {n: (s["value"].detach(), s["fn"]) for n, s in guide_tr.nodes.items()
-              if s["type"] == "sample" and not s["is_observed"]}
+    latent = {n: (cast(torch.Tensor, s["value"]).detach(), cast(torch.distributions.Distribution, s["fn"]))
+              for n, s in guide_tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]}
     return _Plan(groups, vae_names, pyro_params, external, latent, costs, list(analytic), list(monte_carlo))
 
 
@@ -355,8 +362,9 @@ class _Surrogate(nn.Module):
         self.answered: set[str] = set()
 
     def traces(self, noise: dict[str, torch.Tensor], x: torch.Tensor):
-        guide = EstimatorMessenger(self.est, "guide")(self.vae.guide)
-        model = EstimatorMessenger(self.est, "model")(self.vae.model)
+        vae_model, vae_guide = _model_and_guide(self.vae)
+        guide = EstimatorMessenger(self.est, "guide")(vae_guide)
+        model = EstimatorMessenger(self.est, "model")(vae_model)
         guide = _NoiseMessenger(noise)(_particles(guide, self.num_particles, self.elbo == "iwae"))
         model = _particles(model, self.num_particles, self.elbo == "iwae")
         guide_tr = poutine.trace(guide).get_trace(x, **self.kwargs)
@@ -365,8 +373,9 @@ class _Surrogate(nn.Module):
 
     def _iwae_loss(self, noise: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The negative surrogate of the importance-weighted bound (the particle plate left of the data plate)."""
-        guide = EstimatorMessenger(self.est, "guide")(self.vae.guide)
-        model = EstimatorMessenger(self.est, "model")(self.vae.model)
+        vae_model, vae_guide = _model_and_guide(self.vae)
+        guide = EstimatorMessenger(self.est, "guide")(vae_guide)
+        model = EstimatorMessenger(self.est, "model")(vae_model)
         guide = _NoiseMessenger(noise)(_particles(guide, self.num_particles, True))
         model = _particles(model, self.num_particles, True)
         model_tr, guide_tr, stopped = iwae_traces(model, guide, (x,), self.kwargs,
@@ -384,6 +393,7 @@ class _Surrogate(nn.Module):
                 cost.add((guide_tr.nodes[g]["cond_indep_stack"], -guide_tr.nodes[g]["log_prob"]))
             total = cost.sum_to(site["cond_indep_stack"])
         else:  # Trace_ELBO
+            assert log_r is not None  # forward computes it before the first score-function site's cost
             total = log_r.sum_to(site["cond_indep_stack"])
         if name in self.baseline:
             total = total - self.baseline[name]
@@ -434,7 +444,8 @@ class _Surrogate(nn.Module):
                     cost = self._cost(name, model_tr, guide_tr, log_r)
                     elbo = elbo + (cost.detach() * score).sum()
             if self.est.site_gradient is not None:
-                model = _particles(EstimatorMessenger(self.est, "model")(self.vae.model), self.num_particles)
+                vae_model, _ = _model_and_guide(self.vae)
+                model = _particles(EstimatorMessenger(self.est, "model")(vae_model), self.num_particles)
                 elbo = elbo + site_surrogate(self.est, model, (x,), self.kwargs, model_tr, guide_tr,
                                              self.elbo == "meanfield")
         self.answered |= answer.answered
@@ -450,7 +461,8 @@ def _baselines(vae: nn.Module, x: torch.Tensor, est: Estimator, plan: _Plan, nn_
     sites = list(plan.latent)
     if est.baseline == "neural":
         if nn_baseline is None:
-            nn_baseline = NeuralBaseline(vae.data_shape).to(x.device)
+            data_shape = cast(tuple[int, ...], vae.data_shape)  # a VAE's attribute (AttributeError without it)
+            nn_baseline = NeuralBaseline(data_shape).to(x.device)
         with torch.no_grad():
             b = nn_baseline(x).detach()
         return {s: b for s in sites}, nn_baseline
@@ -459,8 +471,10 @@ def _baselines(vae: nn.Module, x: torch.Tensor, est: Estimator, plan: _Plan, nn_
     for s in sites:
         if BASELINE_PARAM + s in store:
             del store[BASELINE_PARAM + s]
+    model, guide = _model_and_guide(vae)
     for _ in range(max(1, warmup)):
-        loss_fn.loss_and_grads(vae.model, vae.guide, x, **kwargs)
+        # every Pyro ELBO defines loss_and_grads; the ELBO base class does not declare it
+        loss_fn.loss_and_grads(model, guide, x, **kwargs)  # type: ignore[attr-defined]
     _clear_grads(plan)
     return {s: store[BASELINE_PARAM + s].detach().clone() for s in sites}, None
 
@@ -479,8 +493,9 @@ def _check(vae: nn.Module, x: torch.Tensor, est: Estimator, num_samples: Any, nu
     if method not in METHODS:
         raise ConfigError(message("method", " or ".join(map(repr, METHODS)), repr(method), 'pass "vectorized"'))
     check_elbo(elbo, est)
-    if hasattr(vae, "check_data"):
-        vae.check_data(x)
+    check_data = getattr(vae, "check_data", None)
+    if check_data is not None:
+        check_data(x)
     return num_samples, num_particles
 
 
@@ -511,7 +526,8 @@ def _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline, nn
         if noise is not None:
             guide = _NoiseMessenger({s: e[i] for s, e in noise.items()})(_guide_for(est)(vae.guide))
         with poutine.trace(param_only=True) as seen:
-            loss_fn.loss_and_grads(vae.model, guide, x, **kwargs)
+            # every Pyro ELBO defines loss_and_grads; the ELBO base class does not declare it
+            loss_fn.loss_and_grads(vae.model, guide, x, **kwargs)  # type: ignore[attr-defined]
         ids = {id(p) for p in params}
         leaves = unconstrained_params(store)
         new = [n for n in seen.trace.nodes if n not in known and not n.startswith(BASELINE_PARAM)
@@ -746,6 +762,7 @@ def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: str | Estima
         n += c.shape[0]
     sync()
     seconds = time.perf_counter() - start
+    assert total is not None and total_sq is not None  # num_samples >= 1: at least one chunk
     parts_t, parts_q = _split(total, groups), _split(total_sq, groups)
     parts_e = _split(exact.reshape(-1), groups) if exact is not None else {}
     out = {g: _stats(n, parts_t[g], parts_q[g], parts_e.get(g)) for g in groups}

@@ -489,7 +489,9 @@ def _unit_beta_loss(loss_fn: ELBO, vae: Any, xb: torch.Tensor, num_data: int, lo
     with torch.no_grad(), unit_kl_weight(vae), pyro.validation_enabled(False):
         out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=num_data)
         if out is None:
-            return torch.as_tensor(loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data), device=loss.device)
+            # every Pyro ELBO defines loss; the ELBO base class does not declare it
+            value = loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data)  # type: ignore[attr-defined]
+            return torch.as_tensor(value, device=loss.device)
     return out[0]
 
 
