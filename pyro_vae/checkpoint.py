@@ -763,7 +763,7 @@ def load(run_dir: PathLike, map_location: Any = "cpu", weights: str = WEIGHTS) -
         raise CheckpointError(message(
             f"run folder {run_dir}", f"a {CONFIG} (pyro-vae train and pyro_vae.save write it)",
             f"a run of fit(checkpoint_dir=...) without one ({', '.join(sorted(m['files'])) or 'no files yet'})",
-            "build the VAE in code and load_state_dict(load_training_state(folder)['vae'])"))
+            "build the VAE in code and load_state_dict(pyro_vae.checkpoint.load_training_state(folder)['vae'])"))
     if weights not in m["files"]:
         running = run.holder()
         state = (f"training is running ({running})" if running else

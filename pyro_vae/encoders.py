@@ -75,7 +75,7 @@ class RelaxedCategoricalEncoder(Encoder):
 
     The network maps ``(..., *data_shape)`` to ``(..., n * k)`` logits. ``temperature`` is a plain
     attribute, so a schedule (:class:`pyro_vae.schedules.ExponentialTemperature`) can anneal it during
-    training. The distribution is :class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`: its values are
+    training. The distribution is :class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical`: its values are
     the *log* of the relaxed one-hot sample (finite at any temperature, and its density a function of the
     value alone); :meth:`pyro_vae.VAE.decoder_input` maps them to the simplex. ``straight_through=True``
     makes the VAE's decoder see the hard one-hot of each draw with the relaxed draw's gradient; the
@@ -122,7 +122,7 @@ class RelaxedCategoricalEncoder(Encoder):
         return torch.log_softmax(h.reshape(*h.shape[:-1], self.n, self.k), dim=-1)
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
-        """``q(z | x)``: :class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical` at the current temperature,
+        """``q(z | x)``: :class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical` at the current temperature,
         batch shape ``x``'s batch dimensions, event shape ``(n, k)``, values in log space."""
         from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical
 

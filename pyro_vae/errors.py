@@ -3,8 +3,11 @@ and the fix, in the style of Pyro's own ``check_site_shape``."""
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 __all__ = ["PyroVAEError", "ConfigError", "DataError", "ShapeError", "ModelError", "CheckpointError",
-           "NonFiniteLossError", "TrainingInterrupted", "message"]
+           "NonFiniteLossError", "TrainingInterrupted", "message", "warn_deprecated"]
 
 
 class PyroVAEError(Exception):
@@ -48,3 +51,20 @@ class TrainingInterrupted(KeyboardInterrupt):
 def message(what: str, expected: str, found: str, fix: str) -> str:
     """One error line: ``what: expected ..., found .... Fix: ...``."""
     return f"{what}: expected {expected}, found {found}. Fix: {fix}"
+
+
+def warn_deprecated(text: str) -> None:
+    """Issue a ``DeprecationWarning`` attributed to the user's code: the first calling frame outside this package
+    and outside Python's import machinery (so an ``import pyro_vae.old_name`` in a script shows the warning under
+    Python's default filters, which show a ``DeprecationWarning`` only where ``__main__`` triggers it)."""
+    frame = sys._getframe(1)  # the caller: stacklevel 2
+    level = 2
+    while frame is not None:
+        # the frames Python's stacklevel skips itself (as CPython's warnings._is_internal_frame does)
+        internal = "importlib" in frame.f_code.co_filename and "_bootstrap" in frame.f_code.co_filename
+        if not internal and frame.f_globals.get("__name__", "").split(".")[0] not in ("pyro_vae", "importlib"):
+            break
+        frame = frame.f_back
+        if not internal:  # Python's stacklevel skips the import machinery's frames itself
+            level += 1
+    warnings.warn(text, DeprecationWarning, stacklevel=level)

@@ -287,7 +287,7 @@ def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples:
     """The posterior's location for every data point, ``(N, *latent_event_shape)``, in the latent site's
     representation: ``E_q[z | x]`` (the guide distribution's mean, or a Monte Carlo mean of ``num_samples``
     guide draws where the distribution has none); for a log-space categorical guide
-    (:class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`) the log class probabilities ``log q(c | x)``,
+    (:class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical`) the log class probabilities ``log q(c | x)``,
     the log of the mean of the categorical it relaxes (``.exp()`` gives the probabilities), as
     :meth:`pyro_vae.VAE.encode`."""
     x = as_data_set(vae, data)

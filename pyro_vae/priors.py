@@ -1,6 +1,6 @@
 """Priors p(z): callables with no arguments returning a Pyro distribution of event shape ``(z_dim,)``
 (``(n, k)`` for a categorical latent, over log-space values: the log of a relaxed one-hot point, as
-:class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical` draws; a simplex-valued prior is refused).
+:class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical` draws; a simplex-valued prior is refused).
 
 Any such callable works; an ``nn.Module`` prior is registered with Pyro by the model, so its parameters
 learn with the rest of the VAE. Built in: :class:`StandardNormal`, :class:`MixtureOfGaussians`,
@@ -245,7 +245,7 @@ class RelaxedCategoricalPrior(nn.Module):
     ``vae.encoder.temperature`` at every call, so an annealing schedule moves both. Standalone
     (``prior=RelaxedCategoricalPrior(n, k, temperature=0.5)``) it keeps its own fixed ``temperature``:
     Maddison et al. (2017) recommend a prior temperature different from the posterior's (1/2 vs 2/3). The
-    distribution is :class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`, over the log-space values the
+    distribution is :class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical`, over the log-space values the
     guide draws (the log of a relaxed one-hot sample), scored exactly from the value at any temperature.
 
     Args:

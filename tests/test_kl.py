@@ -13,7 +13,7 @@ import torch
 from torch.distributions import kl_divergence
 
 import pyro_vae
-from pyro_vae.infer.kl_report import KLReport, kl_report
+from pyro_vae.infer.kl import KLReport, kl_report
 
 D = 3
 

@@ -43,3 +43,24 @@ def test_importing_the_package_warns_about_nothing():
     code = ("import warnings; warnings.filterwarnings('error', 'pyro_vae', DeprecationWarning); "
             "import pyro_vae, pyro_vae.cli")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_warning_points_at_the_users_script_under_default_filters(tmp_path):
+    # Python shows a DeprecationWarning by default only where __main__ triggers it: the warning must be attributed
+    # to the script's own line, through the import machinery and the package's __getattr__
+    script = tmp_path / "old_script.py"
+    script.write_text("import pyro_vae\npyro_vae.vae.VAE\nfrom pyro_vae.step import svi_step\n"
+                      "from pyro_vae.train import make_elbo\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stderr
+    for line, old in ((2, "pyro_vae.vae"), (3, "pyro_vae.step"), (4, "pyro_vae.train.make_elbo")):
+        assert f"old_script.py:{line}: DeprecationWarning: {old} moved to" in out
+
+
+@pytest.mark.parametrize("name,home", [("make_elbo", "pyro_vae.infer"), ("evaluate_elbo", "pyro_vae.infer"),
+                                       ("ELBOS", "pyro_vae.infer"), ("resolve_device", "pyro_vae.validation"),
+                                       ("as_tensor_data", "pyro_vae.data")])
+def test_names_that_left_pyro_vae_train_still_import_from_it_with_a_warning(name, home):
+    import pyro_vae.train
+
+    with pytest.warns(DeprecationWarning, match=f"pyro_vae.train.{name} moved"):
+        assert getattr(pyro_vae.train, name) is getattr(importlib.import_module(home), name)

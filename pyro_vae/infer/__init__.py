@@ -5,7 +5,7 @@ DReG, relaxed and straight-through) and their variances."""
 from pyro_vae.infer.elbo import ELBOS, evaluate_elbo, make_elbo, make_estimator_elbo
 from pyro_vae.infer.estimators import ESTIMATORS, ScoreFunction, score_function
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
-from pyro_vae.infer.kl_report import KLReport, kl_report
+from pyro_vae.infer.kl import KLReport, kl_report
 from pyro_vae.infer.losses import elbo_loss
 from pyro_vae.infer.variance import exact_gradient, gradient_samples, gradient_statistics
 

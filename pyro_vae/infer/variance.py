@@ -72,7 +72,7 @@ from pyro_vae.infer.estimators import (
     unwrap_independent,
 )
 from pyro_vae.infer.iwae import importance_weighted_terms, iwae_traces
-from pyro_vae.infer.kl_report import kl_report
+from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.path_gradient import PathGradient
 from pyro_vae.infer.site_gradients import site_surrogate
 from pyro_vae.models.linear_gaussian import exact_elbo

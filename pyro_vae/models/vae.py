@@ -8,6 +8,7 @@ signature and the same single plate, so they work under ``SVI`` with any ELBO, u
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -31,7 +32,7 @@ from pyro_vae.distributions.relaxed import (
     to_simplex,
 )
 from pyro_vae.encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder
-from pyro_vae.errors import ConfigError, DataError, ModelError, PyroVAEError, ShapeError, message
+from pyro_vae.errors import ConfigError, DataError, ModelError, PyroVAEError, ShapeError, message, warn_deprecated
 from pyro_vae.likelihoods import Likelihood, build_likelihood
 from pyro_vae.models.sites import Sites
 from pyro_vae.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
@@ -73,7 +74,7 @@ class VAE(Sites):
         latent: ``"gaussian"`` (diagonal Gaussian guide) or ``"categorical"``: ``z_dim`` relaxed one-hot
             categorical variables of ``categories`` classes (Gumbel-softmax, Jang et al. 2017), latent
             event shape ``(z_dim, categories)``. The site's value is the *log* of the relaxed one-hot point
-            (:class:`~pyro_vae.relaxed.ExpRelaxedOneHotCategorical`), so its density is exact at any
+            (:class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical`), so its density is exact at any
             temperature; the decoder is fed ``exp`` of it flattened to ``z_dim * categories``
             (:meth:`decoder_input`).
         categories: classes per categorical variable (``latent="categorical"`` only).
@@ -196,8 +197,8 @@ class VAE(Sites):
 
         Gaussian latent: ``z`` ``(..., z_dim)`` unchanged. Categorical latent: ``z`` ``(..., z_dim,
         categories)`` is the *log* of a relaxed one-hot point (the value of the latent site, see
-        :mod:`pyro_vae.relaxed`); the decoder sees ``exp(z)`` (with :attr:`straight_through`, the one-hot of
-        its arg-max in the forward pass and the gradient of ``exp(z)`` in the backward pass), flattened to
+        :mod:`pyro_vae.distributions.relaxed`); the decoder sees ``exp(z)`` (with :attr:`straight_through`, the
+        one-hot of its arg-max in the forward pass and the gradient of ``exp(z)`` in the backward pass), flattened to
         ``(..., z_dim * categories)``.
         """
         if self.categories is None:
@@ -229,7 +230,7 @@ class VAE(Sites):
                     f'{part} at site "{self.site("z")}"',
                     "a distribution over the log of the relaxed one-hot point (the categorical latent's values "
                     "are in log space)", f"{type(d).__name__} with values on the simplex",
-                    "return pyro_vae.relaxed.ExpRelaxedOneHotCategorical(temperature, logits=...).to_event(1) "
+                    "return pyro_vae.distributions.ExpRelaxedOneHotCategorical(temperature, logits=...).to_event(1) "
                     "(torch's ExpRelaxedCategorical works too)"))
 
     def _build_encoder(self, encoder: str | nn.Module) -> Encoder:
@@ -576,18 +577,23 @@ class VAE(Sites):
         (``mean=True``) or a draw from it. For a categorical latent ``z`` is the hard one-hot of the prior's
         draw (its arg-max is an exact draw of the categorical it relaxes).
 
+        ``source="aggregate"`` or ``"mixture"`` (with ``data`` and the ``kwargs`` of
+        :func:`pyro_vae.generation.sample`) still draws from the aggregate posterior or a mixture fitted to it,
+        for this release only, with a ``DeprecationWarning``: call ``pyro_vae.generation.sample(vae, n,
+        source=..., data=...)``, where those samplers live.
+
         Raises:
-            ConfigError: ``source`` is not ``"prior"``: draws from the aggregate posterior or a mixture fitted to
-                it are made by ``pyro_vae.generation.sample(vae, n, source=..., data=...)`` (``data``, ``kwargs``
-                are accepted here only to name that fix); or ``n`` is not an integer >= 1 whose samples fit in
-                memory.
+            ConfigError: ``n`` is not an integer >= 1 whose samples fit in memory (or, through
+                :func:`pyro_vae.generation.sample`, a bad ``source`` or missing ``data``).
         """
         if source != "prior":
             extra = "".join(f", {k}=..." for k in kwargs)
-            raise ConfigError(message(
-                "source", '"prior" (VAE.sample draws z from the prior only)', repr(source),
-                f"call pyro_vae.generation.sample(vae, n, source={source!r}, data=...{extra}) to draw from the "
-                "aggregate posterior or a mixture fitted to it"))
+            warn_deprecated(f"VAE.sample(source={source!r}) moved to pyro_vae.generation.sample(vae, n, "
+                            f"source={source!r}, data=...{extra}); VAE.sample will draw from the prior only")
+            # pyro_vae.generation sits above the models (it evaluates them): reached at call time, for this
+            # deprecated route only
+            generation = importlib.import_module("pyro_vae.generation")
+            return generation.sample(self, n, source, data=data, mean=mean, **kwargs)
         n = self.check_sample_size(n)
         z = self._prior_dist().sample((n,))
         if self.categories is not None:

@@ -17,7 +17,7 @@ import torch
 
 from pyro_vae.data import as_tensor_data
 from pyro_vae.errors import ConfigError, message
-from pyro_vae.infer.kl_report import kl_report
+from pyro_vae.infer.kl import kl_report
 from pyro_vae.models.vae import VAE
 from pyro_vae.train.callbacks import TrainState
 from pyro_vae.validation import boolean, integer
