@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from types import FrameType
 
 __all__ = ["PyroVAEError", "ConfigError", "DataError", "ShapeError", "ModelError", "CheckpointError",
            "NonFiniteLossError", "TrainingInterrupted", "message", "warn_deprecated"]
@@ -57,7 +58,7 @@ def warn_deprecated(text: str) -> None:
     """Issue a ``DeprecationWarning`` attributed to the user's code: the first calling frame outside this package
     and outside Python's import machinery (so an ``import pyro_vae.old_name`` in a script shows the warning under
     Python's default filters, which show a ``DeprecationWarning`` only where ``__main__`` triggers it)."""
-    frame = sys._getframe(1)  # the caller: stacklevel 2
+    frame: FrameType | None = sys._getframe(1)  # the caller: stacklevel 2
     level = 2
     while frame is not None:
         # the frames Python's stacklevel skips itself (as CPython's warnings._is_internal_frame does)
