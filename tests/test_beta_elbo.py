@@ -75,6 +75,54 @@ def test_the_beta_objective_differs_from_the_elbo_by_the_weighted_kl():
     assert set(history["beta"]) == {beta}
 
 
+class _StepKL:
+    """Sums, over the optimizer steps of ``fit``, the analytic KL(q(z|x) || N(0, I)) of each step's minibatch at
+    the parameters the step's gradient was taken at (read in the optimizer's step pre-hook; the minibatch is the
+    encoder's last input with gradients on, the step's own forward pass), per epoch."""
+
+    def __init__(self, vae):
+        self.vae, self.batch, self.per_epoch, self.epoch = vae, None, [], 0.0
+        vae.encoder.register_forward_hook(self._record)
+
+    def _record(self, module, args, out):
+        if torch.is_grad_enabled():
+            self.batch = args[0].detach()
+
+    def _before_update(self, optimizer, args, kwargs):
+        with torch.no_grad():
+            m, scale = self.vae.encoder(self.batch)
+            self.epoch += float((0.5 * (scale.pow(2) + m.pow(2) - 1) - scale.log()).double().sum())
+
+    def on_fit_start(self, state):
+        state.optimizer.register_step_pre_hook(self._before_update)
+
+    def on_epoch_end(self, state):
+        self.per_epoch.append(self.epoch)
+        self.epoch = 0.0
+
+
+def test_train_objective_and_train_elbo_are_measured_at_the_same_parameters_with_the_same_draws():
+    """With beta = 0.5 under TraceMeanField_ELBO (analytic KL), the step's objective and the reported ELBO of
+    each minibatch are evaluated at the same parameters (before the update) from the same random state, so they
+    share the decoder's log-likelihood term exactly and differ by (1 - beta) times the analytic KL, which is >= 0.
+    Summed over an epoch: train_objective - train_elbo = (1 - beta) KL / N to float precision, and
+    train_objective >= train_elbo in every epoch. (The user's case: the continuous Bernoulli VAE on digits.)"""
+    beta = 0.5
+    x = pyro_vae.data.load("digits").train.x.flatten(1)[:600]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    vae = pyro_vae.VAE((64,), 8, hidden=(64,), likelihood="continuous-bernoulli", beta=beta)
+    kl = _StepKL(vae)
+    history = pyro_vae.fit(vae, x, epochs=4, batch_size=128, lr=3e-3, elbo="meanfield", device="cpu",
+                           progress=False, seed=0, callbacks=[kl])
+    assert len(kl.per_epoch) == len(history) == 4
+    for record, kl_sum in zip(history.epochs, kl.per_epoch, strict=True):
+        assert record["train_objective"] >= record["train_elbo"], record
+        expected = (1 - beta) * kl_sum / len(x)
+        assert expected > 0.1
+        assert record["train_objective"] - record["train_elbo"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(beta=st.floats(0.02, 8.0), schedule=st.sampled_from(["vae", "constant", "warmup"]))
 def test_reported_elbos_never_exceed_log_px(beta, schedule):

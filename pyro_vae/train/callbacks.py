@@ -22,10 +22,17 @@ class History:
     """Per-epoch records ``{"epoch", "step", "train_elbo", "train_objective", "beta", "val_elbo", "seconds"}``,
     in nats per data point:
 
-    - ``train_elbo``: the ELBO (KL weight 1), averaged over the epoch's minibatches as they were trained (one
-      Monte Carlo estimate per minibatch, at the parameters of its step);
-    - ``train_objective``: what the steps maximized, ``E_q[log p(x|z)] - beta KL``, the same way (equal to
-      ``train_elbo`` when ``beta`` is 1; under a KL weight it is a second evaluation on the same minibatch);
+    - ``train_objective``: what the steps maximized (``E_q[log p(x|z)] - beta KL``, or the importance-weighted
+      bound under ``elbo="iwae"``): the estimate each optimizer step differentiated (its negative loss), on its
+      minibatch at the parameters before its update, averaged over the epoch's data points (a resumed epoch's
+      earlier minibatches included);
+    - ``train_elbo``: the ELBO (KL weight 1), estimated the same way: the step's own loss when the objective is
+      the ELBO with ``beta`` 1, else a second evaluation without gradients on the same minibatch at the same
+      parameters, drawn from the same random state as the step. Under a KL weight both therefore use the same
+      latents, and per minibatch ``train_objective - train_elbo = (1 - beta) KL`` of those latents (exactly the
+      analytic KL under ``TraceMeanField_ELBO``; its Monte Carlo estimate under ``Trace_ELBO``), so with
+      ``beta <= 1`` and an analytic KL ``train_objective >= train_elbo`` in every epoch. Under ``"iwae"`` it is
+      a one-particle ``Trace_ELBO`` estimate, starting from the random state of the bound's ``K`` draws;
     - ``beta``: the VAE's KL weight at the end of the epoch;
     - ``val_elbo``: the ELBO of the validation data at the epoch's end (``None`` without validation data).
       Best-model selection (``best.pt``) and :class:`EarlyStopping` use ``val_elbo`` (``train_elbo`` without

@@ -18,6 +18,7 @@ device without waiting for it. Checkpoints, resume and the run folder's lock: :m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -91,7 +92,7 @@ def fit(
             ``num_particles`` importance samples per data point, :mod:`pyro_vae.infer.iwae`) or any
             ``pyro.infer.ELBO``. Under ``"iwae"`` the History's ``train_objective`` is the bound and
             ``train_elbo`` / ``val_elbo`` stay the ELBO (a second, one-particle ``Trace_ELBO`` evaluation of each
-            minibatch, without gradients).
+            minibatch before its step, at the same parameters, without gradients).
         num_particles: Monte Carlo particles per step (vectorized); ``K`` for ``"iwae"``.
         estimator: gradient estimator, a name of :data:`pyro_vae.infer.estimators.ESTIMATORS` (``"pathwise"``,
             ``"score-function"``, ``"score-function-baseline"``, ``"straight-through"``, ``"stl"`` for the
@@ -397,11 +398,10 @@ def _run_epoch(loop: _Loop, epoch: int, start: ResumePoint) -> list[float]:
             idx = idx[ctx.rank:: ctx.world_size]
         guard.set_step(state.step + 1)
         guard.weight = idx.numel() / b
-        loss, xb = _train_step(loop, idx)
+        loss, elbo_loss = _train_step(loop, idx)
         guard.note_loss(loss)
         state.step += 1
         state.loss = loss
-        elbo_loss = _unit_beta_loss(run.loss_fn, run.vae, xb, n, loss, run.elbo_fn) if xb is not None else loss
         total += torch.stack([loss.detach(), elbo_loss.detach()]).to(total.dtype) * (idx.numel() / n)
         _call(loop.callbacks, "on_step", state)
         last = i == run.steps_per_epoch - 1
@@ -419,20 +419,24 @@ def _run_epoch(loop: _Loop, epoch: int, start: ResumePoint) -> list[float]:
     return _add(carried, _global_sum(total, ctx))
 
 
-def _train_step(loop: _Loop, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One optimizer step on this rank's rows ``idx`` of the training data. Returns the loss (a 0-dim tensor on
-    the device) and the minibatch, or ``None`` for it when this rank's share of a short last batch is empty:
-    that rank steps with zero gradients, so that it still meets the others in the gradients' all-reduce."""
+def _train_step(loop: _Loop, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this rank's rows ``idx`` of the training data. Returns the step's loss (the
+    negative objective) and its negative ELBO (KL weight 1), both 0-dim tensors on the device, at the parameters
+    the step's gradient was computed at (:func:`_elbo_before_step`). A rank whose share of a short last batch is
+    empty returns zeros and steps with zero gradients, so that it still meets the others in the gradients'
+    all-reduce."""
     cfg, run, state = loop.cfg, loop.run, loop.state
     if idx.numel() == 0:
         for p in run.params:
             p.grad = torch.zeros_like(p)
         run.optimizer.step()
-        return torch.zeros((), device=cfg.device), None
+        zero = torch.zeros((), device=cfg.device)
+        return zero, zero
     xb = run.x[idx]
     if cfg.dynamic_binarize:
         xb = torch.bernoulli(xb)
     try:
+        elbo = _elbo_before_step(run, xb, validate=state.step == loop.first_step)
         if loop.graph_step is not None and state.step != loop.first_step:
             loss = loop.graph_step(xb).clone()  # a replay overwrites its loss tensor
         else:
@@ -444,7 +448,34 @@ def _train_step(loop: _Loop, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         if not cfg.ctx.enabled:
             loop.guard.sync(False)  # an earlier NaN explains this failure: report that instead
         raise
-    return loss, xb
+    return loss, loss if elbo is None else elbo
+
+
+def _elbo_before_step(run: _Training, xb: torch.Tensor, validate: bool) -> torch.Tensor | None:
+    """The negative ELBO (KL weight 1) of the minibatch ``xb`` at the parameters the coming step differentiates,
+    or ``None`` when the step's own loss is that ELBO (KL weight 1 and an ELBO objective).
+
+    It is evaluated without gradients (and, for ``Trace_ELBO`` / ``TraceMeanField_ELBO``, without a host
+    synchronization) from the state of torch's random streams that the step then starts from: the state is saved
+    and restored around it, so the step draws what this evaluation drew, and the training's random streams are
+    those of a run that does not report the ELBO. Under a KL weight ``beta`` both evaluations of a minibatch
+    therefore use the same latents, and the step's loss minus this one is ``(beta - 1)`` times the KL term of
+    those draws (analytic where the mean-field ELBO has one, the Monte Carlo ``log q - log p`` otherwise). Under
+    the importance-weighted bound this one-particle ELBO starts from the same state as the bound's ``K`` draws.
+    ``validate``: Pyro's validation as the step has it (the global setting at the first step of a call, off
+    after)."""
+    vae, loss_fn = run.vae, run.elbo_fn
+    if _beta(vae) == 1.0 and loss_fn is run.loss_fn:
+        return None
+    dev = xb.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad(), \
+            unit_kl_weight(vae), contextlib.nullcontext() if validate else pyro.validation_enabled(False):
+        out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=run.num_data)
+        if out is None:
+            # every Pyro ELBO defines loss; the ELBO base class does not declare it
+            value = loss_fn.loss(vae.model, vae.guide, xb, num_data=run.num_data)  # type: ignore[attr-defined]
+            return torch.as_tensor(value, device=dev)
+    return out[0]
 
 
 def _epoch_record(loop: _Loop, epoch: int, totals: Sequence[float], started: float) -> dict[str, Any]:
@@ -474,25 +505,6 @@ def _add(a: Sequence[float], b: Sequence[float]) -> list[float]:
 
 def _beta(vae: Any) -> float:
     return float(getattr(vae, "beta", 1.0))
-
-
-def _unit_beta_loss(loss_fn: ELBO, vae: Any, xb: torch.Tensor, num_data: int, loss: torch.Tensor,
-                    elbo_fn: ELBO | None = None) -> torch.Tensor:
-    """The step's negative ELBO (KL weight 1) on ``xb``: ``loss`` itself when the objective is the ELBO, else
-    one more evaluation of Pyro's ELBO (``elbo_fn``, default ``loss_fn``) with every KL weight set to 1 (no
-    gradients, no host synchronization for ``Trace_ELBO`` / ``TraceMeanField_ELBO``)."""
-    if elbo_fn is None:
-        elbo_fn = loss_fn
-    if _beta(vae) == 1.0 and elbo_fn is loss_fn:
-        return loss
-    loss_fn = elbo_fn
-    with torch.no_grad(), unit_kl_weight(vae), pyro.validation_enabled(False):
-        out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=num_data)
-        if out is None:
-            # every Pyro ELBO defines loss; the ELBO base class does not declare it
-            value = loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data)  # type: ignore[attr-defined]
-            return torch.as_tensor(value, device=loss.device)
-    return out[0]
 
 
 def _val_elbo(vae: VAE, xv: torch.Tensor, loss_fn: ELBO, batch_size: int, ctx: distributed.Context) -> float:
