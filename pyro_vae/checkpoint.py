@@ -639,23 +639,31 @@ def open_run(folder: PathLike, *, resume: bool = False, overwrite: bool = False,
     continues the run in it.
 
     Raises:
-        CheckpointError: the folder holds a run and neither ``resume`` nor ``overwrite`` was given, or another
-            process holds its lock.
+        CheckpointError: the folder holds a run, or files but no run (see :func:`check_new_run`), and neither
+            ``resume`` nor ``overwrite`` was given; ``resume`` into a folder of files that is no run; another
+            process holds its lock. Nothing is written into the folder then.
     """
     run = RunFolder(folder)
+    if resume:
+        _refuse_foreign(Path(folder), what, "the folder of the run to continue (resume_from)",
+                        "pass the run's folder (or its checkpoint.pt), or start a new run in a new folder")
+    else:  # before the lock, which writes its file into the folder
+        check_new_run(folder, overwrite=overwrite, what=what)
     with run.lock():
         if not resume:
-            check_new_run(folder, overwrite=overwrite, what=what)
+            check_new_run(folder, overwrite=overwrite, what=what)  # again: a run may have committed meanwhile
             if overwrite and any((run.path / n).is_file() for n in (MANIFEST, *STATE_FILES, *REPORTS)):
                 run.commit({}, fresh=True)
         yield run
 
 
 def check_new_run(folder: PathLike, *, overwrite: bool = False, what: str = "checkpoint_dir") -> None:
-    """Refuse a new run into a folder training already wrote, unless ``overwrite``; reads only.
+    """Refuse a new run into a folder training already wrote, or into an existing folder that holds files but is
+    not a run folder (no manifest, lock or trained files: a user's own files), unless ``overwrite``; reads only.
+    A missing or empty folder, and that of a run that trained nothing, are accepted.
 
     Raises:
-        CheckpointError: naming what the folder holds and both ways forward.
+        CheckpointError: naming what the folder holds and the ways forward.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -674,6 +682,24 @@ def check_new_run(folder: PathLike, *, overwrite: bool = False, what: str = "che
         raise CheckpointError(message(
             f"{what} {folder}", "a new or empty folder", f"a trained run ({describe(folder)})",
             f"continue it with {ways[0]}, replace it with {ways[1]}, or pass another folder"))
+    over = "--overwrite" if what == "--out" else "overwrite=True"
+    _refuse_foreign(folder, what, "a new or empty folder, or a pyro-vae run folder",
+                    f"pass a new folder, or {over} to write the run into this one (its files of the names a run "
+                    f"writes, such as {METRICS} and samples.png, are then replaced)")
+
+
+def _refuse_foreign(folder: Path, what: str, expected: str, fix: str) -> None:
+    """Raise :class:`CheckpointError` when ``folder`` exists and holds files (this module's lock and temporary
+    files left out) but is not a run folder: no manifest, no lock, no file that training writes."""
+    if not folder.is_dir() or RunFolder(folder).started() or any((folder / n).is_file() for n in TRAINED):
+        return
+    try:
+        names = [n for n in os.listdir(folder) if n != LOCK and not _TEMP.match(n)]
+    except OSError:
+        return  # an unreadable folder: the lock or the first write names the problem
+    if names:
+        raise CheckpointError(message(f"{what} {folder}", expected,
+                                      f"{describe(folder, limit=4)}, which is not a pyro-vae run", fix))
 
 
 def started_without_checkpoint(path: PathLike) -> bool:

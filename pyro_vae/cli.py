@@ -137,13 +137,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_int("--epochs"), default=50, help="passes over the training set")
     p.add_argument("--batch-size", type=_int("--batch-size"), default=128, help="minibatch size")
     p.add_argument("--lr", type=_float("--lr"), default=1e-3, help="Adam learning rate")
-    p.add_argument("--out", default=None, help="run folder (default runs/<data>-<time>)")
+    p.add_argument("--out", default=None, help="run folder: a new or empty folder, or a run with --resume or "
+                   "--overwrite (default runs/<data>-<time>)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint.pt (same options as the original run; "
                         "--epochs may grow)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (without it, a trained run folder is never overwritten)")
+                   help="replace the run already in --out, or write the run into a folder of other files "
+                        "(without it, neither is ever overwritten)")
     p.add_argument("--clip-norm", type=_float("--clip-norm"), default=None,
                    help="clip the gradient's global norm to this value")
     p.add_argument("--cuda-graph", action="store_true",

@@ -109,6 +109,56 @@ def test_cli_train_into_a_trained_run_is_refused_and_overwrite_replaces_it(tmp_p
     assert checkpoint.load_training_state(run)["epoch"] == 1
 
 
+def _users_folder(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A folder of a user's own files, two of them with names a run writes."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    files = {"samples.png": b"my picture", "metrics.json": b'{"mine": 1}\n', "notes.txt": b"notes"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder, files
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_fit_refuses_a_folder_of_files_that_is_not_a_run_and_writes_nothing_into_it(tmp_path):
+    folder, files = _users_folder(tmp_path)
+    pattern = (rf"checkpoint_dir {folder}: expected a new or empty folder, or a pyro-vae run folder, found a folder "
+               r"holding metrics.json, notes.txt, samples.png, which is not a pyro-vae run\. Fix: pass a new "
+               r"folder, or overwrite=True")
+    with pytest.raises(CheckpointError, match=pattern):
+        _fit(_vae(), epochs=1, checkpoint_dir=folder)
+    with pytest.raises(CheckpointError, match=rf"checkpoint_dir {folder}: expected the folder of the run to "
+                                              r"continue .*found a folder holding .*which is not a pyro-vae run"):
+        _fit(_vae(), epochs=1, checkpoint_dir=folder, resume_from=folder)
+    assert _contents(folder) == files  # no lock file, no manifest, nothing replaced
+    hist = _fit(_vae(), epochs=1, checkpoint_dir=folder, overwrite=True)
+    assert len(hist) == 1 and checkpoint.load_training_state(folder)["epoch"] == 1
+    assert (folder / "notes.txt").read_bytes() == b"notes" and not (folder / "metrics.json").exists()
+
+
+def test_an_empty_existing_folder_takes_a_new_run(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    _fit(_vae(), epochs=1, checkpoint_dir=folder)
+    assert checkpoint.load_training_state(folder)["epoch"] == 1
+
+
+def test_cli_refuses_out_holding_a_users_files_in_one_line_and_overwrite_writes_the_run(tmp_path, capsys):
+    folder, files = _users_folder(tmp_path)
+    assert cli.main(_train_args(tmp_path, folder)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--out {folder}" in err and "samples.png" in err and "metrics.json" in err
+    assert "not a pyro-vae run" in err and "pass a new folder, or --overwrite" in err
+    assert _contents(folder) == files
+    assert cli.main(_train_args(tmp_path, folder, "--epochs", "1", "--overwrite")) == 0
+    assert (folder / "notes.txt").read_bytes() == b"notes"
+    assert json.loads((folder / "metrics.json").read_text())["epochs"] == 1
+    assert (folder / "samples.png").read_bytes() != files["samples.png"]
+
+
 # ----------------------------------------------------------------------------- 2. one run per folder
 HOLD = ("import sys, time\nfrom pyro_vae import checkpoint\nlock = checkpoint.RunFolder(sys.argv[1]).lock()\n"
         "lock.__enter__()\nprint('locked', flush=True)\ntime.sleep(300)\n")

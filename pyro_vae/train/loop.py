@@ -115,7 +115,8 @@ def fit(
             ``best.pt`` + ``best.json`` (best validation ELBO, or training ELBO without validation data),
             committed as one unit with their checksums (:mod:`pyro_vae.checkpoint`), rank 0 only. Created
             after every argument is checked and locked for the run (a second run into it is refused); a
-            folder that training already wrote is refused unless ``resume_from`` it or ``overwrite``.
+            folder that training already wrote is refused unless ``resume_from`` it or ``overwrite``, and so is an
+            existing folder holding files that are not a run's (nothing is written into it then).
         checkpoint_every: also checkpoint every this many optimizer steps.
         resume_from: a ``checkpoint.pt`` (or the folder holding one) to continue from; with the same
             configuration and seed, the result is bit for bit that of an uninterrupted run on the same device
@@ -127,7 +128,8 @@ def fit(
             pathwise estimator, in one process; callbacks must not change what the model or guide read from
             Python (KL-weight and temperature schedules are refused; a changed learning rate re-records the
             step). Same objective and gradients as the eager step, with other random numbers.
-        overwrite: replace the run in ``checkpoint_dir`` (its files are removed once training starts).
+        overwrite: replace the run in ``checkpoint_dir`` (its files are removed once training starts), or write
+            into a folder of other files (those with the names of a run's files are replaced, the others kept).
 
     Returns:
         :class:`History` of per-epoch train and validation ELBOs and the training objective (nats per data
@@ -140,8 +142,8 @@ def fit(
         ModelError: a part of the VAE returned NaN parameters or no distribution (at the first, validated step).
         NonFiniteLossError: a loss or gradient, or an epoch's training or validation ELBO, turned NaN or
             infinite (the message gives epoch and step; no checkpoint is written after it).
-        CheckpointError: ``checkpoint_dir`` holds a run (without ``resume_from``/``overwrite``) or is locked by
-            another run; ``resume_from`` is missing, damaged or from another configuration.
+        CheckpointError: ``checkpoint_dir`` holds a run or other files (without ``resume_from``/``overwrite``)
+            or is locked by another run; ``resume_from`` is missing, damaged or from another configuration.
         TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was written first when ``checkpoint_dir``
             is set.
     """
