@@ -42,15 +42,19 @@ __all__ = ["atomic_write_bytes", "write_json", "read_json", "save_tensors", "loa
            "tensor_bytes", "save", "load", "config_json", "check_writable", "rng_state", "set_rng_state",
            "load_training_state", "RunFolder", "RunLock", "open_run", "check_new_run", "started_without_checkpoint",
            "has_checkpoint", "describe", "CONFIG", "WEIGHTS", "METRICS", "HISTORY", "CHECKPOINT", "BEST",
-           "BEST_JSON", "MANIFEST", "LOCK", "STATE_FILES", "FORMAT"]
+           "BEST_JSON", "MANIFEST", "LOCK", "STATE_FILES", "REPORTS", "PICTURES", "FORMAT"]
 
 CONFIG, WEIGHTS, METRICS, HISTORY = "config.json", "model.pt", "metrics.json", "history.json"
 CHECKPOINT, BEST, BEST_JSON = "checkpoint.pt", "best.pt", "best.json"
 MANIFEST, LOCK = "manifest.json", ".lock"
 STATE_FILES = (CONFIG, WEIGHTS, CHECKPOINT, BEST, BEST_JSON)
 """The files a run folder's manifest records: written only by a commit, verified on every read."""
-REPORTS = (METRICS, HISTORY, "imputation.json")
-"""Reports the commands write beside the state files; an overwritten run's reports go with it."""
+PICTURES = ("samples.png", "reconstructions.png", "elbo.png", "latent.png", "samples-aggregate.png",
+            "samples-mixture.png", "pareto_k.png", "interpolations.png", "traversals.png", "imputations.png")
+"""The pictures the commands draw from a run's weights into its folder (under their default names)."""
+REPORTS = (METRICS, HISTORY, "imputation.json", *PICTURES)
+"""Reports the commands write beside the state files, computed from the run's weights: an overwritten run's
+reports go with it, and a commit of new weights can remove the old ones' (:meth:`RunFolder.commit`)."""
 TRAINED = (WEIGHTS, CHECKPOINT, BEST)
 """A folder holding one of these is a run that training wrote (never replaced without ``overwrite``)."""
 FORMAT = 1
@@ -393,15 +397,24 @@ class RunFolder:
         """The run's exclusive lock (a context manager): see :class:`RunLock`."""
         return RunLock(self.path)
 
-    def commit(self, files: dict[str, bytes], *, fresh: bool = False) -> None:
+    def commit(self, files: dict[str, bytes], *, fresh: bool = False, remove: Sequence[str] = ()) -> None:
         """Replace the state files ``files`` (name: bytes) as one unit; the others stay as recorded. With
-        ``fresh``, start a new run: every state file and report not in ``files`` goes.
+        ``fresh``, start a new run: every state file and report not in ``files`` goes. ``remove``: names of
+        :data:`REPORTS` (those computed from the weights being replaced) removed by the same commit, so that a
+        kill leaves the old files with their reports or the new ones without them, never the new weights
+        beside the old weights' reports. A commit's removals are applied once: when they are done the manifest
+        is written again without them, so a report written after the commit is never removed by a later run's
+        recovery.
 
         Raises:
             CheckpointError: the lock is not held by this thread, or the manifest is damaged (not ``fresh``).
+            ValueError: a name in ``files`` that is not a state file, or in ``remove`` that is not a report.
             OSError: naming the file (a full disk); the previous commit is untouched.
         """
         _require_lock(self.path)
+        bad = [n for n in remove if n not in REPORTS]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not a run folder report {REPORTS}")
         old = None if fresh else self.manifest()
         entries = dict(old["files"]) if old else {}
         gen = old["generation"] + 1 if old else 1
@@ -413,9 +426,9 @@ class RunFolder:
                 staged[name] = _write_new(self.path, name, data).name
                 entries[name] = {"sha256": _sha256(data), "size": len(data)}
             _fsync_dir(self.path)
-            remove = [n for n in STATE_FILES + REPORTS if n not in files] if fresh else []
+            removed = [n for n in STATE_FILES + REPORTS if n not in files] if fresh else list(dict.fromkeys(remove))
             body = {"format": MANIFEST_FORMAT, "run": old["run"] if old else uuid.uuid4().hex,
-                    "generation": gen, "files": entries, "staged": staged, "remove": remove}
+                    "generation": gen, "files": entries, "staged": staged, "remove": removed}
             atomic_write_bytes(self.path / MANIFEST, json_bytes({**body, "checksum": _manifest_checksum(body)}))
         except BaseException:
             for tmp in staged.values():
@@ -423,6 +436,8 @@ class RunFolder:
                     os.unlink(self.path / tmp)
             raise
         _finish(self.path, body, verify=False)
+        if removed:  # done: a later recovery must not remove the reports written from now on
+            _settle(self.path, body)
 
 
 def _repair_hint(name: str) -> str:
@@ -451,15 +466,25 @@ def _finish(folder: Path, m: dict[str, Any], verify: bool = True) -> None:
     _fsync_dir(folder)
 
 
+def _settle(folder: Path, m: dict[str, Any]) -> None:
+    """Write the manifest ``m`` again without its removals, once they are done."""
+    settled = {k: v for k, v in m.items() if k != "checksum"}
+    settled["remove"] = []
+    atomic_write_bytes(folder / MANIFEST, json_bytes({**settled, "checksum": _manifest_checksum(settled)}))
+
+
 def _recover(folder: Path) -> None:
-    """At the start of a run (lock held): finish an interrupted commit, then remove this module's stale
-    temporary files (a kill during a write leaves them). A damaged manifest leaves everything as it is."""
+    """At the start of a run (lock held): finish an interrupted commit (its renames and removals, then the
+    manifest is settled), then remove this module's stale temporary files (a kill during a write leaves them).
+    A damaged manifest leaves everything as it is."""
     try:
         m = RunFolder(folder).manifest()
     except CheckpointError:
         return
     if m is not None:
         _finish(folder, m)
+        if m["remove"]:
+            _settle(folder, m)
     for entry in os.listdir(folder):
         if _TEMP.match(entry) and (folder / entry).is_file():
             with contextlib.suppress(FileNotFoundError):

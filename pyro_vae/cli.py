@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -434,9 +435,16 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
     data_cfg = {"data": args.data, "data_dir": args.data_dir, "binarize": args.binarize, "seed": args.seed,
                 "scale": args.scale}
     resume_from = None  # everything is checked, reading only, before the run folder is written
+    done = _Done()
     if args.resume:
         if distributed.rank0_call(lambda: _check_resume(out, data_cfg)):
             resume_from = out
+            done = distributed.rank0_call(lambda: _epochs_done(out))
+            if not _epochs_to_train(out, done, args.epochs):
+                if ctx.is_main:
+                    print(f"{out} already trained {done.epochs} epochs; nothing to do (pass --epochs N > "
+                          f"{done.epochs} to train more)")
+                return 0
         elif ctx.is_main:
             print(f"pyro-vae train: --resume: {out} holds no checkpoint (the run stopped before its first one); "
                   "training starts from step 0", file=sys.stderr)
@@ -470,7 +478,6 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
     if args.cuda_graph:  # refused before the run folder is written
         check_cuda_graph(vae, device, ctx, args.estimator, BOUNDS["iwae"]() if iwae else args.elbo, callbacks)
     run_config = _RunConfig(out, checkpoint.config_json(vae, data=data_cfg, train=train_cfg), held, ctx.is_main)
-    start = time.perf_counter()
     history = fit(vae, splits.train, elbo="iwae" if iwae else args.elbo,
                   num_particles=args.k if iwae else args.particles, estimator=args.estimator,
                   epochs=args.epochs,
@@ -479,10 +486,15 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
                   clip_norm=args.clip_norm, checkpoint_every=args.checkpoint_every or None,
                   resume_from=resume_from, callbacks=[*callbacks, run_config], cuda_graph=args.cuda_graph,
                   overwrite=args.overwrite)
-    seconds = time.perf_counter() - start
     if not ctx.is_main:
         return 0
-    checkpoint.save(vae, out, data=data_cfg, train=train_cfg)
+    before = _previous_reports(out)
+    run = checkpoint.RunFolder(out)
+    with run.lock():  # the new weights, and the reports of the old ones removed, in one commit
+        run.commit({checkpoint.CONFIG: checkpoint.config_json(vae, data=data_cfg, train=train_cfg),
+                    checkpoint.WEIGHTS: checkpoint.tensor_bytes({k: v.detach().cpu()
+                                                                 for k, v in vae.state_dict().items()})},
+                   remove=[name for name in checkpoint.REPORTS if (out / name).is_file()])
     train_x = splits.train.x
     if splits.dynamic_binarize:
         train_x = binarize(train_x, args.seed)
@@ -500,15 +512,83 @@ def _train(args: argparse.Namespace, ctx: Any, device: Any, held: contextlib.Exi
         metrics["how"]["train_objective"] = _how(
             f"{what}, averaged over epoch {last['epoch']}'s minibatches as they were trained", "train", len(train_x),
             "train", weights="during the last epoch")
-    metrics.update({"epochs": len(history), "seconds": seconds, "device": str(device), "torch": torch.__version__})
+    # the run's epochs, and the sum of history's per-epoch seconds over them (whichever command trained them)
+    metrics.update({"epochs": len(history), "seconds": sum(float(e["seconds"]) for e in history.epochs),
+                    "device": str(device), "torch": torch.__version__})
     checkpoint.write_json(out / checkpoint.METRICS, metrics)
     checkpoint.write_json(out / checkpoint.HISTORY, history.to_dict())
     pictures = write_pictures(vae, splits, out, history.epochs)
-    print(f"trained {len(history)} epochs in {seconds:.1f} s on {device}: test ELBO {metrics['test_elbo']:.2f} "
-          f"nats per data point")
+    print(f"{_trained_now(history.epochs, done, device)}: test ELBO {metrics['test_elbo']:.2f} nats per data point")
+    gone = _removed_reports(before, metrics, pictures)
+    if gone:
+        print(f"removed what was computed from the previous weights: {gone} (run pyro-vae evaluate, sample, "
+              "interpolate or impute again for the new weights)")
     print(f"run folder: {out}")
     print("pictures: " + ", ".join(str(p) for p in pictures))
     return 0
+
+
+@dataclass(frozen=True)
+class _Done:
+    """What a run's checkpoint has trained: ``epochs`` complete epochs, and part of the next one when
+    ``partial`` (a checkpoint written within an epoch)."""
+
+    epochs: int = 0
+    partial: bool = False
+
+
+def _epochs_done(out: Path) -> _Done:
+    """The progress recorded in the run folder ``out``'s ``checkpoint.pt`` (verified, read only)."""
+    state = checkpoint.load_training_state(out)
+    epoch, complete = int(state["epoch"]), bool(state["epoch_complete"])
+    return _Done(epoch, False) if complete else _Done(epoch - 1, True)
+
+
+def _epochs_to_train(out: Path, done: _Done, epochs: int) -> bool:
+    """Whether ``--resume --epochs epochs`` trains anything in the run ``out`` that has trained ``done``.
+
+    Raises:
+        ConfigError: ``epochs`` is below what the run has already trained (a resume cannot shorten a run).
+    """
+    least = done.epochs + 1 if done.partial else done.epochs
+    if epochs < least:
+        trained = f"{done.epochs} epochs" + (f" and part of epoch {least}" if done.partial else "")
+        raise ConfigError(message("--epochs", f"at least {least} ({out} already trained {trained}; --resume "
+                                  "continues a run, it cannot shorten it)", f"--epochs {epochs}",
+                                  f"pass --epochs {least} or more, or start a new run in another --out"))
+    return epochs > done.epochs
+
+
+def _trained_now(records: list[dict[str, Any]], done: _Done, device: Any) -> str:
+    """What this command trained and how long its epochs took (the history's per-epoch seconds of the epochs it
+    ran; a resumed epoch counts the part this command ran)."""
+    now = records[done.epochs:]
+    seconds = sum(float(e["seconds"]) for e in now)
+    if done.epochs == 0 and not done.partial:
+        return f"trained {len(now)} epochs in {seconds:.1f} s on {device}"
+    first, last = (now[0]["epoch"], now[-1]["epoch"]) if now else (done.epochs + 1, done.epochs)
+    which = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+    where = f"within epoch {first}" if done.partial else f"after epoch {done.epochs}"
+    return f"resumed {where} and trained {which} in {seconds:.1f} s on {device} (the run has {len(records)} epochs)"
+
+
+def _previous_reports(out: Path) -> dict[str, Any]:
+    """The reports in ``out`` before the new weights are committed: ``{"files": names, "metrics": keys}``."""
+    keys: list[str] = []
+    with contextlib.suppress(PyroVAEError, OSError):
+        found = checkpoint.read_json(out / checkpoint.METRICS) if (out / checkpoint.METRICS).is_file() else {}
+        keys = list(found) if isinstance(found, dict) else []
+    return {"files": [n for n in checkpoint.REPORTS if (out / n).is_file()], "metrics": keys}
+
+
+def _removed_reports(before: dict[str, Any], metrics: dict[str, Any], pictures: Sequence[Path]) -> str:
+    """In words, what the commit of new weights removed for good: the values of ``metrics.json`` and the files
+    that this command did not write again (those of ``evaluate``, ``sample``, ``interpolate``, ``impute``)."""
+    keys = sorted({"pareto_k_*" if k.startswith("pareto_k") else k for k in before["metrics"] if k not in metrics})
+    rewritten = {checkpoint.METRICS, checkpoint.HISTORY, *(Path(p).name for p in pictures)}
+    files = [n for n in before["files"] if n not in rewritten]
+    parts = ([f"{', '.join(keys)} in {checkpoint.METRICS}"] if keys else []) + ([", ".join(files)] if files else [])
+    return "; ".join(parts)
 
 
 def _run_data(cfg: Any) -> dict[str, Any]:

@@ -137,3 +137,121 @@ def test_a_random_mask_that_hides_nothing_is_refused():
     with pytest.raises(pyro_vae.ConfigError, match="0 < P <= 1"):
         make_mask((64,), "random:0")
     assert (~make_mask((64,), "random:1")).all()
+
+
+# ------------------------------------------------------------------------------ train --resume of a run folder
+def _tiny_run_args(tmp_path, out, *extra):
+    """A small binary image data set as a .npy file, and `pyro-vae train` arguments that train on it in a
+    second."""
+    import numpy as np
+
+    data = tmp_path / "x.npy"
+    if not data.exists():
+        np.save(data, (np.random.default_rng(0).random((80, 4, 4)) > 0.5).astype(np.float32))
+    return ["train", "--data", str(data), "--epochs", "2", "--batch-size", "16", "--hidden", "8", "--z-dim", "2",
+            "--likelihood", "bernoulli", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+
+
+def _snapshot(folder):
+    """Every file's bytes and modification time: a command that leaves the folder alone changes neither."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_resume_of_a_run_that_trained_the_epochs_asked_for_leaves_every_file_as_it_was(tmp_path, capsys):
+    from pyro_vae import cli
+
+    out = tmp_path / "R"
+    assert cli.main(_tiny_run_args(tmp_path, out)) == 0
+    assert cli.main(["evaluate", str(out), "--iw-samples", "30", "--device", "cpu"]) == 0
+    before = _snapshot(out)
+    assert {"log_likelihood", "gap", "active_units", "num_samples"} <= set(json.loads(before["metrics.json"][0]))
+    capsys.readouterr()
+    assert cli.main(_tiny_run_args(tmp_path, out, "--resume")) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == f"{out} already trained 2 epochs; nothing to do (pass --epochs N > 2 to train more)"
+    assert printed.err == "" and _snapshot(out) == before
+    assert cli.main(_tiny_run_args(tmp_path, out, "--resume", "--epochs", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("pyro-vae train: error: --epochs: expected at least 2")
+    assert f"{out} already trained 2 epochs" in err and "found --epochs 1" in err and "--epochs 2 or more" in err
+    assert _snapshot(out) == before
+
+
+def test_resume_that_trains_more_removes_the_old_weights_reports_and_times_only_its_own_epochs(tmp_path, capsys):
+    import re
+
+    from pyro_vae import checkpoint, cli
+
+    out = tmp_path / "R"
+    assert cli.main(_tiny_run_args(tmp_path, out)) == 0
+    assert cli.main(["evaluate", str(out), "--iw-samples", "30", "--device", "cpu"]) == 0
+    assert cli.main(["interpolate", str(out), "--pairs", "2", "--steps", "3", "--device", "cpu"]) == 0
+    assert {"pareto_k.png", "interpolations.png", "traversals.png"} <= {p.name for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli.main(_tiny_run_args(tmp_path, out, "--resume", "--epochs", "4")) == 0
+    printed = capsys.readouterr().out
+    history = json.loads((out / "history.json").read_text())["epochs"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in history] == [1, 2, 3, 4]
+    # the time printed is that of the epochs this command trained, named as such
+    seconds = float(re.search(r"resumed after epoch 2 and trained epochs 3-4 in ([0-9.]+) s on cpu \(the run has "
+                              r"4 epochs\): test ELBO", printed).group(1))
+    assert seconds == round(history[2]["seconds"] + history[3]["seconds"], 1)
+    assert metrics["epochs"] == 4 and metrics["seconds"] == pytest.approx(sum(e["seconds"] for e in history))
+    # what evaluate and interpolate computed from the old weights is gone, and the output says so
+    assert not {"log_likelihood", "gap", "active_units", "num_samples"} & set(metrics)
+    assert not any(k.startswith("pareto_k") for k in metrics)
+    assert not {"pareto_k.png", "interpolations.png", "traversals.png"} & {p.name for p in out.iterdir()}
+    removed = re.search(r"removed what was computed from the previous weights: (.*) in metrics.json; (.*) \(run "
+                        r"pyro-vae evaluate, sample, interpolate or impute again", printed)
+    assert {"log_likelihood", "gap", "active_units", "num_samples", "pareto_k_*"} <= set(removed.group(1).split(", "))
+    assert removed.group(2).split(", ") == ["pareto_k.png", "interpolations.png", "traversals.png"]
+    assert checkpoint.RunFolder(out).manifest()["remove"] == []  # settled: later reports are never removed
+    assert all((out / name).is_file() for name in ("samples.png", "reconstructions.png", "elbo.png", "latent.png"))
+
+
+def test_resume_within_an_epoch_refuses_fewer_epochs_than_it_reached(tmp_path, capsys, monkeypatch):
+    from pyro_vae import checkpoint, cli
+
+    out = tmp_path / "R"
+
+    class Stop:
+        def on_step(self, state):
+            if state.step == 7:  # mid-epoch 2 (4 steps per epoch), after the checkpoint of step 6
+                raise KeyboardInterrupt
+
+    schedules = cli._schedules
+    monkeypatch.setattr(cli, "_schedules", lambda args: [*schedules(args), Stop()])
+    assert cli.main(_tiny_run_args(tmp_path, out, "--checkpoint-every", "3")) == 130
+    monkeypatch.setattr(cli, "_schedules", schedules)
+    state = checkpoint.load_training_state(out)
+    assert (state["epoch"], state["epoch_complete"]) == (2, False)
+    capsys.readouterr()
+    assert cli.main(_tiny_run_args(tmp_path, out, "--resume", "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "--epochs: expected at least 2" in err and "already trained 1 epochs and part of epoch 2" in err
+    assert cli.main(_tiny_run_args(tmp_path, out, "--resume")) == 0
+    assert "resumed within epoch 2 and trained epoch 2 in" in capsys.readouterr().out
+
+
+def test_fit_refuses_to_resume_to_fewer_epochs_and_trains_nothing_at_as_many(tmp_path):
+    import pyro
+    import torch
+
+    import pyro_vae
+    from pyro_vae.errors import ConfigError
+
+    x = (torch.rand(32, 6, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+
+    def fit(**kw):
+        pyro.clear_param_store()
+        return pyro_vae.fit(pyro_vae.VAE((6,), 2, hidden=(8,)), x, batch_size=16, device="cpu", progress=False,
+                            checkpoint_dir=tmp_path, **kw)
+
+    fit(epochs=3)
+    manifest = (tmp_path / "manifest.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"epochs: expected at least 3 \(the checkpoint .* already trained 3 "
+                                          r"epochs; resuming cannot shorten a run\), found 1"):
+        fit(epochs=1, resume_from=tmp_path)
+    assert len(fit(epochs=3, resume_from=tmp_path)) == 3
+    assert (tmp_path / "manifest.json").read_bytes() == manifest

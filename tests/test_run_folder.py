@@ -273,6 +273,42 @@ def test_a_kill_while_saving_leaves_the_old_or_the_new_model(tmp_path, monkeypat
         assert _equal(loaded, old.state_dict()) or _equal(loaded, new.state_dict()), label
 
 
+def test_a_kill_while_committing_new_weights_never_leaves_them_beside_the_old_weights_reports(tmp_path,
+                                                                                              monkeypatch):
+    """commit(files, remove=reports): a kill at any write leaves the old weights with their reports, or the new
+    weights without them (once the next lock has finished the commit); the removal is applied once, so a report
+    written after the commit survives later locks."""
+    run = tmp_path / "run"
+    old, new = pyro_vae.VAE((D,), 2, hidden=(8,)), pyro_vae.VAE((D,), 3, hidden=(5,))
+    pyro_vae.save(old, run)
+    reports = {"metrics.json": b'{"log_likelihood": -3.0}\n', "pareto_k.png": b"png", "imputation.json": b"{}"}
+    for name, data in reports.items():
+        (run / name).write_bytes(data)
+    snaps = _Snapshots(run, tmp_path / "kills", monkeypatch)
+    folder = checkpoint.RunFolder(run)
+    with folder.lock():
+        folder.commit({"model.pt": checkpoint.tensor_bytes(new.state_dict()),
+                       "config.json": checkpoint.config_json(new)}, remove=sorted(reports))
+    monkeypatch.undo()
+    assert len(snaps.copies) >= 8
+    for label, copy in [*snaps.copies, ("after", run)]:
+        with checkpoint.RunFolder(copy).lock():  # finishes an interrupted commit
+            pass
+        loaded = pyro_vae.load(copy).state_dict()
+        there = {name for name in reports if (copy / name).exists()}
+        if _equal(loaded, old.state_dict()):
+            assert there == set(reports), label
+        else:
+            assert _equal(loaded, new.state_dict()) and there == set(), label
+        assert checkpoint.RunFolder(copy).manifest()["remove"] == [], label
+        (copy / "metrics.json").write_text('{"test_elbo": -4.0}')
+        with checkpoint.RunFolder(copy).lock():
+            pass
+        assert (copy / "metrics.json").read_text() == '{"test_elbo": -4.0}', label
+    with pytest.raises(ValueError, match="model.pt: not a run folder report"), folder.lock():
+        folder.commit({}, remove=["model.pt"])
+
+
 def test_stale_temporaries_are_removed_when_a_run_starts_or_resumes(tmp_path):
     run = tmp_path / "run"
     _fit(_vae(), epochs=1, checkpoint_dir=run)

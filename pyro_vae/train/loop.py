@@ -136,7 +136,9 @@ def fit(
         point; the ELBO is always the one with KL weight 1, see :class:`History`).
 
     Raises:
-        ConfigError: an argument out of range (checked before any work), or a VAE too large for the device.
+        ConfigError: an argument out of range (checked before any work), a VAE too large for the device, or
+            ``epochs`` below the epochs the checkpoint ``resume_from`` already trained (with as many, nothing is
+            trained and the restored history comes back).
         DataError: data of the wrong shape or dtype, non-finite, outside the likelihood's support, or (with
             ``dynamic_binarize``) outside [0, 1].
         ModelError: a part of the VAE returned NaN parameters or no distribution (at the first, validated step).
@@ -159,6 +161,7 @@ def fit(
     checkpointer = Checkpointer(folder, cfg.signature(run.num_data), state, run.extra, list(run.user_params),
                                 _shuffle_seed(cfg), cfg.ctx)
     start = checkpointer.resume(resume_from, cfg.cuda_graph) if resume_from is not None else ResumePoint()
+    _check_epochs_left(cfg.epochs, start, resume_from)
     guard = StepGuard(run.params, cfg.device, cfg.ctx, cfg.clip_norm if cfg.ctx.enabled else None,
                       run.steps_per_epoch, folder)
     hook = run.optimizer.register_step_pre_hook(guard)
@@ -190,6 +193,17 @@ def fit(
             bar.close()
         vae.eval()
     return history
+
+
+def _check_epochs_left(epochs: int, start: ResumePoint, resume_from: str | Path | None) -> None:
+    """Refuse ``epochs`` below what the checkpoint ``resume_from`` already trained (``start``): a resume continues
+    a run, and its history would hold more epochs than asked for. Equal: nothing left to train."""
+    least = start.epoch if start.batch > 0 else start.epoch - 1
+    if epochs < least:
+        trained = f"{start.epoch - 1} epochs" + (f" and part of epoch {start.epoch}" if start.batch > 0 else "")
+        raise ConfigError(message("epochs", f"at least {least} (the checkpoint {resume_from} already trained "
+                                  f"{trained}; resuming cannot shorten a run)", repr(epochs),
+                                  f"pass epochs={least} or more, or train a new run without resume_from"))
 
 
 @dataclass(frozen=True)
