@@ -36,7 +36,7 @@ from pyro_vae.data import as_tensor_data, check_binarizable
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.infer.elbo import BOUNDS, evaluate_elbo, make_elbo, reporting_elbo
 from pyro_vae.infer.estimators import check_estimator
-from pyro_vae.infer.kl_report import kl_report
+from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.losses import elbo_loss
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.train import distributed
