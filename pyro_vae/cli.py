@@ -122,10 +122,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "default: meanfield, trace for the score-function estimators (pyro_vae.fit's default is "
                         "trace)")
     p.add_argument("--estimator", default="pathwise", choices=list(ESTIMATORS),
-                   help="gradient estimator: pathwise (reparameterized), score-function (REINFORCE), "
-                        "score-function-baseline (TraceGraph_ELBO, decaying-average baseline), "
-                        "score-function-neural-baseline, relaxed and straight-through (categorical latents), stl "
-                        "(sticking the landing, --objective elbo), dreg (doubly reparameterized, --objective iwae)")
+                   help="gradient estimator (default: pathwise): " + "; ".join(
+                       f"{name}, {est.description}" for name, est in ESTIMATORS.items()))
     p.add_argument("--particles", type=_int("--particles"), default=1,
                    help="Monte Carlo particles per step (vectorized), --objective elbo")
     p.add_argument("--objective", default="elbo", choices=("elbo", "iwae"),
