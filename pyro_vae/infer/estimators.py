@@ -40,15 +40,14 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.kl import kl_divergence, register_kl
 from pyro.distributions.score_parts import ScoreParts
-from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from torch import nn
-from torch.distributions import constraints
 from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 
 from pyro_vae.distributions.relaxed import ExpOneHotCategorical, straight_through_override
+from pyro_vae.distributions.wrapped import Wrapped
 from pyro_vae.encoders import RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.infer.path_gradient import PathGradient, check_independent_parameters
@@ -77,60 +76,27 @@ __all__ = [
 BASELINE_PARAM = "__baseline_avg_downstream_cost_"
 
 
-class ScoreFunction(TorchDistribution):
+class ScoreFunction(Wrapped):
     """A distribution that samples and scores like ``base`` but has no ``rsample``, so every Pyro ELBO
     treats its site with the score-function (REINFORCE) estimator.
 
     ``sample`` returns a detached draw of ``base``; ``log_prob``, ``support``, ``mean``, ``variance``,
     ``entropy`` and ``enumerate_support`` delegate; ``expand`` and ``to_event`` keep the wrapper, so the
-    site works inside plates and with event dimensions.
+    site works inside plates and with event dimensions (:class:`pyro_vae.distributions.wrapped.Wrapped`).
 
     Args:
         base: any distribution (reparameterizable or not).
     """
 
-    arg_constraints: dict = {}
     has_rsample = False
 
     def __init__(self, base: torch.distributions.Distribution, validate_args: bool | None = None) -> None:
-        self.base = base
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
-
-    @constraints.dependent_property
-    def support(self):
-        return self.base.support
-
-    @property
-    def has_enumerate_support(self) -> bool:  # type: ignore[override]
-        return self.base.has_enumerate_support
+        super().__init__(base)
 
     def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] =
                torch.Size()) -> torch.Tensor:  # noqa: B008 (torch.Size is immutable)
         with torch.no_grad():
             return self.base.sample(sample_shape).detach()
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return self.base.log_prob(value)
-
-    def expand(self, batch_shape, _instance=None) -> ScoreFunction:
-        return ScoreFunction(self.base.expand(torch.Size(batch_shape)))
-
-    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
-        return self.base.enumerate_support(expand=expand)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.base.mean
-
-    @property
-    def variance(self) -> torch.Tensor:
-        return self.base.variance
-
-    def entropy(self) -> torch.Tensor:
-        return self.base.entropy()
-
-    def __repr__(self) -> str:
-        return f"ScoreFunction({self.base!r})"
 
 
 class SiteGradient(ScoreFunction):
@@ -157,11 +123,6 @@ class SiteGradient(ScoreFunction):
         no_score: Any = 0  # Pyro's is_identically_zero: the number 0, not a tensor
         return ScoreParts(log_prob=log_prob, score_function=no_score, entropy_term=log_prob.detach())
 
-    def expand(self, batch_shape, _instance=None) -> SiteGradient:
-        return SiteGradient(cast(Any, self.base).expand(torch.Size(batch_shape)))
-
-    def __repr__(self) -> str:
-        return f"SiteGradient({self.base!r})"
 
 
 @register_kl(SiteGradient, torch.distributions.Distribution)

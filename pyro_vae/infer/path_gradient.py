@@ -26,9 +26,8 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.kl import kl_divergence, register_kl
 from pyro.distributions.score_parts import ScoreParts
-from pyro.distributions.torch_distribution import TorchDistribution
-from torch.distributions import constraints
 
+from pyro_vae.distributions.wrapped import Wrapped
 from pyro_vae.errors import ConfigError, message
 
 __all__ = ["PathGradient", "detached", "distribution_parameters", "check_independent_parameters"]
@@ -76,7 +75,7 @@ def detached(fn: Any, site: str = "") -> Any:
     return type(fn)(*params, validate_args=False)
 
 
-class PathGradient(TorchDistribution):
+class PathGradient(Wrapped):
     """A reparameterized distribution whose ``log q`` reaches Pyro's surrogate through its value only.
 
     ``rsample``, ``sample``, ``log_prob``, ``support``, ``mean``, ``variance`` and ``entropy`` are those of
@@ -93,7 +92,6 @@ class PathGradient(TorchDistribution):
         ConfigError: ``base`` cannot be reparameterized or detached.
     """
 
-    arg_constraints: dict = {}
     has_rsample = True
 
     def __init__(self, base: Any, site: str = "", validate_args: bool | None = None) -> None:
@@ -103,13 +101,12 @@ class PathGradient(TorchDistribution):
                 f"{type(base).__name__} without rsample",
                 'use a reparameterized guide distribution, or a "score-function" estimator'))
         distribution_parameters(base, site)
-        self.base = base
         self.site = site
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+        super().__init__(base)
 
-    @constraints.dependent_property
-    def support(self):
-        return self.base.support
+    def rewrap(self, base: Any) -> PathGradient:
+        """The wrapper around another ``base``, at the same site."""
+        return PathGradient(base, self.site)
 
     def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = _NO_SHAPE) -> torch.Tensor:
         return self.base.rsample(sample_shape)
@@ -117,29 +114,9 @@ class PathGradient(TorchDistribution):
     def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = _NO_SHAPE) -> torch.Tensor:
         return self.base.sample(sample_shape)
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return self.base.log_prob(value)
-
     def score_parts(self, value: torch.Tensor) -> ScoreParts:
         return ScoreParts(log_prob=self.base.log_prob(value), score_function=cast(torch.Tensor, 0),
                           entropy_term=detached(self.base, self.site).log_prob(value))
-
-    def expand(self, batch_shape, _instance=None) -> PathGradient:
-        return PathGradient(self.base.expand(torch.Size(batch_shape)), self.site)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.base.mean
-
-    @property
-    def variance(self) -> torch.Tensor:
-        return self.base.variance
-
-    def entropy(self) -> torch.Tensor:
-        return self.base.entropy()
-
-    def __repr__(self) -> str:
-        return f"PathGradient({self.base!r})"
 
 
 @register_kl(PathGradient, torch.distributions.Distribution)
