@@ -770,8 +770,11 @@ def save(vae: VAE, run_dir: PathLike, **extra: Any) -> Path:
     one commit under the folder's lock.
 
     Raises:
-        CheckpointError: the VAE has no JSON config, or another process holds the folder's lock.
+        CheckpointError: the VAE has no JSON config, another process holds the folder's lock, or ``run_dir`` is an
+            existing folder of other files that is not a run folder (its files are never replaced).
     """
+    _refuse_foreign(Path(run_dir), "run_dir", "a new or empty folder, or a pyro-vae run folder",
+                    "pass a new folder (or an empty one) for the saved VAE")
     run = RunFolder(run_dir)
     files = {CONFIG: config_json(vae, **extra),
              WEIGHTS: tensor_bytes({k: v.detach().cpu() for k, v in vae.state_dict().items()})}

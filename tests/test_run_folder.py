@@ -139,6 +139,19 @@ def test_fit_refuses_a_folder_of_files_that_is_not_a_run_and_writes_nothing_into
     assert (folder / "notes.txt").read_bytes() == b"notes" and not (folder / "metrics.json").exists()
 
 
+def test_save_refuses_a_folder_of_files_that_is_not_a_run_and_takes_a_saved_one(tmp_path):
+    folder, files = _users_folder(tmp_path)
+    (folder / "config.json").write_bytes(b'{"mine": 2}\n')  # a name save writes
+    files["config.json"] = b'{"mine": 2}\n'
+    with pytest.raises(CheckpointError, match=rf"run_dir {folder}: expected a new or empty folder, or a pyro-vae "
+                                              r"run folder, found a folder holding .*which is not a pyro-vae run"):
+        checkpoint.save(_vae(), folder)
+    assert _contents(folder) == files
+    saved = checkpoint.save(_vae(), tmp_path / "saved")
+    checkpoint.save(_vae(), saved)  # a folder save wrote is a run folder: saved again in place
+    assert checkpoint.load(saved).z_dim == _vae().z_dim
+
+
 def test_an_empty_existing_folder_takes_a_new_run(tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
