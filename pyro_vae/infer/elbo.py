@@ -28,7 +28,8 @@ from pyro_vae.infer.estimators import (
     get_estimator,
 )
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
-from pyro_vae.infer.site_gradients import SiteGradientTrace_ELBO, SiteGradientTraceMeanField_ELBO
+from pyro_vae.infer.pair import ModelGuidePair, as_data_rows, as_pair, pair_structure, plate_clash_explained
+from pyro_vae.infer.site_gradients import SiteGradientTrace_ELBO, SiteGradientTraceMeanField_ELBO, site_gradient_rule
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.validation import integer
 
@@ -95,7 +96,8 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
         data_shape: shape of one data point; sizes the neural baseline of ``"score-function-neural-baseline"``.
         baseline_beta: decay of the average baseline of ``"score-function-baseline"``.
         nn_baseline: your own baseline module for ``"score-function-neural-baseline"`` (default: a
-            :class:`~pyro_vae.infer.estimators.NeuralBaseline` for ``data_shape``).
+            :class:`~pyro_vae.infer.estimators.NeuralBaseline` for ``data_shape``), or the learned module of a
+            per-site estimator that has one (``"nvil"``; default: built for ``data_shape``).
         max_plate_nesting: plates in the model (1 for a :class:`pyro_vae.VAE`).
         alpha: ``"iwae"`` only: the order of Renyi's bound, ``0 <= alpha < 1``.
 
@@ -127,7 +129,7 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
     kwargs.update(estimator=est, baseline_beta=baseline_beta,
                   nn_baseline=nn_baseline if est.baseline == "neural" else None)
     if est.site_gradient is not None:
-        return _site_gradient_elbo(elbo, est, kwargs)
+        return _site_gradient_elbo(elbo, est, kwargs, data_shape, nn_baseline)
     if est.baseline is not None:
         return EstimatorTraceGraph_ELBO(**kwargs)
     if elbo == "meanfield":
@@ -135,16 +137,23 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
     return EstimatorTrace_ELBO(**kwargs)
 
 
-def _site_gradient_elbo(elbo: str, est: Estimator, kwargs: dict[str, Any]) -> ELBO:
-    """The ELBO of a per-site estimator (:mod:`pyro_vae.infer.site_gradients`); ``rloo`` needs ``K >= 2``
-    particles."""
-    if est.site_gradient == "rloo" and kwargs["num_particles"] < 2:
+def _site_gradient_elbo(elbo: str, est: Estimator, kwargs: dict[str, Any], data_shape: Sequence[int] | None,
+                        module: nn.Module | None) -> ELBO:
+    """The ELBO of a per-site estimator (:mod:`pyro_vae.infer.site_gradients`), with the particles its rule needs
+    (``rloo``: ``K >= 2``) and its learned module (``module``, or built for ``data_shape``)."""
+    rule = site_gradient_rule(est)
+    if kwargs["num_particles"] < rule.min_particles:
         raise ConfigError(message(f'num_particles with estimator "{est.name}"',
-                                  "K >= 2 draws (each is baselined by the mean of the others)",
-                                  str(kwargs["num_particles"]), "pass num_particles=K with K >= 2"))
+                                  rule.particles_reason or f"K >= {rule.min_particles} draws",
+                                  str(kwargs["num_particles"]), f"pass num_particles=K with K >= {rule.min_particles}"))
     kwargs = {k: v for k, v in kwargs.items() if k not in ("baseline_beta", "nn_baseline")}
+    if rule.module is not None and module is None:
+        if data_shape is None:
+            raise ConfigError(message("data_shape", f'the shape of one data point for the learned part of estimator '
+                                      f'"{est.name}"', "None", "pass data_shape=vae.data_shape or nn_baseline=module"))
+        module = rule.module(data_shape)
     cls = SiteGradientTraceMeanField_ELBO if elbo == "meanfield" else SiteGradientTrace_ELBO
-    return cls(**kwargs)
+    return cls(site_module=module if rule.module is not None else None, **kwargs)
 
 
 def make_estimator_elbo(estimator: str | Estimator = "pathwise", elbo: str | ELBO = "trace",
@@ -167,7 +176,7 @@ def reporting_elbo(loss_fn: ELBO) -> ELBO:
     return loss_fn
 
 
-def evaluate_elbo(vae: VAE, data: Any, *, elbo: str | ELBO = "trace", num_particles: int = 1,
+def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELBO = "trace", num_particles: int = 1,
                   batch_size: int = 1024) -> float:
     """Mean ELBO per data point (nats) of ``data`` (``(N, *data_shape)``, any real dtype) under ``elbo``,
     without gradients, in batches of ``batch_size`` (an integer >= 1; :class:`ConfigError` otherwise).
@@ -175,12 +184,22 @@ def evaluate_elbo(vae: VAE, data: Any, *, elbo: str | ELBO = "trace", num_partic
     The ELBO proper, ``E_q[log p(x|z)] - KL(q(z|x) || p(z))``, whatever the VAE's KL weight ``beta`` (the
     beta-weighted training objective is ``History``'s ``train_objective``).
 
+    ``vae`` may be any model/guide pair (:class:`pyro_vae.ModelGuidePair`, :mod:`pyro_vae.infer.pair`; ``data``
+    is then ``(N, ...)``): the result is the ELBO of the whole data set divided by ``N``, the global latents'
+    KL counted once. Each batch of ``b`` points is scored with ``num_data=N`` (its local sites scaled by ``N / b``,
+    the global ones not), which estimates the data set's ELBO; the estimates are averaged with weights ``b / N``.
+    For a VAE alone this is the mean of the per-batch ELBOs, as above. A VAE among the pair's ``modules`` is
+    evaluated with KL weight 1.
+
     ``elbo="iwae"`` (or an :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`) is refused: the importance-weighted
     bound is not the ELBO; :func:`pyro_vae.log_likelihood` estimates it, with its standard error."""
     if (isinstance(elbo, str) and elbo in BOUNDS) or isinstance(elbo, ImportanceWeightedELBO):
         raise ConfigError(message("elbo", '"trace", "meanfield" or an ELBO object (this function reports the '
                                   "ELBO)", f"{elbo!r}, the importance-weighted bound",
                                   'pass elbo="trace", or use pyro_vae.log_likelihood(vae, data, K) for the bound'))
+    vae = as_pair(vae)
+    if isinstance(vae, ModelGuidePair):
+        return _pair_elbo(vae, data, elbo, num_particles, batch_size)
     x = vae.as_data(as_tensor_data(data, "data"), "data", data_set=True)
     batch_size = integer("batch_size", batch_size, 1)
     loss_fn = make_elbo(elbo, num_particles)
@@ -192,3 +211,26 @@ def evaluate_elbo(vae: VAE, data: Any, *, elbo: str | ELBO = "trace", num_partic
             # every Pyro ELBO defines loss; the ELBO base class does not declare it
             total += loss_fn.loss(vae.model, vae.guide, xb)  # type: ignore[attr-defined]
     return -total / x.shape[0]
+
+
+def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles: int, batch_size: int) -> float:
+    """:func:`evaluate_elbo` of a model/guide pair: each batch scored with ``num_data=N``, weighted ``b / N``."""
+    x = as_data_rows(pair, data, "data")
+    batch_size = integer("batch_size", batch_size, 1)
+    n = x.shape[0]
+    device = next((t.device for t in (*pair.parameters(), *pair.buffers())), x.device)
+    structure = pair_structure(pair, x[:batch_size].to(device), n)
+    loss_fn = make_elbo(elbo, num_particles, max_plate_nesting=structure.max_plate_nesting)
+    total = 0.0
+    was_training = pair.training
+    pair.eval()
+    try:
+        with torch.no_grad(), unit_kl_weight(pair), plate_clash_explained():
+            for i in range(0, n, batch_size):
+                xb = x[i: i + batch_size].to(device)
+                # every Pyro ELBO defines loss; the ELBO base class does not declare it
+                loss = loss_fn.loss(pair.model, pair.guide, xb, num_data=n)  # type: ignore[attr-defined]
+                total += loss * xb.shape[0] / n
+    finally:
+        pair.train(was_training)
+    return -total / n

@@ -33,7 +33,8 @@ each plate entry's cost depends only on its own value (the entries are perturbed
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
+from torch import nn
 
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.infer.control_variates import (
@@ -58,32 +60,21 @@ from pyro_vae.infer.estimators import (
     EstimatorTrace_ELBO,
     EstimatorTraceMeanField_ELBO,
     SiteGradient,
-    unwrap_independent,
 )
 from pyro_vae.infer.measure_valued import measure_valued_normal
+from pyro_vae.infer.site_context import PARTICLE_PLATE_NAME, SiteContext
 from pyro_vae.pyro_internals import particle_loss, particle_traces
 
-__all__ = ["SITE_GRADIENTS", "PARTICLE_PLATE_NAME", "analytic_kl_sites", "site_cost", "site_surrogate",
-           "evaluations", "SiteGradientTrace_ELBO", "SiteGradientTraceMeanField_ELBO"]
+__all__ = ["SITE_GRADIENTS", "SiteGradientRule", "site_gradient_rule", "one_evaluation", "PARTICLE_PLATE_NAME",
+           "analytic_kl_sites", "site_cost", "site_surrogate", "evaluations", "SiteGradientTrace_ELBO",
+           "SiteGradientTraceMeanField_ELBO"]
 
-#: The per-site estimators this module implements (``Estimator.site_gradient``).
-SITE_GRADIENTS = ("mean-baseline", "optimal-cv", "delta-cv", "rloo", "measure-valued")
-#: Name of the plate of vectorized particles in Pyro's ELBOs (the leave-one-out estimator's ``K`` draws).
-PARTICLE_PLATE_NAME = "num_particles_vectorized"
-_NORMAL_ONLY = ("optimal-cv", "delta-cv", "measure-valued")
 
 
 def evaluations(est: Estimator, event_size: int) -> int:
     """Model evaluations per estimate (one particle) of ``est`` on a site of ``event_size`` coordinates,
     counting the draw's own; for the delta method, forward and backward passes."""
-    kind = est.site_gradient
-    if kind in ("mean-baseline", "optimal-cv"):
-        return 1 + est.cv_samples
-    if kind == "delta-cv":
-        return 2 + 2 * event_size
-    if kind == "measure-valued":
-        return 1 + 4 * event_size
-    return 1
+    return site_gradient_rule(est).evaluations(est, event_size)
 
 
 def analytic_kl_sites(model_trace: Trace, guide_trace: Trace) -> set[str]:
@@ -141,62 +132,103 @@ def site_cost(model: Callable, args: tuple, kwargs: dict, guide_trace: Trace, si
     return cost
 
 
-def _normal(site: Any, name: str, est: Estimator) -> torch.distributions.Normal:
-    base, _ = unwrap_independent(site["fn"].base)
+def _normal(ctx: SiteContext) -> torch.distributions.Normal:
+    base = ctx.family
     if not isinstance(base, torch.distributions.Normal):
-        raise ConfigError(message(
-            f'estimator "{est.name}" at site "{name}"', "a Normal guide distribution (to_event allowed)",
-            type(base).__name__, 'use "score-function-mean-baseline" or "rloo", which apply to any family'))
+        raise ctx.refuse("a Normal guide distribution (to_event allowed)",
+                         'use "score-function-mean-baseline" or "rloo", which apply to any family')
     return base
 
 
-def _particle_dim(site: Any, name: str, est: Estimator) -> int:
-    for frame in site["cond_indep_stack"]:
-        if frame.name == PARTICLE_PLATE_NAME and frame.vectorized and frame.size >= 2:
-            return frame.dim
-    raise ConfigError(message(f'estimator "{est.name}" at site "{name}"', "K >= 2 vectorized particles",
-                              "one draw", "pass num_particles=K with K >= 2"))
+def _score_term(ctx: SiteContext, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``((f - b) log q(value)).sum()``: the score-function term with baseline ``b`` (both detached)."""
+    return ((f - b) * ctx.base.log_prob(ctx.value)).sum()
 
 
-def _site_term(est: Estimator, name: str, site: Any, cost: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    fn = site["fn"]
-    value = site["value"].detach()
-    event_dim = fn.event_dim
-    kind = est.site_gradient
+def _mean_baseline_term(ctx: SiteContext) -> torch.Tensor:
+    base = ctx.base
+    b = mean_baseline(ctx.detached_cost, lambda: base.sample(), ctx.est.cv_samples)
+    return _score_term(ctx, ctx.detached_cost(ctx.value), b)
 
-    def detached(z: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return cost(z).detach()
 
-    if kind in ("mean-baseline", "rloo"):
-        f = detached(value)
-        if kind == "mean-baseline":
-            base = fn.base
-            b = mean_baseline(detached, lambda: base.sample(), est.cv_samples)
-        else:
-            b = leave_one_out_baseline(f, _particle_dim(site, name, est))
-        return ((f - b) * fn.base.log_prob(value)).sum()
-    normal = _normal(site, name, est)
+def _rloo_term(ctx: SiteContext) -> torch.Tensor:
+    f = ctx.detached_cost(ctx.value)
+    return _score_term(ctx, f, leave_one_out_baseline(f, ctx.particle_dim()))
+
+
+def _normal_term(ctx: SiteContext) -> torch.Tensor:
+    normal = _normal(ctx)
+    value, event_dim, kind = ctx.value, ctx.event_dim, ctx.est.site_gradient
     loc, scale = normal.loc, normal.scale
     if kind == "optimal-cv":
-        f = detached(value).reshape(value.shape[: value.dim() - event_dim] + (1,) * event_dim)
-        c_loc, c_scale = optimal_coefficients(detached, loc.detach(), scale.detach(), value.shape, event_dim,
-                                              est.cv_samples)
+        f = ctx.detached_cost(value).reshape(value.shape[: value.dim() - event_dim] + (1,) * event_dim)
+        c_loc, c_scale = optimal_coefficients(ctx.detached_cost, loc.detach(), scale.detach(), value.shape,
+                                              event_dim, ctx.est.cv_samples)
         s_loc, s_scale = normal_scores(value, loc.detach(), scale.detach())
         g_loc, g_scale = (f - c_loc) * s_loc, (f - c_scale) * s_scale
     elif kind == "delta-cv":
-        g_loc, g_scale = delta_method(cost, value, loc, scale, event_dim)
+        g_loc, g_scale = delta_method(ctx.cost, value, loc, scale, event_dim)
     else:
         with torch.no_grad():
-            g_loc, g_scale = measure_valued_normal(cost, value, loc, scale, event_dim)
+            g_loc, g_scale = measure_valued_normal(ctx.cost, value, loc, scale, event_dim)
     return (g_loc.detach() * loc).sum() + (g_scale.detach() * scale).sum()
 
 
+def one_evaluation(est: Estimator, event_size: int) -> int:
+    """One model evaluation per estimate, the draw's own (the default of :attr:`SiteGradientRule.evaluations`)."""
+    return 1
+
+
+@dataclass(frozen=True)
+class SiteGradientRule:
+    """How one kind of per-site estimator (``Estimator.site_gradient``) computes its term.
+
+    Attributes:
+        term: ``term(ctx) -> scalar tensor``, the term added to the surrogate ELBO for one site
+            (:class:`~pyro_vae.infer.site_context.SiteContext`); its gradient with respect to the guide's
+            parameters at the site is the estimate (its value carries no meaning), its gradient with respect to
+            the estimator's learned module (if any) trains that module (the ELBO is maximized).
+        evaluations: ``evaluations(est, event_size) -> int``, model evaluations per estimate (one particle),
+            counting the draw's own.
+        module: builds the estimator's learned module from the shape of one data point (``None``: nothing
+            learned); the ELBO holds it in ``extra_modules()``, so fit optimizes and checkpoints it.
+        min_particles: the vectorized particles ``K`` an estimate needs.
+        particles_reason: why it needs them (for the error message).
+    """
+
+    term: Callable[[SiteContext], torch.Tensor]
+    evaluations: Callable[[Estimator, int], int] = one_evaluation
+    module: Callable[[Sequence[int]], nn.Module] | None = None
+    min_particles: int = 1
+    particles_reason: str = ""
+
+
+#: The per-site estimators, keyed by ``Estimator.site_gradient``: one :class:`SiteGradientRule` each.
+SITE_GRADIENTS: dict[str, SiteGradientRule] = {
+    "mean-baseline": SiteGradientRule(_mean_baseline_term, lambda est, d: 1 + est.cv_samples),
+    "optimal-cv": SiteGradientRule(_normal_term, lambda est, d: 1 + est.cv_samples),
+    "delta-cv": SiteGradientRule(_normal_term, lambda est, d: 2 + 2 * d),
+    "rloo": SiteGradientRule(_rloo_term, min_particles=2,
+                             particles_reason="K >= 2 draws (each is baselined by the mean of the others)"),
+    "measure-valued": SiteGradientRule(_normal_term, lambda est, d: 1 + 4 * d),
+}
+
+
+def site_gradient_rule(est: Estimator) -> SiteGradientRule:
+    """The :class:`SiteGradientRule` of ``est`` (:class:`ConfigError` when ``est.site_gradient`` has none)."""
+    if est.site_gradient not in SITE_GRADIENTS:
+        raise ConfigError(message(f'estimator "{est.name}"', "a site_gradient of " + ", ".join(SITE_GRADIENTS),
+                                  repr(est.site_gradient), "register its SiteGradientRule in SITE_GRADIENTS"))
+    return SITE_GRADIENTS[est.site_gradient]
+
+
 def site_surrogate(est: Estimator, model: Callable, args: tuple, kwargs: dict, model_trace: Trace,
-                   guide_trace: Trace, meanfield: bool = False) -> torch.Tensor | float:
+                   guide_trace: Trace, meanfield: bool = False, module: nn.Module | None = None,
+                   training: bool = True) -> torch.Tensor | float:
     """The term ``est`` adds to the surrogate ELBO of one particle (or one vectorized pair of traces), summed
     over the guide sites wrapped in :class:`~pyro_vae.infer.estimators.SiteGradient`; its gradient with respect to
-    the guide's parameters is the estimator's (its value carries no meaning).
+    the guide's parameters is the estimator's (its value carries no meaning). Each site's term comes from the
+    :class:`SiteGradientRule` of ``est.site_gradient`` in :data:`SITE_GRADIENTS`.
 
     Args:
         est: an estimator with ``site_gradient`` set.
@@ -204,28 +236,41 @@ def site_surrogate(est: Estimator, model: Callable, args: tuple, kwargs: dict, m
         args, kwargs: the model's arguments.
         model_trace, guide_trace: the particle's traces, log-densities computed.
         meanfield: ``TraceMeanField_ELBO`` (closed-form KL sites left out of the cost).
+        module: the estimator's learned module (:attr:`SiteGradientRule.module`), if it has one.
+        training: whether that module may update its running statistics.
 
     Raises:
-        ConfigError: a Normal-only estimator at a site of another family; ``rloo`` without ``K >= 2``
-            vectorized particles.
+        ConfigError: an estimator at a site of a family it does not apply to; too few vectorized particles.
     """
+    rule = site_gradient_rule(est)
     analytic = analytic_kl_sites(model_trace, guide_trace) if meanfield else set()
     total: torch.Tensor | float = 0.0
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or not isinstance(site["fn"], SiteGradient):
             continue
-        total = total + _site_term(est, name, site, site_cost(model, args, kwargs, guide_trace, name, analytic))
+        ctx = SiteContext(est, name, site, site_cost(model, args, kwargs, guide_trace, name, analytic), args, kwargs,
+                          module, training)
+        total = total + rule.term(ctx)
     return total
 
 
 class _SiteGradientMixin:
     """Pyro's particle loss plus :func:`site_surrogate`; the model of each particle is kept from
-    ``handle_particle`` to replay it."""
+    ``handle_particle`` to replay it; ``site_module`` is the estimator's learned module (an extra module)."""
 
     estimator: Estimator
     num_particles: int
     retain_graph: Any
     _pyro_elbo: type[Trace_ELBO] = Trace_ELBO
+
+    def __init__(self, *args: Any, site_module: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.site_module = site_module
+
+    def extra_modules(self) -> list[nn.Module]:
+        """Modules the estimator trains besides the VAE (e.g. NVIL's baseline); an optimizer must hold them."""
+        own = super().extra_modules()  # type: ignore[misc]
+        return [*own, self.site_module] if self.site_module is not None else own
 
     def handle_particle(self, model: Callable, guide: Callable, args: tuple,
                         kwargs: dict) -> tuple[Callable, Callable]:
@@ -237,10 +282,13 @@ class _SiteGradientMixin:
                    kwargs: dict) -> Iterator[tuple[Any, torch.Tensor]]:
         pyro_loss = particle_loss(self._pyro_elbo)
         meanfield = issubclass(self._pyro_elbo, TraceMeanField_ELBO)
+        module = self.site_module
+        training = module is None or module.training
         for model_trace, guide_trace in particle_traces(self, model, guide, args, kwargs):  # type: ignore[arg-type]
             loss, surrogate = pyro_loss(self, model_trace, guide_trace)
             replay_model, a, k = self._replay
-            extra = site_surrogate(self.estimator, replay_model, a, k, model_trace, guide_trace, meanfield)
+            extra = site_surrogate(self.estimator, replay_model, a, k, model_trace, guide_trace, meanfield, module,
+                                   training)
             yield loss, surrogate - extra
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -74,7 +74,7 @@ from pyro_vae.infer.estimators import (
 from pyro_vae.infer.iwae import importance_weighted_terms, iwae_traces
 from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.path_gradient import PathGradient
-from pyro_vae.infer.site_gradients import site_surrogate
+from pyro_vae.infer.site_gradients import site_gradient_rule, site_surrogate
 from pyro_vae.models.linear_gaussian import exact_elbo
 from pyro_vae.models.vae import VAE
 from pyro_vae.pyro_internals import param_constraints, trace_log_r, unconstrained_params
@@ -349,9 +349,11 @@ class _Surrogate(nn.Module):
     ``pyro.param`` entries by name."""
 
     def __init__(self, vae: nn.Module, est: Estimator, num_particles: int, elbo: str,
-                 baseline: dict[str, torch.Tensor] | None, kwargs: dict, plan: _Plan) -> None:
+                 baseline: dict[str, torch.Tensor] | None, kwargs: dict, plan: _Plan,
+                 site_module: nn.Module | None = None) -> None:
         super().__init__()
         self.vae = vae
+        self.site_module = site_module  # a per-site estimator's learned module, held fixed
         self.est = dataclasses.replace(est, baseline=None)  # baselines are subtracted in forward
         self.graph = est.baseline is not None  # TraceGraph_ELBO's cost terms
         self.num_particles = num_particles
@@ -447,7 +449,7 @@ class _Surrogate(nn.Module):
                 vae_model, _ = _model_and_guide(self.vae)
                 model = _particles(EstimatorMessenger(self.est, "model")(vae_model), self.num_particles)
                 elbo = elbo + site_surrogate(self.est, model, (x,), self.kwargs, model_tr, guide_tr,
-                                             self.elbo == "meanfield")
+                                             self.elbo == "meanfield", self.site_module, training=False)
         self.answered |= answer.answered
         return -elbo / self.num_particles
 
@@ -455,7 +457,17 @@ class _Surrogate(nn.Module):
 # ------------------------------------------------------------------------------------------- baselines
 def _baselines(vae: nn.Module, x: torch.Tensor, est: Estimator, plan: _Plan, nn_baseline: nn.Module | None,
                warmup: int, kwargs: dict) -> tuple[dict[str, torch.Tensor], nn.Module | None]:
-    """Fixed baselines per latent guide site: the warmed-up decaying average or ``nn_baseline(x)``."""
+    """Fixed baselines per latent guide site: the warmed-up decaying average or ``nn_baseline(x)``; for a per-site
+    estimator with a learned module (:class:`~pyro_vae.infer.site_gradients.SiteGradientRule`), no baselines and
+    that module (``nn_baseline`` or a fresh one), which is held fixed while sampling."""
+    if est.site_gradient is not None:
+        rule = site_gradient_rule(est)
+        if rule.module is None:
+            return {}, None
+        if nn_baseline is None:
+            data_shape = cast(tuple[int, ...], vae.data_shape)  # a VAE's attribute (AttributeError without it)
+            nn_baseline = rule.module(data_shape).to(x.device)
+        return {}, nn_baseline
     if est.baseline is None:
         return {}, None
     sites = list(plan.latent)
@@ -546,7 +558,8 @@ def _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline, nn
 
 
 def _iter_vectorized(vae, x, est, plan, num_samples, num_particles, elbo, baseline, kwargs, chunk,
-                     noise: dict[str, torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+                     noise: dict[str, torch.Tensor] | None = None,
+                     site_module: nn.Module | None = None) -> Iterator[torch.Tensor]:
     """``vmap`` of ``grad`` of the surrogate over noise drawn here (or given, ``(num_samples, ...)``)."""
     from torch.func import functional_call, grad, vmap
 
@@ -557,7 +570,7 @@ def _iter_vectorized(vae, x, est, plan, num_samples, num_particles, elbo, baseli
             "a parameter registered with pyro.module from a module the VAE does not hold",
             'use method="loop", or hold that module in a part of the VAE (an nn.Module prior, likelihood, '
             "encoder or decoder)"))
-    surrogate = _Surrogate(vae, est, num_particles, elbo, baseline, kwargs, plan)
+    surrogate = _Surrogate(vae, est, num_particles, elbo, baseline, kwargs, plan, site_module)
     leaves = unconstrained_params()
     module_params = {f"vae.{n}": p.detach() for g, items in plan.groups.items() if g != PARAM_GROUP
                      for n, p in items}
@@ -613,8 +626,25 @@ def _iter_gradients(vae, x, estimator, num_samples, num_particles, method, elbo,
         it: Iterator[torch.Tensor] = _iter_loop(vae, x, est, plan, num_samples, num_particles, elbo, baseline,
                                                 nn_baseline, kwargs, chunk, noise)
     else:
-        it = _iter_vectorized(vae, x, est, plan, num_samples, num_particles, elbo, baseline, kwargs, chunk, noise)
+        it = _iter_vectorized(vae, x, est, plan, num_samples, num_particles, elbo, baseline, kwargs, chunk, noise,
+                              nn_baseline if est.site_gradient is not None else None)
+    if est.site_gradient is not None and nn_baseline is not None:
+        it = _held_fixed(nn_baseline, it)
     return plan, _finite(plan, it)
+
+
+def _held_fixed(module: nn.Module, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The chunks, drawn with ``module`` in eval mode (no running statistics updated); its mode and its
+    parameters' ``.grad`` restored afterwards."""
+    was_training = module.training
+    grads = [p.grad for p in module.parameters()]
+    module.eval()
+    try:
+        yield from chunks
+    finally:
+        module.train(was_training)
+        for p, g in zip(module.parameters(), grads):
+            p.grad = g
 
 
 def _finite(plan: _Plan, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -658,7 +688,8 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator
             importance-weighted bound, :class:`pyro_vae.infer.iwae.ImportanceWeightedELBO`; estimators
             ``"pathwise"`` and ``"dreg"``).
         groups: return ``{"encoder": (num_samples, D_enc), "decoder": ..., ...}`` instead of one tensor.
-        nn_baseline: baseline module for ``score-function-neural-baseline`` (default: a fresh one).
+        nn_baseline: baseline module for ``score-function-neural-baseline``, or the learned module of a per-site
+            estimator that has one (``"nvil"``), held fixed (eval mode) while sampling (default: a fresh one).
         baseline_warmup: ``TraceGraph_ELBO`` calls that warm up the decaying-average baseline before it is
             frozen for sampling.
         chunk_size: estimates computed per vmapped call (default from the batch size and the device).
