@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -22,13 +22,25 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
+from pyro.poutine.util import prune_subsample_sites
 
 from pyro_vae.data import as_tensor_data
 from pyro_vae.distributions.relaxed import log_class_probs
 from pyro_vae.encoders import GaussianEncoder
 from pyro_vae.errors import ConfigError, DataError, message
-from pyro_vae.infer.traces import max_plate_nesting, particle_chunks, particle_log_probs, particle_plate_dim
+from pyro_vae.infer.pair import ModelGuidePair, as_data_rows, as_pair, pair_structure, plate_clash_explained
+from pyro_vae.infer.traces import (
+    PARTICLE_PLATE,
+    max_plate_nesting,
+    particle_chunks,
+    particle_log_probs,
+    particle_plate_dim,
+    per_point_log_prob,
+    sample_chunk_size,
+    trace_guide_and_model,
+)
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.validation import integer
 
@@ -89,6 +101,13 @@ class LogLikelihood:
         elbo_per_point: ``(N,)`` ELBO estimates.
         num_samples: importance samples per data point ``K``.
         log_weights: ``(N, K)`` log importance weights when requested, else ``None``.
+        global_values: for a model/guide pair with global latents (sites outside the data plate), the value of
+            each global site that every estimate holds fixed (the same for all ``K`` samples and data points):
+            ``log p(x)`` is then ``log p(x | globals)``, the local part's marginal likelihood given them. ``None``
+            for a model without global latents (a VAE).
+        global_source: where :attr:`global_values` came from: ``"given"`` (all passed by the caller),
+            ``"guide"`` (one draw from the guide), ``"given+guide"`` (some given, the rest drawn from the
+            guide given those), or ``None`` without global latents.
     """
 
     mean: float
@@ -98,6 +117,8 @@ class LogLikelihood:
     elbo_per_point: torch.Tensor
     num_samples: int
     log_weights: torch.Tensor | None = field(default=None, repr=False)
+    global_values: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    global_source: str | None = None
 
     @property
     def gap_per_point(self) -> torch.Tensor:
@@ -123,8 +144,11 @@ class LogLikelihood:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able summary (nats per data point)."""
-        out = {"log_likelihood": self.mean, "log_likelihood_se": self.se, "elbo_iw": self.elbo, "gap": self.gap,
-               "gap_se": self.gap_se, "num_samples": self.num_samples, "num_points": int(len(self.per_point))}
+        out: dict[str, Any] = {"log_likelihood": self.mean, "log_likelihood_se": self.se, "elbo_iw": self.elbo,
+                               "gap": self.gap, "gap_se": self.gap_se, "num_samples": self.num_samples,
+                               "num_points": int(len(self.per_point))}
+        if self.global_source is not None:
+            out["global_source"] = self.global_source
         if self.log_weights is not None:
             k = self.pareto_k()
             out.update({"pareto_k_mean": float(k.mean()), "pareto_k_max": float(k.max()),
@@ -133,9 +157,10 @@ class LogLikelihood:
         return out
 
 
-def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: int = 256,
+def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int = 1000, *, batch_size: int = 256,
                    chunk_size: int | None = None, return_log_weights: bool = False,
-                   model: Callable | None = None, guide: Callable | None = None) -> LogLikelihood:
+                   model: Callable | None = None, guide: Callable | None = None,
+                   global_values: Mapping[str, Any] | None = None) -> LogLikelihood:
     """Importance-sampled log-likelihood (Burda et al. 2016, "Importance Weighted Autoencoders"):
 
     ``log p(x) ~ logsumexp_k [log p(x, z_k) - log q(z_k | x)] - log K``, ``z_k ~ q(z | x)``,
@@ -154,10 +179,33 @@ def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: 
         return_log_weights: keep the ``(N, K)`` log weights (for Pareto-k and ArviZ).
         model, guide: Pyro callables with the VAE's signature and sites, replacing ``vae.model`` /
             ``vae.guide`` (e.g. a per-data-point optimized guide).
+        global_values: for a model/guide pair, point values of global latent sites, by site name.
+
+    ``vae`` may be any model/guide pair (:class:`pyro_vae.ModelGuidePair`, :mod:`pyro_vae.infer.pair`; ``data``
+    ``(N, ...)``). Its global latents (the model's latent sites outside the data plate) are held fixed: at
+    ``global_values`` where given, the others at one draw from the guide (given those), and the estimate is
+    ``log p(x_n | globals)``, the local part's log-likelihood given them: the guide and the model are run
+    conditioned on the globals (:func:`pyro.poutine.condition`), so all ``K`` importance samples of every point
+    share them, and only the sites inside the data plate enter the weights (the globals' own prior and guide
+    densities do not). The result's ``global_values`` and ``global_source`` say which values were held and where
+    they came from.
 
     Returns:
         :class:`LogLikelihood` with the mean, its standard error, the per-point values, the ELBO and the gap.
+
+    Raises:
+        ConfigError: an argument out of range; ``global_values`` naming a site that is not a global latent of
+            the model (or given with a VAE); a pair without a data plate (:func:`pyro_vae.infer.pair.as_pair`).
+        DataError: data of the wrong shape or not finite, or a non-finite estimate.
+        ModelError: a guide that opens a plate twice (an autoguide re-creating it).
     """
+    vae = as_pair(vae)
+    if isinstance(vae, ModelGuidePair):
+        return _pair_log_likelihood(vae, data, num_samples, batch_size, chunk_size, return_log_weights,
+                                    global_values)
+    if global_values:
+        raise ConfigError(message("global_values", "none for a VAE (it has no global latents)",
+                                  f"values for {sorted(global_values)}", "drop global_values"))
     x = as_data_set(vae, data)
     num_samples = integer("num_samples", num_samples)
     batch_size = integer("batch_size", batch_size)
@@ -195,6 +243,89 @@ def log_likelihood(vae: VAE, data: Any, num_samples: int = 1000, *, batch_size: 
     return LogLikelihood(mean=float(per_point.mean()), se=se, per_point=per_point, elbo=float(elbo_pp.mean()),
                          elbo_per_point=elbo_pp, num_samples=num_samples,
                          log_weights=torch.cat(lws) if return_log_weights else None)
+
+
+def _pair_log_weights(model: Callable, guide: Callable, xb: torch.Tensor, k: int, particle_dim: int,
+                      data_plate: str) -> torch.Tensor:
+    """``(k, batch)`` log weights of a model/guide pair conditioned on its globals: the sites inside the data plate
+    only (nats, unscaled)."""
+    b = xb.shape[0]
+    with pyro.plate(PARTICLE_PLATE, k, dim=particle_dim):
+        guide_trace, model_trace = trace_guide_and_model(model, guide, xb)
+    lw = torch.zeros(k, b, device=xb.device)
+    for sign, trace in ((-1.0, guide_trace), (1.0, model_trace)):
+        for site in prune_subsample_sites(trace).nodes.values():
+            if site["type"] != "sample" or all(f.name != data_plate for f in site["cond_indep_stack"]):
+                continue  # a global site: held fixed, not part of p(x | globals)
+            log_p = cast(dist.TorchDistribution, site["fn"]).log_prob(cast(torch.Tensor, site["value"]))
+            log_p = scale_and_mask(log_p, 1.0, site["mask"])
+            lw = lw + sign * per_point_log_prob(site, log_p, particle_dim, data_plate, k, b)
+    return lw
+
+
+def _pair_log_likelihood(pair: ModelGuidePair, data: Any, num_samples: int, batch_size: int,
+                         chunk_size: int | None, return_log_weights: bool,
+                         given: Mapping[str, Any] | None) -> LogLikelihood:
+    """:func:`log_likelihood` of a model/guide pair, its globals held fixed."""
+    x = as_data_rows(pair, data, "data")
+    num_samples = integer("num_samples", num_samples)
+    batch_size = integer("batch_size", batch_size)
+    device = next((t.device for t in (*pair.parameters(), *pair.buffers())), x.device)
+    first = x[:batch_size].to(device)
+    structure = pair_structure(pair, first)
+    values: dict[str, torch.Tensor] = {}
+    for name, value in (given or {}).items():
+        if name not in structure.global_sites:
+            raise ConfigError(message(f"global_values[{name!r}]", "a global latent site of the model (outside the "
+                                      f"data plate {structure.data_plate!r}): one of "
+                                      f"{list(structure.global_sites)}", repr(name), "drop it or fix its name"))
+        values[name] = torch.as_tensor(value, device=device)
+    was_training = pair.training
+    pair.eval()
+    lls, elbos, lws = [], [], []
+    try:
+        with torch.no_grad(), unit_kl_weight(pair), plate_clash_explained():
+            missing = [n for n in structure.global_sites if n not in values]
+            if missing:
+                _, model_trace = trace_guide_and_model(poutine.condition(pair.model, data=dict(values)),
+                                                       poutine.condition(pair.guide, data=dict(values)), first)
+                values.update({n: cast(torch.Tensor, model_trace.nodes[n]["value"]) for n in missing})
+            model = poutine.condition(pair.model, data=values)
+            guide = poutine.condition(pair.guide, data=values)
+            particle_dim = particle_plate_dim(model, guide, first)
+            for i in range(0, x.shape[0], batch_size):
+                xb = x[i: i + batch_size].to(device)
+                k = sample_chunk_size(num_samples, xb.shape[0], tuple(x.shape[1:]), chunk_size)
+                lse = torch.full((xb.shape[0],), -math.inf, device=device)
+                total = torch.zeros(xb.shape[0], device=device)
+                kept = []
+                for start in range(0, num_samples, k):
+                    lw = _pair_log_weights(model, guide, xb, min(k, num_samples - start), particle_dim,
+                                           structure.data_plate)
+                    lse = torch.logaddexp(lse, lw.logsumexp(0))
+                    total += lw.sum(0)
+                    if return_log_weights:
+                        kept.append(lw.T.cpu())
+                lls.append((lse - math.log(num_samples)).cpu())
+                elbos.append((total / num_samples).cpu())
+                if return_log_weights:
+                    lws.append(torch.cat(kept, dim=1))
+    finally:
+        pair.train(was_training)
+    per_point, elbo_pp = torch.cat(lls), torch.cat(elbos)
+    if not bool(torch.isfinite(per_point).all()):
+        bad = int((~torch.isfinite(per_point)).sum())
+        raise DataError(message("log_likelihood", "finite log-weights", f"{bad} data points with non-finite log p(x)",
+                                "check the data against the likelihood's support and the guide's scales"))
+    source = None
+    if structure.global_sites:
+        source = "given" if not missing else ("guide" if len(missing) == len(structure.global_sites)
+                                              else "given+guide")
+    return LogLikelihood(mean=float(per_point.mean()), se=_standard_error(per_point), per_point=per_point,
+                         elbo=float(elbo_pp.mean()), elbo_per_point=elbo_pp, num_samples=num_samples,
+                         log_weights=torch.cat(lws) if return_log_weights else None,
+                         global_values={n: v.detach().cpu() for n, v in values.items()} if source else None,
+                         global_source=source)
 
 
 # ------------------------------------------------------------------------------------------ diagnostics

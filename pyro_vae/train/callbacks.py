@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pyro_vae.infer.pair import ModelGuidePair
 from pyro_vae.models.vae import VAE
 from pyro_vae.validation import integer, number
 
@@ -57,7 +58,7 @@ class TrainState:
     every epoch (``state.stop = True`` ends training). ``loss`` is the last step's loss as a 0-dim tensor on
     the device (``float(state.loss)`` waits for it)."""
 
-    vae: VAE
+    vae: VAE | ModelGuidePair  # what fit trains: the VAE, or the model/guide pair
     optimizer: torch.optim.Optimizer
     history: History
     epoch: int = 0

@@ -23,6 +23,7 @@ import torch
 
 from pyro_vae import checkpoint as ckpt
 from pyro_vae.errors import CheckpointError, TrainingInterrupted, message
+from pyro_vae.infer.pair import ModelGuidePair
 from pyro_vae.models.vae import VAE
 from pyro_vae.train import distributed
 from pyro_vae.train.callbacks import History, TrainState
@@ -62,7 +63,7 @@ def _lock_run_folder(folder: Path, resume_from: Any, overwrite: bool) -> None:
 
 
 def open_run_folder(checkpoint_dir: str | Path | None, resume_from: str | Path | None, overwrite: bool,
-                    vae: VAE) -> tuple[Path | None, str | Path | None]:
+                    vae: torch.nn.Module) -> tuple[Path | None, str | Path | None]:
     """The run folder and what to resume from, on every rank (rank 0 checks the disk).
 
     The folder (``None`` without ``checkpoint_dir``) is checked writable, with room for the checkpoints of
@@ -116,11 +117,11 @@ class Checkpointer:
                  extra: Sequence[torch.nn.Module], user_params: Sequence[str], shuffle_seed: int,
                  ctx: distributed.Context) -> None:
         self.folder, self.signature, self.state, self.ctx = folder, signature, state, ctx
-        self.vae: VAE = state.vae
+        self.vae: VAE | ModelGuidePair = state.vae
         self.optimizer: torch.optim.Optimizer = state.optimizer
         self.history: History = state.history
         self.extra, self.user_params = list(extra), list(user_params)
-        self.vae_config = self.vae.config
+        self.vae_config = self.vae.config if isinstance(self.vae, VAE) else None  # a pair: its state dict
         self.shuffle_seed = shuffle_seed
         self.best = -math.inf
 
@@ -198,7 +199,7 @@ def _epoch_totals(saved: Any) -> tuple[float, ...]:
     return (float(saved), float(saved)) if isinstance(saved, (int, float)) else tuple(float(v) for v in saved)
 
 
-def _restore(payload: dict[str, Any], vae: VAE, optimizer: torch.optim.Optimizer, ctx: distributed.Context,
+def _restore(payload: dict[str, Any], vae: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: distributed.Context,
              source: str | Path, extra: Sequence[torch.nn.Module] = ()) -> None:
     try:
         vae.load_state_dict(payload["vae"])

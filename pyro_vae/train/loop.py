@@ -1,4 +1,5 @@
-"""Training: minibatch stochastic variational inference over the VAE's model and guide.
+"""Training: minibatch stochastic variational inference over the VAE's model and guide, or over any Pyro
+model/guide pair (:class:`pyro_vae.ModelGuidePair`: the parameters the traces touch are trained).
 
 :func:`fit` trains by :func:`~pyro_vae.train.step.svi_step` on every minibatch: Pyro's ELBO on the model and
 guide traces (through :func:`pyro_vae.infer.elbo_loss`, or Pyro's own ``loss_and_grads`` for an ELBO that
@@ -33,12 +34,14 @@ from pyro.infer import ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from pyro_vae.data import as_tensor_data, check_binarizable
-from pyro_vae.errors import ConfigError, message
+from pyro_vae.errors import ConfigError, DataError, message
 from pyro_vae.infer.elbo import BOUNDS, evaluate_elbo, make_elbo, reporting_elbo
 from pyro_vae.infer.estimators import check_estimator
 from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.losses import elbo_loss
+from pyro_vae.infer.pair import ModelGuidePair, as_data_rows, as_pair, pair_structure
 from pyro_vae.models.vae import VAE, unit_kl_weight
+from pyro_vae.schedules import Schedule
 from pyro_vae.train import distributed
 from pyro_vae.train.callbacks import History, TrainState
 from pyro_vae.train.checkpointing import Checkpointer, ResumePoint, holding_run_folders, open_run_folder
@@ -57,7 +60,7 @@ agreement on a stop request. Steps in between queue their work on the device wit
 
 @holding_run_folders
 def fit(
-    vae: VAE,
+    vae: VAE | ModelGuidePair | Any,
     train_data: Any,
     *,
     elbo: str | ELBO = "trace",
@@ -81,13 +84,27 @@ def fit(
 ) -> History:
     """Train ``vae`` by minibatch SVI with Adam.
 
+    ``vae`` may also be any Pyro model/guide pair: a :class:`pyro_vae.ModelGuidePair` (or an object with methods
+    ``model(x, num_data=None)`` and ``guide(x, num_data=None)``, taken as one by
+    :func:`pyro_vae.infer.pair.as_pair`) whose model runs its per-data-point sites in a data plate subsampled
+    from ``num_data`` (a VAE's ``vae.model(x, num_data=num_data)`` inside your model does this). Each step then
+    is ``pyro.infer.SVI``'s on the minibatch: the sites inside the data plate scaled by ``num_data / batch``, the
+    global latents outside it not scaled, and every parameter the model and guide traces touch trained by one
+    Adam (``pyro.param`` sites, ``pyro.module`` s, autoguide parameters) and saved in the checkpoints. ``x`` is
+    ``train_data``'s rows, cast to floating point and checked finite; a VAE's other checks (the likelihood's
+    support, memory) are the model's own under Pyro's validation. Refused for a pair, as a VAE's alone:
+    ``dynamic_binarize``, ``cuda_graph``, the KL-weight and temperature schedules of
+    :mod:`pyro_vae.schedules` (set ``beta`` on the VAE inside your model instead) and the categorical-latent
+    estimators' check; ``device="auto"`` is the device of the pair's ``modules`` (the CPU without any).
+
     Runs as one process, or data-parallel under an initialized ``torch.distributed`` process group (see
     :mod:`pyro_vae.train.distributed`): ``batch_size`` is then the global batch, shared out among the ranks.
 
     Args:
-        vae: the model/guide pair to train (moved to ``device``).
+        vae: the VAE or model/guide pair to train (moved to ``device``).
         train_data: ``(N, *data_shape)`` tensor or :class:`pyro_vae.data.Dataset`, of any real dtype
-            (floating point, integer or bool: cast to the dtype of the VAE's parameters, values unchanged).
+            (floating point, integer or bool: cast to the dtype of the VAE's parameters, values unchanged);
+            for a model/guide pair ``(N, ...)``, minibatched along the first dimension.
         elbo: ``"trace"``, ``"meanfield"``, ``"iwae"`` (the importance-weighted bound of Burda et al. 2016 with
             ``num_particles`` importance samples per data point, :mod:`pyro_vae.infer.iwae`) or any
             ``pyro.infer.ELBO``. Under ``"iwae"`` the History's ``train_objective`` is the bound and
@@ -136,12 +153,15 @@ def fit(
         point; the ELBO is always the one with KL weight 1, see :class:`History`).
 
     Raises:
-        ConfigError: an argument out of range (checked before any work), a VAE too large for the device, or
+        ConfigError: an argument out of range (checked before any work), a VAE too large for the device, a
+            model/guide pair without a data plate over the minibatch or with an option only a VAE has, or
             ``epochs`` below the epochs the checkpoint ``resume_from`` already trained (with as many, nothing is
             trained and the restored history comes back).
         DataError: data of the wrong shape or dtype, non-finite, outside the likelihood's support, or (with
             ``dynamic_binarize``) outside [0, 1].
-        ModelError: a part of the VAE returned NaN parameters or no distribution (at the first, validated step).
+        ModelError: a part of the VAE returned NaN parameters or no distribution (at the first, validated step);
+            a guide that opens a plate twice (an autoguide re-creating a plate of the guide: the message names
+            the recipe that works, :data:`pyro_vae.infer.pair.AUTOGUIDE_PLATE_RECIPE`).
         NonFiniteLossError: a loss or gradient, or an epoch's training or validation ELBO, turned NaN or
             infinite (the message gives epoch and step; no checkpoint is written after it).
         CheckpointError: ``checkpoint_dir`` holds a run or other files (without ``resume_from``/``overwrite``)
@@ -149,6 +169,7 @@ def fit(
         TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was written first when ``checkpoint_dir``
             is set.
     """
+    vae = as_pair(vae)
     cfg = _fit_config(vae, callbacks, elbo=elbo, num_particles=num_particles, estimator=estimator, epochs=epochs,
                       batch_size=batch_size, lr=lr, device=device, seed=seed, dynamic_binarize=dynamic_binarize,
                       clip_norm=clip_norm, progress=progress, checkpoint_dir=checkpoint_dir,
@@ -237,10 +258,10 @@ class FitConfig:
                 "dynamic_binarize": self.dynamic_binarize, "seed": self.seed}
 
 
-def _fit_config(vae: VAE, callbacks: Sequence[Any], *, elbo: Any, num_particles: Any, estimator: Any, epochs: Any,
-                batch_size: Any, lr: Any, device: Any, seed: Any, dynamic_binarize: Any, clip_norm: Any,
-                progress: Any, checkpoint_dir: Any, checkpoint_every: Any, resume_from: Any, cuda_graph: Any,
-                overwrite: Any) -> FitConfig:
+def _fit_config(vae: VAE | ModelGuidePair, callbacks: Sequence[Any], *, elbo: Any, num_particles: Any,
+                estimator: Any, epochs: Any, batch_size: Any, lr: Any, device: Any, seed: Any,
+                dynamic_binarize: Any, clip_norm: Any, progress: Any, checkpoint_dir: Any, checkpoint_every: Any,
+                resume_from: Any, cuda_graph: Any, overwrite: Any) -> FitConfig:
     """Check :func:`fit`'s arguments (the first bad one raises :class:`ConfigError`), before any work."""
     epochs = integer("epochs", epochs, 1)
     batch_size = integer("batch_size", batch_size, 1)
@@ -263,19 +284,41 @@ def _fit_config(vae: VAE, callbacks: Sequence[Any], *, elbo: Any, num_particles:
     if batch_size < ctx.world_size:
         raise ConfigError(message("batch_size", f"at least the number of processes ({ctx.world_size}); it is the "
                                   "global batch", repr(batch_size), f"pass batch_size >= {ctx.world_size}"))
+    if isinstance(vae, ModelGuidePair):
+        _check_pair_options(vae, callbacks, dynamic_binarize, cuda_graph)
+        if isinstance(device, str) and device == "auto":
+            device = next((t.device for t in (*vae.parameters(), *vae.buffers())), torch.device("cpu"))
     dev = resolve_device(device)
-    if cuda_graph:
+    if cuda_graph and isinstance(vae, VAE):
         check_cuda_graph(vae, dev, ctx, estimator, BOUNDS[elbo]() if isinstance(elbo, str) and elbo in BOUNDS
                          else elbo, callbacks)
     return FitConfig(epochs, batch_size, lr, clip_norm, checkpoint_every, num_particles, dynamic_binarize, progress,
                      cuda_graph, overwrite, elbo, estimator, seed, dev, ctx, checkpoint_dir, resume_from)
 
 
+def _check_pair_options(pair: ModelGuidePair, callbacks: Sequence[Any], dynamic_binarize: bool,
+                        cuda_graph: bool) -> None:
+    """Refuse for a model/guide pair what :func:`fit` does for a VAE alone."""
+    def refuse(what: str, found: str, fix: str) -> ConfigError:
+        return ConfigError(message(what, "an option a model/guide pair supports (it is not a pyro_vae.VAE)", found,
+                                   fix))
+    if dynamic_binarize:
+        raise refuse("dynamic_binarize", "True", "binarize the data yourself (pyro_vae.data.binarize) and pass "
+                     "dynamic_binarize=False, or train the VAE alone")
+    if cuda_graph:
+        raise refuse("cuda_graph", "True", "pass cuda_graph=False (the graph is recorded for a VAE's step only)")
+    for cb in callbacks:
+        if isinstance(cb, Schedule):
+            raise refuse("callbacks", f"a {type(cb).__name__} schedule (it sets the KL weight or temperature of "
+                         "the VAE fit trains)", "set vae.beta / vae.temperature of the VAE inside your model from "
+                         "a callback of your own, or train the VAE alone")
+
+
 @dataclass(frozen=True)
 class _Training:
     """What :func:`_prepare` builds: the data, the ELBO, the optimizer and the tensors it steps."""
 
-    vae: VAE
+    vae: VAE | ModelGuidePair
     x: torch.Tensor  # (num_data, *data_shape), on the device
     xv: torch.Tensor | None  # validation data, where it was given
     loss_fn: ELBO
@@ -292,19 +335,29 @@ class _Training:
         return self.x.shape[0]
 
 
-def _prepare(vae: VAE, train_data: Any, val_data: Any, cfg: FitConfig) -> _Training:
+def _prepare(vae: VAE | ModelGuidePair, train_data: Any, val_data: Any, cfg: FitConfig) -> _Training:
     """Check the data, seed the random streams, build the ELBO and the optimizer, and move the VAE and the
-    training data to the device (rank 0's initial values on every rank)."""
-    x, xv = _checked_data(vae, train_data, val_data, cfg)
+    training data to the device (rank 0's initial values on every rank). A model/guide pair is traced once on
+    the first minibatch (:func:`pyro_vae.infer.pair.pair_structure`): its data plate is checked and the ELBO
+    gets its plate nesting."""
+    if isinstance(vae, VAE):
+        x, xv = _checked_data(vae, train_data, val_data, cfg)
+    else:
+        x, xv = _checked_pair_data(vae, train_data, val_data)
     if cfg.seed is not None:
         pyro.set_rng_seed(cfg.seed + cfg.ctx.rank)
-    if cfg.estimator != "pathwise":
+    if cfg.estimator != "pathwise" and isinstance(vae, VAE):
         check_estimator(cfg.estimator, vae)
-    loss_fn = make_elbo(cfg.elbo, cfg.num_particles, cfg.estimator, vae.data_shape)
     vae.to(cfg.device)
-    distributed.broadcast_module(vae)
     x = x.to(cfg.device)
     n = x.shape[0]
+    if isinstance(vae, VAE):
+        loss_fn = make_elbo(cfg.elbo, cfg.num_particles, cfg.estimator, vae.data_shape)
+    else:
+        structure = pair_structure(vae, x[: min(cfg.batch_size, n)], n)
+        loss_fn = make_elbo(cfg.elbo, cfg.num_particles, cfg.estimator, tuple(x.shape[1:]),
+                            max_plate_nesting=structure.max_plate_nesting)
+    distributed.broadcast_module(vae)
     extra = [m.to(cfg.device) for m in getattr(loss_fn, "extra_modules", list)()]  # e.g. a neural baseline
     for m in extra:
         distributed.broadcast_module(m)
@@ -317,6 +370,20 @@ def _prepare(vae: VAE, train_data: Any, val_data: Any, cfg: FitConfig) -> _Train
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     return _Training(vae, x, xv, loss_fn, reporting_elbo(loss_fn), extra, user_params, optimizer, params,
                      params_in_store, math.ceil(n / cfg.batch_size))
+
+
+def _checked_pair_data(pair: ModelGuidePair, train_data: Any, val_data: Any) -> tuple[torch.Tensor,
+                                                                                     torch.Tensor | None]:
+    """A model/guide pair's training and validation data (:func:`pyro_vae.infer.pair.as_data_rows`), the
+    validation rows shaped as the training rows."""
+    x = as_data_rows(pair, train_data, "train_data")
+    if val_data is None:
+        return x, None
+    xv = as_data_rows(pair, val_data, "val_data")
+    if tuple(xv.shape[1:]) != tuple(x.shape[1:]):
+        raise DataError(message("val_data", f"rows of train_data's shape {tuple(x.shape[1:])}",
+                                f"rows of shape {tuple(xv.shape[1:])}", "pass validation data like the training data"))
+    return x, xv
 
 
 def _checked_data(vae: VAE, train_data: Any, val_data: Any, cfg: FitConfig) -> tuple[torch.Tensor,
@@ -523,7 +590,8 @@ def _beta(vae: Any) -> float:
     return float(getattr(vae, "beta", 1.0))
 
 
-def _val_elbo(vae: VAE, xv: torch.Tensor, loss_fn: ELBO, batch_size: int, ctx: distributed.Context) -> float:
+def _val_elbo(vae: VAE | ModelGuidePair, xv: torch.Tensor, loss_fn: ELBO, batch_size: int,
+              ctx: distributed.Context) -> float:
     """Validation ELBO per data point; in distributed runs each rank evaluates its interleaved share."""
     if not ctx.enabled:
         return evaluate_elbo(vae, xv, elbo=loss_fn, batch_size=batch_size)

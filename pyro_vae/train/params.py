@@ -14,14 +14,15 @@ from pyro.infer import ELBO
 from pyro.params import user_param_name
 
 from pyro_vae.errors import ConfigError, message
+from pyro_vae.infer.pair import ModelGuidePair
 from pyro_vae.models.vae import VAE
 from pyro_vae.pyro_internals import unconstrained_params
 
 __all__ = ["collect_user_params", "check_no_new_params", "pyro_param_values", "set_pyro_param_values"]
 
 
-def collect_user_params(loss_fn: ELBO, vae: VAE, xb: torch.Tensor, num_data: int, own: Sequence[torch.Tensor],
-                 dynamic_binarize: bool = False) -> dict[str, torch.Tensor]:
+def collect_user_params(loss_fn: ELBO, vae: VAE | ModelGuidePair, xb: torch.Tensor, num_data: int,
+                        own: Sequence[torch.Tensor], dynamic_binarize: bool = False) -> dict[str, torch.Tensor]:
     """The unconstrained tensors of the ``pyro.param`` sites that the model and guide traces touch and that
     are not parameters of the VAE's (or the ELBO's) modules: what ``pyro.infer.SVI`` would optimize beyond
     them, e.g. a ``pyro.param`` declared inside a user prior, likelihood or encoder. One evaluation of the

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -249,6 +249,10 @@ class TensorBoard:
         if not self._active:
             return
         vae = state.vae
+        if not isinstance(vae, VAE):
+            raise ConfigError(message("callbacks", "a TensorBoard callback on a pyro_vae.VAE (it logs the VAE's KL, "
+                                      "temperature and samples)", f"fit on a {type(vae).__name__}",
+                                      "train the model/guide pair without the TensorBoard callback"))
         self._layout = _image_layout(vae.data_shape)
         if self.images and self._layout is None:
             raise ConfigError(message("images", "a VAE whose data are images: (H, W), (1 or 3, H, W) or a flat "
@@ -292,9 +296,10 @@ class TensorBoard:
         for step, values in steps:
             self._add_scalars(values, step)
         epoch = int(state.history.epochs[-1]["epoch"])
-        self._add_scalars(self._epoch_values(state.vae, state.optimizer), epoch)
+        vae = cast(VAE, state.vae)  # on_fit_start refused a model/guide pair
+        self._add_scalars(self._epoch_values(vae, state.optimizer), epoch)
         if self._layout is not None:
-            self._writer.add_image("samples", self._sample_grid(state.vae, self._layout), global_step=epoch)
+            self._writer.add_image("samples", self._sample_grid(vae, self._layout), global_step=epoch)
         self._writer.flush()
 
     def _epoch_values(self, vae: VAE, optimizer: torch.optim.Optimizer) -> dict[str, float]:
