@@ -25,7 +25,9 @@ class Encoder(nn.Module):
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover - abstract
         """``q(z | x)`` for data ``x`` of shape ``(..., *data_shape)``: a Pyro distribution of batch shape
-        ``(...)`` and the latent's event shape (``(z_dim,)``; ``(n, k)`` for a categorical latent).
+        ``(...)`` and the latent's event shape (``(z_dim,)``; ``(n, k)`` for a categorical latent). An encoder
+        of a VAE built with ``encoder_context`` also takes those values as keyword arguments
+        (``distribution(x, **context)``), as the built-in ones do, passing them on to the network.
 
         Raises:
             NotImplementedError: in the base class; every encoder implements it.
@@ -45,9 +47,9 @@ class GaussianEncoder(Encoder):
         self.z_dim = int(z_dim)
         self.min_scale = float(min_scale)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loc, scale)``, each ``(..., z_dim)``."""
-        h = self.net(x)
+    def forward(self, x: torch.Tensor, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)``, each ``(..., z_dim)``, from ``net(x, **context)``."""
+        h = self.net(x, **context)
         if h.shape[-1] != 2 * self.z_dim:
             raise ShapeError(
                 message(
@@ -60,8 +62,8 @@ class GaussianEncoder(Encoder):
         loc, raw = h.split(self.z_dim, dim=-1)
         return loc, F.softplus(raw) + self.min_scale
 
-    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
-        loc, scale = self(x)
+    def distribution(self, x: torch.Tensor, **context: Any) -> dist.TorchDistribution:
+        loc, scale = self(x, **context)
         return dist.Normal(loc, scale).to_event(1)
 
     def config(self) -> dict[str, Any]:
@@ -107,9 +109,9 @@ class RelaxedCategoricalEncoder(Encoder):
 
         self._temperature = check_temperature(value)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalized logits ``(..., n, k)``."""
-        h = self.net(x)
+    def forward(self, x: torch.Tensor, **context: Any) -> torch.Tensor:
+        """Normalized logits ``(..., n, k)`` from ``net(x, **context)``."""
+        h = self.net(x, **context)
         if h.shape[-1] != self.n * self.k:
             raise ShapeError(
                 message(
@@ -121,12 +123,12 @@ class RelaxedCategoricalEncoder(Encoder):
             )
         return torch.log_softmax(h.reshape(*h.shape[:-1], self.n, self.k), dim=-1)
 
-    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+    def distribution(self, x: torch.Tensor, **context: Any) -> dist.TorchDistribution:
         """``q(z | x)``: :class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical` at the current temperature,
         batch shape ``x``'s batch dimensions, event shape ``(n, k)``, values in log space."""
         from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical
 
-        logits = self(x)
+        logits = self(x, **context)
         temperature = torch.tensor(self._temperature, dtype=logits.dtype, device=logits.device)
         return ExpRelaxedOneHotCategorical(temperature, logits=logits).to_event(1)
 

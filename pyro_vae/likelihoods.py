@@ -1,4 +1,6 @@
-"""Likelihoods p(x | z): callables mapping the decoder's output ``(..., *data_shape)`` to a Pyro distribution.
+"""Likelihoods p(x | z): callables mapping the decoder's output ``(..., *data_shape)`` and the model's named context
+(``likelihood(out, **context)``; none by default) to a Pyro distribution. The built-ins take any context and
+ignore it.
 
 A likelihood may return a distribution over single entries (event shape ``()``) or over a whole data point
 (event shape ``data_shape``); :class:`pyro_vae.VAE` reinterprets the trailing data dimensions as one event
@@ -58,7 +60,7 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
     support_text = "binary values in {0, 1}"
 
-    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+    def forward(self, out: torch.Tensor, **context: Any) -> dist.TorchDistribution:
         return dist.Bernoulli(logits=out)
 
     def check_data(self, x: torch.Tensor, what: str = "x") -> None:
@@ -85,7 +87,7 @@ class ContinuousBernoulli(Likelihood):
     name = "continuous-bernoulli"
     support_text = "values in [0, 1]"
 
-    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+    def forward(self, out: torch.Tensor, **context: Any) -> dist.TorchDistribution:
         return StableContinuousBernoulli(logits=out)
 
     def check_data(self, x: torch.Tensor, what: str = "x") -> None:
@@ -112,7 +114,7 @@ class Normal(Likelihood):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "scale": self.scale}
 
-    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+    def forward(self, out: torch.Tensor, **context: Any) -> dist.TorchDistribution:
         return dist.Normal(out, self.scale)
 
 
@@ -140,7 +142,7 @@ class NormalLearnedScale(Likelihood):
         """The learned standard deviation per data entry, ``softplus(rho) + min_scale``, shape ``data_shape``."""
         return F.softplus(self.rho) + self.min_scale
 
-    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+    def forward(self, out: torch.Tensor, **context: Any) -> dist.TorchDistribution:
         return dist.Normal(out, self.scale)
 
 

@@ -8,7 +8,7 @@ straight through a decoder.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -16,8 +16,8 @@ from torch import nn
 from pyro_vae.errors import ConfigError, ShapeError, message
 from pyro_vae.validation import integer
 
-__all__ = ["MLP", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "ConcatMLP", "image_shape", "Shape",
-           "as_shape"]
+__all__ = ["MLP", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "ConcatMLP", "ContextMLP", "image_shape",
+           "Shape", "as_shape"]
 
 Shape = int | Sequence[int]
 """An event shape: one integer ``n`` for ``(n,)``, or a sequence of them."""
@@ -123,6 +123,40 @@ class ConcatMLP(nn.Module):
         batch = torch.broadcast_shapes(*batches)
         h = torch.cat([f.expand(*batch, f.shape[-1]) for f in flat], dim=-1)
         return self.mlp(h).reshape(*batch, *self.out_shape)
+
+
+class ContextMLP(nn.Module):
+    """An MLP of one input and named context values: ``forward(x, **context)`` concatenates ``x`` and the values
+    of the names in ``context_shapes`` (in that order, each flattened) and maps them to ``out_shape``. The
+    network :class:`pyro_vae.VAE` builds for ``encoder="mlp"`` / ``decoder="mlp"`` with ``encoder_context`` /
+    ``decoder_context``; other context names are ignored.
+
+    Args:
+        in_shape: event shape of ``x`` (``data_shape`` for an encoder, ``(z_dim,)`` for a decoder).
+        context_shapes: ``{name: event shape of one data point's value}``, e.g. ``{"y": (10,)}``.
+        out_shape: event shape of the output.
+        hidden: hidden layer sizes.
+
+    ``x`` is ``(*batch, *in_shape)`` and each context value ``(*batch_i, *shape_i)``; the batch dimensions
+    broadcast (a global value of shape ``shape_i`` meets every data point), and the output is
+    ``(*broadcast_batch, *out_shape)``.
+
+    Raises:
+        ShapeError: (``forward``) a context value is missing or has another event shape.
+    """
+
+    def __init__(self, in_shape: Shape, context_shapes: Mapping[str, Shape], out_shape: Shape,
+                 hidden: Sequence[int] = (400,)) -> None:
+        super().__init__()
+        self.names = tuple(context_shapes)
+        self.net = ConcatMLP([in_shape, *context_shapes.values()], out_shape, hidden)
+
+    def forward(self, x: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
+        missing = [k for k in self.names if k not in context]
+        if missing:
+            raise ShapeError(message("ContextMLP context", f"values for {list(self.names)}",
+                                     f"none for {missing}", "pass them as keyword arguments"))
+        return self.net(x, *(context[k] for k in self.names))
 
 
 def image_shape(data_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -1,11 +1,13 @@
-"""Priors p(z): callables with no arguments returning a Pyro distribution of event shape ``(z_dim,)``
-(``(n, k)`` for a categorical latent, over log-space values: the log of a relaxed one-hot point, as
-:class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical` draws; a simplex-valued prior is refused).
+"""Priors p(z): callables of the model's named context (``prior(**context)``; none by default) returning a Pyro
+distribution of event shape ``(z_dim,)`` (``(n, k)`` for a categorical latent, over log-space values: the log of
+a relaxed one-hot point, as :class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical` draws; a simplex-valued
+prior is refused).
 
-Any such callable works; an ``nn.Module`` prior is registered with Pyro by the model, so its parameters
-learn with the rest of the VAE. Built in: :class:`StandardNormal`, :class:`MixtureOfGaussians`,
-:class:`VampPrior`, :class:`FlowPrior`, :class:`Laplace`, :class:`StudentT`, and for categorical latents
-:class:`RelaxedCategoricalPrior` (uniform or learnable logits).
+The built-in priors take any context and ignore it. Any such callable works (one that takes no context is
+called with none; see :mod:`pyro_vae.models.context`); an ``nn.Module`` prior is registered with Pyro by the
+model, so its parameters learn with the rest of the VAE. Built in: :class:`StandardNormal`,
+:class:`MixtureOfGaussians`, :class:`VampPrior`, :class:`FlowPrior`, :class:`Laplace`, :class:`StudentT`, and for
+categorical latents :class:`RelaxedCategoricalPrior` (uniform or learnable logits).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class StandardNormal(nn.Module):
         """The JSON-able spec :func:`build_prior` rebuilds this prior from: ``{"name": "normal"}``."""
         return {"name": self.name}
 
-    def forward(self) -> dist.TorchDistribution:
+    def forward(self, **context: Any) -> dist.TorchDistribution:
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
@@ -78,7 +80,7 @@ class MixtureOfGaussians(nn.Module):
         (the learned weights, means and scales travel in the state dict)."""
         return {"name": self.name, "components": self.components}
 
-    def forward(self) -> dist.TorchDistribution:
+    def forward(self, **context: Any) -> dist.TorchDistribution:
         scales = F.softplus(self.raw_scales) + 1e-4
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits),
                                       dist.Normal(self.locs, scales).to_event(1))
@@ -131,7 +133,7 @@ class VampPrior(nn.Module):
         ``{"name": "vamp", "components": C}`` (the pseudo-inputs travel in the state dict)."""
         return {"name": self.name, "components": self.components}
 
-    def forward(self) -> dist.TorchDistribution:
+    def forward(self, **context: Any) -> dist.TorchDistribution:
         q = self.encoder.distribution(self.pseudo_inputs)
         mix = dist.Categorical(logits=torch.zeros(self.components, device=self.pseudo_inputs.device))
         return dist.MixtureSameFamily(mix, q)
@@ -184,7 +186,7 @@ class FlowPrior(nn.Module):
         "kind": ..., "hidden": [...]}`` (the layers' weights travel in the state dict)."""
         return {"name": self.name, "flows": self.flows, "kind": self.kind, "hidden": list(self.hidden)}
 
-    def forward(self) -> dist.TorchDistribution:
+    def forward(self, **context: Any) -> dist.TorchDistribution:
         from pyro.distributions import transforms as T
 
         reverse = T.Permute(torch.arange(self.z_dim - 1, -1, -1, device=self.loc.device))
@@ -211,7 +213,7 @@ class Laplace(nn.Module):
         """The JSON-able spec :func:`build_prior` rebuilds this prior from: ``{"name": "laplace", "scale": s}``."""
         return {"name": self.name, "scale": self.scale_value}
 
-    def forward(self) -> dist.TorchDistribution:
+    def forward(self, **context: Any) -> dist.TorchDistribution:
         return dist.Laplace(self.loc, self.scale).to_event(1)
 
 
@@ -233,7 +235,7 @@ class StudentT(nn.Module):
         "scale": s}``."""
         return {"name": self.name, "df": self.df_value, "scale": self.scale_value}
 
-    def forward(self) -> dist.TorchDistribution:
+    def forward(self, **context: Any) -> dist.TorchDistribution:
         return dist.StudentT(self.df, self.loc, self.scale).to_event(1)
 
 
@@ -297,7 +299,7 @@ class RelaxedCategoricalPrior(nn.Module):
             cfg["temperature"] = self._temperature  # a fixed temperature of its own
         return cfg
 
-    def forward(self) -> dist.TorchDistribution:
+    def forward(self, **context: Any) -> dist.TorchDistribution:
         from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical
 
         t = torch.tensor(self.temperature, dtype=self.logits.dtype, device=self.logits.device)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, cast
 
 import pyro
 import pyro.distributions as dist
@@ -34,8 +34,9 @@ from pyro_vae.distributions.relaxed import (
 from pyro_vae.encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, DataError, ModelError, PyroVAEError, ShapeError, message, warn_deprecated
 from pyro_vae.likelihoods import Likelihood, build_likelihood
+from pyro_vae.models.context import binds, call_with_context, check_context_shapes, is_per_point
 from pyro_vae.models.sites import Sites
-from pyro_vae.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from pyro_vae.networks import ContextMLP, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from pyro_vae.priors import build_prior
 from pyro_vae.pyro_internals import unconstrained_params
 from pyro_vae.validation import beta as check_beta
@@ -103,6 +104,8 @@ class VAE(Sites):
         categories: int | None = None,
         temperature: float = 1.0,
         straight_through: bool = False,
+        encoder_context: Mapping[str, Sequence[int]] | None = None,
+        decoder_context: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(data_shape, int):
@@ -117,6 +120,7 @@ class VAE(Sites):
         self._config: dict[str, Any] = {"data_shape": list(self.data_shape), "z_dim": self.z_dim,
                                         "hidden": list(self.hidden), "name": self.name}
         self._init_latent(latent, categories, temperature, straight_through)
+        self._init_context(encoder_context, decoder_context, prior)
         self._check_network_size(encoder, decoder)
 
         try:
@@ -155,6 +159,16 @@ class VAE(Sites):
                                           f"latent={latent!r}", 'pass latent="categorical" or drop them'))
             self.categories = None
             self._encoder_features, self._decoder_features = 2 * self.z_dim, self.z_dim
+
+    def _init_context(self, encoder_context: Any, decoder_context: Any, prior: Any) -> None:
+        self.encoder_context = check_context_shapes("encoder_context", encoder_context)
+        self.decoder_context = check_context_shapes("decoder_context", decoder_context)
+        for key, spec in (("encoder_context", self.encoder_context), ("decoder_context", self.decoder_context)):
+            if spec:
+                self._config[key] = {k: list(v) for k, v in spec.items()}
+        if self.encoder_context and (prior == "vamp" or isinstance(prior, dict) and prior.get("name") == "vamp"):
+            raise ConfigError(message("prior", "a prior that does not run the encoder when the encoder takes context",
+                                      '"vamp" with encoder_context', "drop encoder_context or pick another prior"))
 
     def _check_network_size(self, encoder: Any, decoder: Any) -> None:
         """Refuse, before allocating them, built-in networks whose weights alone exceed the machine's memory
@@ -239,8 +253,14 @@ class VAE(Sites):
             return encoder
         if isinstance(encoder, str):
             self._config["encoder"] = encoder
-            if encoder == "mlp":
-                net: nn.Module = MLPEncoder(self.data_shape, self._encoder_features, self.hidden)
+            if encoder == "mlp" and self.encoder_context:
+                net: nn.Module = ContextMLP(self.data_shape, self.encoder_context, (self._encoder_features,),
+                                            self.hidden)
+            elif encoder == "mlp":
+                net = MLPEncoder(self.data_shape, self._encoder_features, self.hidden)
+            elif encoder == "conv" and self.encoder_context:
+                raise ConfigError(message("encoder", '"mlp" or a module of yours with encoder_context',
+                                          '"conv"', "pass a module taking net(x, **context)"))
             elif encoder == "conv":
                 net = ConvEncoder(self.data_shape, self._encoder_features)
             else:
@@ -256,8 +276,13 @@ class VAE(Sites):
     def _build_decoder(self, decoder: str | nn.Module) -> nn.Module:
         if isinstance(decoder, str):
             self._config["decoder"] = decoder
+            if decoder == "mlp" and self.decoder_context:
+                return ContextMLP((self._decoder_features,), self.decoder_context, self.data_shape, self.hidden)
             if decoder == "mlp":
                 return MLPDecoder(self._decoder_features, self.data_shape, self.hidden)
+            if decoder == "conv" and self.decoder_context:
+                raise ConfigError(message("decoder", '"mlp" or a module of yours with decoder_context',
+                                          '"conv"', "pass a module taking decoder(z, **context)"))
             if decoder == "conv":
                 return ConvDecoder(self._decoder_features, self.data_shape)
             raise ConfigError(message("decoder", f"one of {NETS} or an nn.Module", repr(decoder),
@@ -276,25 +301,31 @@ class VAE(Sites):
         try:
             device = next((t.device for t in self.parameters()), torch.device("cpu"))
             x = torch.zeros(2, *self.data_shape, device=device, dtype=self._dtype())
-            q = self._guide_dist(x)
-            prior = self._prior_dist()
-            if tuple(prior.event_shape) != tuple(q.event_shape):
-                raise ShapeError(message(
-                    f'prior at site "{self.site("z")}"', f"event shape {tuple(q.event_shape)} (the guide's)",
-                    f"event shape {tuple(prior.event_shape)} from {type(prior).__name__}",
-                    "return a distribution over the whole latent vector, e.g. dist.Normal(loc, scale).to_event(1)"))
-            self._check_latent_representation(prior, q)
+            dummy = {k: torch.zeros(2, *shape, device=device, dtype=self._dtype())
+                     for k, shape in {**self.encoder_context, **self.decoder_context}.items()}
+            q = self._guide_dist(x, **dummy)
+            # A prior or likelihood that needs context values is checked when the model gives them.
+            if binds(self.prior):
+                prior = self._prior_dist()
+                if tuple(prior.event_shape) != tuple(q.event_shape):
+                    raise ShapeError(message(
+                        f'prior at site "{self.site("z")}"', f"event shape {tuple(q.event_shape)} (the guide's)",
+                        f"event shape {tuple(prior.event_shape)} from {type(prior).__name__}",
+                        "return a distribution over the whole latent vector, e.g. "
+                        "dist.Normal(loc, scale).to_event(1)"))
+                self._check_latent_representation(prior, q)
             if tuple(q.batch_shape) != (2,):
                 raise ShapeError(message(
                     f'guide at site "{self.site("z")}"', "batch shape (batch,) = (2,) for an input batch of 2",
                     f"batch shape {tuple(q.batch_shape)}", "make the encoder return (batch, 2 * z_dim)"))
             z = q.sample()
-            out = self._decode_raw(z)
+            out = self._decode_raw(z, **dummy)
             if tuple(out.shape[:1]) != (2,):
                 raise ShapeError(message("decoder output", "leading batch dimension 2 for a batch of 2 latents",
                                          f"shape {tuple(out.shape)}",
                                          "keep the batch dimensions of z in front of the decoder's output"))
-            self.likelihood_dist(out, batch_shape=(2,))
+            if binds(self.likelihood, out):
+                self.likelihood_dist(out, batch_shape=(2,))
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -345,11 +376,13 @@ class VAE(Sites):
         text = (str(e).strip().splitlines() or [""])[0].rstrip(":")[:240]
         return f"invalid parameters ({type(e).__name__}: {text})"
 
-    def _prior_dist(self) -> dist.TorchDistribution:
-        """``self.prior()``, or :class:`ModelError` naming the prior when it fails or returns no distribution."""
+    def _prior_dist(self, **context: Any) -> dist.TorchDistribution:
+        """``self.prior(**context)``, or :class:`ModelError` naming the prior when it fails or returns no
+        distribution (:class:`ConfigError` when it does not take the context)."""
         what = f'prior at site "{self.site("z")}"'
         try:
-            p = self.prior()
+            p: dist.TorchDistribution = call_with_context(what, self.prior, context=context,
+                                  fix="pass the values the prior needs to vae.model / vae.sample as keyword arguments")
         except PyroVAEError:
             raise
         except ValueError as e:  # a distribution built from NaN or infinite parameters
@@ -361,11 +394,29 @@ class VAE(Sites):
                                    "not a sample or a tensor")
         return p
 
-    def _guide_dist(self, x: torch.Tensor) -> dist.TorchDistribution:
-        """``self.encoder.distribution(x)``, or :class:`ModelError` naming the encoder."""
+    def part_context(self, part: str, context: Mapping[str, Any]) -> dict[str, Any]:
+        """The values of ``context`` that the ``"encoder"`` or ``"decoder"`` takes (its ``encoder_context`` /
+        ``decoder_context`` names).
+
+        Raises:
+            ConfigError: a name the part takes has no value in ``context``.
+        """
+        names = self.encoder_context if part == "encoder" else self.decoder_context
+        missing = [k for k in names if k not in context]
+        if missing:
+            raise ConfigError(message(
+                f"context of the {part}", f"values for its {part}_context names {list(names)}",
+                f"none for {missing} (context given: {sorted(context)})",
+                f"pass them as keyword arguments, e.g. vae.model(x, {missing[0]}=...) and vae.guide(x, "
+                f"{missing[0]}=...)"))
+        return {k: context[k] for k in names}
+
+    def _guide_dist(self, x: torch.Tensor, **context: Any) -> dist.TorchDistribution:
+        """``self.encoder.distribution(x, **encoder context)``, or :class:`ModelError` naming the encoder."""
         what = f'encoder at site "{self.site("z")}"'
         try:
-            q = self.encoder.distribution(x)
+            ctx = self.part_context("encoder", context)
+            q = self.encoder.distribution(x, **ctx) if ctx else self.encoder.distribution(x)
         except PyroVAEError:
             raise
         except ValueError as e:
@@ -377,9 +428,11 @@ class VAE(Sites):
                                    "return a pyro.distributions object")
         return q
 
-    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
-        """The decoder's output for latents ``z``, or :class:`ModelError` when it is not a tensor."""
-        out = self.decoder(self.decoder_input(z))
+    def _decode_raw(self, z: torch.Tensor, **context: Any) -> torch.Tensor:
+        """The decoder's output for latents ``z`` (and its context), or :class:`ModelError` when it is not a
+        tensor."""
+        ctx = self.part_context("decoder", context)
+        out = self.decoder(self.decoder_input(z), **ctx) if ctx else self.decoder(self.decoder_input(z))
         if not torch.is_tensor(out):
             raise self._part_error("decoder", "a tensor (..., *data_shape) of the likelihood's parameters",
                                    type(out).__name__, "return one tensor from the decoder's forward")
@@ -392,16 +445,21 @@ class VAE(Sites):
             stack.enter_context(poutine.scale(scale=self.beta))
         return stack
 
-    def likelihood_dist(self, out: torch.Tensor, batch_shape: tuple | None = None) -> dist.TorchDistribution:
-        """p(x | z) for decoder output ``out`` ``(..., *decoder_shape)``: the likelihood's distribution with the data
-        dimensions as its event shape (expanded to ``batch_shape`` when given).
+    def likelihood_dist(self, out: torch.Tensor, batch_shape: tuple | None = None,
+                        **context: Any) -> dist.TorchDistribution:
+        """p(x | z) for decoder output ``out`` ``(..., *decoder_shape)``: ``likelihood(out, **context)`` with the
+        data dimensions as its event shape (its batch shape checked against ``batch_shape`` when given).
 
         Raises:
             ModelError: the likelihood refused ``out`` (e.g. a non-finite decoder output), naming the part.
+            ConfigError: the likelihood does not take the context given, or needs a value not given.
+            ShapeError: the distribution's event shape is not ``data_shape`` or its batch shape not ``batch_shape``.
         """
         what = f'likelihood at site "{self.site("x")}"'
         try:
-            px = self.likelihood(out)
+            px: dist.TorchDistribution = call_with_context(what, self.likelihood, out, context=context,
+                                   fix="pass the values the likelihood needs to vae.model / vae.sample as keyword "
+                                   "arguments")
         except PyroVAEError:
             raise
         except ValueError as e:
@@ -493,17 +551,36 @@ class VAE(Sites):
         dtype = self._dtype()
         return x if x.dtype == dtype else cast_data(x, dtype, "x")
 
-    def model(self, x: torch.Tensor | None = None, num_data: int | None = None,
-              batch_size: int | None = None) -> torch.Tensor:
+    def model(self, x: torch.Tensor | None = None, num_data: int | None = None, batch_size: int | None = None, *,
+              subsample_size: int | None = None, **context: Any) -> torch.Tensor:
         """p(z) p(x | z) over a batch.
 
+        Inside the data plate (and the KL weight's ``poutine.scale``) the model samples ``"z"`` from
+        ``prior(**context)``, decodes it (the decoder given its ``decoder_context`` values) and observes ``"x"``
+        under ``likelihood(decoder_output, **context)``. A ``pyro.sample`` inside a custom prior or likelihood is
+        therefore inside the plate: one value per data point. Sample a global latent in the enclosing model,
+        outside this call, and pass its value as context.
+
         Args:
-            x: ``(batch, *data_shape)`` observations, or ``None`` to sample ``x``.
+            x: ``(batch, *data_shape)`` observations, or ``None`` to sample ``x``. With ``subsample_size``: the
+                full data set ``(N, *data_shape)``.
             num_data: size of the full data set when ``x`` is a minibatch (scales the ELBO).
             batch_size: number of points to generate when ``x`` is ``None``.
+            subsample_size: draw a random subsample of this many points of ``x`` in the data plate (Pyro's
+                ``pyro.plate(..., subsample_size=...)``; the guide draws the indices and the model replays them
+                under SVI); log-densities are scaled by ``N / subsample_size``.
+            context: named context for the parts. A value is per data point when it is a tensor whose first
+                dimension is the plate's (``batch``; ``N`` with ``subsample_size``, where the plate's indices
+                select its rows as they select ``x``'s); every other value (a tensor without that dimension, a
+                number, another site's value) is global and passed as it is.
 
         Returns:
             The decoder output ``(batch, *data_shape)`` (logits or means, per the likelihood).
+
+        Raises:
+            ConfigError: a part that does not take the context given, a value the encoder or decoder needs that
+                is missing, or a bad ``batch_size`` / ``subsample_size``.
+            DataError: a per-data-point context value of ``num_data`` rows for a minibatch ``x``.
         """
         self.register_with_pyro("decoder", "prior", "likelihood")
         if x is not None:
@@ -514,16 +591,17 @@ class VAE(Sites):
                 raise ConfigError(message("batch_size", "an integer when x is None", "None",
                                           "call model(batch_size=n) to generate n points"))
             batch, device = integer("batch_size", batch_size, 1), self.device
-        with self.plate(batch, num_data, device):
+        with self.context_plate(x, batch, num_data, subsample_size, device, context) as (x, context):
             with self.kl_scale():
-                z = pyro.sample(self.site("z"), self._prior_dist())
-            out = self._decode_raw(z)
-            pyro.sample(self.site("x"), self.likelihood_dist(out), obs=x)
+                z = pyro.sample(self.site("z"), self._prior_dist(**context))
+            out = self._decode_raw(z, **context)
+            pyro.sample(self.site("x"), self.likelihood_dist(out, **context), obs=x)
         return out
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None,
-              batch_size: int | None = None) -> torch.Tensor:
-        """q(z | x) over a batch; same signature as :meth:`model` (``batch_size`` is unused).
+    def guide(self, x: torch.Tensor, num_data: int | None = None, batch_size: int | None = None, *,
+              subsample_size: int | None = None, **context: Any) -> torch.Tensor:
+        """q(z | x) over a batch; same signature as :meth:`model` (``batch_size`` is unused; the encoder gets the
+        values of its ``encoder_context`` names, the rest of the context is unused).
 
         Returns:
             The latent sample ``(batch, *latent_shape)`` (log space for a categorical latent).
@@ -533,41 +611,86 @@ class VAE(Sites):
             raise ConfigError(message("guide x", "a data batch", "None",
                                       "the guide encodes data: sample from the prior with vae.sample(n)"))
         x = self._check_x(x)
-        with self.plate(self._batch_size(x), num_data, x.device):
+        with self.context_plate(x, self._batch_size(x), num_data, subsample_size, x.device, context) as (x, context):
             with self.kl_scale():
-                return pyro.sample(self.site("z"), self._guide_dist(x))
+                return pyro.sample(self.site("z"), self._guide_dist(x, **context))
+
+    @contextmanager
+    def context_plate(self, x: torch.Tensor | None, batch: int, num_data: int | None, subsample_size: int | None,
+                      device: torch.device, context: Mapping[str, Any]
+                      ) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """The data plate of :meth:`model` and :meth:`guide`, yielding ``(x, context)`` as the plate sees them.
+
+        Without ``subsample_size``: :meth:`plate` over ``batch`` points (from ``num_data``), ``x`` and the context
+        as given. With it: ``pyro.plate(site("data"), batch, subsample_size=...)``, whose indices select the rows
+        of ``x`` and of each per-data-point context value (:func:`~pyro_vae.models.context.is_per_point`).
+
+        Raises:
+            ConfigError: ``subsample_size`` not an integer >= 1, given without ``x``, or with a ``num_data`` other
+                than ``x``'s size.
+            DataError: without ``subsample_size``, a per-data-point context value of ``num_data`` rows for a
+                minibatch of ``batch < num_data`` points (its rows would not be the minibatch's).
+        """
+        if subsample_size is None:
+            if num_data is not None and num_data != batch:
+                for k, v in context.items():
+                    if is_per_point(v, num_data):
+                        raise DataError(message(
+                            f"context {k!r}", f"the minibatch's rows ({batch}, like x) or a global value",
+                            f"shape {tuple(v.shape)}: num_data = {num_data} rows",
+                            f"pass {k}={k}[idx] for the minibatch x = data[idx], or the full data with "
+                            f"subsample_size={batch}"))
+            with self.plate(batch, num_data, device):
+                yield x, dict(context)
+            return
+        if x is None:
+            raise ConfigError(message("subsample_size", "the full data set x to subsample", "x=None",
+                                      "pass x, or batch_size=n to generate n points"))
+        size = integer("subsample_size", subsample_size, 1)
+        if num_data is not None and num_data != batch:
+            raise ConfigError(message("num_data", f"None or x's size {batch} with subsample_size (x is the full "
+                                      "data set)", repr(num_data), "drop num_data"))
+        with pyro.plate(self.site("data"), batch, subsample_size=size, device=device) as idx:  # type: ignore[arg-type]
+            rows = cast(torch.Tensor, idx)
+            at = x.dim() - len(self.data_shape) - 1
+            yield x.index_select(at, rows.to(x.device)), {
+                k: v.index_select(0, rows.to(v.device)) if is_per_point(v, batch) else v for k, v in context.items()}
 
     # ------------------------------------------------------------------------------- plain torch use
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, **context: Any) -> torch.Tensor:
         """The posterior's location for each data point, in the latent site's representation.
 
         Gaussian latent: the posterior means ``E_q[z | x]``, ``(batch, z_dim)``. Categorical latent: the log
         class probabilities ``log q(c | x)``, ``(batch, z_dim, categories)``, the log-space point of the mean
         of the categorical the Concrete relaxes (``.exp()`` gives the probabilities); :meth:`decode` takes it.
         """
-        q = self._guide_dist(self.as_data(x))
+        q = self._guide_dist(self.as_data(x), **context)
         log_p = log_class_probs(q)
         return q.mean if log_p is None else log_p
 
-    def decode_dist(self, z: torch.Tensor) -> dist.TorchDistribution:
+    def decode_dist(self, z: torch.Tensor, **context: Any) -> dist.TorchDistribution:
         """The model's likelihood ``p(x | z)`` at latents ``z`` ``(..., *latent_shape)`` (for a categorical
         latent, the log of relaxed one-hot points, see :meth:`decoder_input`): a distribution of batch shape
-        ``z``'s batch dimensions and event shape ``data_shape``.
+        ``z``'s batch dimensions and event shape ``data_shape``. ``context``: as for :meth:`model` (the decoder
+        gets its ``decoder_context`` values, the likelihood all of them); a per-data-point value is
+        ``(batch, ...)`` for ``z`` of ``(batch, *latent_shape)``, and the batch shape is then the broadcast of
+        both.
 
         Raises:
             ShapeError: ``z`` not shaped ``(..., *latent_shape)``.
             DataError: a categorical ``z`` that is not in log space (e.g. a one-hot: pass ``z.log()``).
+            ConfigError: a part that does not take the context, or a missing decoder context value.
         """
         self._check_latents(z)
-        return self.likelihood_dist(self._decode_raw(z))
+        return self.likelihood_dist(self._decode_raw(z, **context), **context)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, mean: bool = True) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, mean: bool = True, **context: Any) -> torch.Tensor:
         """Likelihood means (``mean=True``) or draws, ``(..., *data_shape)``, for latents ``z``
         ``(..., *latent_shape)`` in the latent site's representation (categorical: log space, e.g.
-        ``F.one_hot(c, k).float().log()`` for hard classes ``c``); errors as :meth:`decode_dist`."""
-        px = self.decode_dist(z)
+        ``F.one_hot(c, k).float().log()`` for hard classes ``c``); context and errors as :meth:`decode_dist`."""
+        px = self.decode_dist(z, **context)
         return px.mean if mean else px.sample()
 
     @torch.no_grad()
@@ -576,6 +699,12 @@ class VAE(Sites):
         """``n`` ancestral samples ``(n, *data_shape)``: ``z ~ p(z)``, then the likelihood's mean
         (``mean=True``) or a draw from it. For a categorical latent ``z`` is the hard one-hot of the prior's
         draw (its arg-max is an exact draw of the categorical it relaxes).
+
+        With ``source="prior"`` the ``kwargs`` are the model's context, as ``model(None, batch_size=n,
+        **context)`` takes it: the ``n`` samples are the points of one data plate, so a per-data-point value is
+        ``(n, ...)`` (one row per sample; repeat a row to draw several samples for it) and a global value is
+        passed whole. The result is always ``(n, *data_shape)``: a prior or likelihood whose batch shape under the
+        context is not ``()`` or ``(n,)`` is a :class:`~pyro_vae.errors.ShapeError`.
 
         ``source="aggregate"`` or ``"mixture"`` (with ``data`` and the ``kwargs`` of
         :func:`pyro_vae.generation.sample`) still draws from the aggregate posterior or a mixture fitted to it,
@@ -595,12 +724,35 @@ class VAE(Sites):
             generation = importlib.import_module("pyro_vae.generation")
             return generation.sample(self, n, source, data=data, mean=mean, **kwargs)
         n = self.check_sample_size(n)
-        z = self._prior_dist().sample((n,))
+        z = self.sample_prior(n, **kwargs)
         if self.categories is not None:
             # arg-max of a Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max); the
             # decoder sees its one-hot (log space: 0 at the class, -inf elsewhere)
             z = log_one_hot(z.argmax(-1), self.categories, z.dtype)
-        return self.decode(z, mean=mean)
+        self._check_latents(z)
+        px = self.likelihood_dist(self._decode_raw(z, **kwargs), batch_shape=(n,), **kwargs)
+        return px.mean if mean else px.sample()
+
+    @torch.no_grad()
+    def sample_prior(self, n: int, **context: Any) -> torch.Tensor:
+        """``n`` draws of the latent site from ``prior(**context)``, ``(n, *latent_shape)``, as the model draws
+        them in a data plate of ``n`` points: the prior's batch shape must be ``()`` (one distribution for all
+        points) or ``(n,)`` (one per point, from per-data-point context of ``n`` rows).
+
+        Raises:
+            ShapeError: the prior's batch shape is neither.
+            ConfigError: the prior does not take the context, or needs a value not given.
+        """
+        p = self._prior_dist(**context)
+        shape = tuple(p.batch_shape)
+        if shape == ():
+            return p.sample((n,))
+        if shape == (n,):
+            return p.sample()
+        raise ShapeError(message(
+            f'prior at site "{self.site("z")}" under the context {sorted(context)}',
+            f"batch shape () (global context) or ({n},) (one context row per sample)", f"batch shape {shape}",
+            f"pass global context values without leading dimensions, or per-data-point values of {n} rows"))
 
     def check_sample_size(self, n: Any, name: str = "n") -> int:
         """``n`` as an int >= 1 whose samples (with their latents and the decoder's activations) fit in the
@@ -612,10 +764,10 @@ class VAE(Sites):
         return n
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, mean: bool = True) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, mean: bool = True, **context: Any) -> torch.Tensor:
         """Decode :meth:`encode` of each data point (the posterior mean; for a categorical latent the class
-        probabilities): ``(batch, *data_shape)``."""
-        return self.decode(self.encode(x), mean=mean)
+        probabilities): ``(batch, *data_shape)``. ``context`` goes to both, as for :meth:`model`."""
+        return self.decode(self.encode(x, **context), mean=mean, **context)
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -638,7 +790,8 @@ class VAE(Sites):
                    prior=cfg.pop("prior"), likelihood=cfg.pop("likelihood"), hidden=cfg.pop("hidden"),
                    name=cfg.pop("name", ""), latent=cfg.pop("latent", "gaussian"),
                    categories=cfg.pop("categories", None), temperature=cfg.pop("temperature", 1.0),
-                   straight_through=cfg.pop("straight_through", False))
+                   straight_through=cfg.pop("straight_through", False),
+                   encoder_context=cfg.pop("encoder_context", None), decoder_context=cfg.pop("decoder_context", None))
 
     def extra_repr(self) -> str:
         return f"data_shape={self.data_shape}, z_dim={self.z_dim}, name={self.name!r}"
