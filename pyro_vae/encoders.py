@@ -17,7 +17,7 @@ from pyro_vae.errors import ShapeError, message
 from pyro_vae.validation import integer
 
 __all__ = ["Encoder", "GaussianEncoder", "RelaxedCategoricalEncoder", "ConditionalGaussianEncoder",
-           "CategoricalEncoder"]
+           "CategoricalEncoder", "BernoulliEncoder"]
 
 
 class Encoder(nn.Module):
@@ -136,6 +136,76 @@ class RelaxedCategoricalEncoder(Encoder):
         """The encoder's settings, JSON-able: ``{"latent": "categorical", "categories": k, "temperature": ...,
         "straight_through": ...}`` (the current temperature)."""
         return {"latent": "categorical", "categories": self.k, "temperature": self._temperature,
+                "straight_through": self.straight_through}
+
+
+class BernoulliEncoder(Encoder):
+    """Factorized Bernoulli guide over ``z_dim`` binary variables, event shape ``(z_dim,)``: the sigmoid belief
+    net layer of the discrete-estimator papers (Mnih & Gregor 2014; Tucker et al. 2017; Grathwohl et al. 2018;
+    Yin & Zhou 2019; Dong et al. 2020).
+
+    The network maps ``(..., *data_shape)`` to ``(..., z_dim)`` logits of a 1. With ``relaxed=False`` the
+    distribution is ``Bernoulli(logits=...).to_event(1)``, values in ``{0, 1}`` (not reparameterizable: Pyro's
+    ELBOs use the score function). With ``relaxed=True`` it is the binary Concrete
+    (:class:`~pyro_vae.distributions.LogitRelaxedBernoulli`, Maddison et al. 2017) at ``temperature``, whose
+    values are the *logits* of the relaxed draw (finite at any temperature, the density a function of the value
+    alone): :meth:`pyro_vae.VAE.decoder_input` maps them to ``sigmoid(z)``, or with ``straight_through=True`` to
+    the hard ``z > 0`` in the forward pass with the relaxed gradient.
+
+    ``temperature`` is a plain attribute, so a schedule (:class:`pyro_vae.schedules.ExponentialTemperature`)
+    anneals it; it is unused when ``relaxed=False``. Under ``TraceMeanField_ELBO`` the exact guide gets the
+    closed-form Bernoulli KL against a Bernoulli prior; the relaxed one falls back to Monte Carlo.
+
+    Raises:
+        ShapeError: (``forward``) the network's last output dimension is not ``z_dim``.
+    """
+
+    def __init__(self, net: nn.Module, z_dim: int, relaxed: bool = False, temperature: float = 1.0,
+                 straight_through: bool = False) -> None:
+        super().__init__()
+        from pyro_vae.distributions.relaxed import check_temperature
+
+        self.net = net
+        self.z_dim = integer("z_dim", z_dim, 1)
+        self.relaxed = bool(relaxed) or bool(straight_through)
+        self._temperature = check_temperature(temperature)
+        self.straight_through = bool(straight_through)
+
+    @property
+    def temperature(self) -> float:
+        """Relaxation temperature (> 0) of the relaxed variant; setting it validates the value."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        from pyro_vae.distributions.relaxed import check_temperature
+
+        self._temperature = check_temperature(value)
+
+    def forward(self, x: torch.Tensor, **context: Any) -> torch.Tensor:
+        """Logits of a 1, ``(..., z_dim)``, from ``net(x, **context)``."""
+        h = self.net(x, **context)
+        if h.shape[-1] != self.z_dim:
+            raise ShapeError(message("encoder network output", f"last dimension z_dim = {self.z_dim} (the logits)",
+                                     f"shape {tuple(h.shape)}",
+                                     f"make the encoder network end in {self.z_dim} features"))
+        return h
+
+    def distribution(self, x: torch.Tensor, **context: Any) -> dist.TorchDistribution:
+        """``q(z | x)``: batch shape ``x``'s batch dimensions, event shape ``(z_dim,)``; ``Bernoulli`` (values in
+        ``{0, 1}``) or, relaxed, :class:`~pyro_vae.distributions.LogitRelaxedBernoulli` (logit-space values)."""
+        logits = self(x, **context)
+        if not self.relaxed:
+            return dist.Bernoulli(logits=logits).to_event(1)
+        from pyro_vae.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
+
+        temperature = torch.tensor(self._temperature, dtype=logits.dtype, device=logits.device)
+        return LogitRelaxedBernoulli(temperature, logits=logits).to_event(1)
+
+    def config(self) -> dict[str, Any]:
+        """The encoder's settings, JSON-able: ``{"latent": "bernoulli", "relaxed": ..., "temperature": ...,
+        "straight_through": ...}`` (the current temperature)."""
+        return {"latent": "bernoulli", "relaxed": self.relaxed, "temperature": self._temperature,
                 "straight_through": self.straight_through}
 
 

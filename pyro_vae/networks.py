@@ -8,7 +8,7 @@ straight through a decoder.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ def _check_positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
 class MLP(nn.Module):
     """Linear layers with an activation between them, acting on the last dimension."""
 
-    def __init__(self, sizes: Sequence[int], activation: type[nn.Module] = nn.Softplus) -> None:
+    def __init__(self, sizes: Sequence[int], activation: Callable[[], nn.Module] = nn.Softplus) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -58,13 +58,15 @@ class MLP(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """Flattens ``(..., *data_shape)`` and maps it to ``(..., out_features)``."""
+    """Flattens ``(..., *data_shape)`` and maps it to ``(..., out_features)`` (``activation()`` between the
+    layers; no hidden layers: one affine map)."""
 
-    def __init__(self, data_shape: Sequence[int], out_features: int, hidden: Sequence[int] = (400,)) -> None:
+    def __init__(self, data_shape: Sequence[int], out_features: int, hidden: Sequence[int] = (400,),
+                 activation: Callable[[], nn.Module] = nn.Softplus) -> None:
         super().__init__()
         self.data_shape = _check_positive_ints("data_shape", data_shape)
         hidden = _check_positive_ints("hidden", hidden)
-        self.mlp = MLP((math.prod(self.data_shape), *hidden, int(out_features)))
+        self.mlp = MLP((math.prod(self.data_shape), *hidden, int(out_features)), activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[: x.dim() - len(self.data_shape)]
@@ -72,13 +74,15 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """Maps ``(..., z_dim)`` to ``(..., *data_shape)`` (logits or means, one per data entry)."""
+    """Maps ``(..., z_dim)`` to ``(..., *data_shape)`` (logits or means, one per data entry; ``activation()``
+    between the layers; no hidden layers: one affine map)."""
 
-    def __init__(self, z_dim: int, data_shape: Sequence[int], hidden: Sequence[int] = (400,)) -> None:
+    def __init__(self, z_dim: int, data_shape: Sequence[int], hidden: Sequence[int] = (400,),
+                 activation: Callable[[], nn.Module] = nn.Softplus) -> None:
         super().__init__()
         self.data_shape = _check_positive_ints("data_shape", data_shape)
         hidden = _check_positive_ints("hidden", hidden)
-        self.mlp = MLP((int(z_dim), *hidden, math.prod(self.data_shape)))
+        self.mlp = MLP((int(z_dim), *hidden, math.prod(self.data_shape)), activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.mlp(z).reshape(*z.shape[:-1], *self.data_shape)

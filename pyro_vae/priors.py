@@ -6,8 +6,9 @@ prior is refused).
 The built-in priors take any context and ignore it. Any such callable works (one that takes no context is
 called with none; see :mod:`pyro_vae.models.context`); an ``nn.Module`` prior is registered with Pyro by the
 model, so its parameters learn with the rest of the VAE. Built in: :class:`StandardNormal`,
-:class:`MixtureOfGaussians`, :class:`VampPrior`, :class:`FlowPrior`, :class:`Laplace`, :class:`StudentT`, and for
-categorical latents :class:`RelaxedCategoricalPrior` (uniform or learnable logits).
+:class:`MixtureOfGaussians`, :class:`VampPrior`, :class:`FlowPrior`, :class:`Laplace`, :class:`StudentT`, for
+categorical latents :class:`RelaxedCategoricalPrior` (uniform or learnable logits), and for Bernoulli latents
+:class:`BernoulliPrior` (fixed ``p = 1/2`` or learnable logits).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pyro_vae.networks import ConcatMLP, Shape
 from pyro_vae.validation import integer, positive
 
 __all__ = ["StandardNormal", "MixtureOfGaussians", "VampPrior", "FlowPrior", "Laplace", "StudentT",
-           "RelaxedCategoricalPrior", "PRIORS", "CATEGORICAL_PRIORS", "build_prior", "Unconditional",
+           "RelaxedCategoricalPrior", "BernoulliPrior", "PRIORS", "CATEGORICAL_PRIORS", "BERNOULLI_PRIORS",
+           "build_prior", "Unconditional",
            "ClassConditionalNormal", "ConditionalNormalPrior"]
 
 PriorFn = Callable[[], dist.TorchDistribution]
@@ -310,6 +312,74 @@ def _categorical_learned(n: int, k: int, **kwargs: Any) -> RelaxedCategoricalPri
     return RelaxedCategoricalPrior(n, k, learnable=True, **kwargs)
 
 
+class BernoulliPrior(nn.Module):
+    """Factorized Bernoulli prior over ``z_dim`` binary variables, event shape ``(z_dim,)``: fixed ``p = 1/2``
+    (``learnable=False``) or with learnable logits starting at 0 (the learned prior of the sigmoid belief net
+    papers, e.g. Grathwohl et al. 2018, Dong et al. 2020).
+
+    Built by :class:`pyro_vae.VAE` (``prior="bernoulli"`` / ``"bernoulli-learned"``) it follows the encoder: an
+    exact ``Bernoulli(logits).to_event(1)`` (values in ``{0, 1}``) for an exact latent, and for a relaxed one
+    the binary Concrete :class:`~pyro_vae.distributions.LogitRelaxedBernoulli` over logit-space values at the
+    encoder's temperature, read at every call so an annealing schedule moves both. Standalone it is exact
+    unless given ``relaxed=True`` and its own ``temperature``.
+
+    Args:
+        z_dim: number of binary variables.
+        learnable: learn the logits (start at 0, ``p = 1/2``).
+        relaxed, temperature: the relaxed variant and its temperature, used when no encoder is attached.
+        encoder: an object with ``relaxed`` and ``temperature`` attributes to follow (held by reference).
+    """
+
+    name = "bernoulli"
+
+    def __init__(self, z_dim: int, learnable: bool = False, relaxed: bool = False, temperature: float = 1.0,
+                 encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        from pyro_vae.distributions.relaxed import check_temperature
+
+        self.z_dim = integer("z_dim", z_dim, 1)
+        self.learnable = bool(learnable)
+        self._relaxed = bool(relaxed)
+        self._temperature = check_temperature(temperature)
+        self._encoder: tuple[Any, ...] = (encoder,) if encoder is not None else ()
+        if self.learnable:
+            self.logits = nn.Parameter(torch.zeros(self.z_dim))
+        else:
+            self.register_buffer("logits", torch.zeros(self.z_dim))
+
+    @property
+    def relaxed(self) -> bool:
+        """Whether the prior is the binary Concrete (the attached encoder's setting, else the prior's own)."""
+        return bool(getattr(self._encoder[0], "relaxed", False)) if self._encoder else self._relaxed
+
+    @property
+    def temperature(self) -> float:
+        """The relaxation temperature (> 0): the attached encoder's, else the prior's own."""
+        return float(self._encoder[0].temperature) if self._encoder else self._temperature
+
+    def config(self) -> dict[str, Any]:
+        """The JSON-able spec :func:`build_prior` rebuilds this prior from: ``{"name": "bernoulli"}`` or
+        ``{"name": "bernoulli-learned"}``, with ``"relaxed"`` and ``"temperature"`` when it keeps its own (no
+        encoder attached; the learned logits travel in the state dict)."""
+        cfg: dict[str, Any] = {"name": "bernoulli-learned" if self.learnable else "bernoulli"}
+        if not self._encoder:
+            cfg.update(relaxed=self._relaxed, temperature=self._temperature)
+        return cfg
+
+    def forward(self, **context: Any) -> dist.TorchDistribution:
+        """``p(z)``, event shape ``(z_dim,)`` (the named ``context`` is ignored)."""
+        if not self.relaxed:
+            return dist.Bernoulli(logits=self.logits).to_event(1)
+        from pyro_vae.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
+
+        t = torch.tensor(self.temperature, dtype=self.logits.dtype, device=self.logits.device)
+        return LogitRelaxedBernoulli(t, logits=self.logits).to_event(1)
+
+
+def _bernoulli_learned(z_dim: int, **kwargs: Any) -> BernoulliPrior:
+    return BernoulliPrior(z_dim, learnable=True, **kwargs)
+
+
 PRIORS: dict[str, Callable[..., nn.Module]] = {
     "normal": StandardNormal, "mixture": MixtureOfGaussians, "vamp": VampPrior, "flow": FlowPrior,
     "laplace": Laplace, "student-t": StudentT,
@@ -317,10 +387,14 @@ PRIORS: dict[str, Callable[..., nn.Module]] = {
 CATEGORICAL_PRIORS: dict[str, Callable[..., nn.Module]] = {
     "categorical": RelaxedCategoricalPrior, "categorical-learned": _categorical_learned,
 }
+BERNOULLI_PRIORS: dict[str, Callable[..., nn.Module]] = {
+    "bernoulli": BernoulliPrior, "bernoulli-learned": _bernoulli_learned,
+}
 
 
 def build_prior(spec: str | dict | PriorFn | None, z_dim: int, *, categories: int | None = None,
-                encoder: nn.Module | None = None, data_shape: Sequence[int] | None = None) -> PriorFn:
+                encoder: nn.Module | None = None, data_shape: Sequence[int] | None = None,
+                latent: str | None = None) -> PriorFn:
     """A prior from a name, a config dict (``{"name": ..., **options}``) or a callable (returned as is).
 
     Args:
@@ -330,7 +404,11 @@ def build_prior(spec: str | dict | PriorFn | None, z_dim: int, *, categories: in
         categories: classes per variable for a categorical latent, ``None`` for a Gaussian one.
         encoder: the VAE's encoder (for ``vamp``, and the temperature of the categorical priors).
         data_shape: shape of one data point (for ``vamp``).
+        latent: ``"bernoulli"`` for a Bernoulli latent (:data:`BERNOULLI_PRIORS`, default ``"bernoulli"``, the
+            prior following ``encoder``'s ``relaxed`` and ``temperature``); otherwise decided by ``categories``.
     """
+    if latent == "bernoulli":
+        return _build_bernoulli_prior(spec, z_dim, encoder)
     table = CATEGORICAL_PRIORS if categories is not None else PRIORS
     if spec is None:
         spec = "categorical" if categories is not None else "normal"
@@ -364,6 +442,26 @@ def build_prior(spec: str | dict | PriorFn | None, z_dim: int, *, categories: in
     except TypeError as e:
         raise ConfigError(message(f"prior {spec!r} options", "the constructor's keyword arguments",
                                   f"{sorted(kwargs)} ({e})", f"see help(pyro_vae.priors) for {spec!r}")) from None
+
+
+def _build_bernoulli_prior(spec: str | dict | PriorFn | None, z_dim: int, encoder: nn.Module | None) -> PriorFn:
+    if spec is None:
+        spec = "bernoulli"
+    if callable(spec):
+        return spec
+    kwargs: dict[str, Any] = dict(spec) if isinstance(spec, dict) else {}
+    name = kwargs.pop("name", None) if isinstance(spec, dict) else spec
+    if name not in BERNOULLI_PRIORS:
+        hint = f"{name!r} is a prior for another latent; " if name in PRIORS or name in CATEGORICAL_PRIORS else ""
+        raise ConfigError(message("prior", "one of " + ", ".join(sorted(BERNOULLI_PRIORS)) + " (a Bernoulli "
+                                  "latent) or a callable returning a distribution", repr(name),
+                                  hint + 'pass prior="bernoulli" (p = 1/2) or "bernoulli-learned"'))
+    try:  # a given relaxation is the prior's own; otherwise it follows the encoder's
+        own = "temperature" in kwargs or "relaxed" in kwargs
+        return BERNOULLI_PRIORS[name](z_dim, encoder=None if own else encoder, **kwargs)
+    except TypeError as e:
+        raise ConfigError(message(f"prior {name!r} options", "the constructor's keyword arguments",
+                                  f"{sorted(kwargs)} ({e})", f"see help(pyro_vae.priors) for {name!r}")) from None
 
 
 # ------------------------------------------------------------------------------ conditional priors

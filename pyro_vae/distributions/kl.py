@@ -3,8 +3,10 @@
 
 A diagonal Gaussian written as ``Independent(Normal, 1)`` against the other Gaussian forms:
 ``LowRankMultivariateNormal`` (either order) and ``MultivariateNormal`` as ``q``. (``Independent(Normal)`` vs
-``MultivariateNormal`` is Pyro's own; Normal vs Laplace is torch's.) :func:`pyro_vae.infer.kl_report` says which
-latent sites get a closed form under ``TraceMeanField_ELBO``.
+``MultivariateNormal`` is Pyro's own; Normal vs Laplace is torch's.) The exact Bernoulli in logit space
+(:class:`~pyro_vae.distributions.LogitBernoulli`) against itself: the Bernoulli's closed form (torch registers
+Bernoulli vs Bernoulli and ``Independent`` vs ``Independent``, which the exact Bernoulli latent uses).
+:func:`pyro_vae.infer.kl_report` says which latent sites get a closed form under ``TraceMeanField_ELBO``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch.distributions import (
     kl_divergence,
     register_kl,
 )
+
+from pyro_vae.distributions.relaxed_bernoulli import LogitBernoulli
 
 __all__: list[str] = []
 
@@ -62,3 +66,8 @@ def _kl_mvn_diag_normal(p: MultivariateNormal, q: Independent) -> torch.Tensor:
         raise NotImplementedError
     loc, scale = torch.broadcast_tensors(base.loc, base.scale)
     return kl_divergence(p, MultivariateNormal(loc, scale_tril=torch.diag_embed(scale)))
+
+
+@register_kl(LogitBernoulli, LogitBernoulli)
+def _kl_logit_bernoulli(p: LogitBernoulli, q: LogitBernoulli) -> torch.Tensor:
+    return kl_divergence(p.bernoulli, q.bernoulli)

@@ -47,8 +47,9 @@ from torch import nn
 from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 
 from pyro_vae.distributions.relaxed import ExpOneHotCategorical, straight_through_override
+from pyro_vae.distributions.relaxed_bernoulli import LogitBernoulli, is_relaxed_bernoulli
 from pyro_vae.distributions.wrapped import Wrapped
-from pyro_vae.encoders import RelaxedCategoricalEncoder
+from pyro_vae.encoders import BernoulliEncoder, RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.infer.path_gradient import PathGradient, check_independent_parameters
 from pyro_vae.networks import MLP
@@ -216,8 +217,11 @@ def check_estimator(estimator: str | Estimator, vae: nn.Module) -> Estimator:
     """The :class:`Estimator`, or :class:`ConfigError` when it does not fit the VAE's latent (``relaxed`` and
     ``straight-through`` need a relaxed-categorical encoder)."""
     est = get_estimator(estimator)
-    if not est.gaussian and not isinstance(getattr(vae, "encoder", None), RelaxedCategoricalEncoder):
-        raise ConfigError(message(f'estimator "{est.name}"', "a VAE with categorical latents",
+    encoder = getattr(vae, "encoder", None)
+    relaxed_bernoulli = isinstance(encoder, BernoulliEncoder) and encoder.relaxed and est.site_gradient is None
+    if not est.gaussian and not isinstance(encoder, RelaxedCategoricalEncoder) and not relaxed_bernoulli:
+        raise ConfigError(message(f'estimator "{est.name}"',
+                                  "a VAE with categorical latents (or relaxed Bernoulli ones)",
                                   f"encoder {type(getattr(vae, 'encoder', None)).__name__}",
                                   'build the VAE with latent="categorical" (--latent categorical) or use '
                                   '"pathwise" or a "score-function" estimator'))
@@ -255,6 +259,8 @@ def _convert_categorical(fn: torch.distributions.Distribution, mode: str | None,
     straight-through estimator changes only what the consumer of a log-space latent computes from it
     (:func:`straight_through_override`)."""
     base, dims = unwrap_independent(fn)
+    if mode == "exact" and is_relaxed_bernoulli(base):  # the exact Bernoulli in the same (logit-space) values
+        return _rewrap_independent(LogitBernoulli(logits=cast(Any, base).logits), dims)
     if mode is None or not _is_relaxed_categorical(base):
         return fn
     simplex = isinstance(base, torch.distributions.RelaxedOneHotCategorical)
@@ -324,7 +330,8 @@ class EstimatorMessenger(Messenger):
             return
         est = self.estimator
         mode = "exact" if est.score_function else est.categorical
-        if not est.gaussian and not _is_relaxed_categorical(unwrap_independent(msg["fn"])[0]):
+        base = unwrap_independent(msg["fn"])[0]
+        if not est.gaussian and not _is_relaxed_categorical(base) and not is_relaxed_bernoulli(base):
             raise ConfigError(message(
                 f'estimator "{est.name}" at site "{msg["name"]}"', "a relaxed one-hot categorical latent",
                 type(unwrap_independent(msg["fn"])[0]).__name__,

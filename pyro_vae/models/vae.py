@@ -8,6 +8,7 @@ signature and the same single plate, so they work under ``SVI`` with any ELBO, u
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,7 +32,8 @@ from pyro_vae.distributions.relaxed import (
     straight_through_override,
     to_simplex,
 )
-from pyro_vae.encoders import Encoder, GaussianEncoder, RelaxedCategoricalEncoder
+from pyro_vae.distributions.relaxed_bernoulli import bernoulli_logits, to_unit
+from pyro_vae.encoders import BernoulliEncoder, Encoder, GaussianEncoder, RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, DataError, ModelError, PyroVAEError, ShapeError, message, warn_deprecated
 from pyro_vae.likelihoods import Likelihood, build_likelihood
 from pyro_vae.models.context import binds, call_with_context, check_context_shapes, is_per_point
@@ -44,8 +46,17 @@ from pyro_vae.validation import cast_data, check_memory, integer
 
 __all__ = ["VAE"]
 
-NETS = ("mlp", "conv")
-LATENTS = ("gaussian", "categorical")
+NETS = ("mlp", "conv", "linear", "nonlinear", "nonlinear-leaky")
+LATENTS = ("gaussian", "categorical", "bernoulli")
+#: The fixed networks of the discrete-estimator papers, as (hidden sizes, activation): ``"linear"`` one affine map
+#: (784-200 in the papers), ``"nonlinear"`` two hidden layers of 200 tanh units (Grathwohl et al. 2018, after
+#: Tucker et al. 2017), ``"nonlinear-leaky"`` two of 200 LeakyReLU(0.3) units (Dong et al. 2020). ``hidden`` does
+#: not apply to them.
+FIXED_NETS: dict[str, tuple[tuple[int, ...], Callable[[], nn.Module]]] = {
+    "linear": ((), nn.Tanh),
+    "nonlinear": ((200, 200), nn.Tanh),
+    "nonlinear-leaky": ((200, 200), functools.partial(nn.LeakyReLU, 0.3)),
+}
 
 
 class VAE(Sites):
@@ -54,12 +65,13 @@ class VAE(Sites):
     Args:
         data_shape: shape of one data point, e.g. ``(64,)`` or ``(1, 28, 28)``.
         z_dim: number of latent dimensions.
-        encoder: ``"mlp"``, ``"conv"``, an :class:`~pyro_vae.encoders.Encoder` (used as the guide
+        encoder: ``"mlp"``, ``"conv"``, ``"linear"``, ``"nonlinear"``, ``"nonlinear-leaky"`` (the fixed networks of
+            :data:`FIXED_NETS`), an :class:`~pyro_vae.encoders.Encoder` (used as the guide
             distribution as is), or any ``nn.Module`` mapping ``(batch, *data_shape)`` to
             ``(batch, 2 * z_dim)``, wrapped in a :class:`~pyro_vae.encoders.GaussianEncoder` (for a
             categorical latent: ``(batch, z_dim * categories)`` logits, wrapped in a
             :class:`~pyro_vae.encoders.RelaxedCategoricalEncoder`).
-        decoder: ``"mlp"``, ``"conv"``, or any ``nn.Module`` mapping ``(..., z_dim)`` to
+        decoder: a name as for ``encoder``, or any ``nn.Module`` mapping ``(..., z_dim)`` to
             ``(..., *data_shape)`` (``(..., z_dim * categories)`` for a categorical latent).
         prior: ``None`` (standard normal; uniform relaxed categorical for a categorical latent), a name
             of :data:`pyro_vae.priors.PRIORS` / ``CATEGORICAL_PRIORS``, a config dict
@@ -77,11 +89,19 @@ class VAE(Sites):
             event shape ``(z_dim, categories)``. The site's value is the *log* of the relaxed one-hot point
             (:class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical`), so its density is exact at any
             temperature; the decoder is fed ``exp`` of it flattened to ``z_dim * categories``
-            (:meth:`decoder_input`).
+            (:meth:`decoder_input`). ``"bernoulli"``: ``z_dim`` binary variables, a sigmoid belief net layer
+            (:class:`~pyro_vae.encoders.BernoulliEncoder`, the encoder ending in ``z_dim`` logits; prior
+            ``"bernoulli"`` with ``p = 1/2`` or ``"bernoulli-learned"``), values in ``{0, 1}`` fed to the decoder as
+            floats; with ``relaxed=True`` the binary Concrete in logit space instead (see ``relaxed``).
         categories: classes per categorical variable (``latent="categorical"`` only).
         temperature: starting relaxation temperature of a categorical latent (> 0).
         straight_through: the decoder sees the hard one-hot of the relaxed draw, with the relaxed draw's
-            gradient (categorical latent; the latent and its densities are unchanged).
+            gradient (categorical latent; the latent and its densities are unchanged). For a Bernoulli latent: the
+            decoder sees ``z > 0`` of the relaxed logit-space draw with its relaxed gradient (implies ``relaxed``).
+        relaxed: Bernoulli latent only: the site is the binary Concrete at ``temperature``
+            (:class:`~pyro_vae.distributions.LogitRelaxedBernoulli`, Maddison et al. 2017), its values the *logits*
+            of the relaxed draw, which the decoder sees as ``sigmoid(z)``; the pathwise estimator then applies,
+            and the score-function estimators use the exact Bernoulli in the same representation (``+-inf``).
 
     Sites (with ``name=""``): plate ``"data"`` over the batch, latent ``"z"`` of shape
     ``(batch, *latent_shape)`` (``(batch, z_dim)``; ``(batch, z_dim, categories)`` in log space for a
@@ -104,6 +124,7 @@ class VAE(Sites):
         categories: int | None = None,
         temperature: float = 1.0,
         straight_through: bool = False,
+        relaxed: bool = False,
         encoder_context: Mapping[str, Sequence[int]] | None = None,
         decoder_context: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
@@ -119,7 +140,7 @@ class VAE(Sites):
         self.beta = beta
         self._config: dict[str, Any] = {"data_shape": list(self.data_shape), "z_dim": self.z_dim,
                                         "hidden": list(self.hidden), "name": self.name}
-        self._init_latent(latent, categories, temperature, straight_through)
+        self._init_latent(latent, categories, temperature, straight_through, relaxed)
         self._init_context(encoder_context, decoder_context, prior)
         self._check_network_size(encoder, decoder)
 
@@ -127,7 +148,7 @@ class VAE(Sites):
             self.encoder = self._build_encoder(encoder)
             self.decoder = self._build_decoder(decoder)
             self.prior = build_prior(prior, self.z_dim, categories=self.categories, encoder=self.encoder,
-                                     data_shape=self.data_shape)
+                                     data_shape=self.data_shape, latent=self.latent)
             self.likelihood = build_likelihood(likelihood, self.data_shape)
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
             if not isinstance(e, MemoryError) and "memory" not in str(e):
@@ -142,10 +163,14 @@ class VAE(Sites):
 
     # ----------------------------------------------------------------------------------- building
     def _init_latent(self, latent: str, categories: int | None, temperature: float,
-                     straight_through: bool) -> None:
+                     straight_through: bool, relaxed: bool = False) -> None:
         if latent not in LATENTS:
             raise ConfigError(message("latent", f"one of {LATENTS}", repr(latent), 'pass latent="categorical"'))
         self.latent = latent
+        self._relaxed = False
+        if relaxed and latent != "bernoulli":
+            raise ConfigError(message("relaxed", 'latent="bernoulli" (a categorical latent is always relaxed)',
+                                      f"latent={latent!r}", 'pass latent="bernoulli" or drop relaxed'))
         if latent == "categorical":
             self.categories: int | None = integer("categories", categories, 2)
             self._temperature0 = check_temperature(temperature)
@@ -153,6 +178,17 @@ class VAE(Sites):
             self._config.update(latent=latent, categories=self.categories, temperature=self._temperature0,
                                 straight_through=self._straight_through)
             self._encoder_features = self._decoder_features = self.z_dim * self.categories
+        elif latent == "bernoulli":
+            if categories is not None:
+                raise ConfigError(message("categories", 'latent="categorical"', 'latent="bernoulli"',
+                                          "drop categories (a Bernoulli latent has z_dim binary variables)"))
+            self.categories = None
+            self._temperature0 = check_temperature(temperature)
+            self._straight_through = bool(straight_through)
+            self._relaxed = bool(relaxed) or self._straight_through
+            self._config.update(latent=latent, relaxed=self._relaxed, temperature=self._temperature0,
+                                straight_through=self._straight_through)
+            self._encoder_features = self._decoder_features = self.z_dim
         else:
             if categories is not None or straight_through:
                 raise ConfigError(message("categories / straight_through", 'latent="categorical"',
@@ -176,8 +212,8 @@ class VAE(Sites):
         d = math.prod(self.data_shape)
         count = 0
         for kind, n_in, n_out in ((encoder, d, self._encoder_features), (decoder, self._decoder_features, d)):
-            if kind == "mlp":
-                sizes = (n_in, *self.hidden, n_out)
+            if kind == "mlp" or kind in FIXED_NETS:
+                sizes = (n_in, *(self.hidden if kind == "mlp" else FIXED_NETS[kind][0]), n_out)
                 count += sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
             elif kind == "conv" and len(self.data_shape) in (2, 3):
                 h, w = self.data_shape[-2:]
@@ -188,6 +224,8 @@ class VAE(Sites):
                      f"z_dim={self.z_dim}, hidden={self.hidden}")
 
     def _wrap_encoder(self, net: nn.Module) -> Encoder:
+        if self.latent == "bernoulli":
+            return BernoulliEncoder(net, self.z_dim, self._relaxed, self._temperature0, self._straight_through)
         if self.categories is not None:  # latent == "categorical"
             return RelaxedCategoricalEncoder(net, self.z_dim, self.categories, self._temperature0,
                                              self._straight_through)
@@ -204,7 +242,15 @@ class VAE(Sites):
         encoder's ``straight_through`` attribute when it has one, else the constructor's argument. During a
         step of ``make_estimator_elbo("straight-through")`` / ``("relaxed")`` the estimator decides instead."""
         return bool(getattr(self.encoder, "straight_through", self._straight_through)) \
-            if self.categories is not None else False
+            if self.latent != "gaussian" else False
+
+    @property
+    def relaxed(self) -> bool:
+        """Whether the latent site is a relaxed (Concrete) one: always for a categorical latent; for a Bernoulli
+        latent the encoder's ``relaxed`` attribute when it has one, else the constructor's argument."""
+        if self.latent == "bernoulli":
+            return bool(getattr(self.encoder, "relaxed", self._relaxed))
+        return self.latent == "categorical"
 
     def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's input for latents ``z`` in the site's representation, as the model computes it.
@@ -213,8 +259,13 @@ class VAE(Sites):
         categories)`` is the *log* of a relaxed one-hot point (the value of the latent site, see
         :mod:`pyro_vae.distributions.relaxed`); the decoder sees ``exp(z)`` (with :attr:`straight_through`, the
         one-hot of its arg-max in the forward pass and the gradient of ``exp(z)`` in the backward pass), flattened to
-        ``(..., z_dim * categories)``.
+        ``(..., z_dim * categories)``. Bernoulli latent: ``z`` ``(..., z_dim)`` unchanged (values in ``{0, 1}``, or
+        any in ``[0, 1]``); relaxed, ``z`` is the logit of the relaxed draw and the decoder sees ``sigmoid(z)``
+        (:attr:`straight_through`: ``z > 0`` in the forward pass, the gradient of ``sigmoid(z)`` in the backward).
         """
+        if self.latent == "bernoulli" and self.relaxed:
+            straight = straight_through_override(self.site("z"))
+            return to_unit(z, self.straight_through if straight is None else straight)
         if self.categories is None:
             return z
         straight = straight_through_override(self.site("z"))
@@ -253,6 +304,9 @@ class VAE(Sites):
             return encoder
         if isinstance(encoder, str):
             self._config["encoder"] = encoder
+            if encoder in FIXED_NETS:
+                hidden, activation = FIXED_NETS[encoder]
+                return self._wrap_encoder(MLPEncoder(self.data_shape, self._encoder_features, hidden, activation))
             if encoder == "mlp" and self.encoder_context:
                 net: nn.Module = ContextMLP(self.data_shape, self.encoder_context, (self._encoder_features,),
                                             self.hidden)
@@ -276,6 +330,9 @@ class VAE(Sites):
     def _build_decoder(self, decoder: str | nn.Module) -> nn.Module:
         if isinstance(decoder, str):
             self._config["decoder"] = decoder
+            if decoder in FIXED_NETS:
+                hidden, activation = FIXED_NETS[decoder]
+                return MLPDecoder(self._decoder_features, self.data_shape, hidden, activation)
             if decoder == "mlp" and self.decoder_context:
                 return ContextMLP((self._decoder_features,), self.decoder_context, self.data_shape, self.hidden)
             if decoder == "mlp":
@@ -666,6 +723,9 @@ class VAE(Sites):
         of the categorical the Concrete relaxes (``.exp()`` gives the probabilities); :meth:`decode` takes it.
         """
         q = self._guide_dist(self.as_data(x), **context)
+        logits = bernoulli_logits(q) if self.latent == "bernoulli" and self.relaxed else None
+        if logits is not None:  # relaxed Bernoulli: the logits of a 1 (the value's space); exact: q.mean below
+            return logits
         log_p = log_class_probs(q)
         return q.mean if log_p is None else log_p
 
@@ -729,6 +789,9 @@ class VAE(Sites):
             # arg-max of a Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max); the
             # decoder sees its one-hot (log space: 0 at the class, -inf elsewhere)
             z = log_one_hot(z.argmax(-1), self.categories, z.dtype)
+        elif self.latent == "bernoulli" and self.relaxed:
+            # the sign of a binary Concrete draw is an exact Bernoulli draw: its hard value in logit space is +-inf
+            z = torch.where(z > 0, math.inf, -math.inf).to(z.dtype)
         self._check_latents(z)
         px = self.likelihood_dist(self._decode_raw(z, **kwargs), batch_shape=(n,), **kwargs)
         return px.mean if mean else px.sample()
@@ -791,6 +854,7 @@ class VAE(Sites):
                    name=cfg.pop("name", ""), latent=cfg.pop("latent", "gaussian"),
                    categories=cfg.pop("categories", None), temperature=cfg.pop("temperature", 1.0),
                    straight_through=cfg.pop("straight_through", False),
+                   relaxed=cfg.pop("relaxed", False),
                    encoder_context=cfg.pop("encoder_context", None), decoder_context=cfg.pop("decoder_context", None))
 
     def extra_repr(self) -> str:
