@@ -55,6 +55,7 @@ from pyro_vae.infer import (
     make_estimator_elbo,
     score_function,
 )
+from pyro_vae.infer.pair import ModelGuidePair
 from pyro_vae.likelihoods import Bernoulli, ContinuousBernoulli, Normal, NormalLearnedScale
 from pyro_vae.models import CVAE, SSVAE, VAE
 from pyro_vae.priors import (
@@ -83,7 +84,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__",
-    "VAE", "CVAE", "SSVAE", "fit", "EarlyStopping", "evaluate_elbo", "make_elbo", "History", "load", "save",
+    "VAE", "CVAE", "SSVAE", "ModelGuidePair", "fit", "EarlyStopping", "evaluate_elbo", "make_elbo", "History",
+    "load", "save",
     "Encoder", "GaussianEncoder", "RelaxedCategoricalEncoder", "StandardNormal",
     "Bernoulli", "ContinuousBernoulli", "Normal", "NormalLearnedScale",
     "PyroVAEError", "ConfigError", "DataError", "ShapeError", "ModelError", "CheckpointError", "NonFiniteLossError",
