@@ -7,6 +7,11 @@ works; decoding goes through the VAE's likelihood (its mean, or a draw). Latents
 representation throughout, the one :meth:`pyro_vae.VAE.decode` takes: ``(..., z_dim)``, or for a categorical
 latent ``(..., z_dim, categories)`` in log space (the log of a relaxed one-hot point; hard classes are log
 one-hots, 0 at the class and ``-inf`` elsewhere).
+
+Every function takes the model's named context as keyword arguments (see :meth:`pyro_vae.VAE.model`), passed to
+the parts as the model passes it. A context value is per data point when it is a tensor whose first dimension
+runs over the function's data points (``N`` rows for data ``x`` of ``N`` points, ``n`` rows for ``n`` samples
+from the prior), and is then split and indexed with them; every other value is global and passed whole.
 """
 
 from __future__ import annotations
@@ -18,38 +23,54 @@ import torch
 from pyro import poutine
 
 from pyro_vae.distributions.relaxed import log_class_probs, log_one_hot
-from pyro_vae.errors import ConfigError, DataError, message
+from pyro_vae.errors import ConfigError, DataError, ShapeError, message
 from pyro_vae.evaluation import as_data_set, posterior_means
+from pyro_vae.models.context import call_with_context, context_rows, is_per_point
 from pyro_vae.models.vae import VAE
 from pyro_vae.validation import integer
 
-__all__ = ["SOURCES", "sample", "sample_latents", "posterior_samples", "fit_mixture", "reconstruct", "lerp",
-           "slerp", "interpolate", "traverse"]
+__all__ = ["SOURCES", "sample", "sample_latents", "posterior_samples", "posterior_locations", "fit_mixture",
+           "reconstruct", "lerp", "slerp", "interpolate", "traverse"]
 
 SOURCES = ("prior", "aggregate", "mixture")
 
 
-def posterior_samples(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """One draw ``z ~ q(z | x)`` per data point (the value of the latent site in a trace of ``vae.guide``),
-    ``(N, *latent_event_shape)`` on the VAE's device."""
+def posterior_samples(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024, **context: Any) -> torch.Tensor:
+    """One draw ``z ~ q(z | x)`` per data point (the value of the latent site in a trace of
+    ``vae.guide(x, **context)``), ``(N, *latent_event_shape)`` on the VAE's device; per-data-point context values
+    are ``(N, ...)``."""
     device = vae.device
     out: list[torch.Tensor] = []
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
-            tr = poutine.trace(vae.guide).get_trace(x[i: i + batch_size].to(device))
+            rows = context_rows(context, x.shape[0], slice(i, i + batch_size))
+            tr = poutine.trace(vae.guide).get_trace(x[i: i + batch_size].to(device), **rows)
             out.append(cast(torch.Tensor, tr.nodes[vae.site("z")]["value"]))
     return torch.cat(out)
 
 
+def posterior_locations(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024, **context: Any) -> torch.Tensor:
+    """The posterior's location per data point, ``(N, *latent_event_shape)`` on the VAE's device:
+    :func:`~pyro_vae.evaluation.posterior_means` without context, :meth:`pyro_vae.VAE.encode` batch by batch with
+    it (per-data-point values ``(N, ...)``)."""
+    if not context:
+        return posterior_means(vae, x, batch_size=batch_size).to(vae.device)
+    x = as_data_set(vae, x, "x")
+    return torch.cat([vae.encode(x[i: i + batch_size].to(vae.device),
+                                 **context_rows(context, x.shape[0], slice(i, i + batch_size)))
+                      for i in range(0, x.shape[0], batch_size)])
+
+
 def fit_mixture(vae: VAE, data: Any, n_components: int = 10, *, covariance_type: str = "full",
-                seed: int = 0):
+                seed: int = 0, **context: Any):
     """A Gaussian mixture fitted to the posterior means ``E_q[z | x]`` of ``data`` (scikit-learn's
     ``GaussianMixture``), as Pythae's GMM sampler does (Ghosh et al. 2020, "From variational to deterministic
-    autoencoders", ex-post density estimation). Returns the fitted ``sklearn.mixture.GaussianMixture``."""
+    autoencoders", ex-post density estimation). Returns the fitted ``sklearn.mixture.GaussianMixture``.
+    ``context``: the encoder's, per data point ``(N, ...)`` or global."""
     from sklearn.mixture import GaussianMixture
 
     n_components = integer("n_components", n_components)
-    m = posterior_means(vae, data)
+    m = posterior_locations(vae, data, **context).cpu()
     if m.dim() != 2:
         raise ConfigError(message("fit_mixture latents", "a vector latent (event shape (z_dim,))",
                                   f"event shape {tuple(m.shape[1:])}", "sample categorical latents from the prior"))
@@ -62,8 +83,12 @@ def fit_mixture(vae: VAE, data: Any, n_components: int = 10, *, covariance_type:
 
 
 def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None, mixture: Any = None,
-                   n_components: int = 10) -> torch.Tensor:
+                   n_components: int = 10, **context: Any) -> torch.Tensor:
     """``n`` latents ``(n, *latent_event_shape)`` on the VAE's device, in the latent site's representation.
+
+    ``context``: for ``"prior"`` the prior's (:meth:`pyro_vae.VAE.sample_prior`: per-data-point values ``(n, ...)``,
+    one row per latent); for ``"aggregate"`` and ``"mixture"`` the encoder's, per data point of ``data``
+    (``(N, ...)``) or global.
 
     Args:
         source: ``"prior"`` (``z ~ p(z)``); ``"aggregate"`` (the aggregate posterior
@@ -82,7 +107,10 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
     with torch.no_grad():
         categories = getattr(vae, "categories", None)
         if source == "prior":
-            z = vae.prior().sample((n,))
+            if isinstance(vae, VAE):
+                z = vae.sample_prior(n, **context)
+            else:
+                z = call_with_context("prior", vae.prior, context=context).sample((n,))
             if categories is not None:  # as VAE.sample: the arg-max of a Concrete draw is a categorical draw
                 z = log_one_hot(z.argmax(-1), categories, z.dtype)
             return z
@@ -99,33 +127,63 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
         x = as_data_set(vae, data)
         if source == "aggregate":
             idx = torch.randint(x.shape[0], (n,))
-            return posterior_samples(vae, x[idx])
-        gmm = fit_mixture(vae, x, n_components)
+            return posterior_samples(vae, x[idx], **context_rows(context, x.shape[0], idx))
+        gmm = fit_mixture(vae, x, n_components, **context)
         z, _ = gmm.sample(n)
         return torch.as_tensor(z, dtype=torch.float32, device=device)[torch.randperm(n, device=device)]
 
 
 def sample(vae: VAE, n: int, source: str = "prior", *, data: Any = None, mean: bool = True, mixture: Any = None,
-           n_components: int = 10) -> torch.Tensor:
+           n_components: int = 10, **context: Any) -> torch.Tensor:
     """``n`` generated data points ``(n, *data_shape)``: latents from :func:`sample_latents` (any ``source``;
     :meth:`pyro_vae.VAE.sample` draws from the prior only), decoded to the likelihood's mean (``mean=True``) or a
     draw from it.
 
+    ``context`` (see the module docstring): for ``"prior"`` per-data-point values are ``(n, ...)``, one row per
+    sample, as :meth:`pyro_vae.VAE.sample` takes them; for ``"aggregate"`` they are ``(N, ...)``, one row per
+    point of ``data``, and each sample is encoded and decoded under the row of the data point it was drawn from;
+    for ``"mixture"`` only global values (the mixture's draws belong to no data point), used to encode ``data``
+    and to decode.
+
     Raises:
         ConfigError: an unknown ``source``, ``n`` not an integer >= 1, or no ``data`` for ``"aggregate"`` /
             ``"mixture"`` (without a fitted ``mixture``).
+        ShapeError: a context under which the prior or the likelihood is not one distribution per sample.
+        DataError: per-data-point context with ``source="mixture"``.
     """
-    z = sample_latents(vae, n, source, data=data, mixture=mixture, n_components=n_components)
-    return vae.decode(z, mean=mean)
+    if source == "aggregate" and context and data is not None:
+        n = vae.check_sample_size(n)
+        x = as_data_set(vae, data)
+        idx = torch.randint(x.shape[0], (n,))
+        rows = context_rows(context, x.shape[0], idx)
+        return vae.decode(posterior_samples(vae, x[idx], **rows), mean=mean, **rows)
+    if source == "mixture" and data is not None:
+        size = as_data_set(vae, data).shape[0]
+        local = [k for k, v in context.items() if is_per_point(v, size) or is_per_point(v, n)]
+        if local:
+            raise DataError(message(f"context {local}", 'global values with source="mixture" (its draws belong to '
+                                    "no data point)", "per-data-point values",
+                                    'use source="aggregate", whose draws keep their data point\'s context'))
+    z = sample_latents(vae, n, source, data=data, mixture=mixture, n_components=n_components, **context)
+    if not context:
+        return vae.decode(z, mean=mean)
+    px = vae.decode_dist(z, **context)
+    if tuple(px.batch_shape) != (z.shape[0],):
+        raise ShapeError(message("sample context", f"global values or per-sample values of {z.shape[0]} rows",
+                                 f"a likelihood of batch shape {tuple(px.batch_shape)}",
+                                 "pass global values without leading dimensions, or one row per sample"))
+    with torch.no_grad():
+        return px.mean if mean else px.sample()
 
 
-def reconstruct(vae: VAE, x: torch.Tensor, *, mean: bool = True, draw_z: bool = False) -> torch.Tensor:
+def reconstruct(vae: VAE, x: torch.Tensor, *, mean: bool = True, draw_z: bool = False,
+                **context: Any) -> torch.Tensor:
     """Reconstructions ``(batch, *data_shape)``: decode :func:`~pyro_vae.evaluation.posterior_means` (the
     posterior mean; for a categorical latent the class probabilities) or, with ``draw_z=True``, one draw
-    ``z ~ q(z | x)``."""
+    ``z ~ q(z | x)``. ``context``: per data point ``(batch, ...)`` or global, for the encoder and the decoder."""
     x = as_data_set(vae, x, "x")
-    z = posterior_samples(vae, x) if draw_z else posterior_means(vae, x).to(vae.device)
-    return vae.decode(z, mean=mean)
+    z = posterior_samples(vae, x, **context) if draw_z else posterior_locations(vae, x, **context)
+    return vae.decode(z, mean=mean, **context)
 
 
 def lerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -156,7 +214,7 @@ def _unit(z: torch.Tensor) -> torch.Tensor:
 
 
 def interpolate(vae: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int = 10, method: str = "slerp", *,
-                mean: bool = True) -> torch.Tensor:
+                mean: bool = True, **context: Any) -> torch.Tensor:
     """Decode a path between the posterior means of ``x0`` and ``x1``.
 
     For a categorical latent the path runs between the class probabilities ``p0``, ``p1`` of each variable
@@ -168,6 +226,8 @@ def interpolate(vae: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int = 10, m
         x0, x1: ``(batch, *data_shape)`` endpoints (or single points ``data_shape``).
         steps: points on each path, endpoints included.
         method: ``"lerp"`` or ``"slerp"``.
+        context: for the encoder (both endpoints) and the decoder (the whole path): per pair ``(batch, ...)``,
+            each path decoded under its pair's row, or global.
 
     Returns:
         ``(batch, steps, *data_shape)`` (``(steps, *data_shape)`` for single points).
@@ -179,7 +239,7 @@ def interpolate(vae: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int = 10, m
     if single:
         x0, x1 = x0.unsqueeze(0), x1.unsqueeze(0)
     device = vae.device
-    z0, z1 = posterior_means(vae, x0).to(device), posterior_means(vae, x1).to(device)
+    z0, z1 = posterior_locations(vae, x0, **context), posterior_locations(vae, x1, **context)
     if z0.shape != z1.shape:
         raise DataError(message("x1", f"as many points as x0 ({z0.shape[0]})", f"{z1.shape[0]}",
                                 "pass endpoints in pairs"))
@@ -189,7 +249,8 @@ def interpolate(vae: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int = 10, m
     else:
         flat0, flat1 = z0.reshape(z0.shape[0], -1), z1.reshape(z1.shape[0], -1)
         path = (slerp if method == "slerp" else lerp)(flat0, flat1, t)  # (batch, steps, d)
-    out = vae.decode(path.reshape(*path.shape[:2], *z0.shape[1:]), mean=mean)
+    along = {k: v.unsqueeze(1) if is_per_point(v, z0.shape[0]) else v for k, v in context.items()}  # over steps
+    out = vae.decode(path.reshape(*path.shape[:2], *z0.shape[1:]), mean=mean, **along)
     return out[0] if single else out
 
 
@@ -205,13 +266,16 @@ def _simplex_path(log_p0: torch.Tensor, log_p1: torch.Tensor, t: torch.Tensor, m
 
 
 def traverse(vae: VAE, x: torch.Tensor | None = None, dims: Sequence[int] | None = None,
-             values: Sequence[float] | torch.Tensor | None = None, *, mean: bool = True) -> torch.Tensor:
+             values: Sequence[float] | torch.Tensor | None = None, *, mean: bool = True,
+             **context: Any) -> torch.Tensor:
     """Latent traversals: vary one latent dimension at a time over ``values`` (default ``-3 .. 3`` in 9
     steps), the others held at the posterior mean of ``x`` (a single data point) or at the prior's mean.
 
     For a categorical latent, a row sets one categorical variable to each class in ``values`` (class indices,
     default all ``categories`` of them), the other variables held at the class probabilities of ``x``'s
     posterior (or of the prior).
+
+    ``context``: global values (every decoded point shares them), given to the encoder, the prior and the decoder.
 
     Returns:
         ``(len(dims), len(values), *data_shape)`` decoded means (or draws with ``mean=False``).
@@ -220,16 +284,17 @@ def traverse(vae: VAE, x: torch.Tensor | None = None, dims: Sequence[int] | None
     categories = getattr(vae, "categories", None)
     if x is not None:
         x = x.unsqueeze(0) if x.dim() == len(vae.data_shape) else x[:1]
-        base = posterior_means(vae, x)[0].to(device)
+        base = posterior_locations(vae, x, **context)[0].to(device)
     elif categories is not None:
-        log_p = log_class_probs(vae.prior())
+        prior = call_with_context("prior", vae.prior, context=context)
+        log_p = log_class_probs(prior)
         if log_p is None:
             raise ConfigError(message("traverse prior", "a log-space categorical prior (its class probabilities "
-                                      "hold the other variables)", type(vae.prior()).__name__,
+                                      "hold the other variables)", type(prior).__name__,
                                       "pass a data point x to hold them at its posterior"))
         base = log_p.reshape(vae.z_dim, categories).to(device)
     else:
-        prior = vae.prior()
+        prior = call_with_context("prior", vae.prior, context=context)
         try:
             base = prior.mean
         except NotImplementedError:
@@ -253,10 +318,10 @@ def traverse(vae: VAE, x: torch.Tensor | None = None, dims: Sequence[int] | None
         z = base.expand(len(dims), len(hot), d, categories).clone()
         for row, j in enumerate(dims):
             z[row, :, j] = hot
-        return vae.decode(z, mean=mean)
+        return vae.decode(z, mean=mean, **context)
     vals = torch.linspace(-3, 3, 9) if values is None else torch.as_tensor(values, dtype=torch.float32)
     vals = vals.to(device).reshape(-1)
     z = base.expand(len(dims), len(vals), d).clone()
     for row, j in enumerate(dims):
         z[row, :, j] = vals
-    return vae.decode(z, mean=mean)
+    return vae.decode(z, mean=mean, **context)

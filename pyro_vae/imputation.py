@@ -21,12 +21,18 @@ Pseudo-Gibbs is an exact Gibbs sampler only when the encoder is the exact poster
 entries enter only through the encoder and the chain can drift away from them as it runs (Mattei &
 Frellsen 2018); on a small digits model its error grows with the number of iterations, while the importance
 estimate beats it.
+
+:func:`impute` takes the model's named context as keyword arguments (see :meth:`pyro_vae.VAE.model`): a tensor whose
+first dimension has ``N`` rows (one per data point of ``x``) is per data point and split with ``x`` into batches;
+every other value is global. The model, the guide and the decoder of every method see it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -35,6 +41,7 @@ from pyro import poutine
 from pyro_vae.errors import ConfigError, DataError, message
 from pyro_vae.generation import posterior_samples
 from pyro_vae.infer.traces import particle_chunks, particle_log_probs, particle_plate_dim
+from pyro_vae.models.context import context_rows, is_per_point
 from pyro_vae.models.vae import VAE
 from pyro_vae.validation import integer
 
@@ -96,14 +103,23 @@ def _check_mask(vae: VAE, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                                 f"shape {tuple(mask.shape)}", "build it with pyro_vae.imputation.make_mask")) from None
 
 
-def _default_init(vae: VAE, num_samples: int = 512) -> torch.Tensor:
-    """The model's marginal mean ``E_p[x]``, estimated from ``num_samples`` prior draws."""
-    return vae.sample(num_samples, mean=True).mean(0)
+def _default_init(vae: VAE, num_samples: int = 512, **context: Any) -> torch.Tensor:
+    """The model's marginal mean ``E_p[x]`` (given global context), estimated from ``num_samples`` prior draws."""
+    return vae.sample(num_samples, mean=True, **context).mean(0)
+
+
+def _default_init_given(vae: VAE, batch: int, context: dict[str, Any], num_samples: int = 64) -> torch.Tensor:
+    """The model's marginal mean given the context, ``E_p[x | context]`` per data point ``(batch, *data_shape)``,
+    estimated from ``num_samples`` prior draws per point."""
+    total = torch.zeros(batch, *vae.data_shape, device=vae.device)
+    for _ in range(num_samples):
+        total += vae.sample(batch, mean=True, **context)
+    return total / num_samples
 
 
 def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "importance", num_iters: int = 10,
            num_samples: int = 500, init: torch.Tensor | None = None, batch_size: int = 256,
-           seed: int | None = None) -> torch.Tensor:
+           seed: int | None = None, **context: Any) -> torch.Tensor:
     """Fill the missing entries of ``x``.
 
     Args:
@@ -113,9 +129,12 @@ def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "impo
         method: ``"importance"``, ``"metropolis"`` or ``"gibbs"`` (see the module docstring).
         num_iters: chain length (``"gibbs"``, ``"metropolis"``; the first half is burn-in).
         num_samples: importance samples per point (``"importance"``).
-        init: starting values of the missing entries, ``data_shape`` (default: the model's marginal mean).
+        init: starting values of the missing entries, ``data_shape`` (default: the model's marginal mean, given
+            the global context; with per-data-point context, its mean given each point's, from 64 prior draws per
+            point).
         batch_size: data points per batch.
         seed: seeds Pyro first.
+        context: the model's named context: per data point ``(N, ...)`` (split into batches with ``x``) or global.
 
     Returns:
         ``(N, *data_shape)`` on ``x``'s device: observed entries unchanged, missing ones imputed.
@@ -137,31 +156,38 @@ def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "impo
     vae.eval()
     try:
         with torch.no_grad():
-            start = _default_init(vae) if init is None else torch.as_tensor(init, dtype=x.dtype).to(device)
+            if init is not None:
+                start: torch.Tensor | None = torch.as_tensor(init, dtype=x.dtype).to(device)
+            else:
+                per_point = any(is_per_point(v, x.shape[0]) for v in context.values())
+                start = None if per_point else _default_init(vae, **context)
             out = []
             for i in range(0, x.shape[0], batch_size):
                 xb, mb = x_obs[i: i + batch_size].to(device), mask[i: i + batch_size].to(device)
-                filled = torch.where(mb, xb, start.expand_as(xb))
+                rows = context_rows(context, x.shape[0], slice(i, i + batch_size))
+                first = _default_init_given(vae, xb.shape[0], rows) if start is None else start.expand_as(xb)
+                filled = torch.where(mb, xb, first)
                 if method == "importance":
-                    filled = _importance(vae, xb, mb, filled, num_samples)
+                    filled = _importance(vae, xb, mb, filled, num_samples, rows)
                 elif method == "metropolis":
-                    filled = _metropolis(vae, xb, mb, filled, num_iters)
+                    filled = _metropolis(vae, xb, mb, filled, num_iters, rows)
                 else:
-                    filled = _gibbs(vae, xb, mb, filled, num_iters)
+                    filled = _gibbs(vae, xb, mb, filled, num_iters, rows)
                 out.append(filled.to(x.device))
     finally:
         vae.train(was_training)
     return torch.cat(out)
 
 
-def _gibbs(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_iters: int) -> torch.Tensor:
+def _gibbs(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_iters: int,
+           context: dict[str, Any]) -> torch.Tensor:
     total = torch.zeros_like(filled)
     count = 0
     # Imputed entries are likelihood means (grey levels even under a Bernoulli likelihood): they feed the
     # encoder but are never scored, so the support check of the guide is switched off here.
     with pyro.validation_enabled(False):
         for t in range(num_iters):
-            x_mean = vae.decode(posterior_samples(vae, filled), mean=True)
+            x_mean = vae.decode(posterior_samples(vae, filled, **context), mean=True, **context)
             filled = torch.where(mask, x, x_mean)
             if t >= num_iters // 2:
                 total += x_mean
@@ -169,24 +195,26 @@ def _gibbs(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, 
     return torch.where(mask, x, total / count)
 
 
-def _metropolis(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_iters: int) -> torch.Tensor:
+def _metropolis(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_iters: int,
+                context: dict[str, Any]) -> torch.Tensor:
     site = vae.site("z")
     total = torch.zeros_like(filled)
     count = 0
+    model, guide = _with_context(vae, context)
     with pyro.validation_enabled(False):
-        particle_dim = particle_plate_dim(vae.model, vae.guide, filled)
-        z = posterior_samples(vae, filled).unsqueeze(0)  # (1, B, *latent_event_shape)
+        particle_dim = particle_plate_dim(model, guide, filled)
+        z = posterior_samples(vae, filled, **context).unsqueeze(0)  # (1, B, *latent_event_shape)
         for t in range(num_iters):
-            proposal = particle_log_probs(vae, vae.model, vae.guide, filled, 1, particle_dim, keep=("z",))
+            proposal = particle_log_probs(vae, model, guide, filled, 1, particle_dim, keep=("z",))
             data = {site: z}
-            current = particle_log_probs(vae, poutine.condition(vae.model, data=data),
-                                         poutine.condition(vae.guide, data=data), filled, 1, particle_dim)
+            current = particle_log_probs(vae, poutine.condition(model, data=data),
+                                         poutine.condition(guide, data=data), filled, 1, particle_dim)
             log_rho = (proposal.log_w - current.log_w)[0]  # (B,)
             accept = torch.rand_like(log_rho).log() < log_rho
             shape = (1, -1, *([1] * (z.dim() - 2)))
             assert proposal.z is not None  # kept
             z = torch.where(accept.reshape(shape), proposal.z, z)
-            px = vae.decode_dist(z[0])  # p(x | z) as the model defines it, for any latent type
+            px = vae.decode_dist(z[0], **context)  # p(x | z) as the model defines it, for any latent type
             filled = torch.where(mask, x, px.sample())
             if t >= num_iters // 2:
                 total += px.mean
@@ -194,12 +222,21 @@ def _metropolis(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Ten
     return torch.where(mask, x, total / count)
 
 
-def _importance(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_samples: int) -> torch.Tensor:
+def _with_context(vae: VAE, context: dict[str, Any]) -> tuple[Any, Any]:
+    """``vae.model`` and ``vae.guide`` with the context bound (themselves without context)."""
+    if not context:
+        return vae.model, vae.guide
+    return functools.partial(vae.model, **context), functools.partial(vae.guide, **context)
+
+
+def _importance(vae: VAE, x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, num_samples: int,
+                context: dict[str, Any]) -> torch.Tensor:
+    model, guide = _with_context(vae, context)
     with pyro.validation_enabled(False):
-        particle_dim = particle_plate_dim(vae.model, vae.guide, filled)
+        particle_dim = particle_plate_dim(model, guide, filled)
         log_norm = torch.full((x.shape[0],), -math.inf, device=x.device)
         acc = torch.zeros_like(filled)
-        for out in particle_chunks(vae, vae.model, vae.guide, filled, num_samples, particle_dim, obs_mask=mask,
+        for out in particle_chunks(vae, model, guide, filled, num_samples, particle_dim, obs_mask=mask,
                                    keep=("x_mean",)):
             lw, xm = out.log_w, out.x_mean  # (k, B), (k, B, *data_shape)
             assert xm is not None  # kept

@@ -5,8 +5,6 @@ traced with the same distributions built by hand; none is statistical."""
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -24,7 +22,7 @@ D, Z, B, C = 6, 3, 5, 2
 
 def group_prior(g, **context):
     """p(z | g) = N(g, 1) on every latent dimension: the prior of a group offset g sampled outside the VAE."""
-    return dist.Normal(g, 1.0).expand([Z]).to_event(1)
+    return dist.Normal(g[..., None] * torch.ones(Z), 1.0).to_event(1)
 
 
 def scaled_likelihood(out, sigma, **context):
@@ -182,3 +180,100 @@ def test_the_context_names_are_part_of_the_config():
         pyro_vae.VAE((D,), Z, name="bad", encoder_context=["y"])
     with pytest.raises(ConfigError, match="encoder"):
         pyro_vae.VAE((1, 8, 8), Z, name="conv", encoder="conv", encoder_context={"y": (C,)})
+
+
+# ------------------------------------------------------------------ generation, reconstruction and imputation
+def twin_vaes(name: str = ""):
+    """A VAE whose likelihood scale is the context value ``sigma`` and its twin with the same weights and the
+    scale 0.3 fixed: given ``sigma=0.3`` the two must agree exactly."""
+    pyro.clear_param_store()
+    ctx = pyro_vae.VAE((D,), Z, hidden=(8,), likelihood=scaled_likelihood, name="ctx")
+    fixed = pyro_vae.VAE((D,), Z, hidden=(8,), likelihood={"name": "normal", "scale": 0.3}, name="fixed")
+    fixed.load_state_dict(ctx.state_dict())
+    return ctx, fixed
+
+
+def test_sample_with_a_global_context_is_one_point_per_sample():
+    vae = pyro_vae.VAE((D,), Z, hidden=(8,), likelihood=scaled_likelihood, prior=group_prior)
+    g, sigma = torch.tensor(2.0), torch.tensor(0.3)
+    pyro.set_rng_seed(3)
+    out = vae.sample(16, g=g, sigma=sigma)
+    pyro.set_rng_seed(3)
+    z = dist.Normal(g, 1.0).expand([Z]).to_event(1).sample((16,))
+    assert out.shape == (16, D) and torch.allclose(out, vae.decoder(z))
+    assert vae.sample(16, mean=False, g=g, sigma=sigma).shape == (16, D)
+    assert vae.sample_prior(16, g=g).shape == (16, Z)
+    # a value left over from 180 posterior draws is not a global value: an error, never (16, 180, D)
+    with pytest.raises(ShapeError, match=r"batch shape \(\) \(global context\) or \(16,\)"):
+        vae.sample(16, g=torch.randn(180, 1), sigma=sigma)
+    with pytest.raises(ShapeError, match="likelihood"):
+        vae.sample(16, g=g, sigma=torch.rand(180, 1, 1) + 0.1)
+    with pytest.raises(ConfigError, match="'g'"):
+        vae.sample(16)
+
+
+def test_sample_with_per_data_point_context_takes_one_row_per_sample():
+    vae = pyro_vae.VAE((D,), Z, hidden=(8,), likelihood="normal", decoder_context={"y": (C,)})
+    y = torch.randn(16, C)
+    pyro.set_rng_seed(4)
+    out = vae.sample(16, y=y)
+    pyro.set_rng_seed(4)
+    z = dist.Normal(torch.zeros(Z), 1.0).to_event(1).sample((16,))
+    assert out.shape == (16, D) and torch.allclose(out, decoder_mean(vae, z, y))
+    assert vae.sample(16, y=y[0]).shape == (16, D)  # a global covariate for every sample
+    pyro.set_rng_seed(4)
+    assert torch.allclose(pyro_vae.generation.sample(vae, 16, y=y), out)
+
+
+def test_encode_decode_and_reconstruct_take_the_context():
+    vae = pyro_vae.VAE((D,), Z, hidden=(8,), likelihood="normal", encoder_context={"y": (C,)},
+                       decoder_context={"y": (C,)})
+    x, y = torch.randn(B, D), torch.randn(B, C)
+    loc = encoder_normal(vae, x, y).mean
+    assert torch.allclose(vae.encode(x, y=y), loc)
+    assert torch.allclose(vae.decode(loc, y=y), decoder_mean(vae, loc, y))
+    assert torch.allclose(vae.reconstruct(x, y=y), decoder_mean(vae, loc, y))
+    assert vae.decode_dist(loc, y=y).batch_shape == (B,)
+    gen = pyro_vae.generation
+    assert torch.allclose(gen.reconstruct(vae, x, y=y), vae.reconstruct(x, y=y))
+    assert torch.allclose(gen.posterior_locations(vae, x, batch_size=2, y=y), loc)  # split in batches of 2
+    assert gen.posterior_samples(vae, x, batch_size=2, y=y).shape == (B, Z)
+    assert gen.sample(vae, 7, "aggregate", data=x, y=y).shape == (7, D)
+    path = gen.interpolate(vae, x, x.flip(0), steps=4, method="lerp", y=y)
+    assert path.shape == (B, 4, D) and torch.allclose(path[:, 0], vae.reconstruct(x, y=y), atol=1e-6)
+    assert gen.traverse(vae, x[0], dims=[0, 1], y=y[0]).shape == (2, 9, D)
+    with pytest.raises(DataError, match="mixture"):
+        gen.sample(vae, 7, "mixture", data=x, y=y)
+
+
+def test_generation_and_imputation_with_a_global_context_match_the_fixed_model():
+    ctx, fixed = twin_vaes()
+    sigma = torch.tensor(0.3)
+    gen = pyro_vae.generation
+    pyro.set_rng_seed(5)
+    a = gen.sample(ctx, 8, mean=False, sigma=sigma)
+    pyro.set_rng_seed(5)
+    assert torch.equal(a, gen.sample(fixed, 8, mean=False))
+    x = torch.randn(6, D)
+    mask = pyro_vae.imputation.make_mask((D,), "bottom", 6)
+    for method in ("importance", "metropolis", "gibbs"):
+        got = pyro_vae.imputation.impute(ctx, x, mask, method=method, num_samples=16, num_iters=4, seed=0,
+                                         sigma=sigma)
+        want = pyro_vae.imputation.impute(fixed, x, mask, method=method, num_samples=16, num_iters=4, seed=0)
+        assert got.shape == (6, D) and torch.allclose(got, want), method
+        assert torch.equal(got[mask], x[mask])
+
+
+def test_imputation_splits_per_data_point_context_with_the_data():
+    vae = pyro_vae.VAE((D,), Z, hidden=(8,), likelihood="normal", encoder_context={"y": (C,)},
+                       decoder_context={"y": (C,)})
+    x, y = torch.randn(4, D), torch.randn(4, C)
+    mask = pyro_vae.imputation.make_mask((D,), "bottom", 4)
+    impute = pyro_vae.imputation.impute
+    whole = impute(vae, x, mask, num_samples=16, batch_size=2, seed=0, y=y)
+    pyro.set_rng_seed(0)  # the same random stream, one batch at a time with its own rows
+    first = impute(vae, x[:2], mask[:2], num_samples=16, batch_size=2, y=y[:2])
+    second = impute(vae, x[2:], mask[2:], num_samples=16, batch_size=2, y=y[2:])
+    assert whole.shape == (4, D) and torch.allclose(whole, torch.cat([first, second]))
+    assert not torch.allclose(impute(vae, x, mask, num_samples=16, seed=0, y=y + 3), impute(
+        vae, x, mask, num_samples=16, seed=0, y=y))

@@ -202,6 +202,13 @@ ESTIMATORS.update({e.name: e for e in (
               description="coupled measure-valued derivative, Weibull and double-sided Maxwell (Gaussian latents)"),
 )})
 
+#: Discrete-latent estimators with a relaxation or a multi-sample bound: VIMCO (:mod:`pyro_vae.infer.vimco`).
+ESTIMATORS.update({e.name: e for e in (
+    Estimator("vimco", categorical="exact", objectives=("iwae",),
+              description="multi-sample REINFORCE of the IWAE bound with leave-one-out learning signals (Mnih & "
+                          "Rezende 2016); needs elbo=\"iwae\" and K >= 2"),
+)})
+
 
 def get_estimator(estimator: str | Estimator) -> Estimator:
     """The :class:`Estimator` of a name (or the object itself); :class:`ConfigError` for unknown names."""

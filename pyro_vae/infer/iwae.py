@@ -34,8 +34,9 @@ Gradients (one surrogate, differentiated by ``loss_and_grads``):
   (``w~_k^2`` for the IWAE bound; ``1/K``, i.e. sticking the landing, for the ELBO at ``alpha = 1``). The
   model is run a second time on detached draws to separate the two, about twice the decoder's cost.
 
-Guide sites without ``rsample`` (a score-function term) are refused: the bound's score-function gradient
-needs a multi-sample estimator (VIMCO) that this objective does not provide.
+Guide sites without ``rsample`` (a score-function term) are refused, except under ``estimator="vimco"``
+(:mod:`pyro_vae.infer.vimco`; Mnih & Rezende 2016), which adds to the surrogate the learning signal
+``sum_k (L - L_{-k}) log q(z_k)`` of each such site, ``L_{-k}`` the leave-one-out bound (``K >= 2``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from pyro.util import check_if_enumerated, check_site_shape, warn_if_nan
 
 from pyro_vae.errors import ConfigError, message
 from pyro_vae.infer.estimators import Estimator, EstimatorMessenger, get_estimator
+from pyro_vae.infer.vimco import vimco_learning_signals
 from pyro_vae.validation import integer, number
 
 __all__ = ["ImportanceWeightedELBO", "PARTICLE_PLATE", "importance_weighted_terms", "iwae_traces",
@@ -147,17 +149,20 @@ def _reduce(log_p: Any, keep: set[int], nd: int) -> torch.Tensor:
 
 
 def importance_weighted_terms(model_trace: Trace, guide_trace: Trace, particle_dim: int, alpha: float = 0.0,
-                              detached_model_trace: Trace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              detached_model_trace: Trace | None = None,
+                              learning_signals: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bound, surrogate)`` of one set of ``K`` importance samples (traces of :func:`iwae_traces`).
 
     ``bound`` is the detached estimate of the bound for the whole batch (nats, scaled to ``num_data`` like
     ``Trace_ELBO``); ``surrogate`` equals it in value and its gradient is the estimator's: the bound's own
     gradient, or with ``detached_model_trace`` the doubly reparameterized one (the guide's sites must then be
     :class:`~pyro_vae.infer.path_gradient.PathGradient`: their ``score_parts`` entropy term is ``log q_stop``).
+    With ``learning_signals`` (VIMCO), guide sites with a score-function term are taken and the surrogate adds
+    ``sum_k (L - L_{-k}) log q(z_k)`` for them (:func:`pyro_vae.infer.vimco.vimco_learning_signals`).
 
     Raises:
         ConfigError: a latent site outside the data plates (a global latent), or a guide site with a
-            score-function term, naming the site.
+            score-function term without ``learning_signals``, naming the site.
     """
     plates, scale = _data_plates(model_trace, guide_trace)
     keep = {particle_dim, *(d for _, d in plates)}
@@ -165,6 +170,7 @@ def importance_weighted_terms(model_trace: Trace, guide_trace: Trace, particle_d
     model_lp: Any = 0.0
     guide_lp: Any = 0.0
     guide_stop: Any = 0.0
+    score_lp: Any = 0.0
     for role, trace in (("model", model_trace), ("guide", guide_trace)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
@@ -173,7 +179,9 @@ def importance_weighted_terms(model_trace: Trace, guide_trace: Trace, particle_d
                 model_lp = model_lp + _reduce(site["log_prob"], keep, nd) / scale
                 continue
             _, score, entropy = site["score_parts"]
-            if not is_identically_zero(score):
+            if not is_identically_zero(score) and learning_signals:
+                score_lp = score_lp + _reduce(score, keep, nd) / scale
+            elif not is_identically_zero(score):
                 raise ConfigError(message(
                     f'guide site "{name}"', "a reparameterized guide site for the IWAE bound",
                     f"{type(site['fn']).__name__} with a score-function term",
@@ -186,6 +194,9 @@ def importance_weighted_terms(model_trace: Trace, guide_trace: Trace, particle_d
     a = 1.0 - alpha
     per_point = (torch.logsumexp(a * log_w, dim=particle_dim) - math.log(k)) / a
     bound = scale * per_point.sum()
+    if learning_signals and torch.is_tensor(score_lp) and log_w.dim() >= nd and k >= 2:
+        signal = scale * (vimco_learning_signals(log_w, particle_dim, alpha) * score_lp).sum()
+        bound = bound + (signal - signal.detach())
     if detached_model_trace is None:
         return bound.detach(), bound
     stopped_lp: Any = 0.0
@@ -231,6 +242,10 @@ class ImportanceWeightedELBO(ELBO):
             raise ConfigError(message("alpha", "an order 0 <= alpha < 1 (alpha = 1 is the ELBO)", repr(alpha),
                                       'pass alpha=0 (the IWAE bound), or train the ELBO with elbo="trace"'))
         est = get_estimator(estimator)
+        if est.name == "vimco" and num_particles < 2:
+            raise ConfigError(message('num_particles with estimator "vimco"', "K >= 2 importance samples (each "
+                                      "draw's learning signal leaves it out)", str(num_particles),
+                                      "pass num_particles=K with K >= 2"))
         if "iwae" not in est.objectives:
             raise ConfigError(message(
                 f'estimator "{est.name}" with the IWAE bound', "an estimator of the IWAE bound: "
@@ -268,7 +283,7 @@ class ImportanceWeightedELBO(ELBO):
         model_trace, guide_trace, stopped = iwae_traces(wrapped_model, wrapped_guide, args, kwargs,
                                                         detached_model=dreg, max_plate_nesting=self.max_plate_nesting)
         bound, surrogate = importance_weighted_terms(model_trace, guide_trace, -int(self.max_plate_nesting),
-                                                     self.alpha, stopped)
+                                                     self.alpha, stopped, self.estimator.name == "vimco")
         return -bound, -surrogate
 
     @torch.no_grad()
