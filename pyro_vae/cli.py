@@ -30,8 +30,8 @@ from pyro_vae.errors import ConfigError, PyroVAEError, TrainingInterrupted, mess
 from pyro_vae.infer.elbo import BOUNDS, ELBOS, check_elbo, evaluate_elbo
 from pyro_vae.infer.estimators import ESTIMATORS, get_estimator
 from pyro_vae.likelihoods import LIKELIHOODS
-from pyro_vae.models.vae import VAE
-from pyro_vae.priors import CATEGORICAL_PRIORS, PRIORS
+from pyro_vae.models.vae import NETS, VAE
+from pyro_vae.priors import BERNOULLI_PRIORS, CATEGORICAL_PRIORS, PRIORS
 from pyro_vae.schedules import ConstantTemperature, ExponentialTemperature, KLWarmup
 from pyro_vae.train import distributed
 from pyro_vae.train.callbacks import EarlyStopping
@@ -82,16 +82,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=_float("--scale"), default=None,
                    help="divide the data by this value first (e.g. 255 for 8-bit grey levels stored as floats)")
     p.add_argument("--z-dim", type=_int("--z-dim"), default=8, help="number of latent dimensions")
-    p.add_argument("--net", default="mlp", choices=("mlp", "conv"), help="encoder and decoder networks")
+    p.add_argument("--net", default="mlp", choices=NETS,
+                   help="encoder and decoder networks: mlp (--hidden, softplus), conv, or the fixed networks of the "
+                        "discrete-estimator papers: linear (one affine map), nonlinear (two hidden layers of 200 "
+                        "tanh units), nonlinear-leaky (two of 200 LeakyReLU(0.3) units)")
     p.add_argument("--hidden", type=_int("--hidden"), nargs="+", default=[400], help="hidden layer sizes of the MLPs")
     p.add_argument("--likelihood", default="continuous-bernoulli", choices=sorted(LIKELIHOODS),
                    help="p(x|z): bernoulli (binary data), continuous-bernoulli (grey levels), normal, "
                         "normal-learned; default: continuous-bernoulli (pyro_vae.VAE's default is bernoulli)")
     p.add_argument("--likelihood-scale", type=_float("--likelihood-scale"), default=None,
                    help="standard deviation of the 'normal' likelihood (default 0.1)")
-    p.add_argument("--prior", default=None, choices=sorted(PRIORS) + sorted(CATEGORICAL_PRIORS),
+    p.add_argument("--prior", default=None,
+                   choices=sorted(PRIORS) + sorted(CATEGORICAL_PRIORS) + sorted(BERNOULLI_PRIORS),
                    help="p(z): normal (default), mixture, vamp, flow, laplace, student-t; with --latent "
-                        "categorical: categorical (uniform, default) or categorical-learned")
+                        "categorical: categorical (uniform, default) or categorical-learned; with --latent "
+                        "bernoulli: bernoulli (p = 1/2, default) or bernoulli-learned (learned logits)")
     p.add_argument("--components", type=_int("--components"), default=None,
                    help="mixture / vamp: components (default 10 / 50)")
     p.add_argument("--flows", type=_int("--flows"), default=None, help="flow: autoregressive layers (default 2)")
@@ -99,19 +104,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prior-scale", type=_float("--prior-scale"), default=None,
                    help="laplace / student-t: scale (default 1)")
     p.add_argument("--df", type=_float("--df"), default=None, help="student-t: degrees of freedom (default 3)")
-    p.add_argument("--latent", default="gaussian", choices=("gaussian", "categorical"),
-                   help="gaussian, or categorical: --z-dim relaxed one-hot variables of --categories classes "
-                        "(Gumbel-softmax)")
+    p.add_argument("--latent", default="gaussian", choices=("gaussian", "categorical", "bernoulli"),
+                   help="gaussian; categorical: --z-dim relaxed one-hot variables of --categories classes "
+                        "(Gumbel-softmax); bernoulli: --z-dim binary variables, a sigmoid belief net layer "
+                        "(values in {0, 1}; the score-function estimators, or --relaxed for the pathwise ones)")
+    p.add_argument("--relaxed", action="store_true",
+                   help="bernoulli: the binary Concrete (relaxed Bernoulli, logit space) at --temperature, for "
+                        "--estimator pathwise, relaxed or straight-through")
     p.add_argument("--categories", type=_int("--categories", 2), default=10, help="classes per categorical variable")
     p.add_argument("--temperature", type=_float("--temperature"), default=1.0,
-                   help="categorical: (initial) temperature")
+                   help="categorical, relaxed bernoulli: (initial) temperature")
     p.add_argument("--temperature-min", type=_float("--temperature-min"), default=0.5,
-                   help="categorical: floor of the annealing")
+                   help="categorical, relaxed bernoulli: floor of the annealing")
     p.add_argument("--anneal-rate", type=_float("--anneal-rate", strict=False), default=0.0,
-                   help="categorical: tau = max(temperature-min, temperature * exp(-rate * step)); 0 keeps it "
+                   help="categorical, relaxed bernoulli: tau = max(temperature-min, temperature * exp(-rate * step)); "
+                        "0 keeps it "
                         "constant (Jang et al. 2017 use 3e-5)")
     p.add_argument("--straight-through", action="store_true",
-                   help="categorical: hard one-hot samples with relaxed gradients")
+                   help="categorical: hard one-hot samples with relaxed gradients; bernoulli: hard bits with "
+                        "relaxed gradients (implies --relaxed)")
     p.add_argument("--beta", type=arg_type("--beta", beta), default=1.0, help="KL weight (beta-VAE)")
     p.add_argument("--kl-warmup", type=_int("--kl-warmup", 0), default=0,
                    help="raise the KL weight linearly to --beta over this many steps (0: no warm-up)")
@@ -119,7 +130,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="stop when the validation ELBO has not improved for this many epochs (0: never)")
     p.add_argument("--elbo", default=None, choices=sorted(ELBOS),
                    help="trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL); "
-                        "default: meanfield, trace for the score-function estimators (pyro_vae.fit's default is "
+                        "default: meanfield, trace for the score-function estimators and for pathwise on an exact "
+                        "--latent bernoulli (pyro_vae.fit's default is "
                         "trace)")
     p.add_argument("--estimator", default="pathwise", choices=list(ESTIMATORS),
                    help="gradient estimator (default: pathwise): " + "; ".join(
@@ -133,7 +145,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "history's train_objective)")
     p.add_argument("--k", type=_int("--k"), default=None,
                    help="--objective iwae: importance samples per data point (default 50)")
-    p.add_argument("--epochs", type=_int("--epochs"), default=50, help="passes over the training set")
+    p.add_argument("--epochs", type=_int("--epochs"), default=50,
+                   help="passes over the training set (default 50; pyro_vae.fit's default is 10)")
     p.add_argument("--batch-size", type=_int("--batch-size"), default=128, help="minibatch size")
     p.add_argument("--lr", type=_float("--lr"), default=1e-3, help="Adam learning rate")
     p.add_argument("--out", default=None, help="run folder: a new or empty folder, or a run with --resume or "
@@ -151,7 +164,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="on a CUDA device, replay the training step as a CUDA graph (Gaussian latents, pathwise "
                         "estimator, one process; see pyro_vae.fit)")
     p.add_argument("--checkpoint-every", type=_int("--checkpoint-every", 0), default=500,
-                   help="also checkpoint every this many steps (besides every epoch end and on Ctrl-C)")
+                   help="also checkpoint every this many steps (besides every epoch end and on Ctrl-C; default 500, "
+                        "0: epoch ends only, as pyro_vae.fit's default checkpoint_every=None)")
     p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
                    help="write TensorBoard events to DIR (RUN/tensorboard when DIR is left out): each epoch's "
                         "ELBOs, objective, beta, time, learning rate, temperature (categorical latent), KL on the "
@@ -180,6 +194,16 @@ def _prior_spec(args: argparse.Namespace) -> Any:
 
 
 def _latent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.latent != "bernoulli" and args.relaxed:
+        raise ConfigError(message("--relaxed", "--latent bernoulli (a categorical latent is always relaxed)",
+                                  f"--latent {args.latent}", "add --latent bernoulli or drop --relaxed"))
+    if args.latent == "bernoulli":
+        relaxed = args.relaxed or args.straight_through
+        if args.anneal_rate and not relaxed:
+            raise ConfigError(message("--anneal-rate", "--relaxed (the temperature of a relaxed Bernoulli latent)",
+                                      "--latent bernoulli without --relaxed", "add --relaxed or drop --anneal-rate"))
+        return {"latent": "bernoulli", "relaxed": relaxed, "temperature": args.temperature,
+                "straight_through": args.straight_through, "beta": args.beta}
     if args.latent != "categorical":
         if args.straight_through or args.anneal_rate:
             raise ConfigError(message("--straight-through / --anneal-rate", "--latent categorical",
@@ -191,7 +215,7 @@ def _latent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _schedules(args: argparse.Namespace) -> list:
     out: list = []
-    if args.latent == "categorical":
+    if args.latent == "categorical" or args.latent == "bernoulli" and (args.relaxed or args.straight_through):
         out.append(ExponentialTemperature(args.temperature, args.anneal_rate, args.temperature_min)
                    if args.anneal_rate else ConstantTemperature(args.temperature))
     if args.kl_warmup:
@@ -325,6 +349,8 @@ def write_pictures(vae, splits, run: Path, history: list | None = None, n: int =
         z = torch.cat([vae.encode(test.x[i: i + 1024].to(device)).cpu() for i in range(0, len(test), 1024)])
         if vae.categories is not None:
             z = z.exp()  # encode gives log class probabilities for a categorical latent: map the probabilities
+        elif vae.latent == "bernoulli" and vae.relaxed:
+            z = z.sigmoid()  # encode gives the logits of a relaxed Bernoulli latent: map the probabilities
     paths.append(plots.save_latent_map(z.reshape(z.shape[0], -1), test.y, run / "latent.png"))
     return paths
 
@@ -338,7 +364,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   "pass --resume to continue the run in --out, --overwrite to replace it"))
     _check_objective(args)
     if args.elbo is None:
-        args.elbo = "trace" if get_estimator(args.estimator).score_function else "meanfield"
+        est = get_estimator(args.estimator)
+        # an exact Bernoulli latent is not reparameterizable: TraceMeanField_ELBO takes it only through the
+        # per-site estimators (whose guide wrapper has rsample)
+        exact_bits = args.latent == "bernoulli" and not (args.relaxed or args.straight_through)
+        args.elbo = "trace" if est.score_function or (exact_bits and est.site_gradient is None) else "meanfield"
     check_elbo(args.objective if args.objective in BOUNDS else args.elbo, args.estimator)
     ctx, device = distributed.init_from_env(args.device)
     try:

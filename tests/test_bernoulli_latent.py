@@ -301,3 +301,52 @@ def test_enumeration_score_function_gradient_mean_matches(digits):
     s = torch.stack(samples)
     se = s.std(0) / math.sqrt(len(s))
     assert bool(((s.mean(0) - exact).abs() < 4 * se + 1e-6).all())
+
+
+# ------------------------------------------------------------------------------------------- command line
+@pytest.mark.parametrize("extra", [
+    ["--net", "linear", "--prior", "bernoulli-learned", "--estimator", "score-function-baseline"],
+    ["--relaxed", "--temperature", "0.7", "--anneal-rate", "1e-3", "--estimator", "relaxed"],
+])
+def test_cli_trains_a_bernoulli_latent_and_evaluates_it(tmp_path, extra):
+    from pyro_vae.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--binarize", "static", "--latent", "bernoulli", "--z-dim", "6",
+                 "--hidden", "16", "--likelihood", "bernoulli", "--epochs", "2", "--batch-size", "256",
+                 "--device", "cpu", "--no-progress", "--out", str(out), *extra]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    model_cfg = cfg["vae"]
+    assert model_cfg["latent"] == "bernoulli" and model_cfg["relaxed"] == ("--relaxed" in extra)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["train_elbo"]) and math.isfinite(metrics["test_elbo"])
+    vae = pyro_vae.load(out)
+    assert vae.latent == "bernoulli" and vae.sample(4).shape[0] == 4
+    assert main(["evaluate", str(out), "--device", "cpu", "--iw-samples", "30"]) == 0
+
+
+def test_cli_help_and_refusals(tmp_path, capsys):
+    from pyro_vae.cli import main
+
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bernoulli" in text and "nonlinear-leaky" in text and "--relaxed" in text
+    assert main(["train", "--data", "digits", "--relaxed", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "--relaxed" in capsys.readouterr().err
+
+
+def test_relaxed_site_is_reparameterized_and_exact_under_score_function_estimators():
+    vae, x = make_vae(3, relaxed=True), binary(4)
+    q = poutine.trace(vae.guide).get_trace(x).nodes["z"]["fn"]
+    assert q.has_rsample
+    parts = q.score_parts(q.rsample())
+    assert isinstance(parts.score_function, int) and parts.score_function == 0
+    from pyro_vae.infer.estimators import EstimatorMessenger
+
+    guide = poutine.trace(EstimatorMessenger("score-function", "guide")(vae.guide)).get_trace(x)
+    z = guide.nodes["z"]["value"]
+    assert bool(torch.isinf(z).all()) and not guide.nodes["z"]["fn"].has_rsample
+    model = poutine.trace(poutine.replay(EstimatorMessenger("score-function", "model")(vae.model),
+                                         trace=guide)).get_trace(x)
+    assert isinstance(model.nodes["z"]["fn"].base_dist, LogitBernoulli)
+    assert bool(torch.isfinite(model.nodes["z"]["fn"].log_prob(z)).all())

@@ -72,6 +72,8 @@ class LogitRelaxedBernoulli(TorchLogitRelaxedBernoulli, TorchDistributionMixin):
         probs, logits: ``(...)`` probabilities of a 1, or their logits (one of them).
     """
 
+    has_rsample = True  # torch's LogitRelaxedBernoulli has rsample but leaves has_rsample False
+
     def __init__(self, temperature: float | torch.Tensor, probs: torch.Tensor | None = None,
                  logits: torch.Tensor | None = None, validate_args: bool | None = None) -> None:
         param = probs if probs is not None else logits
