@@ -2,7 +2,8 @@
 
 The likelihood's noise scale sigma is not a constant but a random variable with its own prior,
 sigma ~ LogNormal(log 0.1, 1), shared by every data point; each data point keeps its own z. The model is the
-user's: it samples sigma, then calls vae.model. The guide is AutoNormal for sigma (an autoguide on the
+user's: it samples sigma, then calls vae.model with sigma as context, which the VAE passes on to its likelihood
+(likelihood(decoder_output, sigma=sigma)). The guide is AutoNormal for sigma (an autoguide on the
 global site only, through poutine.block) followed by the VAE's amortized encoder for z.
 Then the usual Pyro tools work on the sites: Predictive for posterior predictive draws, poutine.condition
 to fix sigma as data, poutine.do to intervene on it.
@@ -47,18 +48,21 @@ def main(argv: list[str] | None = None) -> dict:
     x_train, x_test = splits.train.x.flatten(1).to(device), splits.test.x.flatten(1).to(device)
     n = len(x_train)
 
-    # The VAE's likelihood reads the noise scale that the enclosing model sampled last. name="vae" prefixes
-    # its sites ("vae/z", "vae/x") and plate ("vae/data"), so they cannot clash with the user's.
-    noise = {"sigma": torch.tensor(0.1, device=device)}
-    vae = pyro_vae.VAE((64,), args.z_dim, hidden=(args.hidden,), name="vae",
-                       likelihood=lambda out: dist.Normal(out, noise["sigma"])).to(device)
+    # The VAE's likelihood takes the noise scale as context: vae.model(..., sigma=sigma) calls
+    # likelihood(decoder_output, sigma=sigma) inside its data plate (**context takes and ignores any other
+    # context). name="vae" prefixes its sites ("vae/z", "vae/x") and plate ("vae/data"), so they cannot clash
+    # with the user's.
+    def likelihood(out, sigma, **context):
+        return dist.Normal(out, sigma)
+
+    vae = pyro_vae.VAE((64,), args.z_dim, hidden=(args.hidden,), name="vae", likelihood=likelihood).to(device)
 
     def model(x=None, num_data=None, batch_size=None):
         # Global: outside every plate, so it is neither repeated per point nor scaled by num_data / batch.
-        noise["sigma"] = pyro.sample("sigma", dist.LogNormal(torch.tensor(math.log(0.1), device=device),
-                                                             torch.tensor(1.0, device=device)))
-        # Local: the VAE's own plate, minibatch scaling and latent site.
-        return vae.model(x, num_data=num_data, batch_size=batch_size)
+        sigma = pyro.sample("sigma", dist.LogNormal(torch.tensor(math.log(0.1), device=device),
+                                                    torch.tensor(1.0, device=device)))
+        # Local: the VAE's own plate, minibatch scaling and latent site; sigma goes in as context.
+        return vae.model(x, num_data=num_data, batch_size=batch_size, sigma=sigma)
 
     # The guide: AutoNormal learns q(sigma); the VAE's encoder gives q(z | x) per data point.
     # (A plain function joins them: AutoGuideList would open the "vae/data" plate a second time.)
@@ -85,8 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
         rep = Predictive(model, posterior_samples=post, return_sites=["vae/x", "_RETURN"])(
             None, batch_size=len(x_test))
         residual = (rep["vae/x"] - rep["_RETURN"]).std()  # spread of x_rep around the decoder's mean
-        # For reference: the reconstruction error of the test images under the posterior mean of z.
-        rmse = float((vae.reconstruct(x_test) - x_test).pow(2).mean().sqrt())
+        # For reference: the reconstruction error of the test images under the posterior mean of z (the
+        # likelihood's mean does not depend on sigma, but the likelihood takes it: pass the posterior mean).
+        rmse = float((vae.reconstruct(x_test, sigma=sigma.mean()) - x_test).pow(2).mean().sqrt())
 
         # poutine.condition: sigma given as data; the trace holds it as an observed site.
         fixed = poutine.trace(poutine.condition(model, data={"sigma": torch.tensor(0.05, device=device)})
