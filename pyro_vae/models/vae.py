@@ -102,6 +102,18 @@ class VAE(Sites):
             (:class:`~pyro_vae.distributions.LogitRelaxedBernoulli`, Maddison et al. 2017), its values the *logits*
             of the relaxed draw, which the decoder sees as ``sigmoid(z)``; the pathwise estimator then applies,
             and the score-function estimators use the exact Bernoulli in the same representation (``+-inf``).
+        encoder_context: ``{name: shape}``: the context values the encoder is conditioned on, each named and
+            given the event shape of one data point's value (``{"y": (10,)}`` for a one-hot label). The
+            ``"mlp"`` encoder then concatenates ``x`` and them (:class:`~pyro_vae.networks.ContextMLP`); a
+            module of yours is called ``net(x, y=...)`` and an :class:`~pyro_vae.encoders.Encoder`
+            ``distribution(x, y=...)``. A value is ``(batch, *shape)`` per data point or ``shape`` global.
+        decoder_context: the same for the decoder: ``decoder(z, y=...)``, the ``"mlp"`` decoder concatenating
+            ``z`` and the values.
+
+    Context: ``model(x, **context)`` and ``guide(x, **context)`` take named context from the enclosing model
+    (a covariate per data point, a global latent sampled outside, a constant). Inside the data plate the model
+    calls ``prior(**context)`` and ``likelihood(decoder_output, **context)`` with all of it, and the encoder and
+    decoder with their ``encoder_context`` / ``decoder_context`` names; see :meth:`model`.
 
     Sites (with ``name=""``): plate ``"data"`` over the batch, latent ``"z"`` of shape
     ``(batch, *latent_shape)`` (``(batch, z_dim)``; ``(batch, z_dim, categories)`` in log space for a
