@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,7 +30,14 @@ from pyro_vae.data import as_tensor_data
 from pyro_vae.distributions.relaxed import log_class_probs
 from pyro_vae.encoders import GaussianEncoder
 from pyro_vae.errors import ConfigError, DataError, message
-from pyro_vae.infer.pair import ModelGuidePair, as_data_rows, as_pair, pair_structure, plate_clash_explained
+from pyro_vae.infer.pair import (
+    ModelGuidePair,
+    PairStructure,
+    as_data_rows,
+    as_pair,
+    pair_structure,
+    plate_clash_explained,
+)
 from pyro_vae.infer.traces import (
     PARTICLE_PLATE,
     max_plate_nesting,
@@ -56,8 +63,18 @@ def as_data_set(vae: VAE, data: Any, what: str = "data") -> torch.Tensor:
 
     Raises:
         DataError: ``data`` (named ``what``) is not ``(N, *data_shape)``, is empty or is not numeric.
+        ConfigError: ``vae`` is not a :class:`pyro_vae.VAE` (the functions that read a VAE's latent site,
+            encoder or data shape take no other model/guide pair).
     """
+    _vae_only(vae)
     return vae.as_data(as_tensor_data(data, what), what, data_set=True)
+
+
+def _vae_only(vae: Any) -> None:
+    if not isinstance(vae, VAE):
+        raise ConfigError(message("vae", "a pyro_vae.VAE (this function reads the VAE's latent site, encoder or data "
+                                  "shape)", type(vae).__name__, "pass the VAE inside your model; log_likelihood, "
+                                  "evaluate_elbo and to_inference_data take any model/guide pair"))
 
 
 def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, *,
@@ -74,6 +91,7 @@ def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, *,
     Raises:
         ConfigError: ``num_samples`` or ``chunk_size`` not an integer >= 1.
     """
+    _vae_only(vae)
     model, guide = model or vae.model, guide or vae.guide
     num_samples = integer("num_samples", num_samples)
     particle_dim = particle_plate_dim(model, guide, x)
@@ -201,6 +219,9 @@ def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int 
     """
     vae = as_pair(vae)
     if isinstance(vae, ModelGuidePair):
+        if model is not None or guide is not None:
+            raise ConfigError(message("model, guide", "None with a model/guide pair (it has its own)",
+                                      "a replacement model or guide", "pass ModelGuidePair(model, guide) instead"))
         return _pair_log_likelihood(vae, data, num_samples, batch_size, chunk_size, return_log_weights,
                                     global_values)
     if global_values:
@@ -245,22 +266,92 @@ def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int 
                          log_weights=torch.cat(lws) if return_log_weights else None)
 
 
-def _pair_log_weights(model: Callable, guide: Callable, xb: torch.Tensor, k: int, particle_dim: int,
-                      data_plate: str) -> torch.Tensor:
-    """``(k, batch)`` log weights of a model/guide pair conditioned on its globals: the sites inside the data plate
-    only (nats, unscaled)."""
+@dataclass
+class _PairParticles:
+    """``k`` importance samples of a batch of a model/guide pair, its globals held fixed (nats, unscaled)."""
+
+    log_w: torch.Tensor  # (k, batch): the sites inside the data plate only
+    log_p_obs: torch.Tensor  # (k, batch): the observed sites inside the data plate
+    latents: dict[str, torch.Tensor]  # local latent site -> (k, batch, ...), where asked for
+
+
+def _per_point_value(site: Any, particle_dim: int, data_plate: str, k: int, b: int) -> torch.Tensor:
+    """A local site's value as ``(k, b, *other batch dims, *event_shape)``: the particle and the data plate's
+    dimensions first."""
+    v = cast(torch.Tensor, site["value"])
+    event = len(cast(dist.TorchDistribution, site["fn"]).event_shape)
+    need = -particle_dim
+    if v.dim() - event < need:
+        v = v.reshape((1,) * (need - (v.dim() - event)) + tuple(v.shape))
+    data_dim = next(cast(int, f.dim) for f in site["cond_indep_stack"] if f.name == data_plate)
+    v = v.movedim(need + data_dim, 1)
+    return v.expand(k, b, *v.shape[2:])
+
+
+def _pair_particles(model: Callable, guide: Callable, xb: torch.Tensor, k: int, particle_dim: int,
+                    data_plate: str, keep: Sequence[str] = ()) -> _PairParticles:
+    """``k`` importance samples of the batch ``xb`` for a model and guide conditioned on their globals: the guide
+    traced under the particle plate, the model replayed against it; only the sites inside the data plate enter
+    the weights (a global site is held fixed and is not part of ``p(x | globals)``)."""
     b = xb.shape[0]
     with pyro.plate(PARTICLE_PLATE, k, dim=particle_dim):
         guide_trace, model_trace = trace_guide_and_model(model, guide, xb)
     lw = torch.zeros(k, b, device=xb.device)
+    obs = torch.zeros(k, b, device=xb.device)
+    latents = {}
     for sign, trace in ((-1.0, guide_trace), (1.0, model_trace)):
-        for site in prune_subsample_sites(trace).nodes.values():
+        for name, site in prune_subsample_sites(trace).nodes.items():
             if site["type"] != "sample" or all(f.name != data_plate for f in site["cond_indep_stack"]):
-                continue  # a global site: held fixed, not part of p(x | globals)
+                continue
             log_p = cast(dist.TorchDistribution, site["fn"]).log_prob(cast(torch.Tensor, site["value"]))
             log_p = scale_and_mask(log_p, 1.0, site["mask"])
-            lw = lw + sign * per_point_log_prob(site, log_p, particle_dim, data_plate, k, b)
-    return lw
+            lp = per_point_log_prob(site, log_p, particle_dim, data_plate, k, b)
+            lw = lw + sign * lp
+            if sign > 0 and site["is_observed"]:
+                obs = obs + lp
+            if sign > 0 and name in keep:
+                latents[name] = _per_point_value(site, particle_dim, data_plate, k, b)
+    return _PairParticles(lw, obs, latents)
+
+
+@dataclass
+class _HeldGlobals:
+    """A model/guide pair conditioned on fixed values of its global latents (see :func:`log_likelihood`)."""
+
+    model: Callable
+    guide: Callable
+    values: dict[str, torch.Tensor]
+    source: str | None  # "given", "guide", "given+guide", or None without global latents
+    particle_dim: int
+
+
+def _held_globals(pair: ModelGuidePair, structure: PairStructure, first: torch.Tensor,
+                  given: Mapping[str, Any] | None) -> _HeldGlobals:
+    """Fix ``pair``'s global latents: at ``given`` values, the others at one draw from the guide (given those,
+    on the batch ``first``); the model and the guide conditioned on them. Call without gradients."""
+    values: dict[str, torch.Tensor] = {}
+    for name, value in (given or {}).items():
+        if name not in structure.global_sites:
+            raise ConfigError(message(f"global_values[{name!r}]", "a global latent site of the model (outside the "
+                                      f"data plate {structure.data_plate!r}): one of "
+                                      f"{list(structure.global_sites)}", repr(name), "drop it or fix its name"))
+        values[name] = torch.as_tensor(value, device=first.device)
+    missing = [n for n in structure.global_sites if n not in values]
+    if missing:
+        _, model_trace = trace_guide_and_model(poutine.condition(pair.model, data=dict(values)),
+                                               poutine.condition(pair.guide, data=dict(values)), first)
+        values.update({n: cast(torch.Tensor, model_trace.nodes[n]["value"]) for n in missing})
+    source = None
+    if structure.global_sites:
+        source = "given" if not missing else ("guide" if len(missing) == len(structure.global_sites)
+                                              else "given+guide")
+    model = poutine.condition(pair.model, data=values)
+    guide = poutine.condition(pair.guide, data=values)
+    return _HeldGlobals(model, guide, values, source, particle_plate_dim(model, guide, first))
+
+
+def _pair_device(pair: ModelGuidePair, x: torch.Tensor) -> torch.device:
+    return next((t.device for t in (*pair.parameters(), *pair.buffers())), x.device)
 
 
 def _pair_log_likelihood(pair: ModelGuidePair, data: Any, num_samples: int, batch_size: int,
@@ -270,29 +361,15 @@ def _pair_log_likelihood(pair: ModelGuidePair, data: Any, num_samples: int, batc
     x = as_data_rows(pair, data, "data")
     num_samples = integer("num_samples", num_samples)
     batch_size = integer("batch_size", batch_size)
-    device = next((t.device for t in (*pair.parameters(), *pair.buffers())), x.device)
+    device = _pair_device(pair, x)
     first = x[:batch_size].to(device)
     structure = pair_structure(pair, first)
-    values: dict[str, torch.Tensor] = {}
-    for name, value in (given or {}).items():
-        if name not in structure.global_sites:
-            raise ConfigError(message(f"global_values[{name!r}]", "a global latent site of the model (outside the "
-                                      f"data plate {structure.data_plate!r}): one of "
-                                      f"{list(structure.global_sites)}", repr(name), "drop it or fix its name"))
-        values[name] = torch.as_tensor(value, device=device)
     was_training = pair.training
     pair.eval()
     lls, elbos, lws = [], [], []
     try:
         with torch.no_grad(), unit_kl_weight(pair), plate_clash_explained():
-            missing = [n for n in structure.global_sites if n not in values]
-            if missing:
-                _, model_trace = trace_guide_and_model(poutine.condition(pair.model, data=dict(values)),
-                                                       poutine.condition(pair.guide, data=dict(values)), first)
-                values.update({n: cast(torch.Tensor, model_trace.nodes[n]["value"]) for n in missing})
-            model = poutine.condition(pair.model, data=values)
-            guide = poutine.condition(pair.guide, data=values)
-            particle_dim = particle_plate_dim(model, guide, first)
+            held = _held_globals(pair, structure, first, given)
             for i in range(0, x.shape[0], batch_size):
                 xb = x[i: i + batch_size].to(device)
                 k = sample_chunk_size(num_samples, xb.shape[0], tuple(x.shape[1:]), chunk_size)
@@ -300,8 +377,8 @@ def _pair_log_likelihood(pair: ModelGuidePair, data: Any, num_samples: int, batc
                 total = torch.zeros(xb.shape[0], device=device)
                 kept = []
                 for start in range(0, num_samples, k):
-                    lw = _pair_log_weights(model, guide, xb, min(k, num_samples - start), particle_dim,
-                                           structure.data_plate)
+                    lw = _pair_particles(held.model, held.guide, xb, min(k, num_samples - start), held.particle_dim,
+                                         structure.data_plate).log_w
                     lse = torch.logaddexp(lse, lw.logsumexp(0))
                     total += lw.sum(0)
                     if return_log_weights:
@@ -317,15 +394,11 @@ def _pair_log_likelihood(pair: ModelGuidePair, data: Any, num_samples: int, batc
         bad = int((~torch.isfinite(per_point)).sum())
         raise DataError(message("log_likelihood", "finite log-weights", f"{bad} data points with non-finite log p(x)",
                                 "check the data against the likelihood's support and the guide's scales"))
-    source = None
-    if structure.global_sites:
-        source = "given" if not missing else ("guide" if len(missing) == len(structure.global_sites)
-                                              else "given+guide")
     return LogLikelihood(mean=float(per_point.mean()), se=_standard_error(per_point), per_point=per_point,
                          elbo=float(elbo_pp.mean()), elbo_per_point=elbo_pp, num_samples=num_samples,
                          log_weights=torch.cat(lws) if return_log_weights else None,
-                         global_values={n: v.detach().cpu() for n, v in values.items()} if source else None,
-                         global_source=source)
+                         global_values={n: v.detach().cpu() for n, v in held.values.items()} if held.source else None,
+                         global_source=held.source)
 
 
 # ------------------------------------------------------------------------------------------ diagnostics
@@ -456,8 +529,8 @@ def active_units(vae: VAE, data: Any, threshold: float = 0.01, *, batch_size: in
     return int((latent_variances(vae, data, batch_size=batch_size) > threshold).sum())
 
 
-def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: bool = False,
-                      seed: int | None = None, batch_size: int = 256):
+def to_inference_data(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int = 100, *, resample: bool = False,
+                      seed: int | None = None, batch_size: int = 256, global_values: Mapping[str, Any] | None = None):
     """Posterior draws of ``z`` for the given data points in ArviZ's container: an
     ``arviz.InferenceData`` with ArviZ 0.x, an ``xarray.DataTree`` with ArviZ 1.x (whose ``from_dict``
     returns one). Both are read the same way (``idata.posterior["z"]``, ``idata.attrs["pareto_k"]``) and
@@ -481,11 +554,26 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
             posterior ``p(z | x)``; ``log_weight`` then refers to the original draws).
         seed: seeds Pyro before drawing.
         batch_size: data points traced at once (all ``num_samples`` draws of a batch are held together).
+        global_values: for a model/guide pair, point values of global latent sites (as :func:`log_likelihood`).
+
+    ``vae`` may be any model/guide pair (:class:`pyro_vae.ModelGuidePair`; ``data`` ``(N, ...)``). Its global
+    latents are held fixed as :func:`log_likelihood` holds them (``global_values``, else one guide draw), and go
+    into the ``constant_data`` group; ``posterior`` holds one variable per local latent site (the model's latent
+    sites inside the data plate), named by the site with ``/`` written ``.`` (``"vae/z"`` is ``"vae.z"``), dims
+    ``(chain, draw, point, <site>_dim_0, ...)`` (the site's other plate dimensions, then its event dimensions);
+    ``x`` of ``log_likelihood`` sums the observed sites inside the data plate; ``attrs`` add ``global_source``.
 
     Raises:
-        ConfigError: ``num_samples`` is not an integer >= 30, or ``batch_size`` not >= 1.
+        ConfigError: ``num_samples`` is not an integer >= 30, or ``batch_size`` not >= 1; ``global_values``
+            with a VAE or naming a site that is not a global latent of the pair.
         DataError: ``data`` does not have the VAE's data shape.
     """
+    vae = as_pair(vae)
+    if isinstance(vae, ModelGuidePair):
+        return _pair_inference_data(vae, data, num_samples, resample, seed, batch_size, global_values)
+    if global_values:
+        raise ConfigError(message("global_values", "none for a VAE (it has no global latents)",
+                                  f"values for {sorted(global_values)}", "drop global_values"))
     az = _arviz()
     x = as_data_set(vae, data)
     num_samples = integer("num_samples", num_samples, PARETO_K_MIN_SAMPLES)
@@ -518,6 +606,57 @@ def to_inference_data(vae: VAE, data: Any, num_samples: int = 100, *, resample: 
     dims = {"z": ["point", *latent_dims], "x": ["point", "entry"], "log_weight": ["point"]}
     attrs = {"log_likelihood": ll.tolist(), "pareto_k": kss.tolist(), "num_samples": num_samples,
              "resampled": int(resample)}
+    if _arviz_major() < 1:
+        return az.from_dict(**groups, dims=dims, attrs=attrs)
+    return az.from_dict(groups, dims=dims, attrs={"/": attrs})
+
+
+def _pair_inference_data(pair: ModelGuidePair, data: Any, num_samples: int, resample: bool, seed: int | None,
+                         batch_size: int, given: Mapping[str, Any] | None) -> Any:
+    """:func:`to_inference_data` of a model/guide pair, its globals held fixed."""
+    az = _arviz()
+    x = as_data_rows(pair, data, "data")
+    num_samples = integer("num_samples", num_samples, PARETO_K_MIN_SAMPLES)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    batch_size = integer("batch_size", batch_size)
+    device = _pair_device(pair, x)
+    first = x[:batch_size].to(device)
+    structure = pair_structure(pair, first)
+    was_training = pair.training
+    pair.eval()
+    parts = []
+    try:
+        with torch.no_grad(), unit_kl_weight(pair), plate_clash_explained():
+            held = _held_globals(pair, structure, first, given)
+            for i in range(0, x.shape[0], batch_size):
+                out = _pair_particles(held.model, held.guide, x[i: i + batch_size].to(device), num_samples,
+                                      held.particle_dim, structure.data_plate, keep=structure.local_sites)
+                parts.append(({n: v.cpu() for n, v in out.latents.items()}, out.log_w.cpu(), out.log_p_obs.cpu()))
+    finally:
+        pair.train(was_training)
+    latents = {n: torch.cat([p[0][n] for p in parts], dim=1) for n in structure.local_sites}  # (S, N, ...)
+    log_w, log_px = torch.cat([p[1] for p in parts], dim=1), torch.cat([p[2] for p in parts], dim=1)  # (S, N)
+    if resample:
+        idx = torch.distributions.Categorical(logits=log_w.T).sample((num_samples,))  # (S, N)
+        latents = {n: torch.gather(v, 0, idx.reshape(*idx.shape, *([1] * (v.dim() - 2))).expand_as(v))
+                   for n, v in latents.items()}
+        log_px = torch.gather(log_px, 0, idx)
+    names = {n: n.replace("/", ".") for n in (*structure.local_sites, *held.values)}
+    groups: dict[str, Any] = {
+        "posterior": {names[n]: v.unsqueeze(0).numpy() for n, v in latents.items()},
+        "log_likelihood": {"x": log_px.unsqueeze(0).numpy()},
+        "sample_stats": {"log_weight": log_w.unsqueeze(0).numpy()},
+        "observed_data": {"x": x.reshape(x.shape[0], -1).numpy()}}
+    dims = {names[n]: ["point", *(f"{names[n]}_dim_{i}" for i in range(v.dim() - 2))] for n, v in latents.items()}
+    dims.update({"x": ["point", "entry"], "log_weight": ["point"]})
+    if held.values:
+        groups["constant_data"] = {names[n]: v.detach().cpu().numpy() for n, v in held.values.items()}
+        dims.update({names[n]: [f"{names[n]}_dim_{i}" for i in range(v.dim())] for n, v in held.values.items()})
+    attrs = {"log_likelihood": (log_w.logsumexp(0) - math.log(num_samples)).tolist(),
+             "pareto_k": pareto_k(log_w.T).tolist(), "num_samples": num_samples, "resampled": int(resample)}
+    if held.source is not None:
+        attrs["global_source"] = held.source
     if _arviz_major() < 1:
         return az.from_dict(**groups, dims=dims, attrs=attrs)
     return az.from_dict(groups, dims=dims, attrs={"/": attrs})
@@ -584,6 +723,7 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
 
     Needs a Gaussian encoder (:class:`pyro_vae.GaussianEncoder`).
     """
+    _vae_only(vae)
     if not isinstance(vae.encoder, GaussianEncoder):
         raise ConfigError(message("vae.encoder", "a GaussianEncoder (the per-point guide is Gaussian)",
                                   type(vae.encoder).__name__, "use the amortization gap with Gaussian latents"))

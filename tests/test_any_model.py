@@ -334,3 +334,29 @@ def test_the_grouped_model_example_runs_in_quick_mode(tmp_path):
     assert result["log_likelihood_at_draw"]["global_source"] == "guide"
     assert abs(result["do_shift"] - 3.0) < 0.5 and math.isfinite(result["auto_train_elbo"])
     assert "posterior predictive" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ ArviZ
+def test_to_inference_data_of_a_composed_model():
+    pair = grouped_pair(clash=False)
+    x = torch.randn(10, 3, D)
+    idata = pyro_vae.to_inference_data(pair, x, 30, seed=0)
+    z = idata.posterior["vae.z"]
+    assert z.dims == ("chain", "draw", "point", "vae.z_dim_0", "vae.z_dim_1") and z.shape == (1, 30, 10, 3, Z)
+    assert idata.constant_data["offset"].shape == (3, 1, D) and idata.attrs["global_source"] == "guide"
+    assert idata.log_likelihood["x"].shape == (1, 30, 10) and len(idata.attrs["pareto_k"]) == 10
+    # Held at given values instead: the result says so.
+    held = {"offset": torch.as_tensor(idata.constant_data["offset"].values)}
+    again = pyro_vae.to_inference_data(pair, x, 30, global_values=held)
+    assert again.attrs["global_source"] == "given"
+
+
+def test_the_functions_that_read_a_vae_refuse_a_pair_clearly():
+    pair = noise_pair()
+    for call in (lambda: pyro_vae.active_units(pair, data()),
+                 lambda: pyro_vae.amortization_gap(pair, data()),
+                 lambda: pyro_vae.evaluation.importance_log_weights(pair, data(), 4)):
+        with pytest.raises(ConfigError, match="a pyro_vae.VAE .*any model/guide pair"):
+            call()
+    with pytest.raises(ConfigError, match="model, guide"):
+        pyro_vae.log_likelihood(pair, data(), 4, guide=pair.guide)
