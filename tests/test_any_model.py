@@ -360,3 +360,18 @@ def test_the_functions_that_read_a_vae_refuse_a_pair_clearly():
             call()
     with pytest.raises(ConfigError, match="model, guide"):
         pyro_vae.log_likelihood(pair, data(), 4, guide=pair.guide)
+
+
+def test_gradient_samples_of_a_pair():
+    pair = noise_pair()
+
+    class Plain:  # model and guide methods, no nn.Module
+        model = staticmethod(pair.model)
+        guide = staticmethod(pair.guide)
+
+    x = data()[:8]
+    for obj in (pair, Plain()):
+        g = pyro_vae.gradient_samples(obj, x, num_samples=3, method="loop", seed=0, num_data=24)
+        assert g.shape[0] == 3 and bool(torch.isfinite(g).all())
+    with pytest.raises(ConfigError, match="without a guide"):
+        pyro_vae.gradient_samples(pair.model, x, num_samples=3, method="loop")

@@ -73,6 +73,7 @@ from pyro_vae.infer.estimators import (
 )
 from pyro_vae.infer.iwae import importance_weighted_terms, iwae_traces
 from pyro_vae.infer.kl import kl_report
+from pyro_vae.infer.pair import as_pair
 from pyro_vae.infer.path_gradient import PathGradient
 from pyro_vae.infer.site_gradients import site_gradient_rule, site_surrogate
 from pyro_vae.models.linear_gaussian import exact_elbo
@@ -610,6 +611,8 @@ def _default_chunk(x: torch.Tensor, num_particles: int, method: str) -> int:
 
 def _iter_gradients(vae, x, estimator, num_samples, num_particles, method, elbo, nn_baseline, warmup,
                     chunk_size, kwargs, noise=None) -> tuple[_Plan, Iterator[torch.Tensor]]:
+    if not isinstance(vae, nn.Module):  # an object with model and guide methods: a model/guide pair
+        vae = as_pair(vae)
     est = get_estimator(estimator)
     num_samples, num_particles = _check(vae, x, est, num_samples, num_particles, method, elbo)
     plan = _plan(vae, x, est, num_particles, elbo, kwargs)
@@ -675,7 +678,8 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator
     model and guide traces touch.
 
     Args:
-        vae: a :class:`pyro_vae.VAE` (any module with ``model``/``guide`` taking ``x`` works).
+        vae: a :class:`pyro_vae.VAE`, a :class:`pyro_vae.ModelGuidePair` or any object with ``model``/``guide``
+            methods taking ``x`` (``model_kwargs`` such as ``num_data`` passed on).
         x: the batch ``(batch, *data_shape)``; each estimate is the gradient of the loss of the whole batch.
         estimator: a name of :data:`pyro_vae.estimators.ESTIMATORS`.
         num_samples: number of independent estimates.
