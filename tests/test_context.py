@@ -109,6 +109,30 @@ def test_an_encoder_and_decoder_conditioned_on_a_covariate():
     assert torch.allclose(one.base_dist.loc, encoder_normal(vae, x, y[0].expand(B, C)).base_dist.loc)
 
 
+class ShiftedLinear(torch.nn.Module):
+    """A network of yours conditioned on a covariate: ``forward(v, y)`` is ``linear(v) + shift(y)``."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.linear, self.shift = torch.nn.Linear(n_in, n_out), torch.nn.Linear(C, n_out)
+
+    def forward(self, v, y):
+        return self.linear(v) + self.shift(y)
+
+
+def test_networks_of_yours_get_the_context_as_keyword_arguments():
+    enc, dec = ShiftedLinear(D, 2 * Z), ShiftedLinear(Z, D)
+    vae = pyro_vae.VAE((D,), Z, encoder=enc, decoder=dec, likelihood="normal", encoder_context={"y": (C,)},
+                       decoder_context={"y": (C,)})
+    x, y = torch.randn(B, D), torch.randn(B, C)
+    gtrace, mtrace = traced(vae.model, vae.guide, x, y=y)
+    z = gtrace.nodes["z"]["value"]
+    loc, raw = enc(x, y).split(Z, -1)
+    q = dist.Normal(loc, F.softplus(raw) + vae.encoder.min_scale).to_event(1)
+    assert torch.allclose(gtrace.nodes["z"]["log_prob"], q.log_prob(z))
+    assert torch.allclose(mtrace.nodes["x"]["log_prob"], dist.Normal(dec(z, y), 0.1).log_prob(x).sum(-1))
+
+
 def test_per_data_point_context_is_subsampled_with_the_data_plate():
     vae = pyro_vae.VAE((D,), Z, hidden=(8,), encoder_context={"y": (C,)}, decoder_context={"y": (C,)},
                        likelihood=lambda out, s, **context: dist.Normal(out, s.unsqueeze(-1)))
@@ -145,6 +169,12 @@ def test_a_user_prior_that_does_not_take_the_context_gets_a_clear_error():
     vae.model(x)  # no context: called as before
     with pytest.raises(ConfigError, match=r"prior at site \"z\".*context names: 'g'.*add \*\*context"):
         vae.model(x, g=torch.tensor(1.0))
+
+
+def test_a_user_likelihood_that_does_not_take_the_context_gets_a_clear_error():
+    vae = pyro_vae.VAE((D,), Z, hidden=(8,), likelihood=lambda out: dist.Normal(out, 0.1), prior=group_prior)
+    with pytest.raises(ConfigError, match=r"likelihood at site \"x\".*context names: 'g'.*add \*\*context"):
+        vae.model(torch.randn(B, D), g=torch.tensor(1.0))
 
 
 def test_a_part_that_needs_a_context_value_not_given_gets_a_clear_error():
