@@ -152,12 +152,11 @@ def test_predictive_returns_the_documented_sites_and_shapes(name, data_shape):
 
 def global_noise_model():
     """A VAE whose likelihood scale is a global latent with its own prior (the examples/global_latent.py model)."""
-    noise = {"sigma": torch.tensor(0.5)}
-    vae = small_vae("vae", likelihood=lambda out: dist.Normal(out, noise["sigma"]))
+    vae = small_vae("vae", likelihood=lambda out, sigma, **context: dist.Normal(out, sigma))
 
     def model(x=None, num_data=None, batch_size=None):
-        noise["sigma"] = pyro.sample("sigma", dist.LogNormal(math.log(0.5), 0.5))
-        return vae.model(x, num_data=num_data, batch_size=batch_size)
+        sigma = pyro.sample("sigma", dist.LogNormal(math.log(0.5), 0.5))
+        return vae.model(x, num_data=num_data, batch_size=batch_size, sigma=sigma)
 
     return vae, model
 
@@ -209,5 +208,5 @@ def test_condition_and_do_on_the_global_and_local_sites():
 
     # condition on the local latent: the decoder then sees exactly that z.
     z = torch.zeros(B, Z)
-    out = poutine.condition(vae.model, data={"vae/z": z})(x)
+    out = poutine.condition(vae.model, data={"vae/z": z})(x, sigma=torch.tensor(0.5))
     assert torch.allclose(out, vae.decoder(z))
