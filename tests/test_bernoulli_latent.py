@@ -283,18 +283,18 @@ def test_enumeration_refuses_what_it_cannot_sum():
 
 
 def test_enumeration_score_function_gradient_mean_matches(digits):
-    """The mean of many one-sample score-function gradients of the batch ELBO equals the exact gradient of the
-    prior logits, within 4 standard errors per coordinate (Bonferroni over 3 coordinates: false-failure rate
-    about 2e-4)."""
+    """The mean of Pyro's score-function gradients of the batch ELBO equals the exact gradient of the prior logits,
+    within 4 standard errors per coordinate. The standard error comes from 30 independent 800-particle estimates
+    (a t statistic with 29 degrees of freedom): false-failure rate about 4e-4 per coordinate, 1.2e-3 for the
+    three."""
     torch.manual_seed(0)
     vae = make_vae(3, prior="bernoulli-learned")
     x = digits[:4]
     exact = exact_elbo_gradient(vae, x)["prior.logits"]
-    elbo = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
+    elbo = Trace_ELBO(num_particles=800, vectorize_particles=True, max_plate_nesting=1)
     # per-particle surrogate gradients: Trace_ELBO averages; recover the spread from batches of particles
     samples = []
-    for _ in range(20):
-        vae.zero_grad()
+    for _ in range(30):
         loss = elbo.differentiable_loss(vae.model, vae.guide, x)
         (g,) = torch.autograd.grad(-loss, [vae.prior.logits])
         samples.append(g)
@@ -350,3 +350,20 @@ def test_relaxed_site_is_reparameterized_and_exact_under_score_function_estimato
                                          trace=guide)).get_trace(x)
     assert isinstance(model.nodes["z"]["fn"].base_dist, LogitBernoulli)
     assert bool(torch.isfinite(model.nodes["z"]["fn"].log_prob(z)).all())
+
+
+# ------------------------------------------------------------------------------- generation and imputation
+@pytest.mark.parametrize("kw", [{}, {"relaxed": True}])
+def test_generation_and_imputation_work_on_bernoulli_latents(kw):
+    vae, x = make_vae(5, **kw), binary(12)
+    assert pyro_vae.generation.sample(vae, 6, source="aggregate", data=x).shape == (6, 64)
+    assert pyro_vae.generation.interpolate(vae, x[0], x[1], steps=4).shape == (4, 64)
+    mask = pyro_vae.imputation.make_mask((64,), "bottom", 3)
+    filled = pyro_vae.imputation.impute(vae, x[:3], mask)
+    assert filled.shape == (3, 64) and torch.equal(filled[mask], x[:3][mask])
+
+
+def test_relaxed_estimators_are_refused_on_an_exact_bernoulli_latent():
+    vae = make_vae()
+    with pytest.raises(ConfigError, match="relaxed Bernoulli"):
+        pyro_vae.fit(vae, binary(16), estimator="straight-through", epochs=1, progress=False)
