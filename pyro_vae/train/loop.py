@@ -95,7 +95,9 @@ def fit(
     support, memory) are the model's own under Pyro's validation. Refused for a pair, as a VAE's alone:
     ``dynamic_binarize``, ``cuda_graph``, the KL-weight and temperature schedules of
     :mod:`pyro_vae.schedules` (set ``beta`` on the VAE inside your model instead) and the categorical-latent
-    estimators' check; ``device="auto"`` is the device of the pair's ``modules`` (the CPU without any).
+    estimators' check; ``device="auto"`` is the device of the pair's ``modules`` (the CPU without any). The
+    History's ELBOs are then the data set's ELBO divided by ``N`` (the global latents' KL counted once), estimated
+    from each minibatch scaled to the data set, as :func:`pyro_vae.evaluate_elbo` of a pair reports it.
 
     Runs as one process, or data-parallel under an initialized ``torch.distributed`` process group (see
     :mod:`pyro_vae.train.distributed`): ``batch_size`` is then the global batch, shared out among the ranks.
