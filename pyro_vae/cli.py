@@ -130,9 +130,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="stop when the validation ELBO has not improved for this many epochs (0: never)")
     p.add_argument("--elbo", default=None, choices=sorted(ELBOS),
                    help="trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL); "
-                        "default: meanfield, trace for the score-function estimators and for pathwise on an exact "
-                        "--latent bernoulli (pyro_vae.fit's default is "
-                        "trace)")
+                        "default: meanfield, trace for the score-function estimators (pyro_vae.fit's default is "
+                        "trace); trace also for an exact --latent bernoulli under an estimator that is not per site")
     p.add_argument("--estimator", default="pathwise", choices=list(ESTIMATORS),
                    help="gradient estimator (default: pathwise): " + "; ".join(
                        f"{name}, {est.description}" for name, est in ESTIMATORS.items()))
