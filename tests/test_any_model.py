@@ -206,7 +206,9 @@ def test_a_model_without_a_guide_is_refused_by_every_tool():
     x = data()
     for call in (lambda: pyro_vae.fit(vae.model, x, progress=False),
                  lambda: pyro_vae.evaluate_elbo(vae.model, x),
-                 lambda: pyro_vae.log_likelihood(vae.model, x, 4)):
+                 lambda: pyro_vae.log_likelihood(vae.model, x, 4),
+                 lambda: pyro_vae.to_inference_data(vae.model, x, 30),
+                 lambda: pyro_vae.gradient_samples(vae.model, x, num_samples=2, method="loop")):
         with pytest.raises(ConfigError, match="without a guide.*ModelGuidePair"):
             call()
     with pytest.raises(ConfigError, match="guide"):
@@ -224,7 +226,8 @@ def test_a_model_without_a_data_plate_is_refused():
     pair = ModelGuidePair(model, guide)
     for call in (lambda: pyro_vae.fit(pair, data(), progress=False),
                  lambda: pyro_vae.evaluate_elbo(pair, data()),
-                 lambda: pyro_vae.log_likelihood(pair, data(), 4)):
+                 lambda: pyro_vae.log_likelihood(pair, data(), 4),
+                 lambda: pyro_vae.to_inference_data(pair, data(), 30)):
         with pytest.raises(ConfigError, match="no plate named 'data'.*'points'.*data_plate="):
             call()
     # Named, it works; a name that is no plate of the model is refused.
