@@ -367,3 +367,13 @@ def test_relaxed_estimators_are_refused_on_an_exact_bernoulli_latent():
     vae = make_vae()
     with pytest.raises(ConfigError, match="relaxed Bernoulli"):
         pyro_vae.fit(vae, binary(16), estimator="straight-through", epochs=1, progress=False)
+
+
+def test_exact_gradient_in_the_columns_of_gradient_samples():
+    from pyro_vae.infer.variance import flat_gradient, parameter_groups
+
+    vae, x = make_vae(3, prior="bernoulli-learned"), binary(4)
+    flat = flat_gradient(vae, -exact_elbo(vae, x).sum())
+    by_name = exact_elbo_gradient(vae, x)
+    names = [n for items in parameter_groups(vae).values() for n, _ in items]
+    assert torch.allclose(flat, -torch.cat([by_name[n].reshape(-1) for n in names]), atol=1e-6)
