@@ -175,11 +175,10 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
     Estimator("score-function-neural-baseline", True, "neural", "exact",
               description="REINFORCE under TraceGraph_ELBO with a learned input-dependent baseline"),
     Estimator("relaxed", categorical="relaxed", gaussian=False,
-              description="Gumbel-softmax / Concrete relaxation, pathwise (categorical or relaxed Bernoulli latents)",
+              description="Gumbel-softmax / Concrete relaxation, pathwise (categorical latents)",
               objectives=("elbo", "iwae")),
     Estimator("straight-through", categorical="straight-through", gaussian=False,
-              description="hard one-hot (or bit) forward, relaxed gradient backward (categorical or relaxed "
-                          "Bernoulli latents)",
+              description="hard one-hot forward, relaxed gradient backward (categorical latents)",
               objectives=("elbo", "iwae")),
     Estimator("stl", path_derivative=True,
               description="sticking the landing: pathwise without the score term of log q (Roeder et al. 2017)"),
@@ -203,8 +202,18 @@ ESTIMATORS.update({e.name: e for e in (
               description="coupled measure-valued derivative, Weibull and double-sided Maxwell (Gaussian latents)"),
 )})
 
-#: Discrete-latent estimators with a relaxation or a multi-sample bound: VIMCO (:mod:`pyro_vae.infer.vimco`).
+#: Discrete-latent estimators with a relaxation or a multi-sample bound: REBAR and RELAX (:mod:`pyro_vae.infer.rebar`),
+#: Gumbel-Rao (:mod:`pyro_vae.infer.gumbel_rao`), VIMCO (:mod:`pyro_vae.infer.vimco`).
 ESTIMATORS.update({e.name: e for e in (
+    Estimator("rebar", site_gradient="rebar",
+              description="REINFORCE with the Concrete control variate and learned temperature and scale, unbiased "
+                          "(Tucker et al. 2017; Bernoulli latents)"),
+    Estimator("relax", site_gradient="relax",
+              description="REBAR plus a learned surrogate network, trained to minimize the gradient variance "
+                          "(Grathwohl et al. 2018; Bernoulli latents)"),
+    Estimator("gumbel-rao", categorical="straight-through", gaussian=False, site_gradient="gumbel-rao", cv_samples=10,
+              description="straight-through Gumbel-softmax Rao-Blackwellized over 10 conditional Gumbel draws "
+                          "(Paulus et al. 2021; categorical latents)"),
     Estimator("vimco", categorical="exact", objectives=("iwae",),
               description="multi-sample REINFORCE of the IWAE bound with leave-one-out learning signals (Mnih & "
                           "Rezende 2016); needs elbo=\"iwae\" and K >= 2"),

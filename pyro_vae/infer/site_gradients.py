@@ -61,7 +61,9 @@ from pyro_vae.infer.estimators import (
     EstimatorTraceMeanField_ELBO,
     SiteGradient,
 )
+from pyro_vae.infer.gumbel_rao import gumbel_rao_evaluations, gumbel_rao_term
 from pyro_vae.infer.measure_valued import measure_valued_normal
+from pyro_vae.infer.rebar import REBAR_EVALUATIONS, rebar_control, rebar_term, relax_control
 from pyro_vae.infer.site_context import PARTICLE_PLATE_NAME, SiteContext
 from pyro_vae.pyro_internals import particle_loss, particle_traces
 
@@ -211,6 +213,9 @@ SITE_GRADIENTS: dict[str, SiteGradientRule] = {
     "rloo": SiteGradientRule(_rloo_term, min_particles=2,
                              particles_reason="K >= 2 draws (each is baselined by the mean of the others)"),
     "measure-valued": SiteGradientRule(_normal_term, lambda est, d: 1 + 4 * d),
+    "rebar": SiteGradientRule(rebar_term, lambda est, d: REBAR_EVALUATIONS, module=rebar_control),
+    "relax": SiteGradientRule(rebar_term, lambda est, d: REBAR_EVALUATIONS, module=relax_control),
+    "gumbel-rao": SiteGradientRule(gumbel_rao_term, gumbel_rao_evaluations),
 }
 
 

@@ -383,7 +383,7 @@ class _Surrogate(nn.Module):
         model = _particles(model, self.num_particles, True)
         model_tr, guide_tr, stopped = iwae_traces(model, guide, (x,), self.kwargs,
                                                   detached_model=self.est.path_derivative)
-        return -importance_weighted_terms(model_tr, guide_tr, -2, 0.0, stopped)[1]
+        return -importance_weighted_terms(model_tr, guide_tr, -2, 0.0, stopped, self.est.name == "vimco")[1]
 
     def _cost(self, name: str, model_tr, guide_tr, log_r: MultiFrameTensor | None):
         site = guide_tr.nodes[name]
