@@ -175,10 +175,11 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
     Estimator("score-function-neural-baseline", True, "neural", "exact",
               description="REINFORCE under TraceGraph_ELBO with a learned input-dependent baseline"),
     Estimator("relaxed", categorical="relaxed", gaussian=False,
-              description="Gumbel-softmax / Concrete relaxation, pathwise (categorical latents)",
+              description="Gumbel-softmax / Concrete relaxation, pathwise (categorical or relaxed Bernoulli latents)",
               objectives=("elbo", "iwae")),
     Estimator("straight-through", categorical="straight-through", gaussian=False,
-              description="hard one-hot forward, relaxed gradient backward (categorical latents)",
+              description="hard one-hot (or bit) forward, relaxed gradient backward (categorical or relaxed "
+                          "Bernoulli latents)",
               objectives=("elbo", "iwae")),
     Estimator("stl", path_derivative=True,
               description="sticking the landing: pathwise without the score term of log q (Roeder et al. 2017)"),
