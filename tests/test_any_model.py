@@ -378,3 +378,11 @@ def test_gradient_samples_of_a_pair():
         assert g.shape[0] == 3 and bool(torch.isfinite(g).all())
     with pytest.raises(ConfigError, match="without a guide"):
         pyro_vae.gradient_samples(pair.model, x, num_samples=3, method="loop")
+
+
+def test_the_elbo_fit_reports_for_a_pair_has_kl_weight_one():
+    vae = pyro_vae.VAE((D,), Z, hidden=(8,), likelihood="normal", beta=0.25)
+    pair = ModelGuidePair(vae.model, vae.guide, modules=vae)
+    record = pyro_vae.fit(pair, data(), epochs=1, batch_size=8, progress=False).epochs[-1]
+    assert record["beta"] == 0.25 and vae.beta == 0.25
+    assert record["train_objective"] > record["train_elbo"]  # the KL weighed by 0.25 < 1 in the objective

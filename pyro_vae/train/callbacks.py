@@ -34,7 +34,8 @@ class History:
       analytic KL under ``TraceMeanField_ELBO``; its Monte Carlo estimate under ``Trace_ELBO``), so with
       ``beta <= 1`` and an analytic KL ``train_objective >= train_elbo`` in every epoch. Under ``"iwae"`` it is
       a one-particle ``Trace_ELBO`` estimate, starting from the random state of the bound's ``K`` draws;
-    - ``beta``: the VAE's KL weight at the end of the epoch;
+    - ``beta``: the VAE's KL weight at the end of the epoch (for a model/guide pair, that of the VAEs among its
+      ``modules``, 1 without any, ``None`` when they differ; the ELBOs weigh every one of them by 1);
     - ``val_elbo``: the ELBO of the validation data at the epoch's end (``None`` without validation data).
       Best-model selection (``best.pt``) and :class:`EarlyStopping` use ``val_elbo`` (``train_elbo`` without
       validation data), never the objective."""

@@ -550,7 +550,7 @@ def _elbo_before_step(run: _Training, xb: torch.Tensor, validate: bool) -> torch
     ``validate``: Pyro's validation as the step has it (the global setting at the first step of a call, off
     after)."""
     vae, loss_fn = run.vae, run.elbo_fn
-    if _beta(vae) == 1.0 and loss_fn is run.loss_fn:
+    if all(beta == 1.0 for beta in _betas(vae)) and loss_fn is run.loss_fn:
         return None
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad(), \
@@ -588,8 +588,17 @@ def _add(a: Sequence[float], b: Sequence[float]) -> list[float]:
     return [float(u) + float(v) for u, v in zip(a, b, strict=False)]
 
 
-def _beta(vae: Any) -> float:
-    return float(getattr(vae, "beta", 1.0))
+def _betas(vae: Any) -> list[float]:
+    """The KL weights of the VAE, or of the VAEs among a model/guide pair's modules (none: ``[1.0]``)."""
+    if isinstance(vae, ModelGuidePair):
+        return [float(m.beta) for m in vae.modules() if isinstance(m, VAE)] or [1.0]
+    return [float(getattr(vae, "beta", 1.0))]
+
+
+def _beta(vae: Any) -> float | None:
+    """History's ``beta``: the KL weight, ``None`` for a pair whose VAEs have different ones."""
+    betas = set(_betas(vae))
+    return betas.pop() if len(betas) == 1 else None
 
 
 def _val_elbo(vae: VAE | ModelGuidePair, xv: torch.Tensor, loss_fn: ELBO, batch_size: int,
