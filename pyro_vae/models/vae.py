@@ -804,9 +804,14 @@ class VAE(Sites):
         elif self.latent == "bernoulli" and self.relaxed:
             # the sign of a binary Concrete draw is an exact Bernoulli draw: its hard value in logit space is +-inf
             z = torch.where(z > 0, math.inf, -math.inf).to(z.dtype)
-        self._check_latents(z)
-        px = self.likelihood_dist(self._decode_raw(z, **kwargs), batch_shape=(n,), **kwargs)
-        return px.mean if mean else px.sample()
+        out = self.decode(z, mean=mean, **kwargs)
+        if tuple(out.shape) != (n, *self.data_shape):
+            raise ShapeError(message(
+                f'likelihood at site "{self.site("x")}" under the context {sorted(kwargs)}',
+                f"one distribution per sample, samples of shape (n, *data_shape) = {(n, *self.data_shape)}",
+                f"samples of shape {tuple(out.shape)}",
+                f"pass global context values without leading dimensions, or per-data-point values of {n} rows"))
+        return out
 
     @torch.no_grad()
     def sample_prior(self, n: int, **context: Any) -> torch.Tensor:
