@@ -203,6 +203,24 @@ ESTIMATORS.update({e.name: e for e in (
               description="coupled measure-valued derivative, Weibull and double-sided Maxwell (Gaussian latents)"),
 )})
 
+#: Per-site estimators for discrete latents (:mod:`pyro_vae.infer.discrete`).
+ESTIMATORS.update({e.name: e for e in (
+    Estimator("enumerate", categorical="exact", site_gradient="enumerate",
+              description="exact expectation over the site's configurations, 2^D model evaluations (Bernoulli or "
+                          "categorical latents, at most 4096 configurations)"),
+    Estimator("arm", site_gradient="arm",
+              description="augment-REINFORCE-merge, one antithetic pair (Yin & Zhou 2019; Bernoulli latents)"),
+    Estimator("disarm", site_gradient="disarm",
+              description="ARM with the augmentation integrated out, one antithetic pair (Dong et al. 2020; "
+                          "Bernoulli latents)"),
+    Estimator("muprop", site_gradient="muprop",
+              description="REINFORCE with the first-order Taylor control variate at the mean-field point "
+                          "(Gu et al. 2016; Bernoulli latents)"),
+    Estimator("nvil", categorical="exact", site_gradient="nvil",
+              description="REINFORCE with a learned input-dependent baseline and variance normalization "
+                          "(Mnih & Gregor 2014)"),
+)})
+
 #: Discrete-latent estimators with a relaxation or a multi-sample bound: REBAR and RELAX (:mod:`pyro_vae.infer.rebar`),
 #: Gumbel-Rao (:mod:`pyro_vae.infer.gumbel_rao`), VIMCO (:mod:`pyro_vae.infer.vimco`).
 ESTIMATORS.update({e.name: e for e in (

@@ -44,6 +44,9 @@ class SiteContext:
         module: the estimator's learned part (e.g. NVIL's baseline), an extra module of the ELBO, or ``None``.
         training: whether the learned part may update its running statistics (``False`` while gradient samples
             are drawn at fixed parameters).
+        relaxed_cost: the same cost without support checks (the model replayed without validation, a Bernoulli
+            guide's log-density extended linearly), for values outside the support such as MuProp's mean-field
+            point; ``None`` where it was not built.
     """
 
     est: Estimator
@@ -54,6 +57,7 @@ class SiteContext:
     kwargs: dict = field(default_factory=dict)
     module: nn.Module | None = None
     training: bool = True
+    relaxed_cost: Cost | None = None
 
     @property
     def value(self) -> torch.Tensor:

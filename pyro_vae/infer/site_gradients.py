@@ -33,10 +33,13 @@ each plate entry's cost depends only on its own value (the entries are perturbed
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
@@ -55,11 +58,21 @@ from pyro_vae.infer.control_variates import (
     normal_scores,
     optimal_coefficients,
 )
+from pyro_vae.infer.discrete import (
+    MuPropParameters,
+    NVILBaseline,
+    arm_term,
+    disarm_term,
+    enumerate_term,
+    muprop_term,
+    nvil_term,
+)
 from pyro_vae.infer.estimators import (
     Estimator,
     EstimatorTrace_ELBO,
     EstimatorTraceMeanField_ELBO,
     SiteGradient,
+    unwrap_independent,
 )
 from pyro_vae.infer.gumbel_rao import gumbel_rao_evaluations, gumbel_rao_term
 from pyro_vae.infer.measure_valued import measure_valued_normal
@@ -68,7 +81,7 @@ from pyro_vae.infer.site_context import PARTICLE_PLATE_NAME, SiteContext
 from pyro_vae.pyro_internals import particle_loss, particle_traces
 
 __all__ = ["SITE_GRADIENTS", "SiteGradientRule", "site_gradient_rule", "one_evaluation", "PARTICLE_PLATE_NAME",
-           "analytic_kl_sites", "site_cost", "site_surrogate", "evaluations", "SiteGradientTrace_ELBO",
+           "analytic_kl_sites", "site_cost", "unchecked", "site_surrogate", "evaluations", "SiteGradientTrace_ELBO",
            "SiteGradientTraceMeanField_ELBO"]
 
 
@@ -96,14 +109,33 @@ def analytic_kl_sites(model_trace: Trace, guide_trace: Trace) -> set[str]:
     return out
 
 
+def unchecked(fn: torch.distributions.Distribution) -> torch.distributions.Distribution:
+    """A Bernoulli distribution (under ``Independent`` wrappers, inside a
+    :class:`~pyro_vae.infer.estimators.SiteGradient` or not) rebuilt without support checks, so that its
+    log-density, linear in the value, can be read at a probability; other families as they are."""
+    if isinstance(fn, SiteGradient):
+        fn = fn.base
+    family, dims = unwrap_independent(fn)
+    if not isinstance(family, torch.distributions.Bernoulli):
+        return fn
+    out: torch.distributions.Distribution = dist.Bernoulli(logits=family.logits, validate_args=False)
+    for d in reversed(dims):
+        out = dist.Independent(out, d, validate_args=False)
+    return out
+
+
 def site_cost(model: Callable, args: tuple, kwargs: dict, guide_trace: Trace, site: str,
-              analytic: set[str] = frozenset()) -> Callable[[torch.Tensor], torch.Tensor]:  # type: ignore[assignment]
+              analytic: set[str] = frozenset(),  # type: ignore[assignment]
+              validate: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """``cost(value) -> (*batch_shape)``: the ELBO's cost of each plate entry of guide site ``site`` at
     ``value`` (the site's value shape), ``log p(x, z) - log q(z)`` summed to the site's plates with every other
     latent at its value in ``guide_trace``; the sites in ``analytic`` (closed-form KL) are left out. ``model``
     is replayed once per call, with ``args`` and ``kwargs``. Differentiable in ``value`` (and in the
-    parameters; detach what you keep)."""
+    parameters; detach what you keep). ``validate=False``: no support checks (the model replayed under
+    ``pyro.validation_enabled(False)``, a Bernoulli guide read through :func:`unchecked`), for values outside the
+    support such as a Bernoulli's probabilities."""
     g: Any = guide_trace.nodes[site]
+    guide_fn = g["fn"] if validate else unchecked(g["fn"])
     batch_shape = g["value"].shape[: g["value"].dim() - g["fn"].event_dim]
     others = MultiFrameTensor()
     for name, node in guide_trace.nodes.items():
@@ -116,16 +148,18 @@ def site_cost(model: Callable, args: tuple, kwargs: dict, guide_trace: Trace, si
             if node["type"] == "sample" and not node["is_observed"]:
                 replay.add_node(name, type="sample", is_observed=False, infer=node["infer"],
                                 value=value if name == site else node["value"])
-        model_trace = prune_subsample_sites(poutine.trace(poutine.replay(model, trace=replay)).get_trace(
-            *args, **kwargs))
-        model_trace.compute_log_prob()
+        checks = contextlib.nullcontext() if validate else pyro.validation_enabled(False)
+        with checks:
+            model_trace = prune_subsample_sites(poutine.trace(poutine.replay(model, trace=replay)).get_trace(
+                *args, **kwargs))
+            model_trace.compute_log_prob()
         stacks = get_plate_stacks(model_trace)
         total = MultiFrameTensor(*others.items())
         for name, node in model_trace.nodes.items():
             if node["type"] == "sample" and not (name in analytic and not node["is_observed"]):
                 total.add((stacks[name], node["log_prob"]))
         if site not in analytic:
-            total.add((g["cond_indep_stack"], -scale_and_mask(g["fn"].log_prob(value), g["scale"], g["mask"])))
+            total.add((g["cond_indep_stack"], -scale_and_mask(guide_fn.log_prob(value), g["scale"], g["mask"])))
         out = total.sum_to(g["cond_indep_stack"])
         if not torch.is_tensor(out):
             return torch.zeros(batch_shape, dtype=value.dtype, device=value.device)
@@ -216,6 +250,11 @@ SITE_GRADIENTS: dict[str, SiteGradientRule] = {
     "rebar": SiteGradientRule(rebar_term, lambda est, d: REBAR_EVALUATIONS, module=rebar_control),
     "relax": SiteGradientRule(rebar_term, lambda est, d: REBAR_EVALUATIONS, module=relax_control),
     "gumbel-rao": SiteGradientRule(gumbel_rao_term, gumbel_rao_evaluations),
+    "enumerate": SiteGradientRule(enumerate_term, lambda est, d: 1 + 2 ** d),
+    "arm": SiteGradientRule(arm_term, lambda est, d: 2),
+    "disarm": SiteGradientRule(disarm_term, lambda est, d: 2),
+    "muprop": SiteGradientRule(muprop_term, lambda est, d: 3, module=MuPropParameters),
+    "nvil": SiteGradientRule(nvil_term, module=NVILBaseline),
 }
 
 
@@ -254,7 +293,7 @@ def site_surrogate(est: Estimator, model: Callable, args: tuple, kwargs: dict, m
         if site["type"] != "sample" or not isinstance(site["fn"], SiteGradient):
             continue
         ctx = SiteContext(est, name, site, site_cost(model, args, kwargs, guide_trace, name, analytic), args, kwargs,
-                          module, training)
+                          module, training, site_cost(model, args, kwargs, guide_trace, name, analytic, False))
         total = total + rule.term(ctx)
     return total
 

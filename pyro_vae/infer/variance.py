@@ -151,8 +151,8 @@ def _model_and_guide(vae: nn.Module) -> tuple[Callable[..., Any], Callable[..., 
 # --------------------------------------------------------------------------------- noise-driven guide
 class _NoiseMessenger(Messenger):
     """Sets each latent guide site's value from given noise instead of drawing it: ``loc + scale * eps``
-    for Normal, Gumbel-softmax / Gumbel-max for (relaxed) one-hot categoricals; detached when the site
-    uses the score function."""
+    for Normal, ``1[u < p]`` for Bernoulli, Gumbel-softmax / Gumbel-max for (relaxed) one-hot categoricals; detached
+    when the site uses the score function."""
 
     def __init__(self, noise: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -176,8 +176,10 @@ def _noise_kind(fn: torch.distributions.Distribution, site: str) -> str:
         return "normal"
     if _categorical_kind(base):
         return "gumbel"
+    if isinstance(base, torch.distributions.Bernoulli):
+        return "uniform"
     raise ConfigError(message(
-        f'guide site "{site}"', "a Normal or (relaxed) one-hot categorical guide for vectorized sampling",
+        f'guide site "{site}"', "a Normal, Bernoulli or (relaxed) one-hot categorical guide for vectorized sampling",
         type(base).__name__, 'use method="loop"'))
 
 
@@ -187,7 +189,8 @@ def _one_hot_argmax(t: torch.Tensor) -> torch.Tensor:
 
 
 def _draw(fn: torch.distributions.Distribution, eps: torch.Tensor, site: str) -> torch.Tensor:
-    """The value ``fn`` draws from standard noise ``eps`` (Normal: ``eps``; categoricals: Gumbel noise), in
+    """The value ``fn`` draws from standard noise ``eps`` (Normal: ``eps``; Bernoulli: uniform ``eps``, the value
+    ``1[eps < p]``; categoricals: Gumbel noise), in
     the distribution's own representation (a distribution with ``from_gumbel`` says itself what a Gumbel
     draw gives)."""
     detach = isinstance(fn, ScoreFunction) or not fn.has_rsample
@@ -197,6 +200,8 @@ def _draw(fn: torch.distributions.Distribution, eps: torch.Tensor, site: str) ->
         value = base.from_gumbel(eps)
     elif isinstance(base, torch.distributions.Normal):
         value = base.loc + base.scale * eps
+    elif isinstance(base, torch.distributions.Bernoulli):
+        value = (eps < base.probs).to(eps.dtype)
     elif isinstance(base, torch.distributions.OneHotCategorical):
         value = _one_hot_argmax(base.logits + eps)
     elif isinstance(base, torch.distributions.relaxed_categorical.ExpRelaxedCategorical):
@@ -215,6 +220,8 @@ def _draw(fn: torch.distributions.Distribution, eps: torch.Tensor, site: str) ->
 def _standard_noise(kind: str, shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if kind == "normal":
         return torch.randn(shape, device=device, dtype=dtype)
+    if kind == "uniform":
+        return torch.rand(shape, device=device, dtype=dtype)
     u = torch.rand(shape, device=device, dtype=dtype).clamp(torch.finfo(dtype).tiny, 1.0)
     return -torch.log((-torch.log(u)).clamp_min(torch.finfo(dtype).tiny))
 
