@@ -97,7 +97,7 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
         baseline_beta: decay of the average baseline of ``"score-function-baseline"``.
         nn_baseline: your own baseline module for ``"score-function-neural-baseline"`` (default: a
             :class:`~pyro_vae.infer.estimators.NeuralBaseline` for ``data_shape``), or the learned module of a
-            per-site estimator that has one (``"nvil"``; default: built for ``data_shape``).
+            per-site estimator that has one (``"muprop"``, ``"nvil"``, ...; default: built for ``data_shape``).
         max_plate_nesting: plates in the model (1 for a :class:`pyro_vae.VAE`).
         alpha: ``"iwae"`` only: the order of Renyi's bound, ``0 <= alpha < 1``.
 

@@ -12,6 +12,9 @@ samples from, through an effect handler, and lets Pyro's ``Trace_ELBO`` / ``Trac
   :mod:`pyro_vae.infer.site_gradients`: ``score-function-mean-baseline``, ``score-function-optimal-cv``,
   ``score-function-delta-cv`` (control variates; Mohamed et al. 2020, section 7), ``rloo`` (leave-one-out; Kool
   et al. 2019) and ``measure-valued`` (coupled weak derivative of a Gaussian; Mohamed et al. 2020, section 6);
+  for discrete sites (:mod:`pyro_vae.infer.discrete`) ``enumerate`` (the exact expectation over the site's
+  configurations), ``arm`` (Yin & Zhou 2019), ``disarm`` (Dong et al. 2020), ``muprop`` (Gu et al. 2016) and
+  ``nvil`` (Mnih & Gregor 2014);
 - ``stl``: sticking the landing (Roeder et al. 2017), the pathwise gradient without the score term of ``log q``,
   by wrapping the guide site in :class:`~pyro_vae.infer.path_gradient.PathGradient` (the ELBO);
 - ``dreg``: the doubly reparameterized gradient of the IWAE bound (Tucker et al. 2019), the same wrapper read by

@@ -700,7 +700,8 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator
             ``"pathwise"`` and ``"dreg"``).
         groups: return ``{"encoder": (num_samples, D_enc), "decoder": ..., ...}`` instead of one tensor.
         nn_baseline: baseline module for ``score-function-neural-baseline``, or the learned module of a per-site
-            estimator that has one (``"nvil"``), held fixed (eval mode) while sampling (default: a fresh one).
+            estimator that has one (``"muprop"``, ``"nvil"``, ``"rebar"``, ``"relax"``), held fixed (eval mode) while
+            sampling (default: a fresh one). NVIL's guide columns are the gradient divided by its ``max(1, sqrt(v))``.
         baseline_warmup: ``TraceGraph_ELBO`` calls that warm up the decaying-average baseline before it is
             frozen for sampling.
         chunk_size: estimates computed per vmapped call (default from the batch size and the device).
