@@ -11,7 +11,7 @@ Seeded statistical tests; the false-failure rates under the normal approximation
 6.3e-5 per check; a one-estimate variance within 4 standard errors (the standard error of a sample variance from the
 fourth central moment, ``sqrt((m4 - s^4) / n)``), about the same; the Bernoulli VAE checks every coordinate of the
 gradient at 4 standard errors, 6.3e-5 times the number of coordinates (190): about 1.2e-2 per estimator
-(Bonferroni). Tests marked slow repeat the unbiasedness checks with 20 times more estimates.
+(Bonferroni). Tests marked slow repeat the checks with 10 to 20 times more estimates.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def _bernoulli_vae():
     return vae, x
 
 
-def _check_against_enumeration(estimator: str, n: int) -> None:
+def _check_against_enumeration(estimator: str, n: int, limit: float = 4.0) -> None:
     vae, x = _bernoulli_vae()
     exact = flat_gradient(vae, -exact_elbo(vae, x).sum(), x).double()
     g = gradient_samples(vae, x, estimator, n, num_particles=PARTICLES.get(estimator, 1), seed=0).double()
@@ -273,7 +273,7 @@ def _check_against_enumeration(estimator: str, n: int) -> None:
     live = se > 1e-6 * (1 + exact.abs())
     assert bool((diff[~live] < 1e-4 * (1 + exact[~live].abs())).all())  # no spread: the exact value itself
     z = diff[live] / se[live]
-    assert float(z.max()) < 4.0, (estimator, float(z.max()), int(z.argmax()))
+    assert float(z.max()) < limit, (estimator, float(z.max()), int(z.argmax()))
 
 
 @pytest.mark.parametrize("estimator", UNBIASED)
@@ -287,5 +287,7 @@ def test_bernoulli_vae_mean_gradient_is_the_exact_gradient(estimator):
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", UNBIASED)
 def test_bernoulli_vae_mean_gradient_is_the_exact_gradient_many(estimator):
-    """As above with 40000 estimates (a 20 times tighter check of the bias)."""
-    _check_against_enumeration(estimator, 40000)
+    """As above with 40000 estimates (a 20 times tighter check of the bias), every coordinate within 4.5 standard
+    errors: 190 x 6.8e-6 = 1.3e-3 per estimator (at 4, the seven estimators together would fail by chance about
+    8% of the time)."""
+    _check_against_enumeration(estimator, 40000, 4.5)
