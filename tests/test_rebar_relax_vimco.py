@@ -244,7 +244,7 @@ def test_vimco_on_a_bernoulli_vae_is_the_exact_bound_gradient(method):
     params = [(n, p) for n, p in vae.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(exact_iwae_bound(vae, x, 3).sum(), [p for _, p in params], allow_unused=True)
     exact = _vae_exact(vae, x, {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(params, grads)})
-    samples = gradient_samples(vae, x, "vimco", 2000, num_particles=3, elbo="iwae", method=method, seed=4)
+    samples = gradient_samples(vae, x, "vimco", 800, num_particles=3, elbo="iwae", method=method, seed=4)
     _assert_mean(samples, exact, f"vimco K=3 {method}")
 
 
@@ -353,7 +353,7 @@ def test_bernoulli_toy_unbiased_with_variance_at_most_reinforce(estimator, theta
 def test_three_variable_toy_unbiased(estimator):
     """Shared logit 0, f = sum_i (b_i - p_i)^2, p = (0.6, 0.51, 0.48): exact gradient -0.045 (4 s.e.)."""
     toy = Toy(0.0, [0.6, 0.51, 0.48])
-    samples = gradient_samples(toy, torch.zeros(1), estimator, 2000, method="loop", seed=13)
+    samples = gradient_samples(toy, torch.zeros(1), estimator, 1000, method="loop", seed=13)
     _assert_mean(samples, torch.tensor([-0.045]), estimator)
 
 
