@@ -16,6 +16,7 @@ from the prior), and is then split and indexed with them; every other value is g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -95,7 +96,8 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
             ``q(z) = mean_n q(z | x_n)``: pick a data point at random, then ``z ~ q(z | x)``; Makhzani et al.
             2016, Tomczak & Welling 2018); ``"mixture"`` (a Gaussian mixture fitted to the posterior means;
             Gaussian latents only). For a categorical latent, ``"prior"`` gives hard classes: the arg-max of a
-            Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max).
+            Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max); for a relaxed Bernoulli
+            latent, hard bits (``+-inf`` in its logit space: the sign of a binary Concrete draw is a Bernoulli draw).
         data: the data the aggregate posterior or the mixture is built from (``"aggregate"``, ``"mixture"``).
         mixture: a fitted mixture from :func:`fit_mixture` to reuse (``"mixture"``).
         n_components: mixture components when the mixture is fitted here.
@@ -113,11 +115,17 @@ def sample_latents(vae: VAE, n: int, source: str = "prior", *, data: Any = None,
                 z = call_with_context("prior", vae.prior, context=context).sample((n,))
             if categories is not None:  # as VAE.sample: the arg-max of a Concrete draw is a categorical draw
                 z = log_one_hot(z.argmax(-1), categories, z.dtype)
+            elif getattr(vae, "latent", None) == "bernoulli" and getattr(vae, "relaxed", False):
+                z = torch.where(z > 0, math.inf, -math.inf).to(z.dtype)  # as VAE.sample: a hard Bernoulli draw
             return z
         if source == "mixture" and categories is not None:
             raise ConfigError(message('source="mixture"', "a Gaussian latent (a mixture of Gaussians over z)",
                                       f"a categorical latent of event shape ({vae.z_dim}, {categories})",
                                       'use source="prior" or "aggregate" for categorical latents'))
+        if source == "mixture" and getattr(vae, "latent", None) == "bernoulli":
+            raise ConfigError(message('source="mixture"', "a Gaussian latent (a mixture of Gaussians over z)",
+                                      f"a Bernoulli latent of {vae.z_dim} binary variables",
+                                      'use source="prior" or "aggregate" for Bernoulli latents'))
         if source == "mixture" and mixture is not None:
             z, _ = mixture.sample(n)
             return torch.as_tensor(z, dtype=torch.float32, device=device)[torch.randperm(n, device=device)]

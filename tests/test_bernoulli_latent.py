@@ -377,3 +377,14 @@ def test_exact_gradient_in_the_columns_of_gradient_samples():
     by_name = exact_elbo_gradient(vae, x)
     names = [n for items in parameter_groups(vae).values() for n, _ in items]
     assert torch.allclose(flat, -torch.cat([by_name[n].reshape(-1) for n in names]), atol=1e-6)
+
+
+def test_prior_latents_are_hard_and_the_gaussian_mixture_is_refused():
+    relaxed, x = make_vae(4, relaxed=True), binary(8)
+    z = pyro_vae.generation.sample_latents(relaxed, 5)
+    assert z.shape == (5, 4) and bool(torch.isinf(z).all())
+    exact = make_vae(4, name="exact")
+    assert set(pyro_vae.generation.sample_latents(exact, 5).unique().tolist()) <= {0.0, 1.0}
+    for vae in (relaxed, exact):
+        with pytest.raises(ConfigError, match="Bernoulli latent"):
+            pyro_vae.generation.sample(vae, 3, source="mixture", data=x)
