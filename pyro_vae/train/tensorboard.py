@@ -127,9 +127,9 @@ class TensorBoard:
 
     - ``lr``: ``state.optimizer.param_groups[0]["lr"]``, the learning rate (``lr/group0``, ``lr/group1``, ...
       when the optimizer has several parameter groups);
-    - ``temperature``: for a relaxed categorical latent (``vae.latent == "categorical"``) the relaxation
-      temperature ``vae.encoder.temperature`` that the guide and the built-in prior use (set by the
-      temperature schedules of :mod:`pyro_vae.schedules`); not written for a Gaussian latent;
+    - ``temperature``: for a relaxed latent (categorical, or Bernoulli with ``relaxed=True``: ``vae.relaxed``) the
+      relaxation temperature ``vae.encoder.temperature`` that the guide and the built-in prior use (set by the
+      temperature schedules of :mod:`pyro_vae.schedules`); not written for a Gaussian or exact Bernoulli latent;
     - ``kl/<site>``: for each latent site, ``KL(q(z|x) || p(z))`` averaged over the first ``num_kl_points``
       points of ``data``, nats per data point, with KL weight 1 (whatever ``beta`` is), at the epoch's end
       parameters, as :func:`pyro_vae.infer.kl_report` computes it: the closed form where one is registered,
@@ -304,8 +304,8 @@ class TensorBoard:
 
     def _epoch_values(self, vae: VAE, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         values = _learning_rates(optimizer)
-        if vae.latent == "categorical":
-            encoder: Any = vae.encoder  # a RelaxedCategoricalEncoder
+        if getattr(vae, "relaxed", False):
+            encoder: Any = vae.encoder  # a RelaxedCategoricalEncoder or a relaxed BernoulliEncoder
             values["temperature"] = float(encoder.temperature)
         if self._kl_x is not None:
             with _evaluating(vae), _own_rng(vae.device, self.seed):
