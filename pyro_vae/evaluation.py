@@ -5,11 +5,15 @@ Every estimate is read off Pyro traces of ``vae.model`` and ``vae.guide`` (:mod:
 guide runs once per batch under an outer ``pyro.plate`` over ``K`` particles (so the encoder runs once and the
 decoder sees a ``(K, batch, z_dim)`` tensor), the model is replayed against the guide's trace, and each site's
 ``log_prob`` (unscaled: minibatch and beta scaling are training devices, not part of ``p``) is reduced to
-``(K, batch)``. Any prior, likelihood or latent type that the model/guide pair accepts works unchanged.
+``(K, batch)``. Any prior, likelihood or latent type that the model/guide pair accepts works unchanged. The
+functions take the model's named context as ``context={name: value}``, passed to the model and guide as keyword
+arguments: each batch gets its points' rows of the per-data-point values
+(:func:`pyro_vae.models.context.check_context`), shared by a point's ``K`` samples.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +52,7 @@ from pyro_vae.infer.traces import (
     sample_chunk_size,
     trace_guide_and_model,
 )
+from pyro_vae.models.context import check_context, context_rows, declared_shapes
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.validation import integer
 
@@ -77,9 +82,14 @@ def _vae_only(vae: Any) -> None:
                                   "evaluate_elbo and to_inference_data take any model/guide pair"))
 
 
+def _with_context(fn: Callable, rows: Mapping[str, Any]) -> Callable:
+    """``fn`` with the named context ``rows`` bound as keyword arguments (``fn`` itself without any)."""
+    return functools.partial(fn, **rows) if rows else fn
+
+
 def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, *,
                            model: Callable | None = None, guide: Callable | None = None,
-                           chunk_size: int | None = None) -> torch.Tensor:
+                           chunk_size: int | None = None, context: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Log importance weights ``log p(x, z_k) - log q(z_k | x)``, ``z_k ~ q(z | x)``, as a
     ``(batch, num_samples)`` tensor on ``x``'s device, nats per data point (no gradients).
 
@@ -87,12 +97,17 @@ def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, *,
         x: ``(batch, *data_shape)``.
         model, guide: replace ``vae.model`` / ``vae.guide`` (same signature and sites).
         chunk_size: samples traced at once (``None``: :func:`pyro_vae.infer.traces.sample_chunk_size`).
+        context: the batch's named context, passed to the model and guide as keyword arguments: per-data-point
+            values ``(batch, ...)``, row ``n`` with ``x[n]`` (the ``K`` samples of a point share its row), and
+            global values (:func:`pyro_vae.models.context.check_context`).
 
     Raises:
-        ConfigError: ``num_samples`` or ``chunk_size`` not an integer >= 1.
+        ConfigError: ``num_samples`` or ``chunk_size`` not an integer >= 1; a ``context`` that is not a dict.
+        DataError: a per-data-point context value whose first dimension is not ``batch``.
     """
     _vae_only(vae)
-    model, guide = model or vae.model, guide or vae.guide
+    ctx = check_context("context", context, x.shape[0], declared_shapes(vae), x.device)
+    model, guide = _with_context(model or vae.model, ctx), _with_context(guide or vae.guide, ctx)
     num_samples = integer("num_samples", num_samples)
     particle_dim = particle_plate_dim(model, guide, x)
     with torch.no_grad():
@@ -178,7 +193,8 @@ class LogLikelihood:
 def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int = 1000, *, batch_size: int = 256,
                    chunk_size: int | None = None, return_log_weights: bool = False,
                    model: Callable | None = None, guide: Callable | None = None,
-                   global_values: Mapping[str, Any] | None = None) -> LogLikelihood:
+                   global_values: Mapping[str, Any] | None = None,
+                   context: Mapping[str, Any] | None = None) -> LogLikelihood:
     """Importance-sampled log-likelihood (Burda et al. 2016, "Importance Weighted Autoencoders"):
 
     ``log p(x) ~ logsumexp_k [log p(x, z_k) - log q(z_k | x)] - log K``, ``z_k ~ q(z | x)``,
@@ -198,6 +214,11 @@ def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int 
         model, guide: Pyro callables with the VAE's signature and sites, replacing ``vae.model`` /
             ``vae.guide`` (e.g. a per-data-point optimized guide).
         global_values: for a model/guide pair, point values of global latent sites, by site name.
+        context: the data's named context, passed to the model and guide (and ``model``/``guide``) as keyword
+            arguments. A tensor whose first dimension is ``N`` is per data point: each batch gets its rows, and
+            the ``K`` importance samples of a point share its row (a ``(batch, ...)`` row tensor broadcast against
+            the ``(K, batch, ...)`` samples); every other value is global, passed whole
+            (:func:`pyro_vae.models.context.check_context`).
 
     ``vae`` may be any model/guide pair (:class:`pyro_vae.ModelGuidePair`, :mod:`pyro_vae.infer.pair`; ``data``
     ``(N, ...)``). Its global latents (the model's latent sites outside the data plate) are held fixed: at
@@ -214,7 +235,8 @@ def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int 
     Raises:
         ConfigError: an argument out of range; ``global_values`` naming a site that is not a global latent of
             the model (or given with a VAE); a pair without a data plate (:func:`pyro_vae.infer.pair.as_pair`).
-        DataError: data of the wrong shape or not finite, or a non-finite estimate.
+        DataError: data of the wrong shape or not finite, or a non-finite estimate; a per-data-point context
+            value whose first dimension is not ``N``.
         ModelError: a guide that opens a plate twice (an autoguide re-creating it).
     """
     vae = as_pair(vae)
@@ -223,7 +245,7 @@ def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int 
             raise ConfigError(message("model, guide", "None with a model/guide pair (it has its own)",
                                       "a replacement model or guide", "pass ModelGuidePair(model, guide) instead"))
         return _pair_log_likelihood(vae, data, num_samples, batch_size, chunk_size, return_log_weights,
-                                    global_values)
+                                    global_values, context)
     if global_values:
         raise ConfigError(message("global_values", "none for a VAE (it has no global latents)",
                                   f"values for {sorted(global_values)}", "drop global_values"))
@@ -232,18 +254,24 @@ def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int 
     batch_size = integer("batch_size", batch_size)
     model, guide = model or vae.model, guide or vae.guide
     device = vae.device
+    n = x.shape[0]
+    ctx = check_context("context", context, n, declared_shapes(vae), device)
     was_training = vae.training
     vae.eval()
     lls, elbos, lws = [], [], []
     try:
         with torch.no_grad():
-            particle_dim = particle_plate_dim(model, guide, x[:batch_size].to(device))
-            for i in range(0, x.shape[0], batch_size):
+            first = context_rows(ctx, n, slice(0, batch_size))
+            particle_dim = particle_plate_dim(_with_context(model, first), _with_context(guide, first),
+                                              x[:batch_size].to(device))
+            for i in range(0, n, batch_size):
                 xb = x[i: i + batch_size].to(device)
+                rows = context_rows(ctx, n, slice(i, i + batch_size))
                 lse = torch.full((xb.shape[0],), -math.inf, device=device)
                 total = torch.zeros(xb.shape[0], device=device)
                 kept = []
-                for chunk in particle_chunks(vae, model, guide, xb, num_samples, particle_dim, chunk_size=chunk_size):
+                for chunk in particle_chunks(vae, _with_context(model, rows), _with_context(guide, rows), xb,
+                                             num_samples, particle_dim, chunk_size=chunk_size):
                     lw = chunk.log_w
                     lse = torch.logaddexp(lse, lw.logsumexp(0))
                     total += lw.sum(0)
@@ -326,9 +354,10 @@ class _HeldGlobals:
 
 
 def _held_globals(pair: ModelGuidePair, structure: PairStructure, first: torch.Tensor,
-                  given: Mapping[str, Any] | None) -> _HeldGlobals:
+                  given: Mapping[str, Any] | None, context: Mapping[str, Any]) -> _HeldGlobals:
     """Fix ``pair``'s global latents: at ``given`` values, the others at one draw from the guide (given those,
-    on the batch ``first``); the model and the guide conditioned on them. Call without gradients."""
+    on the batch ``first`` and its ``context`` rows); the model and the guide conditioned on them. Call without
+    gradients."""
     values: dict[str, torch.Tensor] = {}
     for name, value in (given or {}).items():
         if name not in structure.global_sites:
@@ -339,7 +368,7 @@ def _held_globals(pair: ModelGuidePair, structure: PairStructure, first: torch.T
     missing = [n for n in structure.global_sites if n not in values]
     if missing:
         _, model_trace = trace_guide_and_model(poutine.condition(pair.model, data=dict(values)),
-                                               poutine.condition(pair.guide, data=dict(values)), first)
+                                               poutine.condition(pair.guide, data=dict(values)), first, **context)
         values.update({n: cast(torch.Tensor, model_trace.nodes[n]["value"]) for n in missing})
     source = None
     if structure.global_sites:
@@ -347,7 +376,7 @@ def _held_globals(pair: ModelGuidePair, structure: PairStructure, first: torch.T
                                               else "given+guide")
     model = poutine.condition(pair.model, data=values)
     guide = poutine.condition(pair.guide, data=values)
-    return _HeldGlobals(model, guide, values, source, particle_plate_dim(model, guide, first))
+    return _HeldGlobals(model, guide, values, source, particle_plate_dim(model, guide, first, **context))
 
 
 def _pair_device(pair: ModelGuidePair, x: torch.Tensor) -> torch.device:
@@ -356,29 +385,33 @@ def _pair_device(pair: ModelGuidePair, x: torch.Tensor) -> torch.device:
 
 def _pair_log_likelihood(pair: ModelGuidePair, data: Any, num_samples: int, batch_size: int,
                          chunk_size: int | None, return_log_weights: bool,
-                         given: Mapping[str, Any] | None) -> LogLikelihood:
+                         given: Mapping[str, Any] | None, context: Mapping[str, Any] | None) -> LogLikelihood:
     """:func:`log_likelihood` of a model/guide pair, its globals held fixed."""
     x = as_data_rows(pair, data, "data")
     num_samples = integer("num_samples", num_samples)
     batch_size = integer("batch_size", batch_size)
     device = _pair_device(pair, x)
+    n = x.shape[0]
+    ctx = check_context("context", context, n, declared_shapes(pair), device)
     first = x[:batch_size].to(device)
-    structure = pair_structure(pair, first)
+    first_rows = context_rows(ctx, n, slice(0, batch_size))
+    structure = pair_structure(pair, first, context=first_rows)
     was_training = pair.training
     pair.eval()
     lls, elbos, lws = [], [], []
     try:
         with torch.no_grad(), unit_kl_weight(pair), plate_clash_explained():
-            held = _held_globals(pair, structure, first, given)
-            for i in range(0, x.shape[0], batch_size):
+            held = _held_globals(pair, structure, first, given, first_rows)
+            for i in range(0, n, batch_size):
                 xb = x[i: i + batch_size].to(device)
+                rows = context_rows(ctx, n, slice(i, i + batch_size))
                 k = sample_chunk_size(num_samples, xb.shape[0], tuple(x.shape[1:]), chunk_size)
                 lse = torch.full((xb.shape[0],), -math.inf, device=device)
                 total = torch.zeros(xb.shape[0], device=device)
                 kept = []
                 for start in range(0, num_samples, k):
-                    lw = _pair_particles(held.model, held.guide, xb, min(k, num_samples - start), held.particle_dim,
-                                         structure.data_plate).log_w
+                    lw = _pair_particles(_with_context(held.model, rows), _with_context(held.guide, rows), xb,
+                                         min(k, num_samples - start), held.particle_dim, structure.data_plate).log_w
                     lse = torch.logaddexp(lse, lw.logsumexp(0))
                     total += lw.sum(0)
                     if return_log_weights:
@@ -487,20 +520,29 @@ def pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
     return k.float()
 
 
-def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples: int = 64) -> torch.Tensor:
+def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples: int = 64,
+                    context: Mapping[str, Any] | None = None) -> torch.Tensor:
     """The posterior's location for every data point, ``(N, *latent_event_shape)``, in the latent site's
     representation: ``E_q[z | x]`` (the guide distribution's mean, or a Monte Carlo mean of ``num_samples``
     guide draws where the distribution has none); for a log-space categorical guide
     (:class:`~pyro_vae.distributions.ExpRelaxedOneHotCategorical`) the log class probabilities ``log q(c | x)``,
     the log of the mean of the categorical it relaxes (``.exp()`` gives the probabilities), as
-    :meth:`pyro_vae.VAE.encode`."""
+    :meth:`pyro_vae.VAE.encode`.
+
+    ``context``: the data's named context, passed to the guide as keyword arguments (a tensor whose first
+    dimension is ``N`` per data point, each batch given its rows; other values whole), as in
+    :func:`log_likelihood`."""
     x = as_data_set(vae, data)
     device = vae.device
+    n = x.shape[0]
+    ctx = check_context("context", context, n, declared_shapes(vae), device)
     means = []
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
+        for i in range(0, n, batch_size):
             xb = x[i: i + batch_size].to(device)
-            q = cast(dist.TorchDistribution, poutine.trace(vae.guide).get_trace(xb).nodes[vae.site("z")]["fn"])
+            rows = context_rows(ctx, n, slice(i, i + batch_size))
+            q = cast(dist.TorchDistribution,
+                     poutine.trace(vae.guide).get_trace(xb, **rows).nodes[vae.site("z")]["fn"])
             m = log_class_probs(q)
             if m is None:
                 try:
@@ -511,10 +553,12 @@ def posterior_means(vae: VAE, data: Any, *, batch_size: int = 1024, num_samples:
     return torch.cat(means)
 
 
-def latent_variances(vae: VAE, data: Any, *, batch_size: int = 1024) -> torch.Tensor:
+def latent_variances(vae: VAE, data: Any, *, batch_size: int = 1024,
+                     context: Mapping[str, Any] | None = None) -> torch.Tensor:
     """``Cov_x(E_q[z_j | x])`` for each latent entry ``j`` (flattened), ``(prod(latent_event_shape),)``; for a
-    categorical latent, of the class probabilities ``q(c | x)`` (the ``exp`` of :func:`posterior_means`)."""
-    m = posterior_means(vae, data, batch_size=batch_size)
+    categorical latent, of the class probabilities ``q(c | x)`` (the ``exp`` of :func:`posterior_means`, whose
+    ``context`` this takes)."""
+    m = posterior_means(vae, data, batch_size=batch_size, context=context)
     if getattr(vae, "categories", None) is not None:
         m = m.exp()
     m = m.reshape(m.shape[0], -1)
@@ -523,14 +567,17 @@ def latent_variances(vae: VAE, data: Any, *, batch_size: int = 1024) -> torch.Te
     return m.var(dim=0)
 
 
-def active_units(vae: VAE, data: Any, threshold: float = 0.01, *, batch_size: int = 1024) -> int:
+def active_units(vae: VAE, data: Any, threshold: float = 0.01, *, batch_size: int = 1024,
+                 context: Mapping[str, Any] | None = None) -> int:
     """Number of active latent units (Burda et al. 2016, Sec. 5.2): entries ``j`` with
-    ``Cov_x(E_q[z_j | x]) > threshold``. Few active units mean posterior collapse."""
-    return int((latent_variances(vae, data, batch_size=batch_size) > threshold).sum())
+    ``Cov_x(E_q[z_j | x]) > threshold``. Few active units mean posterior collapse. ``context``: as
+    :func:`posterior_means`."""
+    return int((latent_variances(vae, data, batch_size=batch_size, context=context) > threshold).sum())
 
 
 def to_inference_data(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int = 100, *, resample: bool = False,
-                      seed: int | None = None, batch_size: int = 256, global_values: Mapping[str, Any] | None = None):
+                      seed: int | None = None, batch_size: int = 256, global_values: Mapping[str, Any] | None = None,
+                      context: Mapping[str, Any] | None = None):
     """Posterior draws of ``z`` for the given data points in ArviZ's container: an
     ``arviz.InferenceData`` with ArviZ 0.x, an ``xarray.DataTree`` with ArviZ 1.x (whose ``from_dict``
     returns one). Both are read the same way (``idata.posterior["z"]``, ``idata.attrs["pareto_k"]``) and
@@ -555,6 +602,8 @@ def to_inference_data(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: i
         seed: seeds Pyro before drawing.
         batch_size: data points traced at once (all ``num_samples`` draws of a batch are held together).
         global_values: for a model/guide pair, point values of global latent sites (as :func:`log_likelihood`).
+        context: the data's named context, passed to the model and guide as keyword arguments, its
+            per-data-point rows following the points (as :func:`log_likelihood`).
 
     ``vae`` may be any model/guide pair (:class:`pyro_vae.ModelGuidePair`; ``data`` ``(N, ...)``). Its global
     latents are held fixed as :func:`log_likelihood` holds them (``global_values``, else one guide draw), and go
@@ -570,7 +619,7 @@ def to_inference_data(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: i
     """
     vae = as_pair(vae)
     if isinstance(vae, ModelGuidePair):
-        return _pair_inference_data(vae, data, num_samples, resample, seed, batch_size, global_values)
+        return _pair_inference_data(vae, data, num_samples, resample, seed, batch_size, global_values, context)
     if global_values:
         raise ConfigError(message("global_values", "none for a VAE (it has no global latents)",
                                   f"values for {sorted(global_values)}", "drop global_values"))
@@ -581,12 +630,17 @@ def to_inference_data(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: i
         pyro.set_rng_seed(seed)
     batch_size = integer("batch_size", batch_size)
     device = vae.device
+    n = x.shape[0]
+    ctx = check_context("context", context, n, declared_shapes(vae), device)
     parts = []
     with torch.no_grad():
-        particle_dim = particle_plate_dim(vae.model, vae.guide, x[:batch_size].to(device))
-        for i in range(0, x.shape[0], batch_size):
-            out = particle_log_probs(vae, vae.model, vae.guide, x[i: i + batch_size].to(device), num_samples,
-                                     particle_dim, keep=("z",))
+        first = context_rows(ctx, n, slice(0, batch_size))
+        particle_dim = particle_plate_dim(_with_context(vae.model, first), _with_context(vae.guide, first),
+                                          x[:batch_size].to(device))
+        for i in range(0, n, batch_size):
+            rows = context_rows(ctx, n, slice(i, i + batch_size))
+            out = particle_log_probs(vae, _with_context(vae.model, rows), _with_context(vae.guide, rows),
+                                     x[i: i + batch_size].to(device), num_samples, particle_dim, keep=("z",))
             assert out.z is not None  # kept
             parts.append((out.z.cpu(), out.log_w.cpu(), out.log_p_obs.cpu()))
     z, log_w, log_px = (torch.cat(p, dim=1) for p in zip(*parts))  # (S, N, ...), (S, N), (S, N)
@@ -612,7 +666,7 @@ def to_inference_data(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: i
 
 
 def _pair_inference_data(pair: ModelGuidePair, data: Any, num_samples: int, resample: bool, seed: int | None,
-                         batch_size: int, given: Mapping[str, Any] | None) -> Any:
+                         batch_size: int, given: Mapping[str, Any] | None, context: Mapping[str, Any] | None) -> Any:
     """:func:`to_inference_data` of a model/guide pair, its globals held fixed."""
     az = _arviz()
     x = as_data_rows(pair, data, "data")
@@ -621,17 +675,22 @@ def _pair_inference_data(pair: ModelGuidePair, data: Any, num_samples: int, resa
         pyro.set_rng_seed(seed)
     batch_size = integer("batch_size", batch_size)
     device = _pair_device(pair, x)
+    n = x.shape[0]
+    ctx = check_context("context", context, n, declared_shapes(pair), device)
     first = x[:batch_size].to(device)
-    structure = pair_structure(pair, first)
+    first_rows = context_rows(ctx, n, slice(0, batch_size))
+    structure = pair_structure(pair, first, context=first_rows)
     was_training = pair.training
     pair.eval()
     parts = []
     try:
         with torch.no_grad(), unit_kl_weight(pair), plate_clash_explained():
-            held = _held_globals(pair, structure, first, given)
-            for i in range(0, x.shape[0], batch_size):
-                out = _pair_particles(held.model, held.guide, x[i: i + batch_size].to(device), num_samples,
-                                      held.particle_dim, structure.data_plate, keep=structure.local_sites)
+            held = _held_globals(pair, structure, first, given, first_rows)
+            for i in range(0, n, batch_size):
+                rows = context_rows(ctx, n, slice(i, i + batch_size))
+                out = _pair_particles(_with_context(held.model, rows), _with_context(held.guide, rows),
+                                      x[i: i + batch_size].to(device), num_samples, held.particle_dim,
+                                      structure.data_plate, keep=structure.local_sites)
                 parts.append(({n: v.cpu() for n, v in out.latents.items()}, out.log_w.cpu(), out.log_p_obs.cpu()))
     finally:
         pair.train(was_training)
@@ -701,7 +760,8 @@ class AmortizationGap:
 
 
 def _local_guide(vae: VAE, loc: torch.Tensor, raw: torch.Tensor, min_scale: float) -> Callable:
-    def guide(x: torch.Tensor, num_data: int | None = None, batch_size: int | None = None) -> torch.Tensor:
+    def guide(x: torch.Tensor, num_data: int | None = None, batch_size: int | None = None,
+              **context: Any) -> torch.Tensor:  # the per-point guide takes the context and does not use it
         with vae.plate(x.shape[0], None, x.device), vae.kl_scale():
             return pyro.sample(vae.site("z"), dist.Normal(loc, F.softplus(raw) + min_scale).to_event(1))
 
@@ -709,7 +769,8 @@ def _local_guide(vae: VAE, loc: torch.Tensor, raw: torch.Tensor, min_scale: floa
 
 
 def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1e-2, num_particles: int = 8,
-                     num_eval_samples: int = 256, seed: int | None = 0) -> AmortizationGap:
+                     num_eval_samples: int = 256, seed: int | None = 0,
+                     context: Mapping[str, Any] | None = None) -> AmortizationGap:
     """Optimize a separate Gaussian guide ``N(m_n, diag(s_n^2))`` for each data point, starting from the
     encoder's output, with the decoder and prior fixed (Adam on Pyro's vectorized ``Trace_ELBO``), and
     compare its ELBO with the encoder's (Cremer et al. 2018).
@@ -720,6 +781,8 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
         num_particles: Monte Carlo particles per step.
         num_eval_samples: samples per point for the final ELBO estimates.
         seed: seeds Pyro first (``None``: leave the RNG alone).
+        context: the points' named context, passed to the model, the encoder and the per-point guide as keyword
+            arguments (per-data-point values one row per point, as in :func:`log_likelihood`).
 
     Needs a Gaussian encoder (:class:`pyro_vae.GaussianEncoder`).
     """
@@ -732,28 +795,30 @@ def amortization_gap(vae: VAE, data: Any, *, num_steps: int = 300, lr: float = 1
     if seed is not None:
         pyro.set_rng_seed(seed)
     x = as_data_set(vae, data).to(vae.device)
+    ctx = check_context("context", context, x.shape[0], declared_shapes(vae), vae.device)
     was_training = vae.training
     vae.eval()
     try:
         with torch.no_grad():
-            loc0, scale0 = vae.encoder(x)
+            loc0, scale0 = vae.encoder(x, **vae.part_context("encoder", ctx))
         min_scale = vae.encoder.min_scale
         loc = loc0.detach().clone().requires_grad_(True)
         raw = torch.log(torch.expm1((scale0 - min_scale).clamp_min(1e-6))).detach().clone().requires_grad_(True)
         guide = _local_guide(vae, loc, raw, min_scale)
-        nesting = max_plate_nesting(vae.model, guide, x)
+        nesting = max_plate_nesting(vae.model, guide, x, **ctx)
         loss_fn = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
                              max_plate_nesting=nesting)
         opt = torch.optim.Adam([loc, raw], lr=lr)
         for _ in range(num_steps):
             with unit_kl_weight(vae):  # the ELBO itself, whatever the KL weight the VAE trained with
-                loss = loss_fn.differentiable_loss(vae.model, guide, x)
+                loss = loss_fn.differentiable_loss(vae.model, guide, x, **ctx)
             grads = torch.autograd.grad(loss, [loc, raw])
             opt.zero_grad()
             loc.grad, raw.grad = grads
             opt.step()
-        amortized = log_likelihood(vae, x, num_eval_samples, batch_size=x.shape[0]).elbo_per_point
-        optimized = log_likelihood(vae, x, num_eval_samples, batch_size=x.shape[0], guide=guide).elbo_per_point
+        amortized = log_likelihood(vae, x, num_eval_samples, batch_size=x.shape[0], context=ctx).elbo_per_point
+        optimized = log_likelihood(vae, x, num_eval_samples, batch_size=x.shape[0], guide=guide,
+                                   context=ctx).elbo_per_point
     finally:
         vae.train(was_training)
     return AmortizationGap(elbo_amortized=amortized, elbo_optimized=optimized, num_steps=num_steps)

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from pyro_vae.infer.estimators import (
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
 from pyro_vae.infer.pair import ModelGuidePair, as_data_rows, as_pair, pair_structure, plate_clash_explained
 from pyro_vae.infer.site_gradients import SiteGradientTrace_ELBO, SiteGradientTraceMeanField_ELBO, site_gradient_rule
+from pyro_vae.models.context import check_context, context_rows, declared_shapes
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.validation import integer
 
@@ -177,7 +178,7 @@ def reporting_elbo(loss_fn: ELBO) -> ELBO:
 
 
 def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELBO = "trace", num_particles: int = 1,
-                  batch_size: int = 1024) -> float:
+                  batch_size: int = 1024, context: Mapping[str, Any] | None = None) -> float:
     """Mean ELBO per data point (nats) of ``data`` (``(N, *data_shape)``, any real dtype) under ``elbo``,
     without gradients, in batches of ``batch_size`` (an integer >= 1; :class:`ConfigError` otherwise).
 
@@ -191,6 +192,13 @@ def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELB
     For a VAE alone this is the mean of the per-batch ELBOs, as above. A VAE among the pair's ``modules`` is
     evaluated with KL weight 1.
 
+    ``context``: the data's named context, ``{name: value}``, passed to the model and guide as keyword arguments
+    (``vae.model(xb, **context)``): a tensor whose first dimension is ``N`` is per data point, and each batch gets
+    its rows (``context["y"][i:i + b]`` with ``data[i:i + b]``); every other value is passed whole
+    (:func:`pyro_vae.models.context.check_context`: a value of a name the encoder or decoder takes per data point
+    whose first dimension is not ``N`` is a :class:`~pyro_vae.errors.DataError`; a name they take that is missing
+    is the VAE's :class:`ConfigError`).
+
     ``elbo="iwae"`` (or an :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`) is refused: the importance-weighted
     bound is not the ELBO; :func:`pyro_vae.log_likelihood` estimates it, with its standard error."""
     if (isinstance(elbo, str) and elbo in BOUNDS) or isinstance(elbo, ImportanceWeightedELBO):
@@ -199,27 +207,32 @@ def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELB
                                   'pass elbo="trace", or use pyro_vae.log_likelihood(vae, data, K) for the bound'))
     vae = as_pair(vae)
     if isinstance(vae, ModelGuidePair):
-        return _pair_elbo(vae, data, elbo, num_particles, batch_size)
+        return _pair_elbo(vae, data, elbo, num_particles, batch_size, context)
     x = vae.as_data(as_tensor_data(data, "data"), "data", data_set=True)
     batch_size = integer("batch_size", batch_size, 1)
     loss_fn = make_elbo(elbo, num_particles)
     device = vae.device
+    n = x.shape[0]
+    ctx = check_context("context", context, n, declared_shapes(vae), device)
     total = 0.0
     with torch.no_grad(), unit_kl_weight(vae):
-        for i in range(0, x.shape[0], batch_size):
+        for i in range(0, n, batch_size):
             xb = x[i: i + batch_size].to(device)
+            rows = context_rows(ctx, n, slice(i, i + batch_size))
             # every Pyro ELBO defines loss; the ELBO base class does not declare it
-            total += loss_fn.loss(vae.model, vae.guide, xb)  # type: ignore[attr-defined]
-    return -total / x.shape[0]
+            total += loss_fn.loss(vae.model, vae.guide, xb, **rows)  # type: ignore[attr-defined]
+    return -total / n
 
 
-def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles: int, batch_size: int) -> float:
+def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles: int, batch_size: int,
+               context: Mapping[str, Any] | None) -> float:
     """:func:`evaluate_elbo` of a model/guide pair: each batch scored with ``num_data=N``, weighted ``b / N``."""
     x = as_data_rows(pair, data, "data")
     batch_size = integer("batch_size", batch_size, 1)
     n = x.shape[0]
     device = next((t.device for t in (*pair.parameters(), *pair.buffers())), x.device)
-    structure = pair_structure(pair, x[:batch_size].to(device), n)
+    ctx = check_context("context", context, n, declared_shapes(pair), device)
+    structure = pair_structure(pair, x[:batch_size].to(device), n, context=context_rows(ctx, n, slice(0, batch_size)))
     loss_fn = make_elbo(elbo, num_particles, max_plate_nesting=structure.max_plate_nesting)
     total = 0.0
     was_training = pair.training
@@ -228,8 +241,9 @@ def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles:
         with torch.no_grad(), unit_kl_weight(pair), plate_clash_explained():
             for i in range(0, n, batch_size):
                 xb = x[i: i + batch_size].to(device)
+                rows = context_rows(ctx, n, slice(i, i + batch_size))
                 # every Pyro ELBO defines loss; the ELBO base class does not declare it
-                loss = loss_fn.loss(pair.model, pair.guide, xb, num_data=n)  # type: ignore[attr-defined]
+                loss = loss_fn.loss(pair.model, pair.guide, xb, num_data=n, **rows)  # type: ignore[attr-defined]
                 total += loss * xb.shape[0] / n
     finally:
         pair.train(was_training)

@@ -9,7 +9,9 @@ vectorized plate over the batch, the *data plate*, built with ``pyro.plate(name,
 subsample=torch.arange(batch))`` when ``num_data`` is given (a VAE's ``vae.model(x, num_data=num_data)`` does
 this), so Pyro scales those sites by ``num_data / batch``; sites outside it (global latents) are not scaled, as
 under ``pyro.infer.SVI``. The data plate is named by ``data_plate`` or found: the one plate named ``"data"`` or
-ending in ``"/data"`` (a VAE built with ``name="vae"`` has ``"vae/data"``).
+ending in ``"/data"`` (a VAE built with ``name="vae"`` has ``"vae/data"``). The tools' ``context={name: value}``
+reaches the model and guide as keyword arguments, ``model(x, num_data=None, **context)``, each batch given the rows
+of its points of the per-data-point values (:func:`pyro_vae.models.context.check_context`).
 
 Any object with ``model`` and ``guide`` methods (an ``nn.Module`` holding a VAE, say) is taken as such a pair by
 :func:`as_pair`; a ``torch.nn.Module`` is then moved to the device, switched to eval mode for evaluation and
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,8 +213,10 @@ def _find_data_plate(plates: dict[str, Any], given: str | None) -> str:
                               "(a VAE's model does)"))
 
 
-def pair_structure(pair: ModelGuidePair, x: torch.Tensor, num_data: int | None = None) -> PairStructure:
-    """Trace ``pair``'s guide, then its model replayed against it, on the batch ``x`` (with ``num_data``), outside
+def pair_structure(pair: ModelGuidePair, x: torch.Tensor, num_data: int | None = None, *,
+                   context: Mapping[str, Any] | None = None) -> PairStructure:
+    """Trace ``pair``'s guide, then its model replayed against it, on the batch ``x`` (with ``num_data`` and the
+    batch's named ``context``, passed as keyword arguments), outside
     any enclosing handler, without gradients and with torch's random streams left as they were; a
     ``pyro.param`` not yet in the store is created, as a first ``SVI`` step creates it.
 
@@ -227,11 +231,12 @@ def pair_structure(pair: ModelGuidePair, x: torch.Tensor, num_data: int | None =
     dev = x.device
     def model_plates() -> Collection[str]:
         with poutine.block():
-            return _plates(poutine.trace(pair.model).get_trace(x, num_data=num_data))
+            return _plates(poutine.trace(pair.model).get_trace(x, num_data=num_data, **kwargs))
 
+    kwargs = dict(context or {})
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad(), poutine.block(), \
             plate_clash_explained(model_plates):
-        guide_trace, model_trace = trace_guide_and_model(pair.model, pair.guide, x, num_data=num_data)
+        guide_trace, model_trace = trace_guide_and_model(pair.model, pair.guide, x, num_data=num_data, **kwargs)
     plates = _plates(model_trace)
     name = _find_data_plate(plates, pair.data_plate)
     frame = plates[name]

@@ -43,7 +43,7 @@ import math
 import operator
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import pyro
@@ -76,6 +76,7 @@ from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.pair import as_pair
 from pyro_vae.infer.path_gradient import PathGradient
 from pyro_vae.infer.site_gradients import site_gradient_rule, site_surrogate
+from pyro_vae.models.context import check_context, declared_shapes
 from pyro_vae.models.linear_gaussian import exact_elbo
 from pyro_vae.models.vae import VAE
 from pyro_vae.pyro_internals import param_constraints, trace_log_r, unconstrained_params
@@ -679,7 +680,8 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator
                      num_samples: int = 1000, *, num_particles: int = 1, method: str = "vectorized",
                      elbo: str = "trace", groups: bool = False, nn_baseline: nn.Module | None = None,
                      baseline_warmup: int = 100, chunk_size: int | None = None,
-                     seed: int | None = None, **model_kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+                     seed: int | None = None, context: Mapping[str, Any] | None = None,
+                     **model_kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
     """Independent estimates of the gradient of the loss ``-ELBO(x)`` (the negative IWAE bound for
     ``elbo="iwae"``; nats, summed over the batch) at the current parameters, with respect to every parameter the
     model and guide traces touch.
@@ -706,6 +708,9 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator
             frozen for sampling.
         chunk_size: estimates computed per vmapped call (default from the batch size and the device).
         seed: seeds Pyro and torch first.
+        context: the batch's named context, passed to the model and guide as keyword arguments
+            (``vae.model(x, **context)``): per-data-point values one row per point of ``x`` (``(batch, ...)``),
+            global values whole (:func:`pyro_vae.models.context.check_context`).
         **model_kwargs: passed to model and guide (e.g. ``num_data``).
 
     Returns:
@@ -718,13 +723,29 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator
             ``pyro.module`` registration of a module outside the VAE, or traces whose ``pyro.param``
             statements change between draws (``method="loop"`` covers the first two).
         NonFiniteLossError: a gradient entry is NaN or infinite (the message names the parameters).
+        DataError: a per-data-point context value whose first dimension is not ``batch``.
     """
     if seed is not None:
         pyro.set_rng_seed(seed)
     plan, chunks = _iter_gradients(vae, x, estimator, num_samples, num_particles, method, elbo, nn_baseline,
-                                   baseline_warmup, chunk_size, model_kwargs)
+                                   baseline_warmup, chunk_size, _with_context(vae, x, context, model_kwargs))
     out = torch.cat(list(chunks))
     return _split(out, plan.groups) if groups else out
+
+
+def _with_context(vae: Any, x: torch.Tensor, context: Mapping[str, Any] | None,
+                  model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The model's keyword arguments: ``model_kwargs`` and the checked ``context`` (its per-data-point values one
+    row per point of ``x``).
+
+    Raises:
+        ConfigError: a context name also among ``model_kwargs``."""
+    ctx = check_context("context", context, x.shape[0], declared_shapes(vae), x.device)
+    both = sorted(set(ctx) & set(model_kwargs))
+    if both:
+        raise ConfigError(message("context", "names not also passed as keyword arguments", f"{both} in both",
+                                  "pass each value once, in context"))
+    return {**model_kwargs, **ctx}
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -766,7 +787,7 @@ def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: str | Estima
                         elbo: str = "trace", exact: torch.Tensor | None = None,
                         nn_baseline: nn.Module | None = None, baseline_warmup: int = 100,
                         chunk_size: int | None = None, seed: int | None = None,
-                        **model_kwargs: Any) -> dict[str, dict[str, Any]]:
+                        context: Mapping[str, Any] | None = None, **model_kwargs: Any) -> dict[str, dict[str, Any]]:
     """Per-group (and ``"all"``) :func:`summarize` statistics of :func:`gradient_samples`, accumulated
     chunk by chunk so that ``num_samples x num_params`` never has to fit in memory. Each entry also records
     ``seconds`` (wall time of the sampling, synchronized on CUDA; a baseline's warm-up is not counted), and
@@ -786,7 +807,8 @@ def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: str | Estima
         pyro.set_rng_seed(seed)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     plan, chunks = _iter_gradients(vae, x, estimator, num_samples, num_particles, method, elbo, nn_baseline,
-                                   baseline_warmup, chunk_size, model_kwargs)  # baselines warmed up here, untimed
+                                   baseline_warmup, chunk_size,  # baselines warmed up here, untimed
+                                   _with_context(vae, x, context, model_kwargs))
     groups = plan.groups
     dim = sum(p.numel() for items in groups.values() for _, p in items)
     if exact is not None and exact.numel() != dim:

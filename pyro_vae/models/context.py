@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyro_vae.errors import ConfigError, message
+from pyro_vae.errors import ConfigError, DataError, message
 
-__all__ = ["call_with_context", "binds", "context_rows", "is_per_point", "check_context_shapes"]
+__all__ = ["call_with_context", "binds", "context_rows", "is_per_point", "check_context_shapes", "declared_shapes",
+           "check_context"]
 
 
 def _signature(fn: Callable) -> inspect.Signature | None:
@@ -123,4 +124,63 @@ def check_context_shapes(argument: str, spec: Any) -> dict[str, tuple[int, ...]]
             raise ConfigError(message(f"{argument}[{name!r}]", "an identifier mapped to a shape of positive "
                                       "integers, e.g. 'y': (10,)", repr(shape), f"pass {argument}={{'y': (10,)}}"))
         out[name] = dims
+    return out
+
+
+def declared_shapes(obj: Any) -> dict[str, tuple[int, ...]]:
+    """The context names the encoders and decoders of ``obj`` take per data point, with the event shape of one
+    data point's value: the ``encoder_context`` and ``decoder_context`` of ``obj`` and of every module it holds
+    (a VAE, or the VAEs among a model/guide pair's modules). ``{}`` for an object that declares none."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    parts = obj.modules() if isinstance(obj, nn.Module) else (obj,)
+    for part in parts:
+        for key in ("encoder_context", "decoder_context"):
+            spec = getattr(part, key, None)
+            if isinstance(spec, Mapping):
+                shapes.update({str(k): tuple(v) for k, v in spec.items()})
+    return shapes
+
+
+def check_context(argument: str, context: Mapping[str, Any] | None, n: int,
+                  shapes: Mapping[str, tuple[int, ...]] | None = None,
+                  device: torch.device | None = None) -> dict[str, Any]:
+    """The named context of a data set of ``n`` points as the training and evaluation tools take it
+    (``fit(vae, x, context={"y": y})``): a plain dict, its tensors moved to ``device`` (when given).
+
+    A value is per data point when :func:`is_per_point` (its first dimension is ``n``); the tools then give each
+    batch its rows (:func:`context_rows`). A value for a name in ``shapes`` (the per-data-point event shapes the
+    encoder and decoder declare, :func:`declared_shapes`) that has more dimensions than that event shape must be
+    per data point: a first dimension other than ``n`` is refused (its rows would not be the data's). Every other
+    value is global and passed whole.
+
+    Args:
+        argument: the argument's name in errors (``"context"``, ``"val_context"``).
+        context: ``{name: value}`` or ``None`` (no context).
+        n: the number of data points (the data's first dimension).
+        shapes: ``{name: event shape of one data point's value}``.
+        device: where the tensors go.
+
+    Raises:
+        ConfigError: ``context`` is not a mapping of identifier names to values.
+        DataError: a per-data-point value (a name of ``shapes`` with a leading data dimension) whose first
+            dimension is not ``n``.
+    """
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping):
+        raise ConfigError(message(argument, "a dict {name: value} of named context, e.g. {'y': labels}",
+                                  type(context).__name__, f"pass {argument}={{'y': y}}"))
+    out: dict[str, Any] = {}
+    for name, value in context.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(message(f"{argument} name {name!r}", "a keyword-argument name (an identifier)",
+                                      repr(name), f"pass {argument}={{'y': y}}"))
+        event = (shapes or {}).get(name)
+        if torch.is_tensor(value) and event is not None and value.dim() > len(event) and value.shape[0] != n:
+            raise DataError(message(
+                f"{argument}[{name!r}]", f"one row per data point: a first dimension of {n} (the data's "
+                f"points), shape ({n}, {', '.join(map(str, event))})", f"shape {tuple(value.shape)}: "
+                f"{value.shape[0]} rows", f"pass the {name} rows of the data points, in the data's order "
+                f"({name}[idx] for data[idx]), or one global value of shape {tuple(event)}"))
+        out[name] = value.to(device) if device is not None and torch.is_tensor(value) else value
     return out

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from pyro_vae.infer.estimators import check_estimator
 from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.losses import elbo_loss
 from pyro_vae.infer.pair import ModelGuidePair, as_data_rows, as_pair, pair_structure
+from pyro_vae.models.context import check_context, context_rows, declared_shapes, is_per_point
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.schedules import Schedule
 from pyro_vae.train import distributed
@@ -70,6 +71,8 @@ def fit(
     batch_size: int = 128,
     lr: float = 1e-3,
     val_data: Any = None,
+    context: Mapping[str, Any] | None = None,
+    val_context: Mapping[str, Any] | None = None,
     device: str | torch.device = "auto",
     seed: int | None = 0,
     callbacks: Sequence[Any] = (),
@@ -118,6 +121,17 @@ def fit(
             ELBO, ``"dreg"`` for ``"iwae"``, ...).
         epochs, batch_size, lr: the usual (``batch_size`` over all processes together).
         val_data: optional validation data; its ELBO is recorded every epoch.
+        context: named context of the training data, passed to the model and guide as keyword arguments
+            (``vae.model(xb, num_data=N, **context)``, see :meth:`pyro_vae.VAE.model`): ``{"y": y}`` with ``y``
+            ``(N, ...)``, one row per data point, for a VAE built with ``encoder_context`` /
+            ``decoder_context``, or global values (a number, a tensor without the data dimension) for a prior or
+            likelihood that takes them. A tensor whose first dimension is ``N`` is per data point
+            (:func:`pyro_vae.models.context.is_per_point`): every minibatch gets its rows, shuffled, sharded
+            among the ranks and indexed exactly as the data's; every other value is passed whole. Context is data,
+            not state: checkpoints do not hold it, and a resumed run takes it again.
+        val_context: the validation data's context (its per-data-point values one row per point of
+            ``val_data``); by default the global values of ``context``. Refused without ``val_data``; a
+            per-data-point name of ``context`` missing from it is an error.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
         seed: seeds Pyro, torch, numpy and Python (rank ``r`` uses ``seed + r``) and the epochs' shuffles
             (``seed + epoch``, as ``DistributedSampler``); ``None`` leaves the RNGs alone.
@@ -155,12 +169,17 @@ def fit(
         point; the ELBO is always the one with KL weight 1, see :class:`History`).
 
     Raises:
-        ConfigError: an argument out of range (checked before any work), a VAE too large for the device, a
+        ConfigError: an argument out of range (checked before any work), a ``context`` that is not a dict of
+            names or that lacks a value the encoder or decoder takes (the VAE's error, naming the names),
+            ``cuda_graph`` with context, ``val_context`` without ``val_data`` or without a per-data-point name
+            of ``context``, a VAE too large for the device, a
             model/guide pair without a data plate over the minibatch or with an option only a VAE has, or
             ``epochs`` below the epochs the checkpoint ``resume_from`` already trained (with as many, nothing is
             trained and the restored history comes back).
         DataError: data of the wrong shape or dtype, non-finite, outside the likelihood's support, or (with
-            ``dynamic_binarize``) outside [0, 1].
+            ``dynamic_binarize``) outside [0, 1]; a per-data-point context value (of a name the encoder or
+            decoder takes) whose first dimension is not the data's ``N``
+            (:func:`pyro_vae.models.context.check_context`).
         ModelError: a part of the VAE returned NaN parameters or no distribution (at the first, validated step);
             a guide that opens a plate twice (an autoguide re-creating a plate of the guide: the message names
             the recipe that works, :data:`pyro_vae.infer.pair.AUTOGUIDE_PLATE_RECIPE`).
@@ -177,7 +196,7 @@ def fit(
                       clip_norm=clip_norm, progress=progress, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every, resume_from=resume_from, cuda_graph=cuda_graph,
                       overwrite=overwrite)
-    run = _prepare(vae, train_data, val_data, cfg)
+    run = _prepare(vae, train_data, val_data, cfg, context, val_context)
     folder, resume_from = open_run_folder(cfg.checkpoint_dir, cfg.resume_from, cfg.overwrite, vae)
     history = History()
     state = TrainState(vae=vae, optimizer=run.optimizer, history=history)
@@ -191,7 +210,8 @@ def fit(
     graph_step = CUDAGraphStep(run.loss_fn, vae, run.x[: min(cfg.batch_size, run.num_data)], run.num_data,
                                run.optimizer, run.params, cfg.clip_norm) if cfg.cuda_graph else None
     bar = _progress_bar(cfg, cfg.epochs * run.steps_per_epoch, state.step)
-    _fit_start(state, callbacks, run.loss_fn, run.x[:2], bar if cfg.ctx.is_main else False, cfg.dynamic_binarize)
+    _fit_start(state, callbacks, run.loss_fn, run.x[:2], bar if cfg.ctx.is_main else False, cfg.dynamic_binarize,
+               context_rows(run.context, run.num_data, slice(0, 2)))
     first_step = state.step
     vae.train()
     try:
@@ -331,21 +351,26 @@ class _Training:
     params: list[torch.Tensor]  # what the optimizer steps (and the guard checks and reduces)
     params_in_store: int
     steps_per_epoch: int
+    context: dict[str, Any]  # the training data's named context, tensors on the device
+    val_context: dict[str, Any]  # the validation data's
+
 
     @property
     def num_data(self) -> int:
         return self.x.shape[0]
 
 
-def _prepare(vae: VAE | ModelGuidePair, train_data: Any, val_data: Any, cfg: FitConfig) -> _Training:
+def _prepare(vae: VAE | ModelGuidePair, train_data: Any, val_data: Any, cfg: FitConfig,
+             context: Mapping[str, Any] | None, val_context: Mapping[str, Any] | None) -> _Training:
     """Check the data, seed the random streams, build the ELBO and the optimizer, and move the VAE and the
     training data to the device (rank 0's initial values on every rank). A model/guide pair is traced once on
     the first minibatch (:func:`pyro_vae.infer.pair.pair_structure`): its data plate is checked and the ELBO
-    gets its plate nesting."""
+    gets its plate nesting. The named context is checked against the data (:func:`_checked_context`)."""
     if isinstance(vae, VAE):
         x, xv = _checked_data(vae, train_data, val_data, cfg)
     else:
         x, xv = _checked_pair_data(vae, train_data, val_data)
+    ctx, val_ctx = _checked_context(vae, x, xv, context, val_context, cfg)
     if cfg.seed is not None:
         pyro.set_rng_seed(cfg.seed + cfg.ctx.rank)
     if cfg.estimator != "pathwise" and isinstance(vae, VAE):
@@ -353,10 +378,11 @@ def _prepare(vae: VAE | ModelGuidePair, train_data: Any, val_data: Any, cfg: Fit
     vae.to(cfg.device)
     x = x.to(cfg.device)
     n = x.shape[0]
+    first = context_rows(ctx, n, slice(0, min(cfg.batch_size, n)))
     if isinstance(vae, VAE):
         loss_fn = make_elbo(cfg.elbo, cfg.num_particles, cfg.estimator, vae.data_shape)
     else:
-        structure = pair_structure(vae, x[: min(cfg.batch_size, n)], n)
+        structure = pair_structure(vae, x[: min(cfg.batch_size, n)], n, context=first)
         loss_fn = make_elbo(cfg.elbo, cfg.num_particles, cfg.estimator, tuple(x.shape[1:]),
                             max_plate_nesting=structure.max_plate_nesting)
     distributed.broadcast_module(vae)
@@ -364,14 +390,41 @@ def _prepare(vae: VAE | ModelGuidePair, train_data: Any, val_data: Any, cfg: Fit
     for m in extra:
         distributed.broadcast_module(m)
     own = [*vae.parameters(), *(p for m in extra for p in m.parameters())]
-    user_params = collect_user_params(loss_fn, vae, x[: min(cfg.batch_size, n)], n, own, cfg.dynamic_binarize)
+    user_params = collect_user_params(loss_fn, vae, x[: min(cfg.batch_size, n)], n, own, cfg.dynamic_binarize,
+                                      first)
     for p in user_params.values():
         distributed.broadcast_tensor(p)
     optimizer = torch.optim.Adam([*own, *user_params.values()], lr=cfg.lr, capturable=bool(cfg.cuda_graph))
     params_in_store = len(pyro.get_param_store())
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     return _Training(vae, x, xv, loss_fn, reporting_elbo(loss_fn), extra, user_params, optimizer, params,
-                     params_in_store, math.ceil(n / cfg.batch_size))
+                     params_in_store, math.ceil(n / cfg.batch_size), ctx, val_ctx)
+
+
+def _checked_context(vae: VAE | ModelGuidePair, x: torch.Tensor, xv: torch.Tensor | None,
+                     context: Mapping[str, Any] | None, val_context: Mapping[str, Any] | None,
+                     cfg: FitConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The training and validation context (:func:`pyro_vae.models.context.check_context`), the training one on
+    the device: the validation context defaults to the training context's global values, and must give every
+    per-data-point name of the training context."""
+    shapes = declared_shapes(vae)
+    ctx = check_context("context", context, x.shape[0], shapes, cfg.device)
+    if ctx and cfg.cuda_graph:
+        raise ConfigError(message("cuda_graph", "no context (the recorded step replays its own input tensors)",
+                                  f"context {sorted(ctx)}", "pass cuda_graph=False to train with context"))
+    if xv is None:
+        if val_context is not None:
+            raise ConfigError(message("val_context", "val_data to go with it", "val_data=None",
+                                      "pass val_data, or drop val_context"))
+        return ctx, {}
+    given = check_context("val_context", val_context, xv.shape[0], shapes)
+    per_point = [k for k, v in ctx.items() if is_per_point(v, x.shape[0])]
+    missing = [k for k in per_point if k not in given]
+    if missing:
+        raise ConfigError(message(
+            "val_context", f"values for the per-data-point context names {per_point} (one row per point of "
+            "val_data)", f"none for {missing}", f"pass val_context={{{missing[0]!r}: <its rows for val_data>}}"))
+    return ctx, {**{k: v for k, v in ctx.items() if k not in per_point}, **given}
 
 
 def _checked_pair_data(pair: ModelGuidePair, train_data: Any, val_data: Any) -> tuple[torch.Tensor,
@@ -425,7 +478,7 @@ def _progress_bar(cfg: FitConfig, total: int, initial: int) -> tqdm | None:
 
 
 def _fit_start(state: TrainState, callbacks: Sequence[Any], loss_fn: ELBO, x: torch.Tensor, bar: Any,
-               dynamic_binarize: bool) -> None:
+               dynamic_binarize: bool, context: dict[str, Any]) -> None:
     """Call ``on_fit_start(state)`` of the callbacks that have it (schedules set their step-``state.step``
     value), and under ``TraceMeanField_ELBO`` log once which latent sites get an analytic KL."""
     _call(callbacks, "on_fit_start", state)
@@ -434,7 +487,7 @@ def _fit_start(state: TrainState, callbacks: Sequence[Any], loss_fn: ELBO, x: to
     dev = x.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # leave the training RNG alone
         state.vae.eval()
-        report = str(kl_report(state.vae, torch.bernoulli(x) if dynamic_binarize else x))
+        report = str(kl_report(state.vae, torch.bernoulli(x) if dynamic_binarize else x, **context))
         state.vae.train()
     logging.getLogger("pyro_vae").info(report)
     if bar is not None:
@@ -518,17 +571,18 @@ def _train_step(loop: _Loop, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         zero = torch.zeros((), device=cfg.device)
         return zero, zero
     xb = run.x[idx]
+    rows = context_rows(run.context, run.num_data, idx)  # the same rows as the data's
     if cfg.dynamic_binarize:
         xb = torch.bernoulli(xb)
     try:
-        elbo = _elbo_before_step(run, xb, validate=state.step == loop.first_step)
+        elbo = _elbo_before_step(run, xb, validate=state.step == loop.first_step, context=rows)
         if loop.graph_step is not None and state.step != loop.first_step:
             loss = loop.graph_step(xb).clone()  # a replay overwrites its loss tensor
         else:
             loss = torch.as_tensor(svi_step(
                 run.loss_fn, run.vae, xb, run.num_data, run.optimizer, run.params,
                 None if cfg.ctx.enabled else cfg.clip_norm,
-                validate=None if state.step == loop.first_step else False, check_finite=False))
+                validate=None if state.step == loop.first_step else False, check_finite=False, context=rows))
     except Exception:
         if not cfg.ctx.enabled:
             loop.guard.sync(False)  # an earlier NaN explains this failure: report that instead
@@ -536,7 +590,8 @@ def _train_step(loop: _Loop, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return loss, loss if elbo is None else elbo
 
 
-def _elbo_before_step(run: _Training, xb: torch.Tensor, validate: bool) -> torch.Tensor | None:
+def _elbo_before_step(run: _Training, xb: torch.Tensor, validate: bool,
+                      context: dict[str, Any]) -> torch.Tensor | None:
     """The negative ELBO (KL weight 1) of the minibatch ``xb`` at the parameters the coming step differentiates,
     or ``None`` when the step's own loss is that ELBO (KL weight 1 and an ELBO objective).
 
@@ -555,10 +610,11 @@ def _elbo_before_step(run: _Training, xb: torch.Tensor, validate: bool) -> torch
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad(), \
             unit_kl_weight(vae), contextlib.nullcontext() if validate else pyro.validation_enabled(False):
-        out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=run.num_data)
+        out = elbo_loss(loss_fn, vae.model, vae.guide, xb, num_data=run.num_data, **context)
         if out is None:
             # every Pyro ELBO defines loss; the ELBO base class does not declare it
-            value = loss_fn.loss(vae.model, vae.guide, xb, num_data=run.num_data)  # type: ignore[attr-defined]
+            value = loss_fn.loss(vae.model, vae.guide, xb, num_data=run.num_data,  # type: ignore[attr-defined]
+                                 **context)
             return torch.as_tensor(value, device=dev)
     return out[0]
 
@@ -572,7 +628,8 @@ def _epoch_record(loop: _Loop, epoch: int, totals: Sequence[float], started: flo
                               "train_objective": -objective / n, "beta": _beta(vae), "val_elbo": None}
     if run.xv is not None:
         vae.eval()
-        record["val_elbo"] = _val_elbo(vae, run.xv, run.elbo_fn, max(loop.cfg.batch_size, 512), loop.cfg.ctx)
+        record["val_elbo"] = _val_elbo(vae, run.xv, run.elbo_fn, max(loop.cfg.batch_size, 512), loop.cfg.ctx,
+                                       run.val_context)
         vae.train()
     check_finite_record(record, loop.guard)
     record["seconds"] = time.perf_counter() - started
@@ -602,10 +659,13 @@ def _beta(vae: Any) -> float | None:
 
 
 def _val_elbo(vae: VAE | ModelGuidePair, xv: torch.Tensor, loss_fn: ELBO, batch_size: int,
-              ctx: distributed.Context) -> float:
-    """Validation ELBO per data point; in distributed runs each rank evaluates its interleaved share."""
+              ctx: distributed.Context, context: dict[str, Any]) -> float:
+    """Validation ELBO per data point; in distributed runs each rank evaluates its interleaved share (and its
+    context's rows)."""
     if not ctx.enabled:
-        return evaluate_elbo(vae, xv, elbo=loss_fn, batch_size=batch_size)
+        return evaluate_elbo(vae, xv, elbo=loss_fn, batch_size=batch_size, context=context)
     share = xv[ctx.rank:: ctx.world_size]
-    part = evaluate_elbo(vae, share, elbo=loss_fn, batch_size=batch_size) * len(share) if len(share) else 0.0
+    rows = context_rows(context, len(xv), slice(ctx.rank, None, ctx.world_size))
+    part = evaluate_elbo(vae, share, elbo=loss_fn, batch_size=batch_size, context=rows) * len(share) \
+        if len(share) else 0.0
     return distributed.all_reduce_sum([part], xv.device)[0] / len(xv)

@@ -4,7 +4,7 @@ likelihood or encoder), and their values in the param store, as a checkpoint sav
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -22,18 +22,20 @@ __all__ = ["collect_user_params", "check_no_new_params", "pyro_param_values", "s
 
 
 def collect_user_params(loss_fn: ELBO, vae: VAE | ModelGuidePair, xb: torch.Tensor, num_data: int,
-                        own: Sequence[torch.Tensor], dynamic_binarize: bool = False) -> dict[str, torch.Tensor]:
+                        own: Sequence[torch.Tensor], dynamic_binarize: bool = False,
+                        context: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The unconstrained tensors of the ``pyro.param`` sites that the model and guide traces touch and that
     are not parameters of the VAE's (or the ELBO's) modules: what ``pyro.infer.SVI`` would optimize beyond
     them, e.g. a ``pyro.param`` declared inside a user prior, likelihood or encoder. One evaluation of the
-    loss on ``xb``, with the random streams left as they were."""
+    loss on ``xb`` (and its named ``context``, the model's keyword arguments), with the random streams left as
+    they were."""
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         if dynamic_binarize:  # the batch as the steps see it
             xb = torch.bernoulli(xb)
         with poutine.trace(param_only=True) as capture:
             # every Pyro ELBO defines loss; the ELBO base class does not declare it
-            loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data)  # type: ignore[attr-defined]
+            loss_fn.loss(vae.model, vae.guide, xb, num_data=num_data, **(context or {}))  # type: ignore[attr-defined]
     known = {id(p) for p in own}
     found: dict[str, torch.Tensor] = {}
     for name, site in capture.trace.nodes.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import pyro
@@ -27,7 +27,7 @@ __all__ = ["svi_step", "clip_grad_norm_"]
 def svi_step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
              optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
              clip_norm: float | None = None, *, validate: bool | None = None,
-             check_finite: bool = True) -> torch.Tensor:
+             check_finite: bool = True, context: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Zero the gradients, compute the ELBO's loss and gradients on ``xb`` (scaled to ``num_data``),
     optionally clip, step.
 
@@ -44,14 +44,17 @@ def svi_step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: in
             :func:`pyro_vae.fit` does). ``True`` forces validation on; ``None`` keeps the global setting.
         check_finite: ``True`` skips the optimizer step when the loss is not finite (a host synchronization on
             the GPU); ``False`` never waits for the device and leaves the check to the caller.
+        context: named context for the minibatch, passed to the model and guide as keyword arguments
+            (``vae.model(xb, num_data=num_data, **context)``): per-data-point values hold ``xb``'s rows.
 
     Returns:
         The loss (negative ELBO estimate for the whole data set), a detached 0-dim tensor on ``xb``'s device.
     """
+    kwargs = dict(context or {})
     if validate is None:
-        return _step(loss_fn, vae, xb, num_data, optimizer, params, clip_norm, check_finite)
+        return _step(loss_fn, vae, xb, num_data, optimizer, params, clip_norm, check_finite, kwargs)
     with _hot_loop(vae, validate, loss_fn):
-        return _step(loss_fn, vae, xb, num_data, optimizer, params, clip_norm, check_finite)
+        return _step(loss_fn, vae, xb, num_data, optimizer, params, clip_norm, check_finite, kwargs)
 
 
 @contextlib.contextmanager
@@ -70,15 +73,15 @@ def _hot_loop(vae: torch.nn.Module, validate: bool, loss_fn: ELBO) -> Iterator[N
 
 def _step(loss_fn: ELBO, vae: torch.nn.Module, xb: torch.Tensor, num_data: int,
           optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], clip_norm: float | None,
-          check_finite: bool) -> torch.Tensor:
+          check_finite: bool, context: dict[str, Any]) -> torch.Tensor:
     # methods of the pair (nn.Module's __getattr__ would type them as Tensor | Module)
     model, guide = cast(Callable[..., Any], vae.model), cast(Callable[..., Any], vae.guide)
     optimizer.zero_grad(set_to_none=True)
-    out = elbo_loss(loss_fn, model, guide, xb, num_data=num_data)
+    out = elbo_loss(loss_fn, model, guide, xb, num_data=num_data, **context)
     if out is None:
         # every Pyro ELBO defines loss_and_grads; the ELBO base class does not declare it
-        loss = torch.tensor(loss_fn.loss_and_grads(model, guide, xb, num_data=num_data),  # type: ignore[attr-defined]
-                            device=xb.device)
+        loss = torch.tensor(loss_fn.loss_and_grads(model, guide, xb, num_data=num_data,  # type: ignore[attr-defined]
+                                                   **context), device=xb.device)
     else:
         loss, surrogate = out
         if surrogate.requires_grad:
