@@ -32,7 +32,8 @@ def check_cuda_graph(vae: VAE, dev: torch.device, ctx: Any, estimator: str, elbo
             raise refuse(f"callback {cb!r}, which changes a value the captured step reads from Python",
                          "drop the schedule, or pass cuda_graph=False")
     if getattr(vae, "latent", "gaussian") != "gaussian":
-        raise refuse(f"latent={vae.latent!r} (its temperature is Python state)", "pass cuda_graph=False")
+        why = "its temperature is Python state" if getattr(vae, "relaxed", False) else "not a Gaussian latent"
+        raise refuse(f"latent={vae.latent!r} ({why})", "pass cuda_graph=False")
     if estimator != "pathwise":
         raise refuse(f"estimator={estimator!r}", "pass cuda_graph=False for other gradient estimators")
     if not isinstance(elbo, str) and fast_kind(elbo) is None:
