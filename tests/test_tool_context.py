@@ -270,3 +270,31 @@ def test_gradient_samples_with_context_equal_those_of_the_model_with_the_rows_bo
     assert stats["all"]["num_samples"] == 4
     with pytest.raises(ConfigError, match=r"\['y'\] in both"):
         gradient_samples(vae, xb, num_samples=2, method=method, context={"y": yb}, y=yb)
+
+
+def test_amortization_gap_with_context(digits):
+    x, y = digits
+    gap = pyro_vae.evaluation.amortization_gap(label_vae(), x[:8], num_steps=5, num_eval_samples=8,
+                                               context={"y": y[:8]})
+    assert gap.gap_per_point.shape == (8,) and math.isfinite(gap.gap)
+
+
+def test_a_per_point_value_of_a_likelihood_follows_the_batches():
+    """A context name no network declares: a tensor of N rows is per data point (each batch its rows), any other
+    value global."""
+    pyro.clear_param_store()
+    n, d = 30, 5
+
+    def likelihood(out, s, **context):
+        return pyro.distributions.Normal(out, s[..., None] if s.dim() else s).to_event(1)
+
+    vae = pyro_vae.VAE((d,), 2, hidden=(8,), likelihood=likelihood)
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+    s = torch.linspace(0.2, 3.0, n)
+    pyro.set_rng_seed(1)
+    got = pyro_vae.evaluate_elbo(vae, x, context={"s": s}, batch_size=7)
+    pyro.set_rng_seed(1)
+    with torch.no_grad():
+        hand = -sum(Trace_ELBO().loss(vae.model, vae.guide, x[i: i + 7], s=s[i: i + 7]) for i in range(0, n, 7)) / n
+    assert got == pytest.approx(hand, rel=1e-6)
+    assert math.isfinite(pyro_vae.evaluate_elbo(vae, x, context={"s": torch.tensor(0.5)}))  # global
