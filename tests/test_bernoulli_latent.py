@@ -388,3 +388,14 @@ def test_prior_latents_are_hard_and_the_gaussian_mixture_is_refused():
     for vae in (relaxed, exact):
         with pytest.raises(ConfigError, match="Bernoulli latent"):
             pyro_vae.generation.sample(vae, 3, source="mixture", data=x)
+
+
+def test_a_prior_in_the_other_representation_is_refused():
+    with pytest.raises(ConfigError, match="logit space"):
+        make_vae(3, relaxed=True, prior=lambda: dist.Bernoulli(logits=torch.zeros(3)).to_event(1))
+    with pytest.raises(ConfigError, match="logit space"):
+        make_vae(3, relaxed=True, prior=lambda: dist.RelaxedBernoulli(torch.tensor(0.5), logits=torch.zeros(3))
+                 .to_event(1))
+    with pytest.raises(ConfigError, match="exact Bernoulli"):
+        make_vae(3, prior=lambda: LogitRelaxedBernoulli(0.5, logits=torch.zeros(3)).to_event(1))
+    make_vae(3, relaxed=True, prior=lambda: LogitRelaxedBernoulli(0.5, logits=torch.zeros(3)).to_event(1))

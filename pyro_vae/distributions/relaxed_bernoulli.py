@@ -36,7 +36,7 @@ from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli as Torch
 from torch.distributions.utils import broadcast_all
 
 __all__ = ["LogitRelaxedBernoulli", "LogitBernoulli", "to_unit", "logistic_noise", "is_bernoulli",
-           "is_relaxed_bernoulli", "is_logit_bernoulli", "bernoulli_logits", "logit_boolean"]
+           "is_relaxed_bernoulli", "is_logit_bernoulli", "bernoulli_logits", "logit_boolean", "unwrap_distribution"]
 
 
 class _LogitBoolean(constraints.Constraint):
@@ -191,7 +191,9 @@ def to_unit(z: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
     return hard + (soft - soft.detach())
 
 
-def _unwrap(fn: Any) -> Any:
+def unwrap_distribution(fn: Any) -> Any:
+    """The distribution inside ``Independent``, Pyro's ``Expanded`` / ``Masked`` wrappers and the estimators'
+    wrappers (anything with a distribution ``base``)."""
     while True:
         if isinstance(fn, torch.distributions.Independent):
             fn = fn.base_dist
@@ -206,25 +208,25 @@ def _unwrap(fn: Any) -> Any:
 def is_bernoulli(fn: Any) -> bool:
     """Whether ``fn`` (under ``Independent`` and Pyro's or the estimators' wrappers) is an exact Bernoulli with
     values in ``{0, 1}`` (torch's or Pyro's ``Bernoulli``)."""
-    return isinstance(_unwrap(fn), torch.distributions.Bernoulli)
+    return isinstance(unwrap_distribution(fn), torch.distributions.Bernoulli)
 
 
 def is_relaxed_bernoulli(fn: Any) -> bool:
     """Whether ``fn`` (under ``Independent`` and wrappers) is a relaxed Bernoulli in logit space (torch's
     ``LogitRelaxedBernoulli``, so :class:`LogitRelaxedBernoulli`)."""
-    return isinstance(_unwrap(fn), TorchLogitRelaxedBernoulli)
+    return isinstance(unwrap_distribution(fn), TorchLogitRelaxedBernoulli)
 
 
 def is_logit_bernoulli(fn: Any) -> bool:
     """Whether ``fn`` (under ``Independent`` and wrappers) is a Bernoulli latent in logit space: relaxed
     (:class:`LogitRelaxedBernoulli`) or exact (:class:`LogitBernoulli`)."""
-    return isinstance(_unwrap(fn), (TorchLogitRelaxedBernoulli, LogitBernoulli))
+    return isinstance(unwrap_distribution(fn), (TorchLogitRelaxedBernoulli, LogitBernoulli))
 
 
 def bernoulli_logits(fn: Any) -> torch.Tensor | None:
     """The logits of a 1 of a Bernoulli-family ``fn`` (exact or relaxed, any representation), shape
     ``batch_shape + event_shape`` of ``fn``; ``None`` for any other distribution."""
-    base = _unwrap(fn)
+    base = unwrap_distribution(fn)
     if not isinstance(base, (torch.distributions.Bernoulli, TorchLogitRelaxedBernoulli, LogitBernoulli)):
         return None
     return base.logits.expand(tuple(fn.batch_shape) + tuple(fn.event_shape))

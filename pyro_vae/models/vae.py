@@ -32,7 +32,13 @@ from pyro_vae.distributions.relaxed import (
     straight_through_override,
     to_simplex,
 )
-from pyro_vae.distributions.relaxed_bernoulli import bernoulli_logits, to_unit
+from pyro_vae.distributions.relaxed_bernoulli import (
+    bernoulli_logits,
+    is_bernoulli,
+    is_logit_bernoulli,
+    to_unit,
+    unwrap_distribution,
+)
 from pyro_vae.encoders import BernoulliEncoder, Encoder, GaussianEncoder, RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, DataError, ModelError, PyroVAEError, ShapeError, message, warn_deprecated
 from pyro_vae.likelihoods import Likelihood, build_likelihood
@@ -298,7 +304,11 @@ class VAE(Sites):
 
     def _check_latent_representation(self, prior: dist.TorchDistribution, q: dist.TorchDistribution) -> None:
         """A categorical latent is carried in log space: refuse a prior or guide whose values lie on the simplex
-        (a density of the simplex point would be applied to its log)."""
+        (a density of the simplex point would be applied to its log). A Bernoulli latent: refuse a prior or guide
+        in the other representation (values in ``{0, 1}`` or ``(0, 1)`` for a relaxed latent, whose values are
+        logits; a logit-space relaxed Bernoulli for an exact one)."""
+        if self.latent == "bernoulli":
+            self._check_bernoulli_representation(prior, q)
         if self.categories is None:
             return
         for part, d in (("prior", prior), ("encoder", q)):
@@ -309,6 +319,23 @@ class VAE(Sites):
                     "are in log space)", f"{type(d).__name__} with values on the simplex",
                     "return pyro_vae.distributions.ExpRelaxedOneHotCategorical(temperature, logits=...).to_event(1) "
                     "(torch's ExpRelaxedCategorical works too)"))
+
+    def _check_bernoulli_representation(self, prior: dist.TorchDistribution, q: dist.TorchDistribution) -> None:
+        relaxed = self.relaxed
+        for part, d in (("prior", prior), ("encoder", q)):
+            unit_valued = is_bernoulli(d) or isinstance(unwrap_distribution(d), torch.distributions.RelaxedBernoulli)
+            if relaxed and unit_valued:
+                raise ConfigError(message(
+                    f'{part} at site "{self.site("z")}"', "a distribution over the logits of the relaxed draw (a "
+                    "relaxed Bernoulli latent's values are in logit space)",
+                    f"{type(d).__name__} with values in [0, 1]",
+                    "return pyro_vae.distributions.LogitRelaxedBernoulli(temperature, logits=...).to_event(1), or "
+                    "build the VAE without relaxed=True"))
+            if not relaxed and is_logit_bernoulli(d):
+                raise ConfigError(message(
+                    f'{part} at site "{self.site("z")}"', "a distribution over {0, 1} (an exact Bernoulli latent)",
+                    f"{type(d).__name__} with logit-space values",
+                    "return dist.Bernoulli(logits=...).to_event(1), or build the VAE with relaxed=True"))
 
     def _build_encoder(self, encoder: str | nn.Module) -> Encoder:
         if isinstance(encoder, Encoder):
