@@ -118,8 +118,9 @@ def enumerate_term(ctx: SiteContext) -> torch.Tensor:
 def _bernoulli(ctx: SiteContext) -> torch.distributions.Bernoulli:
     family = ctx.family
     if not isinstance(family, torch.distributions.Bernoulli):
-        raise ctx.refuse("a Bernoulli guide distribution (to_event allowed)",
-                         'use "rloo", "nvil" or "enumerate", which apply to categorical sites too')
+        raise ctx.refuse("a Bernoulli guide distribution with values in {0, 1} (to_event allowed)",
+                         'use the exact Bernoulli latent (VAE(latent="bernoulli") without relaxed=True), or "rloo", '
+                         '"nvil" or "enumerate", which apply to other discrete sites too')
     return family
 
 
