@@ -91,6 +91,12 @@ class LogitRelaxedBernoulli(TorchLogitRelaxedBernoulli, TorchDistributionMixin):
         ``(logits + noise) / temperature``, differentiable in ``logits``."""
         return (self.logits + noise) / self.temperature
 
+    def from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """The draw that uniform noise ``u`` in (0, 1) determines (its logistic noise ``log u - log(1 - u)``, ``u``
+        kept inside the open interval), differentiable in ``logits``."""
+        u = u.clamp(torch.finfo(u.dtype).tiny, 1.0 - torch.finfo(u.dtype).eps)
+        return self.from_noise(u.log() - torch.log1p(-u))
+
     def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] =
                 torch.Size()) -> torch.Tensor:  # noqa: B008 (torch.Size is immutable)
         shape = self._extended_shape(sample_shape)

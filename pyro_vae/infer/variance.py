@@ -177,7 +177,7 @@ def _noise_kind(fn: torch.distributions.Distribution, site: str) -> str:
         return "normal"
     if _categorical_kind(base):
         return "gumbel"
-    if isinstance(base, torch.distributions.Bernoulli):
+    if isinstance(base, torch.distributions.Bernoulli) or hasattr(base, "from_uniform"):
         return "uniform"
     raise ConfigError(message(
         f'guide site "{site}"', "a Normal, Bernoulli or (relaxed) one-hot categorical guide for vectorized sampling",
@@ -199,6 +199,8 @@ def _draw(fn: torch.distributions.Distribution, eps: torch.Tensor, site: str) ->
     base, _ = unwrap_independent(base)
     if hasattr(base, "from_gumbel"):
         value = base.from_gumbel(eps)
+    elif hasattr(base, "from_uniform"):  # the Bernoulli latent in logit space, relaxed or exact
+        value = base.from_uniform(eps)
     elif isinstance(base, torch.distributions.Normal):
         value = base.loc + base.scale * eps
     elif isinstance(base, torch.distributions.Bernoulli):
