@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from pyro_vae.data import as_tensor_data
@@ -25,6 +26,7 @@ from pyro_vae.infer.estimators import (
     EstimatorTraceGraph_ELBO,
     EstimatorTraceMeanField_ELBO,
     NeuralBaseline,
+    SiteGradient,
     get_estimator,
 )
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
@@ -215,13 +217,34 @@ def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELB
     n = x.shape[0]
     ctx = check_context("context", context, n, declared_shapes(vae), device)
     total = 0.0
+    guide = _value_only_guide(vae.guide, loss_fn)
     with torch.no_grad(), unit_kl_weight(vae):
         for i in range(0, n, batch_size):
             xb = x[i: i + batch_size].to(device)
             rows = context_rows(ctx, n, slice(i, i + batch_size))
             # every Pyro ELBO defines loss; the ELBO base class does not declare it
-            total += loss_fn.loss(vae.model, vae.guide, xb, **rows)  # type: ignore[attr-defined]
+            total += loss_fn.loss(vae.model, guide, xb, **rows)  # type: ignore[attr-defined]
     return -total / n
+
+
+class _ValueOnly(Messenger):
+    """Scores every latent guide site that has no ``rsample`` through
+    :class:`~pyro_vae.infer.estimators.SiteGradient` (same draws, same densities, same registered KL), which
+    ``TraceMeanField_ELBO`` accepts: its check that the guide is reparameterized concerns gradients only."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        fn = msg["fn"]
+        if msg["is_observed"] or type(fn).__name__ == "_Subsample" or getattr(fn, "has_rsample", True):
+            return
+        msg["fn"] = SiteGradient(fn)
+
+
+def _value_only_guide(guide: Any, loss_fn: Any) -> Any:
+    """``guide`` as ``loss_fn`` can score it for the ELBO's value (no gradients): under a
+    ``TraceMeanField_ELBO``, its latent sites without ``rsample`` (an exact Bernoulli or categorical latent) are
+    scored with their registered KL (or Monte Carlo where none is), as their ELBO value is defined, instead of
+    Pyro's refusal of a guide that is not reparameterized; other ELBOs get ``guide`` unchanged."""
+    return _ValueOnly()(guide) if isinstance(loss_fn, TraceMeanField_ELBO) else guide
 
 
 def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles: int, batch_size: int,
@@ -243,7 +266,8 @@ def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles:
                 xb = x[i: i + batch_size].to(device)
                 rows = context_rows(ctx, n, slice(i, i + batch_size))
                 # every Pyro ELBO defines loss; the ELBO base class does not declare it
-                loss = loss_fn.loss(pair.model, pair.guide, xb, num_data=n, **rows)  # type: ignore[attr-defined]
+                loss = loss_fn.loss(pair.model, _value_only_guide(pair.guide, loss_fn), xb, num_data=n,
+                                    **rows)  # type: ignore[attr-defined]
                 total += loss * xb.shape[0] / n
     finally:
         pair.train(was_training)
