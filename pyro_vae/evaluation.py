@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -258,40 +258,58 @@ def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int 
     ctx = check_context("context", context, n, declared_shapes(vae), device)
     was_training = vae.training
     vae.eval()
-    lls, elbos, lws = [], [], []
+
+    def batches() -> Iterator[tuple[torch.Tensor, Iterator[torch.Tensor]]]:
+        for i in range(0, n, batch_size):
+            xb = x[i: i + batch_size].to(device)
+            rows = context_rows(ctx, n, slice(i, i + batch_size))
+            chunks = particle_chunks(vae, _with_context(model, rows), _with_context(guide, rows), xb, num_samples,
+                                     particle_dim, chunk_size=chunk_size)
+            yield xb, (chunk.log_w for chunk in chunks)
+
     try:
         with torch.no_grad():
             first = context_rows(ctx, n, slice(0, batch_size))
             particle_dim = particle_plate_dim(_with_context(model, first), _with_context(guide, first),
                                               x[:batch_size].to(device))
-            for i in range(0, n, batch_size):
-                xb = x[i: i + batch_size].to(device)
-                rows = context_rows(ctx, n, slice(i, i + batch_size))
-                lse = torch.full((xb.shape[0],), -math.inf, device=device)
-                total = torch.zeros(xb.shape[0], device=device)
-                kept = []
-                for chunk in particle_chunks(vae, _with_context(model, rows), _with_context(guide, rows), xb,
-                                             num_samples, particle_dim, chunk_size=chunk_size):
-                    lw = chunk.log_w
-                    lse = torch.logaddexp(lse, lw.logsumexp(0))
-                    total += lw.sum(0)
-                    if return_log_weights:
-                        kept.append(lw.T.cpu())
-                lls.append((lse - math.log(num_samples)).cpu())
-                elbos.append((total / num_samples).cpu())
-                if return_log_weights:
-                    lws.append(torch.cat(kept, dim=1))
+            return _importance_log_likelihood(batches(), num_samples, return_log_weights)
     finally:
         vae.train(was_training)
+
+
+def _importance_log_likelihood(batches: Iterable[tuple[torch.Tensor, Iterable[torch.Tensor]]], num_samples: int,
+                               return_log_weights: bool, global_values: dict[str, torch.Tensor] | None = None,
+                               global_source: str | None = None) -> LogLikelihood:
+    """The :class:`LogLikelihood` of ``batches``: for each batch ``xb`` (``(b, ...)``, on the device), its
+    ``num_samples`` log importance weights in chunks of ``(chunk, b)`` (nats), combined by a running logsumexp
+    into ``log p(x)`` per data point, and averaged into the ELBO per data point.
+
+    Raises:
+        DataError: a non-finite estimate of ``log p(x)``.
+    """
+    lls, elbos, lws = [], [], []
+    for xb, log_ws in batches:
+        lse = torch.full((xb.shape[0],), -math.inf, device=xb.device)
+        total = torch.zeros(xb.shape[0], device=xb.device)
+        kept = []
+        for lw in log_ws:
+            lse = torch.logaddexp(lse, lw.logsumexp(0))
+            total += lw.sum(0)
+            if return_log_weights:
+                kept.append(lw.T.cpu())
+        lls.append((lse - math.log(num_samples)).cpu())
+        elbos.append((total / num_samples).cpu())
+        if return_log_weights:
+            lws.append(torch.cat(kept, dim=1))
     per_point, elbo_pp = torch.cat(lls), torch.cat(elbos)
     if not bool(torch.isfinite(per_point).all()):
         bad = int((~torch.isfinite(per_point)).sum())
         raise DataError(message("log_likelihood", "finite log-weights", f"{bad} data points with non-finite log p(x)",
                                 "check the data against the likelihood's support and the guide's scales"))
-    se = _standard_error(per_point)
-    return LogLikelihood(mean=float(per_point.mean()), se=se, per_point=per_point, elbo=float(elbo_pp.mean()),
-                         elbo_per_point=elbo_pp, num_samples=num_samples,
-                         log_weights=torch.cat(lws) if return_log_weights else None)
+    return LogLikelihood(mean=float(per_point.mean()), se=_standard_error(per_point), per_point=per_point,
+                         elbo=float(elbo_pp.mean()), elbo_per_point=elbo_pp, num_samples=num_samples,
+                         log_weights=torch.cat(lws) if return_log_weights else None, global_values=global_values,
+                         global_source=global_source)
 
 
 @dataclass
@@ -398,40 +416,26 @@ def _pair_log_likelihood(pair: ModelGuidePair, data: Any, num_samples: int, batc
     structure = pair_structure(pair, first, context=first_rows)
     was_training = pair.training
     pair.eval()
-    lls, elbos, lws = [], [], []
+
+    def log_weights(model: Callable, guide: Callable, xb: torch.Tensor) -> Iterator[torch.Tensor]:
+        k = sample_chunk_size(num_samples, xb.shape[0], tuple(x.shape[1:]), chunk_size)
+        for start in range(0, num_samples, k):
+            yield _pair_particles(model, guide, xb, min(k, num_samples - start), held.particle_dim,
+                                  structure.data_plate).log_w
+
+    def batches() -> Iterator[tuple[torch.Tensor, Iterator[torch.Tensor]]]:
+        for i in range(0, n, batch_size):
+            xb = x[i: i + batch_size].to(device)
+            rows = context_rows(ctx, n, slice(i, i + batch_size))
+            yield xb, log_weights(_with_context(held.model, rows), _with_context(held.guide, rows), xb)
+
     try:
         with torch.no_grad(), unit_kl_weight(pair), plate_clash_explained():
             held = _held_globals(pair, structure, first, given, first_rows)
-            for i in range(0, n, batch_size):
-                xb = x[i: i + batch_size].to(device)
-                rows = context_rows(ctx, n, slice(i, i + batch_size))
-                k = sample_chunk_size(num_samples, xb.shape[0], tuple(x.shape[1:]), chunk_size)
-                lse = torch.full((xb.shape[0],), -math.inf, device=device)
-                total = torch.zeros(xb.shape[0], device=device)
-                kept = []
-                for start in range(0, num_samples, k):
-                    lw = _pair_particles(_with_context(held.model, rows), _with_context(held.guide, rows), xb,
-                                         min(k, num_samples - start), held.particle_dim, structure.data_plate).log_w
-                    lse = torch.logaddexp(lse, lw.logsumexp(0))
-                    total += lw.sum(0)
-                    if return_log_weights:
-                        kept.append(lw.T.cpu())
-                lls.append((lse - math.log(num_samples)).cpu())
-                elbos.append((total / num_samples).cpu())
-                if return_log_weights:
-                    lws.append(torch.cat(kept, dim=1))
+            global_values = {n: v.detach().cpu() for n, v in held.values.items()} if held.source else None
+            return _importance_log_likelihood(batches(), num_samples, return_log_weights, global_values, held.source)
     finally:
         pair.train(was_training)
-    per_point, elbo_pp = torch.cat(lls), torch.cat(elbos)
-    if not bool(torch.isfinite(per_point).all()):
-        bad = int((~torch.isfinite(per_point)).sum())
-        raise DataError(message("log_likelihood", "finite log-weights", f"{bad} data points with non-finite log p(x)",
-                                "check the data against the likelihood's support and the guide's scales"))
-    return LogLikelihood(mean=float(per_point.mean()), se=_standard_error(per_point), per_point=per_point,
-                         elbo=float(elbo_pp.mean()), elbo_per_point=elbo_pp, num_samples=num_samples,
-                         log_weights=torch.cat(lws) if return_log_weights else None,
-                         global_values={n: v.detach().cpu() for n, v in held.values.items()} if held.source else None,
-                         global_source=held.source)
 
 
 # ------------------------------------------------------------------------------------------ diagnostics
