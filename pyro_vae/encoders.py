@@ -71,7 +71,42 @@ class GaussianEncoder(Encoder):
         return {"latent": "gaussian", "min_scale": self.min_scale}
 
 
-class RelaxedCategoricalEncoder(Encoder):
+class _TemperedLogitsEncoder(Encoder):
+    """Base of the encoders whose network gives logits and whose relaxed distribution has a ``temperature``
+    (validated on every set). Subclasses set ``net`` and ``_temperature`` in ``__init__``."""
+
+    net: nn.Module
+    _temperature: float
+
+    @property
+    def temperature(self) -> float:
+        """Relaxation temperature (> 0) of the relaxed distribution; setting it validates the value."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        from pyro_vae.distributions.relaxed import check_temperature
+
+        self._temperature = check_temperature(value)
+
+    def _logits(self, x: torch.Tensor, width: int, expected: str, **context: Any) -> torch.Tensor:
+        """``net(x, **context)``, checked to end in ``width`` features (``expected`` says which, for the error).
+
+        Raises:
+            ShapeError: the network's last output dimension is not ``width``.
+        """
+        h = self.net(x, **context)
+        if h.shape[-1] != width:
+            raise ShapeError(message("encoder network output", f"last dimension {expected} (the logits)",
+                                     f"shape {tuple(h.shape)}", f"make the encoder network end in {width} features"))
+        return h
+
+    def _temperature_like(self, logits: torch.Tensor) -> torch.Tensor:
+        """The temperature as a scalar tensor of ``logits``' dtype and device."""
+        return torch.tensor(self._temperature, dtype=logits.dtype, device=logits.device)
+
+
+class RelaxedCategoricalEncoder(_TemperedLogitsEncoder):
     """Relaxed one-hot categorical guide (Gumbel-softmax / Concrete; Jang et al. 2017, Maddison et al.
     2017) over ``n`` independent categorical variables of ``k`` classes, event shape ``(n, k)``.
 
@@ -98,29 +133,9 @@ class RelaxedCategoricalEncoder(Encoder):
         self._temperature = check_temperature(temperature)
         self.straight_through = bool(straight_through)
 
-    @property
-    def temperature(self) -> float:
-        """Relaxation temperature (> 0); setting it validates the value."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        from pyro_vae.distributions.relaxed import check_temperature
-
-        self._temperature = check_temperature(value)
-
     def forward(self, x: torch.Tensor, **context: Any) -> torch.Tensor:
         """Normalized logits ``(..., n, k)`` from ``net(x, **context)``."""
-        h = self.net(x, **context)
-        if h.shape[-1] != self.n * self.k:
-            raise ShapeError(
-                message(
-                    "encoder network output",
-                    f"last dimension n * k = {self.n} * {self.k} = {self.n * self.k} (the logits)",
-                    f"shape {tuple(h.shape)}",
-                    f"make the encoder network end in {self.n * self.k} features",
-                )
-            )
+        h = self._logits(x, self.n * self.k, f"n * k = {self.n} * {self.k} = {self.n * self.k}", **context)
         return torch.log_softmax(h.reshape(*h.shape[:-1], self.n, self.k), dim=-1)
 
     def distribution(self, x: torch.Tensor, **context: Any) -> dist.TorchDistribution:
@@ -129,8 +144,7 @@ class RelaxedCategoricalEncoder(Encoder):
         from pyro_vae.distributions.relaxed import ExpRelaxedOneHotCategorical
 
         logits = self(x, **context)
-        temperature = torch.tensor(self._temperature, dtype=logits.dtype, device=logits.device)
-        return ExpRelaxedOneHotCategorical(temperature, logits=logits).to_event(1)
+        return ExpRelaxedOneHotCategorical(self._temperature_like(logits), logits=logits).to_event(1)
 
     def config(self) -> dict[str, Any]:
         """The encoder's settings, JSON-able: ``{"latent": "categorical", "categories": k, "temperature": ...,
@@ -139,7 +153,7 @@ class RelaxedCategoricalEncoder(Encoder):
                 "straight_through": self.straight_through}
 
 
-class BernoulliEncoder(Encoder):
+class BernoulliEncoder(_TemperedLogitsEncoder):
     """Factorized Bernoulli guide over ``z_dim`` binary variables, event shape ``(z_dim,)``: the sigmoid belief
     net layer of the discrete-estimator papers (Mnih & Gregor 2014; Tucker et al. 2017; Grathwohl et al. 2018;
     Yin & Zhou 2019; Dong et al. 2020).
@@ -171,25 +185,9 @@ class BernoulliEncoder(Encoder):
         self._temperature = check_temperature(temperature)
         self.straight_through = bool(straight_through)
 
-    @property
-    def temperature(self) -> float:
-        """Relaxation temperature (> 0) of the relaxed variant; setting it validates the value."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        from pyro_vae.distributions.relaxed import check_temperature
-
-        self._temperature = check_temperature(value)
-
     def forward(self, x: torch.Tensor, **context: Any) -> torch.Tensor:
         """Logits of a 1, ``(..., z_dim)``, from ``net(x, **context)``."""
-        h = self.net(x, **context)
-        if h.shape[-1] != self.z_dim:
-            raise ShapeError(message("encoder network output", f"last dimension z_dim = {self.z_dim} (the logits)",
-                                     f"shape {tuple(h.shape)}",
-                                     f"make the encoder network end in {self.z_dim} features"))
-        return h
+        return self._logits(x, self.z_dim, f"z_dim = {self.z_dim}", **context)
 
     def distribution(self, x: torch.Tensor, **context: Any) -> dist.TorchDistribution:
         """``q(z | x)``: batch shape ``x``'s batch dimensions, event shape ``(z_dim,)``; ``Bernoulli`` (values in
@@ -199,8 +197,7 @@ class BernoulliEncoder(Encoder):
             return dist.Bernoulli(logits=logits).to_event(1)
         from pyro_vae.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
 
-        temperature = torch.tensor(self._temperature, dtype=logits.dtype, device=logits.device)
-        return LogitRelaxedBernoulli(temperature, logits=logits).to_event(1)
+        return LogitRelaxedBernoulli(self._temperature_like(logits), logits=logits).to_event(1)
 
     def config(self) -> dict[str, Any]:
         """The encoder's settings, JSON-able: ``{"latent": "bernoulli", "relaxed": ..., "temperature": ...,
