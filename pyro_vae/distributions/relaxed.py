@@ -39,13 +39,25 @@ from pyro_vae.validation import positive
 
 __all__ = ["ExpRelaxedOneHotCategorical", "ExpOneHotCategorical", "to_simplex", "log_one_hot",
            "log_class_probs", "is_log_categorical", "is_simplex_valued", "check_log_simplex", "gumbel_noise",
-           "log_simplex", "log_one_hot_constraint", "check_temperature", "straight_through_override"]
+           "log_simplex", "log_one_hot_constraint", "check_temperature", "temperature_tensor",
+           "straight_through_override"]
 
 
 def check_temperature(value: float | torch.Tensor, what: str = "temperature") -> float:
     """``value`` (a real number or a 0-dim real tensor; not a string or a bool) as a float, or
     :class:`~pyro_vae.errors.ConfigError` naming ``what`` unless it is finite and > 0."""
     return positive(what, value, fix=f"pass e.g. {what}=1.0 (Jang et al. anneal from 1.0 down to 0.5)")
+
+
+def temperature_tensor(temperature: float | torch.Tensor, probs: torch.Tensor | None = None,
+                       logits: torch.Tensor | None = None) -> torch.Tensor:
+    """A relaxed distribution's ``temperature`` as a tensor: a tensor as it is; a number as a 0-dim tensor of the
+    dtype and device of ``probs`` (else of ``logits``; torch's defaults when both are ``None``)."""
+    if torch.is_tensor(temperature):
+        return temperature
+    param = probs if probs is not None else logits
+    return torch.tensor(float(temperature), dtype=param.dtype if param is not None else None,
+                        device=param.device if param is not None else None)
 
 
 # ------------------------------------------------------------------------------------------- support
@@ -132,11 +144,8 @@ class ExpRelaxedOneHotCategorical(ExpRelaxedCategorical, TorchDistributionMixin)
 
     def __init__(self, temperature: float | torch.Tensor, probs: torch.Tensor | None = None,
                  logits: torch.Tensor | None = None, validate_args: bool | None = None) -> None:
-        param = probs if probs is not None else logits
-        if not torch.is_tensor(temperature):
-            temperature = torch.tensor(float(temperature), dtype=param.dtype if param is not None else None,
-                                       device=param.device if param is not None else None)
-        super().__init__(temperature, probs=probs, logits=logits, validate_args=validate_args)
+        super().__init__(temperature_tensor(temperature, probs, logits), probs=probs, logits=logits,
+                         validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(ExpRelaxedOneHotCategorical, _instance)

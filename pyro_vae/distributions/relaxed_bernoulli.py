@@ -35,6 +35,8 @@ from torch.distributions import constraints
 from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli as TorchLogitRelaxedBernoulli
 from torch.distributions.utils import broadcast_all
 
+from pyro_vae.distributions.relaxed import temperature_tensor
+
 __all__ = ["LogitRelaxedBernoulli", "LogitBernoulli", "to_unit", "logistic_noise", "is_bernoulli",
            "is_relaxed_bernoulli", "is_logit_bernoulli", "bernoulli_logits", "logit_boolean", "unwrap_distribution"]
 
@@ -76,11 +78,8 @@ class LogitRelaxedBernoulli(TorchLogitRelaxedBernoulli, TorchDistributionMixin):
 
     def __init__(self, temperature: float | torch.Tensor, probs: torch.Tensor | None = None,
                  logits: torch.Tensor | None = None, validate_args: bool | None = None) -> None:
-        param = probs if probs is not None else logits
-        if not torch.is_tensor(temperature):
-            temperature = torch.tensor(float(temperature), dtype=param.dtype if param is not None else None,
-                                       device=param.device if param is not None else None)
-        super().__init__(temperature, probs=probs, logits=logits, validate_args=validate_args)
+        super().__init__(temperature_tensor(temperature, probs, logits), probs=probs, logits=logits,
+                         validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(LogitRelaxedBernoulli, _instance)
