@@ -18,7 +18,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import pyro
@@ -401,6 +401,25 @@ def _pair_device(pair: ModelGuidePair, x: torch.Tensor) -> torch.device:
     return next((t.device for t in (*pair.parameters(), *pair.buffers())), x.device)
 
 
+class _PairData(NamedTuple):
+    """What both estimates of a model/guide pair read off its data ``x`` (``(N, ...)``) before the batches."""
+
+    device: torch.device  # the pair's (of its first parameter or buffer; x's without either)
+    context: dict[str, Any]  # the checked context of all N points
+    first: torch.Tensor  # the first batch, on the device
+    first_rows: dict[str, Any]  # its context rows
+    structure: PairStructure  # read off a trace of the first batch
+
+
+def _pair_data(pair: ModelGuidePair, x: torch.Tensor, batch_size: int, context: Mapping[str, Any] | None) -> _PairData:
+    device = _pair_device(pair, x)
+    n = x.shape[0]
+    ctx = check_context("context", context, n, declared_shapes(pair), device)
+    first = x[:batch_size].to(device)
+    first_rows = context_rows(ctx, n, slice(0, batch_size))
+    return _PairData(device, ctx, first, first_rows, pair_structure(pair, first, context=first_rows))
+
+
 def _pair_log_likelihood(pair: ModelGuidePair, data: Any, num_samples: int, batch_size: int,
                          chunk_size: int | None, return_log_weights: bool,
                          given: Mapping[str, Any] | None, context: Mapping[str, Any] | None) -> LogLikelihood:
@@ -408,12 +427,8 @@ def _pair_log_likelihood(pair: ModelGuidePair, data: Any, num_samples: int, batc
     x = as_data_rows(pair, data, "data")
     num_samples = integer("num_samples", num_samples)
     batch_size = integer("batch_size", batch_size)
-    device = _pair_device(pair, x)
     n = x.shape[0]
-    ctx = check_context("context", context, n, declared_shapes(pair), device)
-    first = x[:batch_size].to(device)
-    first_rows = context_rows(ctx, n, slice(0, batch_size))
-    structure = pair_structure(pair, first, context=first_rows)
+    device, ctx, first, first_rows, structure = _pair_data(pair, x, batch_size, context)
     was_training = pair.training
     pair.eval()
 
@@ -678,12 +693,8 @@ def _pair_inference_data(pair: ModelGuidePair, data: Any, num_samples: int, resa
     if seed is not None:
         pyro.set_rng_seed(seed)
     batch_size = integer("batch_size", batch_size)
-    device = _pair_device(pair, x)
     n = x.shape[0]
-    ctx = check_context("context", context, n, declared_shapes(pair), device)
-    first = x[:batch_size].to(device)
-    first_rows = context_rows(ctx, n, slice(0, batch_size))
-    structure = pair_structure(pair, first, context=first_rows)
+    device, ctx, first, first_rows, structure = _pair_data(pair, x, batch_size, context)
     was_training = pair.training
     pair.eval()
     parts = []
