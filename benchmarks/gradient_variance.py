@@ -23,6 +23,17 @@ optimal constant coefficient per parameter, with the delta-method control variat
 at least 2 particles: a cell of 1 particle is run with 2); the coupled measure-valued derivative (with Monte Carlo and
 analytic KL).
 
+Sigmoid belief nets (RELAX Table 1's linear model: 200 exact Bernoulli latents, learned Bernoulli prior, linear
+encoder and decoder, trained with DisARM on dynamically binarized data): ``mnist-sbn`` (784-200, when MNIST is found)
+and ``digits-sbn`` (64-200 on scikit-learn's 8x8 digits, always available). Their estimators are those of
+:data:`pyro_vae.infer.estimators.ESTIMATORS` that apply to an exact Bernoulli latent: score function (plain, with
+the decaying-average baseline, with the neural baseline, with the mean of 8 independent draws), NVIL, ARM, DisARM,
+MuProp, REBAR, RELAX, ``rloo`` (K >= 2: a cell of 1 particle is run with 2) and VIMCO under ``elbo="iwae"`` (K >= 2,
+likewise). Left out: ``pathwise`` (on a site without ``rsample`` Pyro falls back to the plain score function),
+``enumerate`` (2^200 configurations), the Normal-only control variates and measure-valued derivative, and the
+relaxed estimators (they need the relaxed Bernoulli latent). The learned modules of NVIL, MuProp, REBAR and RELAX
+are the fresh ones :func:`pyro_vae.gradient_samples` builds (held fixed while sampling), not trained ones.
+
 Cost, so that variance x cost ranks the estimators fairly: ``model_evaluations`` per estimate (all particles; the
 draw's own, plus the control variate's independent draws, the delta method's forward and backward passes, or the
 measure-valued derivative's 4 per latent coordinate), ``variance_x_evaluations`` (``mean_variance`` times it: the
@@ -30,10 +41,13 @@ variance at equal model evaluations, up to a constant) and ``variance_x_seconds`
 vectorized seconds per estimate: the variance at equal wall time).
 
     python benchmarks/gradient_variance.py --device auto                       # full run
-    python benchmarks/gradient_variance.py --quick --out /tmp/gv               # CPU smoke run, under a minute
+    python benchmarks/gradient_variance.py --quick --out /tmp/gv               # CPU smoke run, a few minutes
+    python benchmarks/gradient_variance.py --device cuda --models mnist-sbn digits-sbn --particles 1 \
+        --name gradient_variance_sbn_cuda                                      # the SBN on the GPU
 
-Writes ``gradient_variance.json`` (one record per cell and group, with device, versions and date),
-``gradient_variance.png`` (variance by estimator, log scale, per group) and prints a table.
+Writes ``<name>.json`` (``--name``, default ``gradient_variance``; one record per cell and group, with device,
+versions and date), ``<name>.png`` (variance by estimator, log scale, per group) and prints a table;
+``--replot FILE --markdown`` prints the docs' table of a JSON.
 """
 
 from __future__ import annotations
@@ -70,7 +84,16 @@ GAUSSIAN = [("pathwise", "pathwise", "trace"), ("pathwise-analytic-kl", "pathwis
 CATEGORICAL = [("relaxed", "relaxed", "trace"), ("straight-through", "straight-through", "trace"),
                ("score-function", "score-function", "trace"),
                ("score-function-baseline", "score-function-baseline", "trace")]
-MODELS = ("linear-gaussian", "digits-mlp", "mnist-mlp", "categorical")
+# The exact Bernoulli latent (sigmoid belief net); rloo and vimco run with K >= 2 (min_particles)
+SBN = [("score-function", "score-function", "trace"),
+       ("score-function-baseline", "score-function-baseline", "trace"),
+       ("score-function-neural-baseline", "score-function-neural-baseline", "trace"),
+       ("score-function-mean-baseline", "score-function-mean-baseline", "trace"),
+       ("nvil", "nvil", "trace"), ("arm", "arm", "trace"), ("disarm", "disarm", "trace"),
+       ("muprop", "muprop", "trace"), ("rebar", "rebar", "trace"), ("relax", "relax", "trace"),
+       ("rloo", "rloo", "trace"), ("vimco", "vimco", "iwae")]
+MODELS = ("linear-gaussian", "digits-mlp", "mnist-mlp", "categorical", "digits-sbn", "mnist-sbn")
+MNIST_MODELS = ("mnist-mlp", "mnist-sbn")
 MNIST_DIRS = ("/work/shared/data/mnist", "shared/data/mnist", "../shared/data/mnist")
 
 
@@ -107,6 +130,17 @@ def build(model: str, device: torch.device, args: argparse.Namespace) -> dict[st
         train, val = splits.train.x.flatten(1), splits.val.x.flatten(1)
         vae = pyro_vae.VAE((784,), 20, likelihood="bernoulli", hidden=(400,))
         estimators, epochs = GAUSSIAN, 1 if (args.quick or device.type == "cpu") else 3
+    elif model in ("digits-sbn", "mnist-sbn"):
+        if model == "digits-sbn":
+            splits = pyro_vae.data.load("digits", binarize_mode="dynamic", seed=args.seed)
+            epochs = 2 if args.quick else 100
+        else:
+            splits = pyro_vae.data.load("mnist", args.mnist_dir, binarize_mode="dynamic", seed=args.seed)
+            epochs = 1 if (args.quick or device.type == "cpu") else 5
+        train, val = splits.train.x.flatten(1), splits.val.x.flatten(1)
+        vae = pyro_vae.VAE((train.shape[1],), 200, latent="bernoulli", prior="bernoulli-learned", encoder="linear",
+                           decoder="linear")
+        estimators = SBN
     else:
         raise ValueError(model)
     vae.to(device)
@@ -117,14 +151,15 @@ def build(model: str, device: torch.device, args: argparse.Namespace) -> dict[st
 
 def train_briefly(spec: dict[str, Any], device: torch.device, seed: int) -> float:
     start = time.perf_counter()
-    estimator = "relaxed" if spec["estimators"] is CATEGORICAL else "pathwise"
-    pyro_vae.fit(spec["vae"], spec["train"], estimator=estimator, epochs=spec["epochs"], batch_size=128, lr=1e-3,
-                 device=device, progress=False, seed=seed)
+    sbn = spec["estimators"] is SBN
+    estimator = "relaxed" if spec["estimators"] is CATEGORICAL else "disarm" if sbn else "pathwise"
+    pyro_vae.fit(spec["vae"], spec["train"], estimator=estimator, epochs=spec["epochs"], batch_size=128,
+                 lr=1e-3, device=device, progress=False, seed=seed, dynamic_binarize=sbn)
     return time.perf_counter() - start
 
 
 def samples_for(num_particles: int, args: argparse.Namespace, model: str, cuda: bool) -> int:
-    top = args.num_samples if (cuda or model != "mnist-mlp") else min(args.num_samples, args.mnist_cpu_samples)
+    top = args.num_samples if (cuda or model not in MNIST_MODELS) else min(args.num_samples, args.mnist_cpu_samples)
     return int(min(top, max(args.min_samples, args.particle_budget // num_particles)))
 
 
@@ -135,8 +170,8 @@ def run_cell(spec: dict[str, Any], name: str, elbo: str, num_particles: int, n: 
 
 
 def min_particles(name: str, num_particles: int) -> int:
-    """The leave-one-out estimator needs 2 draws: its cells of 1 particle run with 2."""
-    return max(num_particles, 2) if name == "rloo" else num_particles
+    """Leave-one-out and VIMCO need 2 draws: their cells of 1 particle run with 2."""
+    return max(num_particles, 2) if name in ("rloo", "vimco") else num_particles
 
 
 def model_evaluations(spec: dict[str, Any], name: str, num_particles: int) -> int:
@@ -147,6 +182,7 @@ def model_evaluations(spec: dict[str, Any], name: str, num_particles: int) -> in
 
 
 def time_loop(spec: dict[str, Any], name: str, elbo: str, n: int, seed: int) -> float:
+    """Seconds per 1000 estimates of one particle (K = 2 for rloo and vimco) with the loop, timed on ``n``."""
     stats = gradient_statistics(spec["vae"], spec["x"], name, n, num_particles=min_particles(name, 1), method="loop",
                                 elbo=elbo, seed=seed, baseline_warmup=5)
     return stats["all"]["seconds"] / n * 1000
@@ -175,20 +211,31 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
-    """The README's summary: trained checkpoint, one particle, per model and estimator."""
-    lines = ["| model | estimator | encoder variance | encoder SNR | decoder variance | max bias / s.e. | "
-             "vectorized s / 1000 | loop s / 1000 | speed-up |", "|" + " --- |" * 9]
+    """The docs' summary: trained checkpoint, one particle (two for rloo and vimco), per model and estimator, with
+    the device, versions and date of the run."""
+    lines = ["| model | estimator | K | encoder variance | encoder SNR | decoder variance | decoder SNR | "
+             "max bias / s.e. | model evaluations | vectorized s / 1000 | loop s / 1000 (timed on) | speed-up |",
+             "|" + " --- |" * 12]
+    # the cell of one requested particle is the one with a loop timing
     by = {(r["model"], r["estimator"], r["group"]): r for r in records
-          if r["checkpoint"] == "trained" and r["num_particles"] == 1}
+          if r["checkpoint"] == "trained" and r["loop_seconds_per_1000"] is not None}
     for (model, est, group), r in by.items():
         if group != "encoder":
             continue
         dec = by.get((model, est, "decoder"), {})
         allg = by.get((model, est, "all"), {})
         rb = "" if allg.get("max_bias_z") is None else f"{allg['max_bias_z']:.1f}"
-        lines.append(f"| {model} | {est} | {r['mean_variance']:.3g} | {r['snr']:.3f} | "
-                     f"{dec.get('mean_variance', float('nan')):.3g} | {rb} | {r['seconds_per_1000_samples']:.3g} | "
-                     f"{r['loop_seconds_per_1000']:.1f} | {r['speedup']:.0f}x |")
+        timed = r.get("loop_samples_timed")
+        lines.append(f"| {model} | {est} | {r['num_particles']} | {r['mean_variance']:.3g} | {r['snr']:.3f} | "
+                     f"{dec.get('mean_variance', float('nan')):.3g} | {dec.get('snr', float('nan')):.3f} | {rb} | "
+                     f"{r.get('model_evaluations', r['num_particles'])} | {r['seconds_per_1000_samples']:.3g} | "
+                     f"{r['loop_seconds_per_1000']:.1f}{f' ({timed})' if timed else ''} | {r['speedup']:.1f}x |")
+    if records:
+        r0 = records[0]
+        n = sorted({r["num_samples"] for r in by.values() if r["group"] == "encoder"})
+        lines.append("")
+        lines.append(f"Device {r0['device']}, torch {r0['torch']}, pyro {r0['pyro']}, python {r0.get('python', '?')}, "
+                     f"{r0['date'][:10]}; batch {r0['batch_size']}; {'/'.join(map(str, n))} estimates per cell.")
     return "\n".join(lines)
 
 
@@ -238,9 +285,9 @@ def write(out: Path, meta: dict[str, Any], args: argparse.Namespace, started: fl
           records: list[dict[str, Any]]) -> dict[str, Any]:
     report = {**meta, "args": {k: v for k, v in vars(args).items()}, "seconds": time.perf_counter() - started,
               "records": records}
-    tmp = out / ".gradient_variance.json.tmp"
+    tmp = out / f".{args.name}.json.tmp"
     tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(out / "gradient_variance.json")
+    tmp.replace(out / f"{args.name}.json")
     return report
 
 
@@ -253,6 +300,8 @@ def main(argv: Any = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: few samples, particles 1 and 10, no MNIST")
+    p.add_argument("--name", default="gradient_variance", help="stem of the JSON and PNG written to --out")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: /work/shared/data/mnist when present)")
     p.add_argument("--models", nargs="+", default=None, choices=MODELS, help="models to run (default: all found)")
@@ -260,7 +309,7 @@ def main(argv: Any = None) -> dict[str, Any]:
     p.add_argument("--num-samples", type=int, default=None, help="gradient samples per cell (default 1000)")
     p.add_argument("--min-samples", type=int, default=None,
                    help="fewest samples per cell at many particles (default 100 on CUDA, 50 on CPU)")
-    p.add_argument("--mnist-cpu-samples", type=int, default=200, help="samples per MNIST cell on the CPU")
+    p.add_argument("--mnist-cpu-samples", type=int, default=200, help="samples per MNIST cell on the CPU (both models)")
     p.add_argument("--baseline-warmup", type=int, default=None,
                    help="TraceGraph_ELBO calls warming up the decaying-average baseline (default 50, 3 quick)")
     p.add_argument("--particle-budget", type=int, default=None,
@@ -268,7 +317,7 @@ def main(argv: Any = None) -> dict[str, Any]:
     p.add_argument("--loop-samples", type=int, default=None,
                    help="samples timed with the plain loop (default 100, 3 quick)")
     p.add_argument("--mnist-loop-samples", type=int, default=1000,
-                   help="samples timed with the loop for the trained MNIST VAE, pathwise and score function")
+                   help="samples timed with the loop for the trained MNIST VAE and SBN, pathwise and score function")
     p.add_argument("--batch-size", type=int, default=32, help="data points in the fixed batch")
     p.add_argument("--train-epochs", type=int, default=None, help="epochs of the 'trained' checkpoint")
     p.add_argument("--seed", type=int, default=0)
@@ -281,6 +330,8 @@ def main(argv: Any = None) -> dict[str, Any]:
         print(markdown(report["records"]) if args.markdown else table(report["records"]))
         return report
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     args.particles = args.particles or ([1, 10] if args.quick else [1, 10, 100])
@@ -290,9 +341,9 @@ def main(argv: Any = None) -> dict[str, Any]:
     args.loop_samples = args.loop_samples or (3 if args.quick else 100)
     args.baseline_warmup = args.baseline_warmup or (3 if args.quick else 50)
     args.mnist_dir = find_mnist(args.data_dir)
-    models = args.models or [m for m in MODELS if not (m == "mnist-mlp" and (args.mnist_dir is None or args.quick))]
-    if "mnist-mlp" in models and args.mnist_dir is None:
-        sys.exit("gradient_variance: MNIST not found; pass --data-dir or leave mnist-mlp out")
+    models = args.models or [m for m in MODELS if not (m in MNIST_MODELS and (args.mnist_dir is None or args.quick))]
+    if any(m in MNIST_MODELS for m in models) and args.mnist_dir is None:
+        sys.exit("gradient_variance: MNIST not found; pass --data-dir or leave mnist-mlp and mnist-sbn out")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
@@ -317,7 +368,7 @@ def main(argv: Any = None) -> dict[str, Any]:
                                      args.baseline_warmup)
                     vec = stats["all"]["seconds"] / n * 1000
                     if requested == 1:
-                        long = (model == "mnist-mlp" and checkpoint == "trained" and elbo == "trace"
+                        long = (model in MNIST_MODELS and checkpoint == "trained" and elbo == "trace"
                                 and name in ("pathwise", "score-function"))
                         loop_n = args.mnist_loop_samples if long else args.loop_samples
                         loop_ms = time_loop(spec, name, elbo, loop_n, args.seed)
@@ -342,10 +393,10 @@ def main(argv: Any = None) -> dict[str, Any]:
             print(f"[{time.perf_counter() - started:6.1f} s] {model} {checkpoint} done", flush=True)
             write(out, meta, args, started, records)  # after every cell group: a long run keeps what it did
     report = write(out, meta, args, started, records)
-    plot(records, out / "gradient_variance.png", title_of(report))
+    plot(records, out / f"{args.name}.png", title_of(report))
     print(table(records))
     print(f"device: {meta['device']}; total {report['seconds']:.1f} s")
-    print(f"wrote {out / 'gradient_variance.json'} and {out / 'gradient_variance.png'}")
+    print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.png')}")
     return report
 
 

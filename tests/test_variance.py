@@ -296,7 +296,7 @@ def test_full_quick_benchmarks(tmp_path):
 
     _run("gradient_variance.py", "--quick", "--device", "cpu", "--out", str(tmp_path))
     models = {r["model"] for r in json.loads((tmp_path / "gradient_variance.json").read_text())["records"]}
-    assert {"linear-gaussian", "digits-mlp", "categorical"} <= models
+    assert {"linear-gaussian", "digits-mlp", "categorical", "digits-sbn"} <= models
     _run("estimator_training.py", "--quick", "--seconds", "0.5", "--device", "cpu", "--out", str(tmp_path))
     results = json.loads((tmp_path / "estimator_training.json").read_text())["results"]
     assert {r["estimator"] for r in results} >= {"pathwise", "score-function", "straight-through"}
