@@ -28,7 +28,7 @@ from pyro_vae.data import BINARIZE, binarize
 from pyro_vae.data import load as load_splits
 from pyro_vae.errors import ConfigError, PyroVAEError, TrainingInterrupted, message
 from pyro_vae.infer.elbo import BOUNDS, ELBOS, check_elbo, evaluate_elbo
-from pyro_vae.infer.estimators import ESTIMATORS, get_estimator
+from pyro_vae.infer.estimators import ESTIMATORS, check_mean_field, get_estimator
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.models.vae import NETS, VAE
 from pyro_vae.priors import BERNOULLI_PRIORS, CATEGORICAL_PRIORS, PRIORS
@@ -132,8 +132,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL); "
                         "default: meanfield, trace for the score-function estimators (pyro_vae.fit's default is "
                         "trace); trace also for an exact --latent bernoulli under an estimator that is not per site")
-    p.add_argument("--estimator", default="pathwise", choices=list(ESTIMATORS),
-                   help="gradient estimator (default: pathwise): " + "; ".join(
+    p.add_argument("--estimator", default=None, choices=list(ESTIMATORS),
+                   help="gradient estimator (default: pathwise, score-function for an exact --latent bernoulli, "
+                        "as pyro_vae.fit's estimator=None; config.json records the name used): " + "; ".join(
                        f"{name}, {est.description}" for name, est in ESTIMATORS.items()))
     p.add_argument("--particles", type=_int("--particles"), default=1,
                    help="Monte Carlo particles per step (vectorized), --objective elbo")
@@ -361,13 +362,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ConfigError(message("--resume / --overwrite", "one of them", "both",
                                   "pass --resume to continue the run in --out, --overwrite to replace it"))
+    # an exact Bernoulli latent is not reparameterizable: its default estimator is the score function, and
+    # TraceMeanField_ELBO takes it only through the per-site estimators (whose guide wrapper has rsample)
+    exact_bits = args.latent == "bernoulli" and not (args.relaxed or args.straight_through)
+    if args.estimator is None:  # the rule of pyro_vae.infer.estimators.default_estimator
+        args.estimator = "score-function" if exact_bits else "pathwise"
     _check_objective(args)
     if args.elbo is None:
         est = get_estimator(args.estimator)
-        # an exact Bernoulli latent is not reparameterizable: TraceMeanField_ELBO takes it only through the
-        # per-site estimators (whose guide wrapper has rsample)
-        exact_bits = args.latent == "bernoulli" and not (args.relaxed or args.straight_through)
         args.elbo = "trace" if est.score_function or (exact_bits and est.site_gradient is None) else "meanfield"
+    if exact_bits and args.objective not in BOUNDS:
+        check_mean_field(args.estimator, args.elbo)
     check_elbo(args.objective if args.objective in BOUNDS else args.elbo, args.estimator)
     ctx, device = distributed.init_from_env(args.device)
     try:

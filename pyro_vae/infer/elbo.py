@@ -80,11 +80,14 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
               max_plate_nesting: int = 1, alpha: float = 0.0) -> ELBO:
     """The Pyro ELBO that computes ``estimator``'s gradient of the ELBO on an unchanged model/guide pair.
 
-    The pathwise estimator changes no site, so it gets Pyro's own class: ``Trace_ELBO`` (Monte Carlo KL) for
-    ``"trace"``, ``TraceMeanField_ELBO`` (analytic KL where one is registered) for ``"meanfield"``. Any other
-    estimator gets the class of :mod:`pyro_vae.infer.estimators` that applies it: ``EstimatorTraceGraph_ELBO``
-    (Pyro's ``TraceGraph_ELBO``) for the baseline estimators, else ``EstimatorTrace_ELBO`` or
-    ``EstimatorTraceMeanField_ELBO``. The particles are vectorized. An ELBO object is returned as is.
+    The pathwise estimator changes no site, so it gets Pyro's own loss: ``Trace_ELBO`` (Monte Carlo KL) for
+    ``"trace"``, ``TraceMeanField_ELBO`` (analytic KL where one is registered) for ``"meanfield"``, as their
+    subclasses ``EstimatorTrace_ELBO`` / ``EstimatorTraceMeanField_ELBO``, which refuse a guide site without
+    ``rsample`` (an exact Bernoulli or categorical latent, which Pyro would score with the score function:
+    pass ``estimator="score-function"`` or a per-site estimator for it). Any other estimator gets the class of
+    :mod:`pyro_vae.infer.estimators` that applies it: ``EstimatorTraceGraph_ELBO`` (Pyro's ``TraceGraph_ELBO``)
+    for the baseline estimators, else ``EstimatorTrace_ELBO`` or ``EstimatorTraceMeanField_ELBO``. The particles
+    are vectorized. An ELBO object is returned as is.
 
     ``"iwae"`` gives :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`: the importance-weighted bound
     (Burda et al. 2016) with ``num_particles`` = ``K`` importance samples per data point (Renyi's bound of order
@@ -106,7 +109,9 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
 
     Raises:
         ConfigError: as :func:`check_elbo`; ``num_particles`` not an integer >= 1; an ELBO object with an
-            estimator other than pathwise; the neural baseline without ``data_shape`` or ``nn_baseline``.
+            estimator other than pathwise; the neural baseline without ``data_shape`` or ``nn_baseline``; when
+            the ELBO runs, ``"pathwise"`` at a guide site without ``rsample``
+            (:class:`~pyro_vae.infer.estimators.EstimatorMessenger`).
     """
     if isinstance(elbo, ELBO):
         if get_estimator(estimator) != ESTIMATORS["pathwise"]:
@@ -122,8 +127,8 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
                                   'drop alpha, or pass elbo="iwae"'))
     kwargs: dict[str, Any] = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
                                   max_plate_nesting=max_plate_nesting)
-    if est == ESTIMATORS["pathwise"]:
-        return ELBOS[elbo](**kwargs)
+    if est == ESTIMATORS["pathwise"]:  # Pyro's class, whose guide sites are checked to have rsample
+        return (EstimatorTraceMeanField_ELBO if elbo == "meanfield" else EstimatorTrace_ELBO)(estimator=est, **kwargs)
     if est.baseline == "neural" and nn_baseline is None:
         if data_shape is None:
             raise ConfigError(message("data_shape", "the shape of one data point for the neural baseline", "None",
@@ -212,7 +217,7 @@ def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELB
         return _pair_elbo(vae, data, elbo, num_particles, batch_size, context)
     x = vae.as_data(as_tensor_data(data, "data"), "data", data_set=True)
     batch_size = integer("batch_size", batch_size, 1)
-    loss_fn = make_elbo(elbo, num_particles)
+    loss_fn = _value_elbo(elbo, num_particles)
     device = vae.device
     n = x.shape[0]
     ctx = check_context("context", context, n, declared_shapes(vae), device)
@@ -225,6 +230,16 @@ def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELB
             # every Pyro ELBO defines loss; the ELBO base class does not declare it
             total += loss_fn.loss(vae.model, guide, xb, **rows)  # type: ignore[attr-defined]
     return -total / n
+
+
+def _value_elbo(elbo: str | ELBO, num_particles: int, max_plate_nesting: int = 1) -> ELBO:
+    """Pyro's own ELBO of ``elbo`` for values only (:func:`evaluate_elbo`): checked as :func:`make_elbo` checks it,
+    without the pathwise estimator's refusal of a guide site without ``rsample`` (which concerns gradients)."""
+    loss_fn = make_elbo(elbo, num_particles, max_plate_nesting=max_plate_nesting)
+    if isinstance(elbo, str) and isinstance(loss_fn, (EstimatorTrace_ELBO, EstimatorTraceMeanField_ELBO)):
+        return ELBOS[elbo](num_particles=loss_fn.num_particles, vectorize_particles=loss_fn.vectorize_particles,
+                           max_plate_nesting=max_plate_nesting)
+    return loss_fn
 
 
 class _ValueOnly(Messenger):
@@ -256,7 +271,7 @@ def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles:
     device = next((t.device for t in (*pair.parameters(), *pair.buffers())), x.device)
     ctx = check_context("context", context, n, declared_shapes(pair), device)
     structure = pair_structure(pair, x[:batch_size].to(device), n, context=context_rows(ctx, n, slice(0, batch_size)))
-    loss_fn = make_elbo(elbo, num_particles, max_plate_nesting=structure.max_plate_nesting)
+    loss_fn = _value_elbo(elbo, num_particles, structure.max_plate_nesting)
     total = 0.0
     was_training = pair.training
     pair.eval()
@@ -265,9 +280,9 @@ def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles:
             for i in range(0, n, batch_size):
                 xb = x[i: i + batch_size].to(device)
                 rows = context_rows(ctx, n, slice(i, i + batch_size))
+                guide = _value_only_guide(pair.guide, loss_fn)
                 # every Pyro ELBO defines loss; the ELBO base class does not declare it
-                loss = loss_fn.loss(pair.model, _value_only_guide(pair.guide, loss_fn), xb, num_data=n,
-                                    **rows)  # type: ignore[attr-defined]
+                loss = loss_fn.loss(pair.model, guide, xb, num_data=n, **rows)  # type: ignore[attr-defined]
                 total += loss * xb.shape[0] / n
     finally:
         pair.train(was_training)

@@ -66,6 +66,9 @@ __all__ = [
     "ESTIMATORS",
     "get_estimator",
     "check_estimator",
+    "default_estimator",
+    "exact_discrete_latent",
+    "check_mean_field",
     "NeuralBaseline",
     "EstimatorTrace_ELBO",
     "EstimatorTraceMeanField_ELBO",
@@ -252,10 +255,49 @@ def get_estimator(estimator: str | Estimator) -> Estimator:
     return ESTIMATORS[estimator]
 
 
-def check_estimator(estimator: str | Estimator, vae: nn.Module) -> Estimator:
-    """The :class:`Estimator`, or :class:`ConfigError` when it does not fit the VAE's latent (``relaxed`` and
-    ``straight-through`` need a relaxed-categorical encoder)."""
+def exact_discrete_latent(vae: nn.Module) -> bool:
+    """Whether ``vae``'s latent site has no ``rsample``: an exact Bernoulli latent (``VAE(latent="bernoulli")``
+    without ``relaxed`` or ``straight_through``). A categorical latent is relaxed, hence reparameterizable."""
+    encoder = getattr(vae, "encoder", None)
+    return isinstance(encoder, BernoulliEncoder) and not encoder.relaxed
+
+
+def default_estimator(vae: nn.Module, non_reparameterized: Iterable[str] = ()) -> str:
+    """The estimator :func:`pyro_vae.fit` and ``pyro-vae train`` use when none is given (``estimator=None``):
+    ``"score-function"`` (REINFORCE, Williams 1992) when a latent guide site has no ``rsample`` (an exact
+    discrete latent: :func:`exact_discrete_latent` of a VAE, or the names ``non_reparameterized`` of such sites of
+    a model/guide pair's guide), else ``"pathwise"`` (the reparameterization gradient)."""
+    return "score-function" if exact_discrete_latent(vae) or any(True for _ in non_reparameterized) else "pathwise"
+
+
+def check_mean_field(estimator: str | Estimator, elbo: Any, site: str = "z") -> Estimator:
+    """The :class:`Estimator` of ``estimator`` when it can train an exact discrete latent (a guide site ``site``
+    without ``rsample``) under the objective ``elbo``.
+
+    Raises:
+        ConfigError: ``elbo`` is ``"meanfield"`` (``TraceMeanField_ELBO``, which trains only a reparameterized
+            guide) and the estimator is not per site (only a per-site estimator's guide wrapper,
+            :class:`SiteGradient`, has ``rsample``): the message names the site, the ELBO and the fixes."""
     est = get_estimator(estimator)
+    if elbo == "meanfield" and est.site_gradient is None:
+        per_site = ", ".join(f'"{n}"' for n in ("rloo", "arm", "disarm", "nvil", "enumerate"))
+        raise ConfigError(message(
+            f'elbo "meanfield" (TraceMeanField_ELBO) with estimator "{est.name}" at site "{site}"',
+            "a reparameterized guide site (TraceMeanField_ELBO trains only those) or a per-site estimator",
+            f'an exact discrete latent at site "{site}" (no rsample) under estimator "{est.name}"',
+            f'pass elbo="trace" (--elbo trace), or a per-site estimator such as {per_site} (the mean-field '
+            "ELBO accepts those), or build the VAE with relaxed=True (--relaxed)"))
+    return est
+
+
+def check_estimator(estimator: str | Estimator, vae: nn.Module, elbo: Any = None) -> Estimator:
+    """The :class:`Estimator`, or :class:`ConfigError` when it does not fit the VAE's latent (``relaxed`` and
+    ``straight-through`` need a relaxed-categorical or relaxed Bernoulli encoder) or, for an exact discrete
+    latent, the objective ``elbo`` (:func:`check_mean_field`). The pathwise estimator at a latent without
+    ``rsample`` is refused where the ELBO draws the site (:class:`EstimatorMessenger`)."""
+    est = get_estimator(estimator)
+    if exact_discrete_latent(vae):
+        check_mean_field(est, elbo, site=_site_name(vae))
     encoder = getattr(vae, "encoder", None)
     relaxed_bernoulli = isinstance(encoder, BernoulliEncoder) and encoder.relaxed and est.site_gradient is None
     if not est.gaussian and not isinstance(encoder, RelaxedCategoricalEncoder) and not relaxed_bernoulli:
@@ -265,6 +307,12 @@ def check_estimator(estimator: str | Estimator, vae: nn.Module) -> Estimator:
                                   'build the VAE with latent="categorical" (--latent categorical) or use '
                                   '"pathwise" or a "score-function" estimator'))
     return est
+
+
+def _site_name(vae: nn.Module) -> str:
+    """The name of a VAE's latent site (``"z"`` with its prefix), ``"z"`` for a module without ``site``."""
+    site = getattr(vae, "site", None)
+    return str(site("z")) if callable(site) else "z"
 
 
 def unwrap_independent(fn: torch.distributions.Distribution) -> tuple[torch.distributions.Distribution, list[int]]:
@@ -376,6 +424,14 @@ class EstimatorMessenger(Messenger):
                 type(unwrap_independent(msg["fn"])[0]).__name__,
                 'use "pathwise" or a "score-function" estimator, or build the VAE with latent="categorical"'))
         fn = _convert_categorical(msg["fn"], mode, self.role, msg["name"])
+        if self.role == "guide" and est.name == "pathwise" and not fn.has_rsample and \
+                not isinstance(fn, ScoreFunction):
+            raise ConfigError(message(
+                f'estimator "pathwise" at site "{msg["name"]}"',
+                "a reparameterizable latent (a distribution with rsample: Gaussian, relaxed categorical, relaxed "
+                "Bernoulli)", f"{type(base).__name__}, which has no rsample (an exact discrete latent)",
+                'pass estimator="score-function", "rloo", "arm", "disarm", "nvil" or "enumerate" for it (fit\'s '
+                "default estimator=None picks \"score-function\"), or build the VAE with relaxed=True (--relaxed)"))
         if self.role == "guide" and est.site_gradient is not None and not isinstance(fn, SiteGradient):
             fn = SiteGradient(fn)
         if self.role == "guide" and est.score_function:

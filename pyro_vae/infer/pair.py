@@ -181,12 +181,14 @@ class PairStructure:
         max_plate_nesting: the vectorized plate dimensions the pair uses (for the ELBO).
         global_sites: the model's latent sample sites outside the data plate (global latents), in trace order.
         local_sites: the model's latent sample sites inside the data plate.
+        non_reparameterized: the guide's latent sample sites without ``rsample`` (exact discrete latents).
     """
 
     data_plate: str
     max_plate_nesting: int
     global_sites: tuple[str, ...]
     local_sites: tuple[str, ...]
+    non_reparameterized: tuple[str, ...] = ()
 
 
 def _plates(trace: Trace) -> dict[str, Any]:
@@ -257,5 +259,9 @@ def pair_structure(pair: ModelGuidePair, x: torch.Tensor, num_data: int | None =
                                   "observe the data inside the data plate"))
     nesting = max((-f.dim for tr in (guide_trace, model_trace) for f in _plates(tr).values() if f.dim is not None),
                   default=1)
+    discrete = tuple(str(s["name"]) for s in guide_trace.nodes.values() if s["type"] == "sample"
+                     and not s["is_observed"] and s["name"] not in _plates(guide_trace)
+                     and type(s["fn"]).__name__ != "_Subsample" and not getattr(s["fn"], "has_rsample", True))
     return PairStructure(name, nesting, tuple(str(s["name"]) for s in sites if s["name"] in outside),
-                         tuple(str(s["name"]) for s in sites if s["name"] not in outside and not s["is_observed"]))
+                         tuple(str(s["name"]) for s in sites if s["name"] not in outside and not s["is_observed"]),
+                         discrete)

@@ -115,7 +115,11 @@ def parameter_groups(vae: nn.Module, x: torch.Tensor | None = None,
     """
     if x is None:
         return _module_groups(vae)
-    return _plan(vae, x, get_estimator("pathwise"), 1, "trace", model_kwargs).groups
+    return _plan(vae, x, _AS_SAMPLED, 1, "trace", model_kwargs).groups
+
+
+#: No estimator: the sites as the model and guide sample them (only their parameters are read).
+_AS_SAMPLED = Estimator("as-sampled", description="the sites as the model and guide sample them")
 
 
 def _split(flat: torch.Tensor, groups: dict[str, list[tuple[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:

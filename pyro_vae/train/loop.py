@@ -20,6 +20,7 @@ device without waiting for it. Checkpoints, resume and the run folder's lock: :m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from pyro_vae.data import as_tensor_data, check_binarizable
 from pyro_vae.errors import ConfigError, DataError, message
 from pyro_vae.infer.elbo import BOUNDS, evaluate_elbo, make_elbo, reporting_elbo
-from pyro_vae.infer.estimators import check_estimator
+from pyro_vae.infer.estimators import check_estimator, default_estimator
 from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.losses import elbo_loss
 from pyro_vae.infer.pair import ModelGuidePair, as_data_rows, as_pair, pair_structure
@@ -66,7 +67,7 @@ def fit(
     *,
     elbo: str | ELBO = "trace",
     num_particles: int = 1,
-    estimator: str = "pathwise",
+    estimator: str | None = None,
     epochs: int = 10,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -118,7 +119,13 @@ def fit(
         num_particles: Monte Carlo particles per step (vectorized); ``K`` for ``"iwae"``.
         estimator: gradient estimator, a name of :data:`pyro_vae.infer.estimators.ESTIMATORS` (``"pathwise"``,
             ``"score-function"``, ``"score-function-baseline"``, ``"straight-through"``, ``"stl"`` for the
-            ELBO, ``"dreg"`` for ``"iwae"``, ...).
+            ELBO, ``"dreg"`` for ``"iwae"``, ...). ``None`` (the default) picks one before training by
+            :func:`pyro_vae.infer.estimators.default_estimator`: ``"pathwise"`` for reparameterizable latents
+            (Gaussian, relaxed categorical, relaxed Bernoulli), ``"score-function"`` for an exact discrete latent
+            (``VAE(latent="bernoulli")``, or a model/guide pair whose guide has a latent site without ``rsample``);
+            the checkpoints record the name picked. ``"pathwise"`` at a guide site without ``rsample`` is refused
+            (:class:`ConfigError` naming the site), and so is ``elbo="meanfield"`` for an exact Bernoulli latent
+            with an estimator that is not per site (pass ``"trace"``, or ``"rloo"``, ``"arm"``, ``"disarm"``...).
         epochs, batch_size, lr: the usual (``batch_size`` over all processes together).
         val_data: optional validation data; its ELBO is recorded every epoch.
         context: named context of the training data, passed to the model and guide as keyword arguments
@@ -197,6 +204,7 @@ def fit(
                       checkpoint_every=checkpoint_every, resume_from=resume_from, cuda_graph=cuda_graph,
                       overwrite=overwrite)
     run = _prepare(vae, train_data, val_data, cfg, context, val_context)
+    cfg = dataclasses.replace(cfg, estimator=run.estimator)
     folder, resume_from = open_run_folder(cfg.checkpoint_dir, cfg.resume_from, cfg.overwrite, vae)
     history = History()
     state = TrainState(vae=vae, optimizer=run.optimizer, history=history)
@@ -265,7 +273,7 @@ class FitConfig:
     cuda_graph: bool
     overwrite: bool
     elbo: str | ELBO
-    estimator: str
+    estimator: str | None  # None only for a model/guide pair before _prepare resolves it
     seed: int | None
     device: torch.device
     ctx: distributed.Context
@@ -300,6 +308,8 @@ def _fit_config(vae: VAE | ModelGuidePair, callbacks: Sequence[Any], *, elbo: An
         ("dynamic_binarize", dynamic_binarize), ("progress", progress), ("cuda_graph", cuda_graph),
         ("overwrite", overwrite)))
     elbo, estimator = (str(v) if isinstance(v, str) else v for v in (elbo, estimator))
+    if estimator is None and isinstance(vae, VAE):
+        estimator = default_estimator(vae)  # a model/guide pair's is read off its guide's trace (_prepare)
     ctx = distributed.context()
     if seed is not None:
         seed = integer("seed", seed, 0, 2 ** 32 - ctx.world_size)  # numpy's seeds stop at 2**32 - 1
@@ -353,6 +363,7 @@ class _Training:
     steps_per_epoch: int
     context: dict[str, Any]  # the training data's named context, tensors on the device
     val_context: dict[str, Any]  # the validation data's
+    estimator: str  # the estimator's name, resolved when fit's was None
 
 
     @property
@@ -373,17 +384,19 @@ def _prepare(vae: VAE | ModelGuidePair, train_data: Any, val_data: Any, cfg: Fit
     ctx, val_ctx = _checked_context(vae, x, xv, context, val_context, cfg)
     if cfg.seed is not None:
         pyro.set_rng_seed(cfg.seed + cfg.ctx.rank)
-    if cfg.estimator != "pathwise" and isinstance(vae, VAE):
-        check_estimator(cfg.estimator, vae)
+    if isinstance(vae, VAE):
+        check_estimator(cfg.estimator or default_estimator(vae), vae, cfg.elbo)
     vae.to(cfg.device)
     x = x.to(cfg.device)
     n = x.shape[0]
     first = context_rows(ctx, n, slice(0, min(cfg.batch_size, n)))
     if isinstance(vae, VAE):
-        loss_fn = make_elbo(cfg.elbo, cfg.num_particles, cfg.estimator, vae.data_shape)
+        estimator = cfg.estimator or default_estimator(vae)
+        loss_fn = make_elbo(cfg.elbo, cfg.num_particles, estimator, vae.data_shape)
     else:
         structure = pair_structure(vae, x[: min(cfg.batch_size, n)], n, context=first)
-        loss_fn = make_elbo(cfg.elbo, cfg.num_particles, cfg.estimator, tuple(x.shape[1:]),
+        estimator = cfg.estimator or default_estimator(vae, structure.non_reparameterized)
+        loss_fn = make_elbo(cfg.elbo, cfg.num_particles, estimator, tuple(x.shape[1:]),
                             max_plate_nesting=structure.max_plate_nesting)
     distributed.broadcast_module(vae)
     extra = [m.to(cfg.device) for m in getattr(loss_fn, "extra_modules", list)()]  # e.g. a neural baseline
@@ -398,7 +411,7 @@ def _prepare(vae: VAE | ModelGuidePair, train_data: Any, val_data: Any, cfg: Fit
     params_in_store = len(pyro.get_param_store())
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     return _Training(vae, x, xv, loss_fn, reporting_elbo(loss_fn), extra, user_params, optimizer, params,
-                     params_in_store, math.ceil(n / cfg.batch_size), ctx, val_ctx)
+                     params_in_store, math.ceil(n / cfg.batch_size), ctx, val_ctx, estimator)
 
 
 def _checked_context(vae: VAE | ModelGuidePair, x: torch.Tensor, xv: torch.Tensor | None,
