@@ -283,7 +283,9 @@ def _add_interpolate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="slerp", choices=("lerp", "slerp"), help="linear or spherical")
     p.add_argument("--pairs", type=_int("--pairs"), default=8, help="number of test-point pairs (one row each)")
     p.add_argument("--steps", type=_int("--steps", 2), default=10, help="points on each path, endpoints included")
-    p.add_argument("--span", type=_float("--span"), default=3.0, help="traversal values run from -SPAN to +SPAN")
+    p.add_argument("--span", type=_float("--span"), default=3.0,
+                   help="traversal values run from -SPAN to +SPAN (Gaussian latents; a Bernoulli latent is traversed "
+                        "over the bits 0 and 1)")
     p.add_argument("--out", default=None, help="folder for the PNGs (default RUN)")
     _add_common(p)
     p.set_defaults(func=cmd_interpolate)
@@ -771,10 +773,12 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run)
     paths = generation.interpolate(vae, x[: args.pairs], x[args.pairs:], args.steps, args.method)
     p1 = plots.save_interpolations(paths.cpu(), out / "interpolations.png", args.method)
-    # a categorical latent is traversed class by class (its rows: one variable set to each class)
-    values = torch.linspace(-args.span, args.span, 9) if vae.categories is None else None
+    # a categorical latent is traversed class by class (its rows: one variable set to each class), a Bernoulli
+    # one bit by bit (0 and 1)
+    bits = vae.latent == "bernoulli"
+    values = torch.linspace(-args.span, args.span, 9) if vae.categories is None and not bits else None
     grid = generation.traverse(vae, x[0], values=values)
-    labels = values.tolist() if values is not None else list(range(vae.categories))
+    labels = values.tolist() if values is not None else [0, 1] if bits else list(range(vae.categories))
     p2 = plots.save_traversals(grid.cpu(), out / "traversals.png", labels)
     print(f"interpolations: {p1}")
     print(f"traversals: {p2}")

@@ -283,13 +283,23 @@ def traverse(vae: VAE, x: torch.Tensor | None = None, dims: Sequence[int] | None
     default all ``categories`` of them), the other variables held at the class probabilities of ``x``'s
     posterior (or of the prior).
 
+    For a Bernoulli latent, a row sets one bit to each value in ``values`` (bits, default ``(0, 1)``), the other
+    bits held at the probabilities of ``x``'s posterior (or of the prior). An exact latent gets the values ``0.`` and
+    ``1.``; a relaxed one (``relaxed=True``, carried in logit space) gets the logit-space hard bits ``-inf`` and
+    ``+inf`` (which the decoder sees as ``sigmoid(z)`` = 0 and 1), the other bits held at their logits.
+
     ``context``: global values (every decoded point shares them), given to the encoder, the prior and the decoder.
 
     Returns:
         ``(len(dims), len(values), *data_shape)`` decoded means (or draws with ``mean=False``).
+
+    Raises:
+        ConfigError: ``dims`` outside ``[0, z_dim)``; ``values`` that are not class indices (categorical latent)
+            or bits in ``{0, 1}`` (Bernoulli latent); a latent that is not a vector.
     """
     device = vae.device
     categories = getattr(vae, "categories", None)
+    bernoulli = getattr(vae, "latent", None) == "bernoulli"
     if x is not None:
         x = x.unsqueeze(0) if x.dim() == len(vae.data_shape) else x[:1]
         base = posterior_locations(vae, x, **context)[0].to(device)
@@ -301,6 +311,9 @@ def traverse(vae: VAE, x: torch.Tensor | None = None, dims: Sequence[int] | None
                                       "hold the other variables)", type(prior).__name__,
                                       "pass a data point x to hold them at its posterior"))
         base = log_p.reshape(vae.z_dim, categories).to(device)
+    elif bernoulli and vae.relaxed:  # the prior's logits: sigmoid of them are its probabilities
+        prior = call_with_context("prior", vae.prior, context=context)
+        base = torch.as_tensor(_relaxed_logits(prior)).reshape(vae.z_dim).to(device)
     else:
         prior = call_with_context("prior", vae.prior, context=context)
         try:
@@ -327,9 +340,36 @@ def traverse(vae: VAE, x: torch.Tensor | None = None, dims: Sequence[int] | None
         for row, j in enumerate(dims):
             z[row, :, j] = hot
         return vae.decode(z, mean=mean, **context)
-    vals = torch.linspace(-3, 3, 9) if values is None else torch.as_tensor(values, dtype=torch.float32)
-    vals = vals.to(device).reshape(-1)
+    if bernoulli:
+        vals = _bits(values, vae.relaxed, base.dtype).to(device)
+    else:
+        vals = torch.linspace(-3, 3, 9) if values is None else torch.as_tensor(values, dtype=torch.float32)
+        vals = vals.to(device).reshape(-1)
     z = base.expand(len(dims), len(vals), d).clone()
     for row, j in enumerate(dims):
         z[row, :, j] = vals
     return vae.decode(z, mean=mean, **context)
+
+
+def _relaxed_logits(prior: Any) -> torch.Tensor:
+    """The logits of a relaxed Bernoulli prior (inside any ``Independent``); the logit of its mean draw in
+    ``[0, 1]`` when it has none."""
+    fn = prior
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    logits = getattr(fn, "logits", None)
+    if torch.is_tensor(logits):
+        return logits.detach()
+    return torch.logit(torch.sigmoid(prior.sample((256,))).mean(0), eps=1e-6)
+
+
+def _bits(values: Sequence[float] | torch.Tensor | None, relaxed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The traversal values of a Bernoulli latent: bits ``(V,)`` in ``{0, 1}`` (default ``(0, 1)``), as the
+    decoder takes them: ``0.`` / ``1.`` for an exact latent, ``-inf`` / ``+inf`` in logit space for a relaxed one.
+    :class:`ConfigError` for values that are not bits."""
+    bits = torch.tensor([0.0, 1.0]) if values is None else torch.as_tensor(values).reshape(-1).to(torch.float64)
+    if bits.numel() == 0 or bool(((bits != 0) & (bits != 1)).any()):
+        raise ConfigError(message("values", "bits in {0, 1} for a Bernoulli latent", str(bits.tolist()),
+                                  "pass values=(0, 1) (the default)"))
+    bits = bits.to(dtype)
+    return torch.where(bits > 0, math.inf, -math.inf).to(dtype) if relaxed else bits

@@ -1,5 +1,5 @@
 """Exact Bernoulli latents: the default estimator (resolved and recorded by name), the pathwise estimator refused at
-a guide site without rsample, and the mean-field ELBO refused before training."""
+a guide site without rsample, the mean-field ELBO refused before training, and traversals that set bits."""
 
 import json
 import math
@@ -11,6 +11,7 @@ import torch
 
 import pyro_vae
 from pyro_vae.errors import ConfigError
+from pyro_vae.generation import traverse
 from pyro_vae.infer.elbo import evaluate_elbo, make_elbo
 from pyro_vae.infer.estimators import default_estimator
 from pyro_vae.infer.pair import ModelGuidePair
@@ -156,9 +157,51 @@ def test_cli_default_estimator_and_meanfield_refusal(tmp_path, capsys):
     train = json.loads((out / "config.json").read_text())["train"]
     assert train["estimator"] == "score-function" and train["elbo"] == "trace"
     assert signature(out)["estimator"] == "score-function"
+    assert main(["interpolate", str(out), "--device", "cpu", "--pairs", "1", "--steps", "3"]) == 0  # bits 0 and 1
+    assert (out / "traversals.png").is_file()
     capsys.readouterr()
     assert main(["train", "--data", "digits", "--latent", "bernoulli", "--elbo", "meanfield", "--epochs", "1",
                  "--out", str(tmp_path / "mf")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert 'elbo "meanfield" (TraceMeanField_ELBO)' in err and "--elbo trace" in err
     assert not (tmp_path / "mf").exists()
+
+
+# -------------------------------------------------------------------------------------------- traversal
+def test_traverse_sets_bits_on_an_exact_latent():
+    vae, x = make_vae(4), binary(2)
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda z, **kw: (seen.append(z.clone()), decode(z, **kw))[1]
+    out = traverse(vae, x[0], dims=[0, 2])
+    assert out.shape == (2, 2, 12)
+    z = seen[-1]
+    assert z.shape == (2, 2, 4)
+    assert torch.equal(z[0, :, 0], torch.tensor([0.0, 1.0])) and torch.equal(z[1, :, 2], torch.tensor([0.0, 1.0]))
+    held = z[0, :, [1, 2, 3]]
+    assert bool(((held >= 0) & (held <= 1)).all())  # the other bits at their posterior probabilities
+    assert traverse(vae).shape == (4, 2, 12)
+    assert bool(((seen[-1] >= 0) & (seen[-1] <= 1)).all())
+    assert traverse(vae, dims=[1], values=[1, 0, 1]).shape == (1, 3, 12)
+    with pytest.raises(ConfigError, match=r"values: expected bits in \{0, 1\}"):
+        traverse(vae, values=[-3.0, 3.0])
+    with pytest.raises(ConfigError, match=r"values: expected bits in \{0, 1\}"):
+        traverse(vae, values=[0.5])
+
+
+@pytest.mark.parametrize("kw", [{"relaxed": True}, {"straight_through": True}])
+def test_traverse_sets_logit_space_bits_on_a_relaxed_latent(kw):
+    vae, x = make_vae(3, **kw), binary(2)
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda z, **k: (seen.append(z.clone()), decode(z, **k))[1]
+    for point in (x[0], None):
+        out = traverse(vae, point, dims=[1])
+        assert out.shape == (1, 2, 12)
+        z = seen[-1]
+        assert z.shape == (1, 2, 3)
+        assert torch.equal(z[0, :, 1], torch.tensor([-math.inf, math.inf]))
+        assert bool(torch.isfinite(z[0, :, [0, 2]]).all())  # the other bits at their logits
+        assert torch.isfinite(out).all()
+    # the decoder sees bits 0 and 1 where the traversal sets them
+    assert torch.equal(vae.decoder_input(seen[-1])[0, :, 1], torch.tensor([0.0, 1.0]))
