@@ -180,7 +180,7 @@ def importance_weighted_terms(model_trace: Trace, guide_trace: Trace, particle_d
                 continue
             _, score, entropy = site["score_parts"]
             if not is_identically_zero(score) and learning_signals:
-                score_lp = score_lp + _reduce(score, keep, nd) / scale
+                score_lp = score_lp + _reduce(score, keep, nd)  # Pyro never scales score_function
             elif not is_identically_zero(score):
                 raise ConfigError(message(
                     f'guide site "{name}"', "a reparameterized guide site for the IWAE bound",
