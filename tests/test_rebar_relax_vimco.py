@@ -425,3 +425,22 @@ def test_gumbel_rao_has_the_mean_of_straight_through_and_no_larger_variance():
         z = (a.mean(0) - b.mean(0)) / (a.var(0) / a.shape[0] + b.var(0) / b.shape[0]).sqrt()
         print(f"{name}: encoder bias against the score function, max |z| {float(z.abs().max()):.1f}, "
               f"median |z| {float(z.abs().median()):.1f}")
+
+
+def test_vimco_gradient_scales_with_num_data():
+    """Under minibatch scaling every gradient of the bound is ``num_data / batch`` times the batch's own, the
+    encoder's (VIMCO's learning-signal term: Pyro leaves a site's score-function part unscaled) as the decoder's.
+    Same draws at both scales: deterministic."""
+    x = (torch.rand(6, 5, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    grads = []
+    for num_data in (6, 12):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        vae = pyro_vae.VAE((5,), 3, latent="bernoulli", prior="bernoulli-learned", hidden=(8,))
+        pyro.set_rng_seed(1)
+        make_elbo("iwae", 4, "vimco", vae.data_shape).loss_and_grads(vae.model, vae.guide, x, num_data=num_data)
+        grads.append({n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None})
+    assert any(n.startswith("encoder") for n in grads[0])
+    for n, g in grads[0].items():
+        assert torch.allclose(grads[1][n], 2 * g, rtol=1e-4, atol=1e-5), n
+    pyro.clear_param_store()
