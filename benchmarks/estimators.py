@@ -3,7 +3,8 @@ estimator along one training trajectory, Jang et al.'s categorical VAE, and path
 
 Four parts (``--part``), each trained by :func:`pyro_vae.train.step.svi_step` (Adam, the estimator's learned
 modules trained with the VAE, as :func:`pyro_vae.fit` does) for the same number of steps per estimator
-(``--steps``, capped by ``--time-budget`` seconds of training per run), from the same initialization and seed:
+(``--steps``; ``--time-budget`` caps the training seconds of each run in one call, and a later call with the same
+``--checkpoint-dir`` continues the runs that stopped short), from the same initialization and seed:
 
 1. ``relax-table``: RELAX Table 1, MNIST rows (Grathwohl et al. 2018): one-layer sigmoid belief nets with 200
    Bernoulli latents and a learned prior, linear (784-200) and nonlinear (2 x 200 tanh in the encoder and the
@@ -29,12 +30,11 @@ modules trained with the VAE, as :func:`pyro_vae.fit` does) for the same number 
 
     # smoke run (CPU, digits, well under two minutes)
     python benchmarks/estimators.py --quick --out /tmp/est
-    # (the relaxed Bernoulli latent has no vectorized sampler: the Concrete variances are sampled in a loop)
-    # reduced CPU run on MNIST (one thread)
-    python benchmarks/estimators.py --data mnist --device cpu --threads 1 --steps 1500 --time-budget 60 --tag cpu
-    # GPU run, split across calls by --checkpoint-dir (a finished run is read back, an unfinished one resumed)
-    python benchmarks/estimators.py --data mnist --device auto --steps 20000 --time-budget 240 --tag gpu \\
-        --checkpoint-dir /tmp/est_ckpt
+    # reduced CPU run on MNIST, one thread (the committed estimators_cpu.*, about half an hour)
+    python benchmarks/estimators.py --data mnist --device cpu --threads 1 --steps 800 --eval-k 500 --tag cpu
+    # GPU: one part per call, repeated to continue (a run of --steps steps is read back, a shorter one resumed)
+    python benchmarks/estimators.py --data mnist --device auto --steps 100000 --eval-every 1000 --tag gpu \\
+        --checkpoint-dir /tmp/est_gpu --part relax-table --time-budget 20
 
 Writes ``estimators[_TAG].json`` (every curve and record, the device, versions, date, budget and seeds; a run with
 ``--part`` other than ``all`` replaces only its parts in an existing file), ``estimators[_TAG]_*.png`` and
@@ -48,6 +48,7 @@ import datetime
 import json
 import math
 import platform
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ def exact_elbo(vae: pyro_vae.VAE, x: torch.Tensor, particles: int) -> float:
 
 # ------------------------------------------------------------------------------------------------ training
 class Run:
-    """One training run, checkpointed to ``ckpt_dir/KEY.pt`` and, once finished, ``KEY.json``."""
+    """One training run, checkpointed to ``ckpt_dir/KEY.pt`` and, at the end of each call, ``KEY.json``: a
+    later call reads a run of ``--steps`` steps back from its JSON and resumes a shorter one from its ``.pt``."""
 
     def __init__(self, key: str, vae: pyro_vae.VAE, estimator: str, elbo: str, k: int, x: torch.Tensor,
                  args: argparse.Namespace, device: torch.device) -> None:
@@ -179,16 +181,16 @@ class Run:
         return self.x[perm[i * BATCH:(i + 1) * BATCH].to(self.x.device)]
 
     def train(self, evaluate, every: int, hook=None) -> None:
-        """Train to ``--steps`` or ``--time-budget``; ``evaluate(vae) -> dict`` (untimed) every ``every`` steps
-        and at the end; ``hook(run)`` (untimed) before each step."""
+        """Train to ``--steps``, or for ``--time-budget`` seconds in this call; ``evaluate(vae) -> dict``
+        (untimed) every ``every`` steps and at the end; ``hook(run)`` (untimed) before each step."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         n = self.x.shape[0]
         if not self.curve:
             self.curve.append({"step": 0, "seconds": 0.0, **evaluate(self.vae)})
         last_save = time.perf_counter()
         budget = math.inf if self.args.time_budget is None else self.args.time_budget
-        first = True
-        while self.step < self.args.steps and self.seconds < budget:
+        first, session = True, 0.0
+        while self.step < self.args.steps and session < budget:
             if hook is not None:
                 hook(self)
             xb = self.batch()
@@ -197,6 +199,7 @@ class Run:
             svi_step(self.loss_fn, self.vae, xb, n, self.optimizer, self.params, validate=first)
             first = False
             sync()
+            session += time.perf_counter() - start
             self.seconds += time.perf_counter() - start
             self.step += 1
             if self.step % every == 0:
@@ -212,8 +215,10 @@ class Run:
 def finished(args: argparse.Namespace, key: str) -> dict[str, Any] | None:
     path = Path(args.checkpoint_dir) / f"{key}.json" if args.checkpoint_dir else None
     if path is not None and path.exists():
-        print(f"  {key}: read back from {path}", flush=True)
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if result["steps"] >= args.steps:
+            print(f"  {key}: read back from {path}", flush=True)
+            return result
     return None
 
 
@@ -379,6 +384,17 @@ def _plt():
     return plt
 
 
+LABELS = list(dict.fromkeys([*VARIANCE_RUNS, *CATEGORICAL_RUNS, *CONTINUOUS_ESTIMATORS]))
+
+
+def style(label: str) -> dict[str, Any]:
+    """One colour per estimator across the figures (matplotlib's tab20), dashed for the multi-sample runs."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](LABELS.index(label) % 20 if label in LABELS else 19),
+            "linestyle": "--" if label.endswith("K8") else "-"}
+
+
 def plot_relax_table(part: dict[str, Any], path: Path, title: str) -> None:
     plt = _plt()
     nets = list(dict.fromkeys(r["model"] for r in part["results"]))
@@ -386,8 +402,10 @@ def plot_relax_table(part: dict[str, Any], path: Path, title: str) -> None:
     for row, net in zip(axes, nets):
         for r in (r for r in part["results"] if r["model"] == net):
             for ax, xk in zip(row, ("step", "seconds", "evaluations")):
-                ax.plot([c[xk] for c in r["curve"]], [c["train_elbo"] for c in r["curve"]], label=r["estimator"])
-        for ax, xl in zip(row, ("training steps", "training seconds (wall clock)", "model evaluations")):
+                ax.plot([c[xk] for c in r["curve"]], [c["train_elbo"] for c in r["curve"]], label=r["estimator"],
+                        **style(r["estimator"]))
+        for ax, xl in zip(row, ("training steps", "training seconds (wall clock)",
+                                "model evaluations per data point (steps x evaluations per step)")):
             ax.set_xlabel(xl)
             ax.set_ylabel("training ELBO (nats per data point)")
             ax.set_title(f"{net} sigmoid belief net, 200 Bernoulli latents", fontsize=9)
@@ -396,7 +414,7 @@ def plot_relax_table(part: dict[str, Any], path: Path, title: str) -> None:
             if lo is not None:
                 ax.set_ylim(bottom=lo - 5)
         row[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -409,15 +427,16 @@ def plot_variance(part: dict[str, Any], path: Path, title: str) -> None:
     for label in labels:
         rs = [c for c in part["records"] if c["estimator"] == label]
         steps = [c["step"] for c in rs]
-        axes[0].plot(steps, [math.log10(max(c["encoder_variance"], 1e-300)) for c in rs], marker=".", label=label)
+        axes[0].plot(steps, [math.log10(max(c["encoder_variance"], 1e-300)) for c in rs], marker=".", label=label,
+                     **style(label))
         axes[1].plot(steps, [math.log10(max(c["variance_x_evaluations"], 1e-300)) for c in rs], marker=".",
-                     label=label)
+                     label=label, **style(label))
     axes[0].set_ylabel("log10 encoder gradient variance (mean per coordinate)")
     axes[1].set_ylabel("log10 variance x model evaluations per estimate")
     for ax in axes:
         ax.set_xlabel(f"training steps of {part['reference']}")
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -428,7 +447,8 @@ def plot_categorical(part: dict[str, Any], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for r in part["results"]:
         for ax, xk in zip(axes, ("step", "seconds")):
-            ax.plot([c[xk] for c in r["curve"]], [c["test_neg_elbo"] for c in r["curve"]], label=r["estimator"])
+            ax.plot([c[xk] for c in r["curve"]], [c["test_neg_elbo"] for c in r["curve"]], label=r["estimator"],
+                    **style(r["estimator"]))
     for ax, xl in zip(axes, ("training steps", "training seconds (wall clock)")):
         ax.set_xlabel(xl)
         ax.set_ylabel("test negative ELBO (nats per data point)")
@@ -438,7 +458,7 @@ def plot_categorical(part: dict[str, Any], path: Path, title: str) -> None:
         if top is not None:
             ax.set_ylim(top=top + 5)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -467,7 +487,7 @@ def plot_continuous(part: dict[str, Any], path: Path, title: str) -> None:
     axes[2].set_ylabel("encoder SNR")
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=6, ncol=3)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -570,8 +590,8 @@ def main(argv: Any = None) -> dict[str, Any]:
                                                     "/work/shared/data/mnist)")
     p.add_argument("--quick", action="store_true", help="smoke run: digits, CPU-sized, well under two minutes")
     p.add_argument("--steps", type=int, default=2000, help="training steps per run (batch 24)")
-    p.add_argument("--time-budget", type=float, default=None, help="training seconds per run (evaluation not "
-                                                                    "counted; default: no limit)")
+    p.add_argument("--time-budget", type=float, default=None, help="training seconds per run in this call "
+                                                                    "(evaluation not counted; default: no limit)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nets", nargs="+", default=["linear", "nonlinear"], choices=("linear", "nonlinear"))
