@@ -13,7 +13,7 @@ import pyro_vae
 from pyro_vae.errors import ConfigError
 from pyro_vae.generation import traverse
 from pyro_vae.infer.elbo import evaluate_elbo, make_elbo
-from pyro_vae.infer.estimators import default_estimator
+from pyro_vae.infer.estimators import check_estimator, default_estimator
 from pyro_vae.infer.pair import ModelGuidePair
 
 
@@ -205,3 +205,11 @@ def test_traverse_sets_logit_space_bits_on_a_relaxed_latent(kw):
         assert torch.isfinite(out).all()
     # the decoder sees bits 0 and 1 where the traversal sets them
     assert torch.equal(vae.decoder_input(seen[-1])[0, :, 1], torch.tensor([0.0, 1.0]))
+
+
+def test_relaxed_estimators_on_an_exact_bernoulli_latent_name_its_fixes():
+    pyro.clear_param_store()
+    vae = pyro_vae.VAE(data_shape=(6,), z_dim=3, latent="bernoulli", hidden=(8,))
+    for est in ("relaxed", "straight-through"):
+        with pytest.raises(ConfigError, match=r"relaxed=True \(--relaxed\).*\"arm\""):
+            check_estimator(est, vae)

@@ -304,6 +304,9 @@ def check_estimator(estimator: str | Estimator, vae: nn.Module, elbo: Any = None
         raise ConfigError(message(f'estimator "{est.name}"',
                                   "a VAE with categorical latents (or relaxed Bernoulli ones)",
                                   f"encoder {type(getattr(vae, 'encoder', None)).__name__}",
+                                  'build the VAE with relaxed=True (--relaxed), or use an estimator for exact '
+                                  'Bernoulli latents ("score-function", "rloo", "arm", "disarm", "rebar", ...)'
+                                  if isinstance(encoder, BernoulliEncoder) else
                                   'build the VAE with latent="categorical" (--latent categorical) or use '
                                   '"pathwise" or a "score-function" estimator'))
     return est
