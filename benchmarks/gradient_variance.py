@@ -29,9 +29,9 @@ and ``digits-sbn`` (64-200 on scikit-learn's 8x8 digits, always available). Thei
 :data:`pyro_vae.infer.estimators.ESTIMATORS` that apply to an exact Bernoulli latent: score function (plain, with
 the decaying-average baseline, with the neural baseline, with the mean of 8 independent draws), NVIL, ARM, DisARM,
 MuProp, REBAR, RELAX, ``rloo`` (K >= 2: a cell of 1 particle is run with 2) and VIMCO under ``elbo="iwae"`` (K >= 2,
-likewise). Left out: ``pathwise`` (on a site without ``rsample`` Pyro falls back to the plain score function),
-``enumerate`` (2^200 configurations), the Normal-only control variates and measure-valued derivative, and the
-relaxed estimators (they need the relaxed Bernoulli latent). The learned modules of NVIL, MuProp, REBAR and RELAX
+likewise). Left out: ``pathwise`` (refused: the exact Bernoulli latent has no ``rsample``), ``enumerate`` (2^200
+configurations), the Normal-only control variates and measure-valued derivative, and the relaxed estimators (they
+need the relaxed Bernoulli latent). The learned modules of NVIL, MuProp, REBAR and RELAX
 are the fresh ones :func:`pyro_vae.gradient_samples` builds (held fixed while sampling), not trained ones.
 
 Cost, so that variance x cost ranks the estimators fairly: ``model_evaluations`` per estimate (all particles; the
