@@ -1,7 +1,7 @@
 """A relaxed-categorical latent's log-density is a function of its value, whichever way the value was obtained.
 
-The latent is carried in log space (:mod:`pyro_vae.relaxed`), so the guide's and the prior's log-densities of a
-draw must be the same whether they score the sample site's own value or a copy of it (``.sample()``,
+The latent is carried in log space (:mod:`pyro_vae.distributions.relaxed`), so the guide's and the prior's
+log-densities of a draw must be the same whether they score the sample site's own value or a copy of it (``.sample()``,
 ``expand``, ``torch.where``, ``clone``/``detach``, a float64 round trip, ``torch.save``/``load``,
 ``poutine.condition``, ``poutine.replay`` of a trace holding a cloned value), and equal to the closed-form
 log-Concrete density (Maddison et al. 2017) computed in float64 from the same value, at temperatures down to 0.1

@@ -336,15 +336,16 @@ def _rewrap_independent(fn: torch.distributions.Distribution, dims: list[int]) -
 
 def _is_relaxed_categorical(fn: Any) -> TypeGuard[torch.distributions.RelaxedOneHotCategorical | ExpRelaxedCategorical]:
     """A relaxed one-hot categorical on the simplex (torch's ``RelaxedOneHotCategorical``) or in log space
-    (torch's ``ExpRelaxedCategorical``, :class:`pyro_vae.relaxed.ExpRelaxedOneHotCategorical`)."""
+    (torch's ``ExpRelaxedCategorical``, :class:`pyro_vae.distributions.relaxed.ExpRelaxedOneHotCategorical`)."""
     return isinstance(fn, (torch.distributions.RelaxedOneHotCategorical, ExpRelaxedCategorical))
 
 
 def _convert_categorical(fn: torch.distributions.Distribution, mode: str | None, role: str,
                          site: str) -> torch.distributions.Distribution:
     """The distribution ``mode`` asks for in place of a relaxed one-hot categorical (same logits, same shapes,
-    same representation of the value). ``"exact"``: the categorical itself (:class:`pyro_vae.relaxed.
-    ExpOneHotCategorical` for a log-space latent, ``OneHotCategorical`` on the simplex). ``"relaxed"`` and
+    same representation of the value). ``"exact"``: the categorical itself
+    (:class:`pyro_vae.distributions.relaxed.ExpOneHotCategorical` for a log-space latent, ``OneHotCategorical``
+    on the simplex). ``"relaxed"`` and
     ``"straight-through"`` leave the distribution as it is: the latent is the same relaxed draw, and the
     straight-through estimator changes only what the consumer of a log-space latent computes from it
     (:func:`straight_through_override`)."""
@@ -361,8 +362,9 @@ def _convert_categorical(fn: torch.distributions.Distribution, mode: str | None,
     if mode == "straight-through" and simplex:
         raise ConfigError(message(
             f'estimator "straight-through" at site "{site}"',
-            "a relaxed categorical latent in log space (pyro_vae.relaxed.ExpRelaxedOneHotCategorical), whose "
-            "consumer maps it with pyro_vae.relaxed.to_simplex", f"{type(base).__name__} (values on the simplex)",
+            "a relaxed categorical latent in log space (pyro_vae.distributions.relaxed.ExpRelaxedOneHotCategorical), "
+            "whose consumer maps it with pyro_vae.distributions.relaxed.to_simplex",
+            f"{type(base).__name__} (values on the simplex)",
             'sample the log-space latent (a pyro_vae.VAE with latent="categorical" does), or use "relaxed"'))
     return fn
 

@@ -2,7 +2,7 @@
 
 :func:`gradient_samples` draws ``num_samples`` independent estimates of the gradient of the loss
 (the negative ELBO of the batch ``x``, as Pyro's ``loss_and_grads`` leaves it in ``.grad``) under one
-estimator of :mod:`pyro_vae.estimators`. Two implementations compute the same estimator:
+estimator of :mod:`pyro_vae.infer.estimators`. Two implementations compute the same estimator:
 
 - ``method="loop"``, the reference: Pyro's own ``loss_and_grads`` called ``num_samples`` times;
 - ``method="vectorized"``: ``torch.func.vmap`` of ``torch.func.grad`` of a ``functional_call`` of the
@@ -142,7 +142,7 @@ def flat_gradient(vae: nn.Module, loss: torch.Tensor, x: torch.Tensor | None = N
 
 def exact_gradient(vae: VAE, x: torch.Tensor) -> torch.Tensor:
     """Exact gradient of the loss ``-sum(ELBO(x))`` of a linear-Gaussian VAE (see
-    :mod:`pyro_vae.linear_gaussian`), by autograd of the closed form; ``(num_params,)`` over the VAE's
+    :mod:`pyro_vae.models.linear_gaussian`), by autograd of the closed form; ``(num_params,)`` over the VAE's
     module parameters (the model has no ``pyro.param``)."""
     return flat_gradient(vae, -exact_elbo(vae, x).sum())
 
@@ -696,7 +696,7 @@ def gradient_samples(vae: nn.Module, x: torch.Tensor, estimator: str | Estimator
         vae: a :class:`pyro_vae.VAE`, a :class:`pyro_vae.ModelGuidePair` or any object with ``model``/``guide``
             methods taking ``x`` (``model_kwargs`` such as ``num_data`` passed on).
         x: the batch ``(batch, *data_shape)``; each estimate is the gradient of the loss of the whole batch.
-        estimator: a name of :data:`pyro_vae.estimators.ESTIMATORS`.
+        estimator: a name of :data:`pyro_vae.infer.estimators.ESTIMATORS`.
         num_samples: number of independent estimates.
         num_particles: particles averaged inside each estimate (vectorized); the importance samples ``K`` of
             ``elbo="iwae"``.
