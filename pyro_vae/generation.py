@@ -40,6 +40,7 @@ def posterior_samples(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024, **co
     """One draw ``z ~ q(z | x)`` per data point (the value of the latent site in a trace of
     ``vae.guide(x, **context)``), ``(N, *latent_event_shape)`` on the VAE's device; per-data-point context values
     are ``(N, ...)``."""
+    vae.check_context_rows(x.shape[0], context)
     device = vae.device
     out: list[torch.Tensor] = []
     with torch.no_grad():
@@ -57,6 +58,7 @@ def posterior_locations(vae: VAE, x: torch.Tensor, *, batch_size: int = 1024, **
     if not context:
         return posterior_means(vae, x, batch_size=batch_size).to(vae.device)
     x = as_data_set(vae, x, "x")
+    vae.check_context_rows(x.shape[0], context)
     return torch.cat([vae.encode(x[i: i + batch_size].to(vae.device),
                                  **context_rows(context, x.shape[0], slice(i, i + batch_size)))
                       for i in range(0, x.shape[0], batch_size)])
@@ -157,14 +159,18 @@ def sample(vae: VAE, n: int, source: str = "prior", *, data: Any = None, mean: b
         ConfigError: an unknown ``source``, ``n`` not an integer >= 1, or no ``data`` for ``"aggregate"`` /
             ``"mixture"`` (without a fitted ``mixture``).
         ShapeError: a context under which the prior or the likelihood is not one distribution per sample.
-        DataError: per-data-point context with ``source="mixture"``.
+        DataError: per-data-point context with ``source="mixture"``, or a per-data-point value whose first
+            dimension is not ``n`` (``"prior"``) or the number of points of ``data`` (``"aggregate"``).
     """
     if source == "aggregate" and context and data is not None:
         n = vae.check_sample_size(n)
         x = as_data_set(vae, data)
+        vae.check_context_rows(x.shape[0], context)
         idx = torch.randint(x.shape[0], (n,))
         rows = context_rows(context, x.shape[0], idx)
         return vae.decode(posterior_samples(vae, x[idx], **rows), mean=mean, **rows)
+    if source == "prior":
+        vae.check_context_rows(vae.check_sample_size(n), context)
     if source == "mixture" and data is not None:
         size = as_data_set(vae, data).shape[0]
         local = [k for k, v in context.items() if is_per_point(v, size) or is_per_point(v, n)]

@@ -138,6 +138,10 @@ def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "impo
 
     Returns:
         ``(N, *data_shape)`` on ``x``'s device: observed entries unchanged, missing ones imputed.
+
+    Raises:
+        DataError: a per-data-point context value whose first dimension is not ``N``
+            (:meth:`pyro_vae.VAE.check_context_rows`).
     """
     if method not in METHODS:
         raise ConfigError(message("method", f"one of {METHODS}", repr(method), 'pass method="importance"'))
@@ -149,6 +153,7 @@ def impute(vae: VAE, x: torch.Tensor, mask: torch.Tensor, *, method: str = "impo
     mask = _check_mask(vae, x, mask)
     x_obs = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     vae.check_data(x_obs, "x (observed entries)")
+    vae.check_context_rows(x.shape[0], context)
     if seed is not None:
         pyro.set_rng_seed(seed)
     device = vae.device

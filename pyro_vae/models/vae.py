@@ -42,7 +42,7 @@ from pyro_vae.distributions.relaxed_bernoulli import (
 from pyro_vae.encoders import BernoulliEncoder, Encoder, GaussianEncoder, RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, DataError, ModelError, PyroVAEError, ShapeError, message, warn_deprecated
 from pyro_vae.likelihoods import Likelihood, build_likelihood
-from pyro_vae.models.context import binds, call_with_context, check_context_shapes, is_per_point
+from pyro_vae.models.context import binds, call_with_context, check_context, check_context_shapes, is_per_point
 from pyro_vae.models.sites import Sites
 from pyro_vae.networks import ContextMLP, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from pyro_vae.priors import build_prior
@@ -507,6 +507,16 @@ class VAE(Sites):
                 f"{missing[0]}=...)"))
         return {k: context[k] for k in names}
 
+    def check_context_rows(self, n: int, context: Mapping[str, Any]) -> None:
+        """Check that each per-data-point value of ``context`` (a name of ``encoder_context`` /
+        ``decoder_context`` with a leading data dimension) has ``n`` rows, one per data point, through
+        :func:`~pyro_vae.models.context.check_context` (as the training and evaluation tools check it).
+
+        Raises:
+            DataError: such a value whose first dimension is not ``n``, naming it, both row counts and the fix.
+        """
+        check_context("context", context, n, {**self.encoder_context, **self.decoder_context})
+
     def _guide_dist(self, x: torch.Tensor, **context: Any) -> dist.TorchDistribution:
         """``self.encoder.distribution(x, **encoder context)``, or :class:`ModelError` naming the encoder."""
         what = f'encoder at site "{self.site("z")}"'
@@ -760,8 +770,14 @@ class VAE(Sites):
         Gaussian latent: the posterior means ``E_q[z | x]``, ``(batch, z_dim)``. Categorical latent: the log
         class probabilities ``log q(c | x)``, ``(batch, z_dim, categories)``, the log-space point of the mean
         of the categorical the Concrete relaxes (``.exp()`` gives the probabilities); :meth:`decode` takes it.
+        ``context``: as for :meth:`model`; a per-data-point value is ``(batch, ...)``, one row per data point.
+
+        Raises:
+            DataError: a per-data-point context value whose rows are not ``x``'s (:meth:`check_context_rows`).
         """
-        q = self._guide_dist(self.as_data(x), **context)
+        x = self.as_data(x)
+        self.check_context_rows(x.shape[0], context)
+        q = self._guide_dist(x, **context)
         logits = bernoulli_logits(q) if self.latent == "bernoulli" and self.relaxed else None
         if logits is not None:  # relaxed Bernoulli: the logits of a 1 (the value's space); exact: q.mean below
             return logits
@@ -813,6 +829,8 @@ class VAE(Sites):
         Raises:
             ConfigError: ``n`` is not an integer >= 1 whose samples fit in memory (or, through
                 :func:`pyro_vae.generation.sample`, a bad ``source`` or missing ``data``).
+            DataError: a per-data-point context value whose first dimension is not ``n``
+                (:meth:`check_context_rows`).
         """
         if source != "prior":
             extra = "".join(f", {k}=..." for k in kwargs)
@@ -823,6 +841,7 @@ class VAE(Sites):
             generation = importlib.import_module("pyro_vae.generation")
             return generation.sample(self, n, source, data=data, mean=mean, **kwargs)
         n = self.check_sample_size(n)
+        self.check_context_rows(n, kwargs)
         z = self.sample_prior(n, **kwargs)
         if self.categories is not None:
             # arg-max of a Concrete draw is an exact draw of the categorical it relaxes (Gumbel-max); the
@@ -873,7 +892,11 @@ class VAE(Sites):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mean: bool = True, **context: Any) -> torch.Tensor:
         """Decode :meth:`encode` of each data point (the posterior mean; for a categorical latent the class
-        probabilities): ``(batch, *data_shape)``. ``context`` goes to both, as for :meth:`model`."""
+        probabilities): ``(batch, *data_shape)``. ``context`` goes to both, as for :meth:`model`.
+
+        Raises:
+            DataError: a per-data-point context value whose rows are not ``x``'s (:meth:`check_context_rows`).
+        """
         return self.decode(self.encode(x, **context), mean=mean, **context)
 
     @property
