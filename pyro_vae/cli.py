@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import errno
 import math
+import re
 import shlex
 import sys
 import time
@@ -28,7 +29,7 @@ from pyro_vae.data import BINARIZE, binarize
 from pyro_vae.data import load as load_splits
 from pyro_vae.errors import ConfigError, PyroVAEError, TrainingInterrupted, message
 from pyro_vae.infer.elbo import BOUNDS, ELBOS, check_elbo, evaluate_elbo
-from pyro_vae.infer.estimators import ESTIMATORS, check_mean_field, get_estimator
+from pyro_vae.infer.estimators import ESTIMATORS, check_discrete_objective, check_mean_field, get_estimator
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.models.vae import NETS, VAE
 from pyro_vae.priors import BERNOULLI_PRIORS, CATEGORICAL_PRIORS, PRIORS
@@ -133,8 +134,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "default: meanfield, trace for the score-function estimators (pyro_vae.fit's default is "
                         "trace); trace also for an exact --latent bernoulli under an estimator that is not per site")
     p.add_argument("--estimator", default=None, choices=list(ESTIMATORS),
-                   help="gradient estimator (default: pathwise, score-function for an exact --latent bernoulli, "
-                        "as pyro_vae.fit's estimator=None; config.json records the name used): " + "; ".join(
+                   help="gradient estimator (default: pathwise, score-function for an exact --latent bernoulli "
+                        "and vimco for one under --objective iwae, as pyro_vae.fit's estimator=None; config.json "
+                        "records the name used): " + "; ".join(
                        f"{name}, {est.description}" for name, est in ESTIMATORS.items()))
     p.add_argument("--particles", type=_int("--particles"), default=1,
                    help="Monte Carlo particles per step (vectorized), --objective elbo")
@@ -358,23 +360,34 @@ def write_pictures(vae, splits, run: Path, history: list | None = None, n: int =
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        return _cmd_train(args)
+    except ConfigError as e:  # a refusal of pyro_vae.fit's arguments, in the words of the command line
+        raise ConfigError(_cli_words(str(e), args.objective == "iwae")) from e
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise ConfigError(message("--resume", "--out RUN naming the run folder to continue", "no --out",
                                   "pass --out RUN with the options of the original run"))
     if args.resume and args.overwrite:
         raise ConfigError(message("--resume / --overwrite", "one of them", "both",
                                   "pass --resume to continue the run in --out, --overwrite to replace it"))
-    # an exact Bernoulli latent is not reparameterizable: its default estimator is the score function, and
-    # TraceMeanField_ELBO takes it only through the per-site estimators (whose guide wrapper has rsample)
+    # an exact Bernoulli latent is not reparameterizable: its default estimator is the score function (vimco
+    # under the IWAE bound), and TraceMeanField_ELBO takes it only through the per-site estimators (whose guide
+    # wrapper has rsample)
     exact_bits = args.latent == "bernoulli" and not (args.relaxed or args.straight_through)
     if args.estimator is None:  # the rule of pyro_vae.infer.estimators.default_estimator
-        args.estimator = "score-function" if exact_bits else "pathwise"
-    _check_objective(args)
+        args.estimator = ("vimco" if args.objective == "iwae" else "score-function") if exact_bits else "pathwise"
+    if exact_bits and args.objective == "iwae":
+        check_discrete_objective(args.estimator, "iwae")
+    _check_objective(args, exact_bits)
     if args.elbo is None:
         est = get_estimator(args.estimator)
         args.elbo = "trace" if est.score_function or (exact_bits and est.site_gradient is None) else "meanfield"
     if exact_bits and args.objective not in BOUNDS:
         check_mean_field(args.estimator, args.elbo)
+        check_discrete_objective(args.estimator, args.elbo)
     check_elbo(args.objective if args.objective in BOUNDS else args.elbo, args.estimator)
     ctx, device = distributed.init_from_env(args.device)
     try:
@@ -388,11 +401,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return code
 
 
-def _check_objective(args: argparse.Namespace) -> None:
+#: pyro_vae.fit's argument names in its refusals, and the command line's flags for them (a longer phrase first).
+_CLI_WORDS = (
+    (r"build the VAE with relaxed=True", "pass --relaxed"),
+    (r'elbo="iwae" with estimator="(\w[\w-]*)" and num_particles=K', r"--objective iwae --estimator \1 --k K"),
+    (r'elbo="iwae" with num_particles=K importance samples', "--objective iwae --k K"),
+    (r'elbo="iwae"', "--objective iwae"),
+    (r'elbo="(\w+)"', r"--elbo \1"),
+    (r'estimator="(\w[\w-]*)"', r"--estimator \1"),
+    (r'latent="(\w+)"', r"--latent \1"),
+    (r"relaxed=True", "--relaxed"),
+)
+
+
+def _cli_words(text: str, iwae: bool) -> str:
+    """A refusal of :func:`pyro_vae.fit`'s arguments with the command line's flags for its argument names:
+    ``num_particles=K`` (and ``num_particles with estimator``) is ``--k`` under ``--objective iwae``
+    (``iwae``) and ``--particles`` otherwise,
+    ``elbo="iwae"`` is ``--objective iwae``, ``elbo="trace"`` is ``--elbo trace`` (``--objective elbo`` under the
+    bound), ``estimator="x"`` is ``--estimator x``, ``relaxed=True`` is ``--relaxed``; a flag the message already
+    gave in parentheses is not repeated."""
+    for pattern, flag in _CLI_WORDS:
+        text = re.sub(pattern, flag, text)
+    if iwae:  # under the bound, the ELBO is chosen by --objective elbo (--elbo is refused with --objective iwae)
+        text = re.sub(r"--elbo (\w+)", r"--objective elbo --elbo \1", text)
+    particles = "--k" if iwae else "--particles"
+    text = re.sub(r"\bnum_particles=K\b", f"{particles} K", text)
+    text = re.sub(r"\bnum_particles with estimator\b", f"{particles} with estimator", text)
+    return re.sub(r"(--[a-z-]+(?: [\w-]+)*) \(\1\)", r"\1", text)
+
+
+def _check_objective(args: argparse.Namespace, exact_bits: bool = False) -> None:
     """``--objective iwae`` takes ``--k`` (default 50) and neither ``--elbo`` nor ``--particles``; the run's
     reported ELBOs are then ``Trace_ELBO``'s (``args.elbo = "trace"``). ``--k`` needs ``--objective iwae``."""
     if args.objective != "iwae":
         if "elbo" not in get_estimator(args.estimator).objectives:
+            if exact_bits:  # an exact Bernoulli latent refuses "stl" too: its message names that latent's fixes
+                check_discrete_objective(args.estimator, "trace")
             raise ConfigError(message(f"--estimator {args.estimator}", "--objective iwae (it estimates the gradient of "
                                       "the importance-weighted bound)", f"--objective {args.objective}",
                                       "pass --objective iwae --k K, or --estimator stl for the ELBO"))

@@ -6,7 +6,16 @@ error raised, or the estimator picked, before or at the first training step.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
+
+import pytest
+import torch
+
+import pyro_vae
+from pyro_vae.cli import main
+from pyro_vae.errors import ConfigError
+from pyro_vae.infer.estimators import default_estimator
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_PATHS = ("estimators", "vae", "relaxed", "kl", "variance", "step", "distributed", "conditional", "linear_gaussian")
@@ -22,3 +31,78 @@ def test_no_deprecated_module_paths_in_docstrings_or_docs():
               or p.parent.name not in ("docs", "api")]
     found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in files for m in OLD.finditer(p.read_text())]
     assert not found, found
+
+
+def _bits_vae(latent: str = "bernoulli") -> pyro_vae.VAE:
+    return pyro_vae.VAE((10,), 3, latent=latent, hidden=(8,), name="b")
+
+
+def _fit(vae, **kw):
+    x = (torch.rand(32, 10, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pyro_vae.fit(vae, x, epochs=1, batch_size=16, progress=False, seed=0, **kw)
+
+
+def test_default_estimator_of_an_exact_discrete_latent_under_the_iwae_bound_is_vimco():
+    assert default_estimator(_bits_vae(), elbo="iwae") == "vimco"
+    assert default_estimator(_bits_vae(), elbo="trace") == "score-function"
+    assert default_estimator(_bits_vae()) == "score-function"
+    assert default_estimator(_bits_vae("gaussian"), elbo="iwae") == "pathwise"
+    assert default_estimator(torch.nn.Module(), ["z"], "iwae") == "vimco"
+    history = _fit(_bits_vae(), elbo="iwae", num_particles=3)
+    assert len(history) == 1
+
+
+@pytest.mark.parametrize("estimator", ["score-function", "rloo", "dreg", "pathwise", "relaxed"])
+def test_refusals_under_the_iwae_bound_at_an_exact_discrete_latent_name_vimco(estimator):
+    with pytest.raises(ConfigError, match='estimator="vimco"'):
+        _fit(_bits_vae(), elbo="iwae", num_particles=3, estimator=estimator)
+
+
+@pytest.mark.parametrize("estimator", ["vimco", "dreg", "stl"])
+def test_iwae_estimators_under_the_elbo_at_an_exact_discrete_latent_name_fixes_for_that_latent(estimator):
+    with pytest.raises(ConfigError) as info:
+        _fit(_bits_vae(), estimator=estimator)
+    fix = str(info.value).split("Fix:")[1]
+    assert 'estimator="vimco"' in fix and '"rloo"' in fix and "stl" not in fix and "pathwise" not in fix
+
+
+@pytest.mark.parametrize("estimator", ["vimco", "dreg"])
+def test_iwae_estimators_under_the_elbo_at_a_gaussian_latent_still_suggest_stl(estimator):
+    with pytest.raises(ConfigError, match='estimator="stl"'):
+        _fit(_bits_vae("gaussian"), estimator=estimator)
+
+
+def _train(tmp_path, capsys, *flags: str) -> tuple[int, str]:
+    code = main(["train", "--data", "digits", "--latent", "bernoulli", "--z-dim", "2", "--hidden", "8",
+                 "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run"), *flags])
+    return code, capsys.readouterr().err
+
+
+FORBIDDEN = ("num_particles", "elbo=", "estimator=", "relaxed=")
+
+
+@pytest.mark.parametrize("flags, wanted", [
+    (("--estimator", "rloo"), "--particles K"),
+    (("--objective", "iwae", "--k", "3", "--estimator", "dreg"), "--estimator vimco with --k K"),
+    (("--objective", "iwae", "--k", "3", "--estimator", "score-function"), "--estimator vimco with --k K"),
+    (("--objective", "iwae", "--k", "1"), "--k K with K >= 2"),
+    (("--estimator", "vimco"), "--objective iwae --estimator vimco --k K"),
+    (("--estimator", "dreg"), "--objective iwae --estimator vimco --k K"),
+    (("--estimator", "stl"), "--objective iwae --estimator vimco --k K"),
+    (("--elbo", "meanfield", "--estimator", "score-function"), "--elbo trace"),
+    (("--estimator", "relaxed"), "pass --relaxed"),
+])
+def test_cli_refusals_name_the_command_line_flags(tmp_path, capsys, flags, wanted):
+    code, err = _train(tmp_path, capsys, *flags)
+    assert code == 2, err
+    fix = err.split("Fix:")[1]
+    assert wanted in fix, err
+    assert not any(word in fix for word in FORBIDDEN), err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_cli_default_estimator_under_the_iwae_bound_is_vimco(tmp_path, capsys):
+    code, err = _train(tmp_path, capsys, "--objective", "iwae", "--k", "3")
+    assert code == 0, err

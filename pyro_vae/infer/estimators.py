@@ -69,6 +69,7 @@ __all__ = [
     "default_estimator",
     "exact_discrete_latent",
     "check_mean_field",
+    "check_discrete_objective",
     "NeuralBaseline",
     "EstimatorTrace_ELBO",
     "EstimatorTraceMeanField_ELBO",
@@ -262,12 +263,18 @@ def exact_discrete_latent(vae: nn.Module) -> bool:
     return isinstance(encoder, BernoulliEncoder) and not encoder.relaxed
 
 
-def default_estimator(vae: nn.Module, non_reparameterized: Iterable[str] = ()) -> str:
-    """The estimator :func:`pyro_vae.fit` and ``pyro-vae train`` use when none is given (``estimator=None``):
-    ``"score-function"`` (REINFORCE, Williams 1992) when a latent guide site has no ``rsample`` (an exact
-    discrete latent: :func:`exact_discrete_latent` of a VAE, or the names ``non_reparameterized`` of such sites of
-    a model/guide pair's guide), else ``"pathwise"`` (the reparameterization gradient)."""
-    return "score-function" if exact_discrete_latent(vae) or any(True for _ in non_reparameterized) else "pathwise"
+def default_estimator(vae: nn.Module, non_reparameterized: Iterable[str] = (), elbo: Any = None) -> str:
+    """The estimator :func:`pyro_vae.fit` and ``pyro-vae train`` use when none is given (``estimator=None``).
+
+    When a latent guide site has no ``rsample`` (an exact discrete latent: :func:`exact_discrete_latent` of a VAE,
+    or the names ``non_reparameterized`` of such sites of a model/guide pair's guide): ``"vimco"`` (multi-sample
+    REINFORCE with leave-one-out learning signals, Mnih & Rezende 2016) under the IWAE bound (``elbo="iwae"``, the
+    only estimator of that bound for such a site), else ``"score-function"`` (REINFORCE, Williams 1992). Otherwise
+    ``"pathwise"`` (the reparameterization gradient), under either objective."""
+    discrete = exact_discrete_latent(vae) or any(True for _ in non_reparameterized)
+    if discrete:
+        return "vimco" if elbo == "iwae" else "score-function"
+    return "pathwise"
 
 
 def check_mean_field(estimator: str | Estimator, elbo: Any, site: str = "z") -> Estimator:
@@ -290,14 +297,52 @@ def check_mean_field(estimator: str | Estimator, elbo: Any, site: str = "z") -> 
     return est
 
 
+def check_discrete_objective(estimator: str | Estimator, elbo: Any, site: str = "z") -> Estimator:
+    """The :class:`Estimator` of ``estimator`` when it estimates the gradient of the objective ``elbo`` at an
+    exact discrete latent (a guide site ``site`` without ``rsample``).
+
+    Raises:
+        ConfigError: ``elbo="iwae"`` (the IWAE bound) with an estimator other than ``"vimco"``, the one estimator
+            of that bound for a site without ``rsample``; or an ELBO (``"trace"``, ``"meanfield"``) with an
+            estimator of the IWAE bound only (``"vimco"``, ``"dreg"``). The message names fixes that apply to
+            the discrete latent: ``estimator="vimco"`` under the bound, an ELBO estimator such as ``"rloo"``,
+            ``"arm"`` or ``"disarm"`` under the ELBO; a path-derivative estimator (``"stl"``, ``"dreg"``),
+            which needs a reparameterized site."""
+    est = get_estimator(estimator)
+    elbo_estimators = '"score-function", "rloo", "arm" or "disarm"'
+    if elbo == "iwae" and est.name != "vimco":
+        raise ConfigError(message(
+            f'elbo "iwae" with estimator "{est.name}" at site "{site}"',
+            'estimator "vimco" (the one estimator of the IWAE bound for a latent without rsample)',
+            f'an exact discrete latent at site "{site}" (no rsample) under estimator "{est.name}"',
+            f'pass estimator="vimco" with num_particles=K >= 2, or elbo="trace" with an ELBO estimator such as '
+            f'{elbo_estimators}, or build the VAE with relaxed=True (a reparameterized latent)'))
+    if isinstance(elbo, str) and elbo != "iwae" and "elbo" not in est.objectives:
+        raise ConfigError(message(
+            f'elbo "{elbo}" with estimator "{est.name}" at site "{site}"', "an estimator of the ELBO",
+            f'"{est.name}", an estimator of the IWAE bound, at an exact discrete latent (no rsample)',
+            f'pass elbo="iwae" with estimator="vimco" and num_particles=K >= 2, or an ELBO estimator such as '
+            f'{elbo_estimators}'))
+    if est.path_derivative:
+        raise ConfigError(message(
+            f'estimator "{est.name}" at site "{site}"',
+            "a reparameterized guide site (the path-derivative estimators detach its parameters)",
+            f'an exact discrete latent at site "{site}" (no rsample)',
+            f'pass an ELBO estimator such as {elbo_estimators}, or elbo="iwae" with estimator="vimco" and '
+            'num_particles=K >= 2, or build the VAE with relaxed=True (a reparameterized latent)'))
+    return est
+
+
 def check_estimator(estimator: str | Estimator, vae: nn.Module, elbo: Any = None) -> Estimator:
     """The :class:`Estimator`, or :class:`ConfigError` when it does not fit the VAE's latent (``relaxed`` and
     ``straight-through`` need a relaxed-categorical or relaxed Bernoulli encoder) or, for an exact discrete
-    latent, the objective ``elbo`` (:func:`check_mean_field`). The pathwise estimator at a latent without
-    ``rsample`` is refused where the ELBO draws the site (:class:`EstimatorMessenger`)."""
+    latent, the objective ``elbo`` (:func:`check_discrete_objective`, :func:`check_mean_field`). The pathwise
+    estimator at a latent without ``rsample`` is refused where the ELBO draws the site
+    (:class:`EstimatorMessenger`)."""
     est = get_estimator(estimator)
     if exact_discrete_latent(vae):
         check_mean_field(est, elbo, site=_site_name(vae))
+        check_discrete_objective(est, elbo, site=_site_name(vae))
     encoder = getattr(vae, "encoder", None)
     relaxed_bernoulli = isinstance(encoder, BernoulliEncoder) and encoder.relaxed and est.site_gradient is None
     if not est.gaussian and not isinstance(encoder, RelaxedCategoricalEncoder) and not relaxed_bernoulli:

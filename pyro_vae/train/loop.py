@@ -122,7 +122,9 @@ def fit(
             ELBO, ``"dreg"`` for ``"iwae"``, ...). ``None`` (the default) picks one before training by
             :func:`pyro_vae.infer.estimators.default_estimator`: ``"pathwise"`` for reparameterizable latents
             (Gaussian, relaxed categorical, relaxed Bernoulli), ``"score-function"`` for an exact discrete latent
-            (``VAE(latent="bernoulli")``, or a model/guide pair whose guide has a latent site without ``rsample``);
+            (``VAE(latent="bernoulli")``, or a model/guide pair whose guide has a latent site without ``rsample``)
+            under the ELBO and ``"vimco"`` (Mnih & Rezende 2016; ``num_particles`` >= 2) for one under
+            ``elbo="iwae"``, the one estimator of the IWAE bound for such a site;
             the checkpoints record the name picked. ``"pathwise"`` at a guide site without ``rsample`` is refused
             (:class:`ConfigError` naming the site), and so is ``elbo="meanfield"`` for an exact Bernoulli latent
             with an estimator that is not per site (pass ``"trace"``, or ``"rloo"``, ``"arm"``, ``"disarm"``...).
@@ -309,7 +311,7 @@ def _fit_config(vae: VAE | ModelGuidePair, callbacks: Sequence[Any], *, elbo: An
         ("overwrite", overwrite)))
     elbo, estimator = (str(v) if isinstance(v, str) else v for v in (elbo, estimator))
     if estimator is None and isinstance(vae, VAE):
-        estimator = default_estimator(vae)  # a model/guide pair's is read off its guide's trace (_prepare)
+        estimator = default_estimator(vae, elbo=elbo)  # a model/guide pair's is read off its guide's trace (_prepare)
     ctx = distributed.context()
     if seed is not None:
         seed = integer("seed", seed, 0, 2 ** 32 - ctx.world_size)  # numpy's seeds stop at 2**32 - 1
@@ -385,17 +387,17 @@ def _prepare(vae: VAE | ModelGuidePair, train_data: Any, val_data: Any, cfg: Fit
     if cfg.seed is not None:
         pyro.set_rng_seed(cfg.seed + cfg.ctx.rank)
     if isinstance(vae, VAE):
-        check_estimator(cfg.estimator or default_estimator(vae), vae, cfg.elbo)
+        check_estimator(cfg.estimator or default_estimator(vae, elbo=cfg.elbo), vae, cfg.elbo)
     vae.to(cfg.device)
     x = x.to(cfg.device)
     n = x.shape[0]
     first = context_rows(ctx, n, slice(0, min(cfg.batch_size, n)))
     if isinstance(vae, VAE):
-        estimator = cfg.estimator or default_estimator(vae)
+        estimator = cfg.estimator or default_estimator(vae, elbo=cfg.elbo)
         loss_fn = make_elbo(cfg.elbo, cfg.num_particles, estimator, vae.data_shape)
     else:
         structure = pair_structure(vae, x[: min(cfg.batch_size, n)], n, context=first)
-        estimator = cfg.estimator or default_estimator(vae, structure.non_reparameterized)
+        estimator = cfg.estimator or default_estimator(vae, structure.non_reparameterized, cfg.elbo)
         loss_fn = make_elbo(cfg.elbo, cfg.num_particles, estimator, tuple(x.shape[1:]),
                             max_plate_nesting=structure.max_plate_nesting)
     distributed.broadcast_module(vae)
