@@ -8,10 +8,12 @@ z from the VAE:
     o_g ~ Normal(0, I)        s ~ LogNormal(log 0.3, 0.5)        z[n, g] ~ Normal(0, I)
     x[n, g] ~ Normal(decoder(z[n, g]) + o_g, s)
 
-The offset and the scale reach the VAE's likelihood as named context: vae.model(x, offset=o, scale=s) calls
-likelihood(decoder_output, offset=o, scale=s) inside the VAE's data plate. The model/guide pair goes to
-pyro_vae.fit as a ModelGuidePair: the items are the data points (minibatched, their sites scaled by
-N / batch), the offsets and the scale are global latents (not scaled), as under pyro.infer.SVI.
+The offset and the scale reach the VAE's likelihood as named context: vae.model(x, offset=o, scale=s[..., None])
+calls likelihood(decoder_output, offset=o, scale=s[..., None]) inside the VAE's data plate; the trailing dimension
+aligns the global scale with the data dimension, so that the model also trains with vectorized particles
+(--particles 2). The model/guide pair goes to pyro_vae.fit as a ModelGuidePair: the items are the data points
+(minibatched, their sites scaled by N / batch), the offsets and the scale are global latents (not scaled), as
+under pyro.infer.SVI.
 
 Part 1: a hand-written guide; Predictive posterior predictive draws, poutine.condition / poutine.do
 interventions on the offsets, log_likelihood given the global latents. Part 2: an AutoNormal guide for the
@@ -20,6 +22,7 @@ the clashing one (the autoguide called inside the guide's own "groups" plate) is
 
     python examples/grouped_model.py            # synthetic data, about a minute on a CPU
     python examples/grouped_model.py --quick    # a few seconds (what the tests run)
+    python examples/grouped_model.py --quick --particles 2    # vectorized particles
 """
 
 from __future__ import annotations
@@ -53,8 +56,11 @@ def make_data(num_items: int, offsets: torch.Tensor, scale: float, z_dim: int, s
 def grouped_model(num_groups: int, dim: int, z_dim: int = 2, hidden: int = 32, device: str | torch.device = "cpu"):
     """The VAE and the grouped model around it: ``(vae, model)``, ``model(x, num_data=None, batch_size=None)``
     with ``x`` ``(batch, G, D)`` (or ``None`` and ``batch_size`` to generate)."""
-    # The likelihood takes the context the model passes: the group's offset (G, 1, D) and the scale (). Both
-    # broadcast against the decoder's output (G, batch, D). name="vae" keeps the VAE's sites apart from ours.
+    # The likelihood takes the context the model passes: the group's offset (G, 1, D) and the scale with one
+    # trailing dimension per data dimension, (1,). Both broadcast against the decoder's output (G, batch, D), and
+    # under P vectorized particles, (P, G, 1, D) and (P, 1, 1, 1) against (P, G, batch, D): a global draw is
+    # (P, 1, 1) there, so without that trailing dimension its plate dimensions would meet (batch, D).
+    # name="vae" keeps the VAE's sites apart from ours.
     vae = pyro_vae.VAE((dim,), z_dim, hidden=(hidden,), name="vae",
                        likelihood=lambda out, offset=0.0, scale=1.0: dist.Normal(out + offset, scale)).to(device)
     zero, one = torch.zeros((), device=device), torch.ones((), device=device)
@@ -67,7 +73,7 @@ def grouped_model(num_groups: int, dim: int, z_dim: int = 2, hidden: int = 32, d
             o = pyro.sample("offset", dist.Normal(zero, one).expand([1, dim]).to_event(1))  # (G, 1, D)
             # The VAE sees the groups as a leading batch dimension: x (G, batch, D).
             return vae.model(None if x is None else x.transpose(0, 1), num_data=num_data, batch_size=batch_size,
-                             offset=o, scale=s)
+                             offset=o, scale=s[..., None])
 
     return vae, model
 
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--particles", type=int, default=1, help="ELBO particles per step (vectorized when >= 2)")
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--num-samples", type=int, default=100, help="posterior draws for Predictive")
     p.add_argument("--quick", action="store_true", help="a few epochs on few items (seconds)")
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     guide = hand_guide(vae, G, D)
     pair = pyro_vae.ModelGuidePair(model, guide, modules=vae)  # data plate found: "vae/data"
     history = pyro_vae.fit(pair, x, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           device=device, progress=False)
+                           device=device, progress=False, num_particles=args.particles)
     store = pyro.get_param_store()
     offset_mean, offset_sd = store["offset_loc"].detach().squeeze(1), store["offset_sd"].detach().squeeze(1)
     scale_median = float(store["scale_loc"].detach().exp())
@@ -196,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     vae2, model2 = grouped_model(G, D, hidden=args.hidden, device=device)
     guide2, auto = auto_guide(vae2, model2, G)
     history2 = pyro_vae.fit(pyro_vae.ModelGuidePair(model2, guide2, modules=vae2), x, epochs=args.epochs,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, progress=False)
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, progress=False,
+                            num_particles=args.particles)
     auto_offsets = auto.median()["offset"].detach().squeeze(1)
     print(f"AutoNormal guide: ELBO per item {history2.epochs[-1]['train_elbo']:.3f}, offsets\n",
           auto_offsets.cpu().numpy().round(2))

@@ -472,14 +472,48 @@ class VAE(Sites):
         text = (str(e).strip().splitlines() or [""])[0].rstrip(":")[:240]
         return f"invalid parameters ({type(e).__name__}: {text})"
 
+    @staticmethod
+    def _is_broadcast_error(e: RuntimeError) -> bool:
+        """Whether ``e`` is torch's refusal to broadcast two shapes (not, say, an out-of-memory error)."""
+        text = str(e)
+        return not isinstance(e, torch.OutOfMemoryError) and (
+            "must match the size of tensor" in text or "broadcast" in text or "shape" in text)
+
+    def _context_shape_error(self, what: str, context: Mapping[str, Any], e: RuntimeError,
+                             out: torch.Tensor | None = None) -> ShapeError:
+        """The :class:`ShapeError` for a part (``what``: the prior or the likelihood) whose context values do not
+        broadcast against the data plate: the context's shapes, the decoder output's (``out``), and the fix."""
+        shapes = ", ".join(f"{k}: {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}"
+                           for k, v in context.items())
+        event = self.data_shape if out is not None else self.latent_shape
+        found = (f"context {{{shapes}}}" + (f" with the decoder output of shape {tuple(out.shape)}"
+                                            if out is not None else "")
+                 + f", which do not broadcast ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]})")
+        trailing = "[..., " + ", ".join(["None"] * len(event)) + "]"
+        return ShapeError(message(
+            what, "context values that broadcast against the data plate: a per-data-point value (batch, ...) or a "
+            f"global value aligned to the plate dimensions, with one trailing dimension of size 1 per event "
+            f"dimension {tuple(event)}", found,
+            "give each global value one trailing dimension of size 1 per event dimension; under vectorized particles "
+            "(num_particles >= 2) a global latent drawn outside the data plate has shape (P, 1, ..., 1) (one 1 per "
+            f"plate dimension): pass value{trailing} (value.reshape(value.shape + {(1,) * len(event)})), or sample "
+            f"it with event shape {(1,) * len(event)} "
+            "(dist.LogNormal(0., 1.).expand([" + ", ".join(["1"] * len(event)) + "]).to_event("
+            f"{len(event)})); a per-data-point value needs one row per data point of the plate"))
+
     def _prior_dist(self, **context: Any) -> dist.TorchDistribution:
         """``self.prior(**context)``, or :class:`ModelError` naming the prior when it fails or returns no
-        distribution (:class:`ConfigError` when it does not take the context)."""
+        distribution (:class:`ConfigError` when it does not take the context, :class:`ShapeError` when its
+        context values do not broadcast)."""
         what = f'prior at site "{self.site("z")}"'
         try:
             p: dist.TorchDistribution = call_with_context(what, self.prior, context=context,
                                   fix="pass the values the prior needs to vae.model / vae.sample as keyword arguments")
         except PyroVAEError:
+            raise
+        except RuntimeError as e:
+            if context and self._is_broadcast_error(e):
+                raise self._context_shape_error(what, context, e) from e
             raise
         except ValueError as e:  # a distribution built from NaN or infinite parameters
             raise self._part_error(what, "a distribution with valid parameters", self._first_line(e),
@@ -559,7 +593,9 @@ class VAE(Sites):
         Raises:
             ModelError: the likelihood refused ``out`` (e.g. a non-finite decoder output), naming the part.
             ConfigError: the likelihood does not take the context given, or needs a value not given.
-            ShapeError: the distribution's event shape is not ``data_shape`` or its batch shape not ``batch_shape``.
+            ShapeError: the distribution's event shape is not ``data_shape`` or its batch shape not ``batch_shape``;
+                or context values that do not broadcast against ``out`` (e.g. a global latent of shape ``(P, 1)``
+                under vectorized particles without a trailing dimension per data dimension), naming their shapes.
         """
         what = f'likelihood at site "{self.site("x")}"'
         try:
@@ -567,6 +603,10 @@ class VAE(Sites):
                                    fix="pass the values the likelihood needs to vae.model / vae.sample as keyword "
                                    "arguments")
         except PyroVAEError:
+            raise
+        except RuntimeError as e:
+            if context and self._is_broadcast_error(e):
+                raise self._context_shape_error(what, context, e, out) from e
             raise
         except ValueError as e:
             bad = ~torch.isfinite(out)
