@@ -29,11 +29,12 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 from pyro.poutine.util import prune_subsample_sites
+from pyro.util import get_rng_state, set_rng_state
 
 from pyro_vae.data import as_tensor_data
 from pyro_vae.distributions.relaxed import log_class_probs
 from pyro_vae.encoders import GaussianEncoder
-from pyro_vae.errors import ConfigError, DataError, message
+from pyro_vae.errors import ConfigError, DataError, ShapeError, message
 from pyro_vae.infer.pair import (
     ModelGuidePair,
     PairStructure,
@@ -235,6 +236,7 @@ def log_likelihood(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: int 
     Raises:
         ConfigError: an argument out of range; ``global_values`` naming a site that is not a global latent of
             the model (or given with a VAE); a pair without a data plate (:func:`pyro_vae.infer.pair.as_pair`).
+        ShapeError: a ``global_values`` value whose shape is not that of the guide's draw of its site.
         DataError: data of the wrong shape or not finite, or a non-finite estimate; a per-data-point context
             value whose first dimension is not ``N``.
         ModelError: a guide that opens a plate twice (an autoguide re-creating it).
@@ -383,6 +385,18 @@ def _held_globals(pair: ModelGuidePair, structure: PairStructure, first: torch.T
                                       f"data plate {structure.data_plate!r}): one of "
                                       f"{list(structure.global_sites)}", repr(name), "drop it or fix its name"))
         values[name] = torch.as_tensor(value, device=first.device)
+    if values:  # each given value has the shape of the guide's draw of its site
+        with torch.random.fork_rng(devices=[first.device] if first.device.type == "cuda" else []):
+            rng = get_rng_state()  # this look at the shapes leaves the draws that follow as they were
+            _, drawn = trace_guide_and_model(pair.model, pair.guide, first, **context)
+            set_rng_state(rng)
+        for name, value in values.items():
+            shape = tuple(cast(torch.Tensor, drawn.nodes[name]["value"]).shape)
+            if tuple(value.shape) != shape:
+                raise ShapeError(message(f"global_values[{name!r}]", f"shape {shape} (the guide's draw of the "
+                                         f"global site {name!r})", f"shape {tuple(value.shape)}",
+                                         f"pass a tensor of shape {shape} for {name!r}, or drop it to hold the "
+                                         "guide's draw"))
     missing = [n for n in structure.global_sites if n not in values]
     if missing:
         _, model_trace = trace_guide_and_model(poutine.condition(pair.model, data=dict(values)),
@@ -634,6 +648,7 @@ def to_inference_data(vae: VAE | ModelGuidePair | Any, data: Any, num_samples: i
     Raises:
         ConfigError: ``num_samples`` is not an integer >= 30, or ``batch_size`` not >= 1; ``global_values``
             with a VAE or naming a site that is not a global latent of the pair.
+        ShapeError: a ``global_values`` value whose shape is not that of the guide's draw of its site.
         DataError: ``data`` does not have the VAE's data shape.
     """
     vae = as_pair(vae)

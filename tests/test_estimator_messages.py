@@ -106,3 +106,38 @@ def test_cli_refusals_name_the_command_line_flags(tmp_path, capsys, flags, wante
 def test_cli_default_estimator_under_the_iwae_bound_is_vimco(tmp_path, capsys):
     code, err = _train(tmp_path, capsys, "--objective", "iwae", "--k", "3")
     assert code == 0, err
+
+
+def _sigma_pair():
+    import pyro
+    import pyro.distributions as dist
+
+    vae = pyro_vae.VAE((4,), 2, hidden=(8,), name="vae",
+                       likelihood=lambda out, scale=1.0, **c: dist.Normal(out, scale))
+
+    def model(x, num_data=None):
+        return vae.model(x, num_data=num_data, scale=pyro.sample("sigma", dist.LogNormal(0.0, 0.5)))
+
+    def guide(x, num_data=None):
+        pyro.sample("sigma", dist.LogNormal(pyro.param("s_loc", torch.tensor(0.0)), 0.2))
+        vae.guide(x, num_data=num_data)
+
+    return pyro_vae.ModelGuidePair(model, guide, modules=vae)
+
+
+@pytest.mark.parametrize("estimate", ["log_likelihood", "to_inference_data"])
+def test_a_global_value_of_the_wrong_shape_is_refused_naming_the_site_and_shapes(estimate):
+    from pyro_vae.errors import ShapeError
+
+    pair, x = _sigma_pair(), torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    call = (lambda g: pyro_vae.log_likelihood(pair, x, 10, global_values=g)) if estimate == "log_likelihood" \
+        else (lambda g: pyro_vae.evaluation.to_inference_data(pair, x, 30, global_values=g))
+    if estimate == "to_inference_data":
+        pytest.importorskip("arviz")
+    with pytest.raises(ShapeError) as info:
+        call({"sigma": torch.ones(3)})
+    text = str(info.value)
+    assert "global_values['sigma']" in text and "shape ()" in text and "shape (3,)" in text and "Fix:" in text
+    assert "\n" not in text  # one line, no Pyro trace table
+    call({"sigma": torch.tensor(1.5)})  # the guide's shape is accepted
+
