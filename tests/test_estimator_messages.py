@@ -141,3 +141,38 @@ def test_a_global_value_of_the_wrong_shape_is_refused_naming_the_site_and_shapes
     assert "\n" not in text  # one line, no Pyro trace table
     call({"sigma": torch.tensor(1.5)})  # the guide's shape is accepted
 
+
+
+def _bits_pair():
+    import pyro
+    import pyro.distributions as dist
+
+    net = torch.nn.Linear(4, 2)
+
+    def model(x, num_data=None):
+        with pyro.plate("data", num_data or x.shape[0], subsample=torch.arange(x.shape[0])):
+            z = pyro.sample("z", dist.Bernoulli(0.5 * torch.ones(x.shape[0], 2)).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True).expand(*z.shape[:-1], 4), 1.0).to_event(1), obs=x)
+
+    def guide(x, num_data=None):
+        with pyro.plate("data", num_data or x.shape[0], subsample=torch.arange(x.shape[0])):
+            pyro.sample("z", dist.Bernoulli(logits=net(x)).to_event(1))
+
+    return pyro_vae.ModelGuidePair(model, guide, modules=net)
+
+
+def test_a_pair_with_a_discrete_guide_site_defaults_to_vimco_under_the_iwae_bound_and_refusals_name_it():
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = pyro_vae.fit(_bits_pair(), x, elbo="iwae", num_particles=3, epochs=1, batch_size=8,
+                               progress=False, seed=0)
+        assert len(history) == 1
+        for estimator in ("pathwise", "score-function", "dreg"):
+            with pytest.raises(ConfigError, match='estimator="vimco"') as info:
+                pyro_vae.fit(_bits_pair(), x, elbo="iwae", num_particles=3, estimator=estimator, epochs=1,
+                             batch_size=8, progress=False)
+            assert 'site "z"' in str(info.value) and "relaxed=True" not in str(info.value)
+        with pytest.raises(ConfigError) as info:
+            pyro_vae.fit(_bits_pair(), x, estimator="vimco", epochs=1, batch_size=8, progress=False)
+        assert 'elbo="iwae"' in str(info.value).split("Fix:")[1] and "stl" not in str(info.value)

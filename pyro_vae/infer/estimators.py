@@ -297,7 +297,7 @@ def check_mean_field(estimator: str | Estimator, elbo: Any, site: str = "z") -> 
     return est
 
 
-def check_discrete_objective(estimator: str | Estimator, elbo: Any, site: str = "z") -> Estimator:
+def check_discrete_objective(estimator: str | Estimator, elbo: Any, site: str = "z", vae: bool = True) -> Estimator:
     """The :class:`Estimator` of ``estimator`` when it estimates the gradient of the objective ``elbo`` at an
     exact discrete latent (a guide site ``site`` without ``rsample``).
 
@@ -307,16 +307,18 @@ def check_discrete_objective(estimator: str | Estimator, elbo: Any, site: str = 
             estimator of the IWAE bound only (``"vimco"``, ``"dreg"``). The message names fixes that apply to
             the discrete latent: ``estimator="vimco"`` under the bound, an ELBO estimator such as ``"rloo"``,
             ``"arm"`` or ``"disarm"`` under the ELBO; a path-derivative estimator (``"stl"``, ``"dreg"``),
-            which needs a reparameterized site."""
+            which needs a reparameterized site. ``vae``: the latent is a :class:`pyro_vae.VAE`'s (the message
+            adds ``relaxed=True``), not a model/guide pair's."""
     est = get_estimator(estimator)
     elbo_estimators = '"score-function", "rloo", "arm" or "disarm"'
+    relaxed = ", or build the VAE with relaxed=True (a reparameterized latent)" if vae else ""
     if elbo == "iwae" and est.name != "vimco":
         raise ConfigError(message(
             f'elbo "iwae" with estimator "{est.name}" at site "{site}"',
             'estimator "vimco" (the one estimator of the IWAE bound for a latent without rsample)',
             f'an exact discrete latent at site "{site}" (no rsample) under estimator "{est.name}"',
             f'pass estimator="vimco" with num_particles=K >= 2, or elbo="trace" with an ELBO estimator such as '
-            f'{elbo_estimators}, or build the VAE with relaxed=True (a reparameterized latent)'))
+            f'{elbo_estimators}{relaxed}'))
     if isinstance(elbo, str) and elbo != "iwae" and "elbo" not in est.objectives:
         raise ConfigError(message(
             f'elbo "{elbo}" with estimator "{est.name}" at site "{site}"', "an estimator of the ELBO",
@@ -329,7 +331,7 @@ def check_discrete_objective(estimator: str | Estimator, elbo: Any, site: str = 
             "a reparameterized guide site (the path-derivative estimators detach its parameters)",
             f'an exact discrete latent at site "{site}" (no rsample)',
             f'pass an ELBO estimator such as {elbo_estimators}, or elbo="iwae" with estimator="vimco" and '
-            'num_particles=K >= 2, or build the VAE with relaxed=True (a reparameterized latent)'))
+            f'num_particles=K >= 2{relaxed}'))
     return est
 
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from pyro_vae.data import as_tensor_data, check_binarizable
 from pyro_vae.errors import ConfigError, DataError, message
 from pyro_vae.infer.elbo import BOUNDS, evaluate_elbo, make_elbo, reporting_elbo
-from pyro_vae.infer.estimators import check_estimator, default_estimator
+from pyro_vae.infer.estimators import check_discrete_objective, check_estimator, default_estimator
 from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.losses import elbo_loss
 from pyro_vae.infer.pair import ModelGuidePair, as_data_rows, as_pair, pair_structure
@@ -398,6 +398,8 @@ def _prepare(vae: VAE | ModelGuidePair, train_data: Any, val_data: Any, cfg: Fit
     else:
         structure = pair_structure(vae, x[: min(cfg.batch_size, n)], n, context=first)
         estimator = cfg.estimator or default_estimator(vae, structure.non_reparameterized, cfg.elbo)
+        for site in structure.non_reparameterized[:1]:  # an exact discrete site: fixes that apply to it
+            check_discrete_objective(estimator, cfg.elbo, site, vae=False)
         loss_fn = make_elbo(cfg.elbo, cfg.num_particles, estimator, tuple(x.shape[1:]),
                             max_plate_nesting=structure.max_plate_nesting)
     distributed.broadcast_module(vae)
