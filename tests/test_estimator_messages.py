@@ -176,3 +176,12 @@ def test_a_pair_with_a_discrete_guide_site_defaults_to_vimco_under_the_iwae_boun
         with pytest.raises(ConfigError) as info:
             pyro_vae.fit(_bits_pair(), x, estimator="vimco", epochs=1, batch_size=8, progress=False)
         assert 'elbo="iwae"' in str(info.value).split("Fix:")[1] and "stl" not in str(info.value)
+
+
+def test_make_elbo_objective_refusals_name_the_fix_for_a_latent_without_rsample():
+    from pyro_vae.infer.elbo import make_elbo
+
+    with pytest.raises(ConfigError, match=r'"vimco" at a latent without rsample'):
+        make_elbo("iwae", 3, "score-function")
+    with pytest.raises(ConfigError, match=r'"rloo", "arm" or "disarm" at a latent without rsample'):
+        make_elbo("trace", 3, "vimco")

@@ -60,9 +60,11 @@ def check_elbo(elbo: Any, estimator: str | Estimator = "pathwise") -> Estimator:
                                   'pass elbo="trace"'))
     objective = "iwae" if elbo in BOUNDS else "elbo"
     if objective not in est.objectives:
-        fix = ('pass elbo="iwae" with num_particles=K importance samples, or estimator="stl" for the ELBO'
+        fix = ('pass elbo="iwae" with num_particles=K importance samples, or estimator="stl" for the ELBO '
+               '("rloo", "arm" or "disarm" at a latent without rsample)'
                if objective == "elbo" else
-               'pass estimator="dreg" or "pathwise" for the IWAE bound, or elbo="trace" for this estimator')
+               'pass estimator="dreg" or "pathwise" for the IWAE bound ("vimco" at a latent without rsample), or '
+               'elbo="trace" for this estimator')
         raise ConfigError(message(f'elbo "{elbo}" with estimator "{est.name}"',
                                   "an estimator of the " + ("IWAE bound" if objective == "iwae" else "ELBO"),
                                   f'"{est.name}", an estimator of the ' + " and ".join(
