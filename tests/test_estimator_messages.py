@@ -9,6 +9,7 @@ import re
 import warnings
 from pathlib import Path
 
+import pyro
 import pytest
 import torch
 
@@ -185,3 +186,13 @@ def test_make_elbo_objective_refusals_name_the_fix_for_a_latent_without_rsample(
         make_elbo("iwae", 3, "score-function")
     with pytest.raises(ConfigError, match=r'"rloo", "arm" or "disarm" at a latent without rsample'):
         make_elbo("trace", 3, "vimco")
+
+
+def test_importance_weighted_elbo_built_by_hand_names_vimco_for_a_discrete_site():
+    from pyro_vae.infer.iwae import ImportanceWeightedELBO
+
+    pyro.clear_param_store()
+    vae = pyro_vae.VAE(data_shape=(6,), z_dim=3, latent="bernoulli", hidden=(8,))
+    x = torch.bernoulli(torch.full((4, 6), 0.4))
+    with pytest.raises(ConfigError, match=r'guide site "z".*estimator="vimco"'):
+        ImportanceWeightedELBO(num_particles=3, max_plate_nesting=1).loss(vae.model, vae.guide, x)

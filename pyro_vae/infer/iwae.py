@@ -185,7 +185,8 @@ def importance_weighted_terms(model_trace: Trace, guide_trace: Trace, particle_d
                 raise ConfigError(message(
                     f'guide site "{name}"', "a reparameterized guide site for the IWAE bound",
                     f"{type(site['fn']).__name__} with a score-function term",
-                    'use a reparameterized guide (or the relaxed categorical latent), or train with elbo="trace"'))
+                    'for a discrete site, pass estimator="vimco" (make_elbo("iwae", K, "vimco")); else use a '
+                    'reparameterized guide (or a relaxed latent), or train with elbo="trace"'))
             guide_lp = guide_lp + _reduce(site["log_prob"], keep, nd) / scale
             if detached_model_trace is not None:
                 guide_stop = guide_stop + _reduce(entropy, keep, nd) / scale
