@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
         # Global: outside every plate, so it is neither repeated per point nor scaled by num_data / batch.
         sigma = pyro.sample("sigma", dist.LogNormal(torch.tensor(math.log(0.1), device=device),
                                                     torch.tensor(1.0, device=device)))
-        # Local: the VAE's own plate, minibatch scaling and latent site; sigma goes in as context.
-        return vae.model(x, num_data=num_data, batch_size=batch_size, sigma=sigma)
+        # Local: the VAE's own plate, minibatch scaling and latent site; sigma goes in as context, with one
+        # trailing size-1 dimension for the data dimension, so that it broadcasts against the decoder's output
+        # also under vectorized particles (sigma of shape (P, 1) there).
+        return vae.model(x, num_data=num_data, batch_size=batch_size, sigma=sigma[..., None])
 
     # The guide: AutoNormal learns q(sigma); the VAE's encoder gives q(z | x) per data point.
     # (A plain function joins them: AutoGuideList would open the "vae/data" plate a second time.)
