@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, cast
@@ -463,6 +464,10 @@ class VAE(Sites):
     @beta.setter
     def beta(self, value: float) -> None:
         self._beta = check_beta("beta", value)
+        if self._beta != 1.0:
+            _WEIGHTED.add(self)
+        else:
+            _WEIGHTED.discard(self)
 
     def _part_error(self, part: str, expected: str, found: str, fix: str) -> ModelError:
         return ModelError(message(part, expected, found, fix))
@@ -581,7 +586,7 @@ class VAE(Sites):
     def kl_scale(self) -> ExitStack:
         """A context that scales the latent site's log-densities by the KL weight ``beta`` (empty when it is 1)."""
         stack = ExitStack()
-        if self.beta != 1.0:
+        if self.beta != 1.0 and not _UNIT_KL_WEIGHT:
             stack.enter_context(poutine.scale(scale=self.beta))
         return stack
 
@@ -972,6 +977,12 @@ def num_parameters(module: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in module.parameters())
 
 
+#: Open :func:`unit_kl_weight` blocks (a stack, so that they nest).
+_UNIT_KL_WEIGHT: list[bool] = []
+#: The VAEs whose ``beta`` is not 1 (weakly held).
+_WEIGHTED: weakref.WeakSet[VAE] = weakref.WeakSet()
+
+
 def _vaes_in(obj: Any) -> list[VAE]:
     """The :class:`VAE` instances reachable from ``obj``: the object itself, the owner of a bound method
     (``vae.model``), and the submodules of an ``nn.Module``."""
@@ -986,12 +997,22 @@ def unit_kl_weight(*objs: Any) -> Iterator[None]:
     """Within the block every :class:`VAE` reachable from ``objs`` (VAEs, modules holding them, or their bound
     ``model``/``guide``) weighs its latent sites with ``beta = 1``, so Pyro's ELBO on their traces is the ELBO
     itself, not the beta-weighted training objective ``E_q[log p(x|z)] - beta KL``. Each ``beta`` is restored
-    on exit. Every quantity named ELBO or log p(x) is computed inside it."""
+    on exit. Inside the block, every VAE, also one the block cannot reach (called from a user's own model
+    function), ignores its ``beta``: :meth:`VAE.kl_scale` is empty. Every quantity named ELBO or log p(x) is
+    computed inside it."""
     saved = [(v, v.beta) for obj in objs for v in _vaes_in(obj)]
+    _UNIT_KL_WEIGHT.append(True)
     try:
         for v, _ in saved:
             v.beta = 1.0
         yield
     finally:
+        _UNIT_KL_WEIGHT.pop()
         for v, beta in reversed(saved):
             v.beta = beta
+
+
+def kl_weighted_vaes() -> list[VAE]:
+    """The live :class:`VAE` instances whose KL weight ``beta`` is not 1 (their training objective is not the
+    ELBO): what a tool checks when it cannot see which VAEs a user's own model calls."""
+    return list(_WEIGHTED)

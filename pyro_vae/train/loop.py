@@ -42,7 +42,7 @@ from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.losses import elbo_loss
 from pyro_vae.infer.pair import ModelGuidePair, as_data_rows, as_pair, pair_structure
 from pyro_vae.models.context import check_context, context_rows, declared_shapes, is_per_point
-from pyro_vae.models.vae import VAE, unit_kl_weight
+from pyro_vae.models.vae import VAE, kl_weighted_vaes, unit_kl_weight
 from pyro_vae.schedules import Schedule
 from pyro_vae.train import distributed
 from pyro_vae.train.callbacks import History, TrainState
@@ -663,9 +663,11 @@ def _add(a: Sequence[float], b: Sequence[float]) -> list[float]:
 
 
 def _betas(vae: Any) -> list[float]:
-    """The KL weights of the VAE, or of the VAEs among a model/guide pair's modules (none: ``[1.0]``)."""
+    """The KL weights of the VAE, or of the VAEs among a model/guide pair's modules and of every other live VAE
+    with a weight other than 1 (the pair's own functions may call one it does not list; none: ``[1.0]``)."""
     if isinstance(vae, ModelGuidePair):
-        return [float(m.beta) for m in vae.modules() if isinstance(m, VAE)] or [1.0]
+        seen = {id(m): m for m in (*(m for m in vae.modules() if isinstance(m, VAE)), *kl_weighted_vaes())}
+        return [float(m.beta) for m in seen.values()] or [1.0]
     return [float(getattr(vae, "beta", 1.0))]
 
 
