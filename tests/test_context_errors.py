@@ -3,12 +3,13 @@ shape does not broadcast against the data plate (e.g. under vectorized particles
 
 from __future__ import annotations
 
+import pyro
 import pytest
 import torch
 
 import pyro_vae
 from pyro_vae import generation
-from pyro_vae.errors import DataError, ShapeError
+from pyro_vae.errors import ConfigError, DataError, ShapeError
 from pyro_vae.imputation import impute
 
 
@@ -128,3 +129,12 @@ def test_other_runtime_errors_of_a_likelihood_pass_through():
     vae = pyro_vae.VAE((4,), 2, hidden=(8,), name="r", likelihood=likelihood)
     with pytest.raises(RuntimeError, match="of the likelihood's own"):
         poutine.trace(vae.model).get_trace(torch.randn(5, 4), scale=torch.ones(3))
+
+
+@pytest.mark.parametrize("net", ["conv", "linear", "nonlinear", "nonlinear-leaky"])
+def test_built_in_networks_that_take_no_context_are_refused_with_it(net):
+    pyro.clear_param_store()
+    with pytest.raises(ConfigError, match="encoder"):
+        pyro_vae.VAE((12,), 3, encoder=net, encoder_context={"y": (2,)})
+    with pytest.raises(ConfigError, match="decoder"):
+        pyro_vae.VAE((12,), 3, decoder=net, decoder_context={"y": (2,)})

@@ -344,6 +344,9 @@ class VAE(Sites):
             return encoder
         if isinstance(encoder, str):
             self._config["encoder"] = encoder
+            if encoder in FIXED_NETS and self.encoder_context:
+                raise ConfigError(message("encoder", '"mlp" or a module of yours with encoder_context',
+                                          repr(encoder), "pass a module taking net(x, **context)"))
             if encoder in FIXED_NETS:
                 hidden, activation = FIXED_NETS[encoder]
                 return self._wrap_encoder(MLPEncoder(self.data_shape, self._encoder_features, hidden, activation))
@@ -370,6 +373,9 @@ class VAE(Sites):
     def _build_decoder(self, decoder: str | nn.Module) -> nn.Module:
         if isinstance(decoder, str):
             self._config["decoder"] = decoder
+            if decoder in FIXED_NETS and self.decoder_context:
+                raise ConfigError(message("decoder", '"mlp" or a module of yours with decoder_context',
+                                          repr(decoder), "pass a module taking decoder(z, **context)"))
             if decoder in FIXED_NETS:
                 hidden, activation = FIXED_NETS[decoder]
                 return MLPDecoder(self._decoder_features, self.data_shape, hidden, activation)
