@@ -177,7 +177,9 @@ def min_particles(name: str, num_particles: int) -> int:
 def model_evaluations(spec: dict[str, Any], name: str, num_particles: int) -> int:
     """Model evaluations per estimate of ``num_particles`` particles (see the module's docstring)."""
     est = get_estimator(name)
-    per = evaluations(est, int(spec["vae"].z_dim)) if est.site_gradient is not None else 1
+    vae = spec["vae"]
+    per = evaluations(est, int(vae.z_dim), int(getattr(vae, "categories", None) or 2)) \
+        if est.site_gradient is not None else 1
     return per * num_particles
 
 

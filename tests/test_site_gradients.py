@@ -119,3 +119,13 @@ def test_fit_with_the_new_estimators(estimator, particles):
         history = pyro_vae.fit(vae, x, estimator=estimator, num_particles=particles, epochs=1, batch_size=32,
                                progress=False, device="cpu")
     assert len(history) == 1
+
+
+def test_enumeration_counts_its_model_evaluations_by_the_values_per_variable():
+    from pyro_vae.infer.estimators import get_estimator
+    from pyro_vae.infer.site_gradients import evaluations
+
+    est = get_estimator("enumerate")
+    assert evaluations(est, 4) == 1 + 2 ** 4  # 4 bits
+    assert evaluations(est, 3, values=10) == 1 + 10 ** 3  # 3 categorical variables of 10 classes
+    assert evaluations(get_estimator("arm"), 200) == 2

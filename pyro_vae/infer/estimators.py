@@ -213,8 +213,9 @@ ESTIMATORS.update({e.name: e for e in (
 #: Per-site estimators for discrete latents (:mod:`pyro_vae.infer.discrete`).
 ESTIMATORS.update({e.name: e for e in (
     Estimator("enumerate", categorical="exact", site_gradient="enumerate",
-              description="exact expectation over the site's configurations, 2^D model evaluations (Bernoulli or "
-                          "categorical latents, at most 4096 configurations)"),
+              description="exact expectation over the site's configurations, 1 + K^D model evaluations for D "
+                          "variables of K values (Bernoulli: K = 2; categorical latents; at most 4096 "
+                          "configurations)"),
     Estimator("arm", site_gradient="arm",
               description="augment-REINFORCE-merge, one antithetic pair (Yin & Zhou 2019; Bernoulli latents)"),
     Estimator("disarm", site_gradient="disarm",

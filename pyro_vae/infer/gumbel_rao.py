@@ -101,6 +101,6 @@ def gumbel_rao_term(ctx: SiteContext) -> torch.Tensor:
     return (g.detach() * logits).sum()
 
 
-def gumbel_rao_evaluations(est: Estimator, event_size: int) -> int:
+def gumbel_rao_evaluations(est: Estimator, event_size: int, values: int = 2) -> int:
     """Model evaluations per estimate: the draw's own and ``M = est.cv_samples`` conditional draws."""
     return 1 + max(1, int(est.cv_samples))

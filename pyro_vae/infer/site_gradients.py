@@ -95,10 +95,12 @@ __all__ = ["SITE_GRADIENTS", "SiteGradientRule", "site_gradient_rule", "one_eval
 
 
 
-def evaluations(est: Estimator, event_size: int) -> int:
-    """Model evaluations per estimate (one particle) of ``est`` on a site of ``event_size`` coordinates,
-    counting the draw's own; for the delta method, forward and backward passes."""
-    return site_gradient_rule(est).evaluations(est, event_size)
+def evaluations(est: Estimator, event_size: int, values: int = 2) -> int:
+    """Model evaluations per estimate (one particle) of ``est`` on a site of ``event_size`` coordinates, each
+    taking ``values`` values (2 for a Bernoulli site; the classes ``K`` of a categorical site, whose coordinates
+    are its categorical variables), counting the draw's own; for the delta method, forward and backward passes.
+    ``"enumerate"``: ``1 + values ** event_size``."""
+    return site_gradient_rule(est).evaluations(est, event_size, values)
 
 
 def analytic_kl_sites(model_trace: Trace, guide_trace: Trace) -> set[str]:
@@ -219,7 +221,7 @@ def _normal_term(ctx: SiteContext) -> torch.Tensor:
     return (g_loc.detach() * loc).sum() + (g_scale.detach() * scale).sum()
 
 
-def one_evaluation(est: Estimator, event_size: int) -> int:
+def one_evaluation(est: Estimator, event_size: int, values: int = 2) -> int:
     """One model evaluation per estimate, the draw's own (the default of :attr:`SiteGradientRule.evaluations`)."""
     return 1
 
@@ -233,7 +235,7 @@ class SiteGradientRule:
             (:class:`~pyro_vae.infer.site_context.SiteContext`); its gradient with respect to the guide's
             parameters at the site is the estimate (its value carries no meaning), its gradient with respect to
             the estimator's learned module (if any) trains that module (the ELBO is maximized).
-        evaluations: ``evaluations(est, event_size) -> int``, model evaluations per estimate (one particle),
+        evaluations: ``evaluations(est, event_size, values) -> int``, model evaluations per estimate (one particle),
             counting the draw's own.
         module: builds the estimator's learned module from the shape of one data point (``None``: nothing
             learned); the ELBO holds it in ``extra_modules()``, so fit optimizes and checkpoints it.
@@ -242,7 +244,7 @@ class SiteGradientRule:
     """
 
     term: Callable[[SiteContext], torch.Tensor]
-    evaluations: Callable[[Estimator, int], int] = one_evaluation
+    evaluations: Callable[[Estimator, int, int], int] = one_evaluation
     module: Callable[[Sequence[int]], nn.Module] | None = None
     min_particles: int = 1
     particles_reason: str = ""
@@ -250,19 +252,19 @@ class SiteGradientRule:
 
 #: The per-site estimators, keyed by ``Estimator.site_gradient``: one :class:`SiteGradientRule` each.
 SITE_GRADIENTS: dict[str, SiteGradientRule] = {
-    "mean-baseline": SiteGradientRule(_mean_baseline_term, lambda est, d: 1 + est.cv_samples),
-    "optimal-cv": SiteGradientRule(_normal_term, lambda est, d: 1 + est.cv_samples),
-    "delta-cv": SiteGradientRule(_normal_term, lambda est, d: 2 + 2 * d),
+    "mean-baseline": SiteGradientRule(_mean_baseline_term, lambda est, d, v: 1 + est.cv_samples),
+    "optimal-cv": SiteGradientRule(_normal_term, lambda est, d, v: 1 + est.cv_samples),
+    "delta-cv": SiteGradientRule(_normal_term, lambda est, d, v: 2 + 2 * d),
     "rloo": SiteGradientRule(_rloo_term, min_particles=2,
                              particles_reason="K >= 2 draws (each is baselined by the mean of the others)"),
-    "measure-valued": SiteGradientRule(_normal_term, lambda est, d: 1 + 4 * d),
-    "rebar": SiteGradientRule(rebar_term, lambda est, d: REBAR_EVALUATIONS, module=rebar_control),
-    "relax": SiteGradientRule(rebar_term, lambda est, d: REBAR_EVALUATIONS, module=relax_control),
+    "measure-valued": SiteGradientRule(_normal_term, lambda est, d, v: 1 + 4 * d),
+    "rebar": SiteGradientRule(rebar_term, lambda est, d, v: REBAR_EVALUATIONS, module=rebar_control),
+    "relax": SiteGradientRule(rebar_term, lambda est, d, v: REBAR_EVALUATIONS, module=relax_control),
     "gumbel-rao": SiteGradientRule(gumbel_rao_term, gumbel_rao_evaluations),
-    "enumerate": SiteGradientRule(enumerate_term, lambda est, d: 1 + 2 ** d),
-    "arm": SiteGradientRule(arm_term, lambda est, d: 2),
-    "disarm": SiteGradientRule(disarm_term, lambda est, d: 2),
-    "muprop": SiteGradientRule(muprop_term, lambda est, d: 3, module=MuPropParameters),
+    "enumerate": SiteGradientRule(enumerate_term, lambda est, d, v: 1 + v ** d),
+    "arm": SiteGradientRule(arm_term, lambda est, d, v: 2),
+    "disarm": SiteGradientRule(disarm_term, lambda est, d, v: 2),
+    "muprop": SiteGradientRule(muprop_term, lambda est, d, v: 3, module=MuPropParameters),
     "nvil": SiteGradientRule(nvil_term, module=NVILBaseline),
 }
 
