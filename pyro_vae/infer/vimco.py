@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from pyro_vae.infer.control_variates import leave_one_out_baseline
+
 __all__ = ["leave_one_out_bounds", "vimco_learning_signals"]
 
 
@@ -33,7 +35,7 @@ def leave_one_out_bounds(log_w: torch.Tensor, dim: int, alpha: float = 0.0) -> t
     a = 1.0 - alpha
     s = (a * log_w).movedim(dim, -1)
     k = s.shape[-1]
-    substitute = (s.sum(-1, keepdim=True) - s) / (k - 1)
+    substitute = leave_one_out_baseline(s, -1)  # the geometric mean of the others' terms, in log space
     eye = torch.eye(k, dtype=torch.bool, device=s.device)
     rows = torch.where(eye, substitute.unsqueeze(-1), s.unsqueeze(-2))  # row k: draw k replaced
     out = (rows.logsumexp(-1) - math.log(k)) / a
