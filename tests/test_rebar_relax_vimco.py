@@ -444,3 +444,25 @@ def test_vimco_gradient_scales_with_num_data():
     for n, g in grads[0].items():
         assert torch.allclose(grads[1][n], 2 * g, rtol=1e-4, atol=1e-5), n
     pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("k", [None, 1])
+def test_vimco_terms_refuse_fewer_than_two_samples(k):
+    """VIMCO's leave-one-out learning signal needs K >= 2 draws: traces without a particle plate, or with one of
+    size 1, are refused, never scored without the encoder's term."""
+    from pyro_vae.infer.iwae import importance_weighted_terms, iwae_traces
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = pyro_vae.VAE((5,), 3, latent="bernoulli", hidden=(8,))
+    x = (torch.rand(4, 5, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+
+    def traced(fn):
+        if k is None:
+            return fn
+        return lambda *a, **kw: pyro.plate("num_particles_vectorized", k, dim=-2)(fn)(*a, **kw)
+
+    model_trace, guide_trace, _ = iwae_traces(traced(vae.model), traced(vae.guide), (x,), {})
+    with pytest.raises(ConfigError, match="K >= 2"):
+        importance_weighted_terms(model_trace, guide_trace, -2, learning_signals=True)
+    pyro.clear_param_store()

@@ -162,7 +162,9 @@ def importance_weighted_terms(model_trace: Trace, guide_trace: Trace, particle_d
 
     Raises:
         ConfigError: a latent site outside the data plates (a global latent), or a guide site with a
-            score-function term without ``learning_signals``, naming the site.
+            score-function term without ``learning_signals``, naming the site; ``learning_signals`` with a
+            score-function site but fewer than two importance samples (VIMCO's leave-one-out signal needs
+            ``K >= 2``; the term is never dropped).
     """
     plates, scale = _data_plates(model_trace, guide_trace)
     keep = {particle_dim, *(d for _, d in plates)}
@@ -195,7 +197,13 @@ def importance_weighted_terms(model_trace: Trace, guide_trace: Trace, particle_d
     a = 1.0 - alpha
     per_point = (torch.logsumexp(a * log_w, dim=particle_dim) - math.log(k)) / a
     bound = scale * per_point.sum()
-    if learning_signals and torch.is_tensor(score_lp) and log_w.dim() >= nd and k >= 2:
+    if learning_signals and torch.is_tensor(score_lp):
+        if log_w.dim() < nd or k < 2:
+            raise ConfigError(message(
+                "the importance samples of VIMCO", f"K >= 2 importance samples along dim {particle_dim}",
+                f"{k} sample(s), log-weights of shape {tuple(log_w.shape)}",
+                "trace the model and guide under a particle plate of size K >= 2 (make_elbo(\"iwae\", K, "
+                "\"vimco\") with K >= 2)"))
         signal = scale * (vimco_learning_signals(log_w, particle_dim, alpha) * score_lp).sum()
         bound = bound + (signal - signal.detach())
     if detached_model_trace is None:
