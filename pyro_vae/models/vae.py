@@ -821,6 +821,10 @@ class VAE(Sites):
         Gaussian latent: the posterior means ``E_q[z | x]``, ``(batch, z_dim)``. Categorical latent: the log
         class probabilities ``log q(c | x)``, ``(batch, z_dim, categories)``, the log-space point of the mean
         of the categorical the Concrete relaxes (``.exp()`` gives the probabilities); :meth:`decode` takes it.
+        Bernoulli latent: the probabilities ``q(z_i = 1 | x)``, ``(batch, z_dim)`` (the exact latent's mean);
+        with ``relaxed=True`` the logits of those probabilities, ``(batch, z_dim)``, the relaxed site's
+        logit-space representation that :meth:`decode` takes, where the decoder sees ``sigmoid`` of it, the
+        probabilities, as for the exact latent.
         ``context``: as for :meth:`model`; a per-data-point value is ``(batch, ...)``, one row per data point.
 
         Raises:
