@@ -29,7 +29,13 @@ from pyro_vae.data import BINARIZE, binarize
 from pyro_vae.data import load as load_splits
 from pyro_vae.errors import ConfigError, PyroVAEError, TrainingInterrupted, message
 from pyro_vae.infer.elbo import BOUNDS, ELBOS, check_elbo, evaluate_elbo
-from pyro_vae.infer.estimators import ESTIMATORS, check_discrete_objective, check_mean_field, get_estimator
+from pyro_vae.infer.estimators import (
+    ESTIMATORS,
+    check_discrete_objective,
+    check_mean_field,
+    default_estimator_name,
+    get_estimator,
+)
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.models.vae import NETS, VAE
 from pyro_vae.priors import BERNOULLI_PRIORS, CATEGORICAL_PRIORS, PRIORS
@@ -377,8 +383,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # under the IWAE bound), and TraceMeanField_ELBO takes it only through the per-site estimators (whose guide
     # wrapper has rsample)
     exact_bits = args.latent == "bernoulli" and not (args.relaxed or args.straight_through)
-    if args.estimator is None:  # the rule of pyro_vae.infer.estimators.default_estimator
-        args.estimator = ("vimco" if args.objective == "iwae" else "score-function") if exact_bits else "pathwise"
+    if args.estimator is None:
+        args.estimator = default_estimator_name(exact_bits, args.objective)
     if exact_bits and args.objective == "iwae":
         check_discrete_objective(args.estimator, "iwae")
     _check_objective(args, exact_bits)

@@ -272,7 +272,13 @@ def default_estimator(vae: nn.Module, non_reparameterized: Iterable[str] = (), e
     REINFORCE with leave-one-out learning signals, Mnih & Rezende 2016) under the IWAE bound (``elbo="iwae"``, the
     only estimator of that bound for such a site), else ``"score-function"`` (REINFORCE, Williams 1992). Otherwise
     ``"pathwise"`` (the reparameterization gradient), under either objective."""
-    discrete = exact_discrete_latent(vae) or any(True for _ in non_reparameterized)
+    return default_estimator_name(exact_discrete_latent(vae) or any(True for _ in non_reparameterized), elbo)
+
+
+def default_estimator_name(discrete: bool, elbo: Any = None) -> str:
+    """The rule of :func:`default_estimator` for a model whose guide has (``discrete``) or has no latent site
+    without ``rsample``, under the objective ``elbo`` (``"iwae"`` for the IWAE bound): ``"vimco"``,
+    ``"score-function"`` or ``"pathwise"``."""
     if discrete:
         return "vimco" if elbo == "iwae" else "score-function"
     return "pathwise"
