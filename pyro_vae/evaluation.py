@@ -131,8 +131,11 @@ class LogLikelihood:
         mean: mean over data points of the estimate ``log p(x)`` (the IWAE bound with ``num_samples``).
         se: its standard error over data points (``std / sqrt(N)``).
         per_point: ``(N,)`` estimates of ``log p(x_n)``.
-        elbo: mean ELBO per data point, estimated from the same samples (the mean log-weight).
-        elbo_per_point: ``(N,)`` ELBO estimates.
+        elbo: mean ELBO per data point, estimated from the same samples (the mean log-weight). With
+            :attr:`global_values`, the ELBO of the local part given them, ``E_q[log p(x, z | globals) -
+            log q(z | x, globals)]``, a lower bound on ``log p(x | globals)`` (the global sites' own terms are
+            not in it).
+        elbo_per_point: ``(N,)`` ELBO estimates (given :attr:`global_values` when set).
         num_samples: importance samples per data point ``K``.
         log_weights: ``(N, K)`` log importance weights when requested, else ``None``.
         global_values: for a model/guide pair with global latents (sites outside the data plate), the value of
