@@ -26,9 +26,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
-from pyro.poutine.util import prune_subsample_sites
 from pyro.util import get_rng_state, set_rng_state
 
 from pyro_vae.data import as_tensor_data
@@ -44,13 +42,12 @@ from pyro_vae.infer.pair import (
     plate_clash_explained,
 )
 from pyro_vae.infer.traces import (
-    PARTICLE_PLATE,
     max_plate_nesting,
     particle_chunks,
     particle_log_probs,
     particle_plate_dim,
-    per_point_log_prob,
     sample_chunk_size,
+    site_log_probs,
     trace_guide_and_model,
 )
 from pyro_vae.models.context import check_context, context_rows, declared_shapes
@@ -345,23 +342,17 @@ def _pair_particles(model: Callable, guide: Callable, xb: torch.Tensor, k: int, 
     traced under the particle plate, the model replayed against it; only the sites inside the data plate enter
     the weights (a global site is held fixed and is not part of ``p(x | globals)``)."""
     b = xb.shape[0]
-    with pyro.plate(PARTICLE_PLATE, k, dim=particle_dim):
-        guide_trace, model_trace = trace_guide_and_model(model, guide, xb)
+    _, _, terms = site_log_probs(model, guide, xb, k, particle_dim, data_plate, local_only=True)
     lw = torch.zeros(k, b, device=xb.device)
     obs = torch.zeros(k, b, device=xb.device)
     latents = {}
-    for sign, trace in ((-1.0, guide_trace), (1.0, model_trace)):
-        for name, site in prune_subsample_sites(trace).nodes.items():
-            if site["type"] != "sample" or all(f.name != data_plate for f in site["cond_indep_stack"]):
-                continue
-            log_p = cast(dist.TorchDistribution, site["fn"]).log_prob(cast(torch.Tensor, site["value"]))
-            log_p = scale_and_mask(log_p, 1.0, site["mask"])
-            lp = per_point_log_prob(site, log_p, particle_dim, data_plate, k, b)
-            lw = lw + sign * lp
-            if sign > 0 and site["is_observed"]:
-                obs = obs + lp
-            if sign > 0 and name in keep:
-                latents[name] = _per_point_value(site, particle_dim, data_plate, k, b)
+    for term in terms:
+        model_site = term.role == "model"
+        lw = lw + (1.0 if model_site else -1.0) * term.log_prob
+        if model_site and term.site["is_observed"]:
+            obs = obs + term.log_prob
+        if model_site and term.name in keep:
+            latents[term.name] = _per_point_value(term.site, particle_dim, data_plate, k, b)
     return _PairParticles(lw, obs, latents)
 
 

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from pyro.poutine.runtime import Message
 
 __all__ = ["PARTICLE_PLATE", "MAX_ELEMENTS", "trace_guide_and_model", "max_plate_nesting", "particle_plate_dim",
-           "per_point_log_prob", "masked_log_prob", "ParticleLogProbs", "particle_log_probs", "sample_chunk_size",
-           "particle_chunks"]
+           "per_point_log_prob", "masked_log_prob", "SiteLogProb", "site_log_probs", "ParticleLogProbs",
+           "particle_log_probs", "sample_chunk_size", "particle_chunks"]
 
 PARTICLE_PLATE = "_iw_particles"
 """Name of the plate over importance samples (particles) that :func:`particle_log_probs` wraps the guide in."""
@@ -136,6 +136,60 @@ def masked_log_prob(site: Message, mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class SiteLogProb:
+    """One sample site's unscaled log-density per importance sample and data point, ``(K, batch)`` (nats)."""
+
+    role: str  # "guide" or "model"
+    name: str
+    site: Any  # the trace's site (Pyro's message)
+    log_prob: torch.Tensor
+
+
+def site_log_probs(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, particle_dim: int,
+                   data_plate: str, *, obs_site: str | None = None, obs_mask: torch.Tensor | None = None,
+                   local_only: bool = False) -> tuple[Trace, Trace, list[SiteLogProb]]:
+    """The ``num_particles`` importance samples of the batch ``x`` behind every importance weight: the guide
+    traced under the particle plate (:data:`PARTICLE_PLATE` at ``particle_dim``), the model replayed against it
+    (:func:`trace_guide_and_model`), and each sample site's log-density (its mask applied, its scale not)
+    reduced per particle and data point by :func:`per_point_log_prob`, guide sites first.
+
+    Args:
+        model, guide: Pyro callables of ``x``.
+        x: ``(batch, ...)``.
+        data_plate: the name of the data plate.
+        obs_site, obs_mask: with both, the observed site ``obs_site`` scores the entries where ``obs_mask`` is
+            ``True`` only (:func:`masked_log_prob`).
+        local_only: leave out the sites outside the data plate (global sites held fixed, not part of
+            ``p(x | globals)``); otherwise such a site is an error.
+
+    Returns:
+        ``(guide_trace, model_trace, terms)``, ``terms`` a :class:`SiteLogProb` per sample site.
+
+    Raises:
+        ConfigError: a site outside the data plate (without ``local_only``), or a masked likelihood that is
+            not entry-wise.
+    """
+    batch = x.shape[0]
+    with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
+        guide_trace, model_trace = trace_guide_and_model(model, guide, x)
+    terms = []
+    for role, trace in (("guide", guide_trace), ("model", model_trace)):
+        for name, site in prune_subsample_sites(trace).nodes.items():
+            if site["type"] != "sample":
+                continue
+            if local_only and all(f.name != data_plate for f in site["cond_indep_stack"]):
+                continue
+            if site["is_observed"] and name == obs_site and obs_mask is not None:
+                log_p = masked_log_prob(site, obs_mask)
+            else:
+                log_p = cast(dist.TorchDistribution, site["fn"]).log_prob(cast(torch.Tensor, site["value"]))
+                log_p = scale_and_mask(log_p, 1.0, site["mask"])
+            terms.append(SiteLogProb(role, name, site, per_point_log_prob(site, log_p, particle_dim, data_plate,
+                                                                         num_particles, batch)))
+    return guide_trace, model_trace, terms
+
+
+@dataclass
 class ParticleLogProbs:
     """Log-densities of ``K`` importance samples ``z_k ~ q(z | x)`` for a batch, each ``(K, batch)`` in nats per
     data point (unscaled).
@@ -183,28 +237,18 @@ def particle_log_probs(vae: VAE, model: Callable, guide: Callable, x: torch.Tens
         ConfigError: a site outside the data plate, or a masked likelihood that is not entry-wise.
     """
     batch = x.shape[0]
-    data_plate = vae.site("data")
     x_site = vae.site("x")
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        guide_trace, model_trace = trace_guide_and_model(model, guide, x)
+    guide_trace, model_trace, terms = site_log_probs(model, guide, x, num_particles, particle_dim, vae.site("data"),
+                                                     obs_site=x_site, obs_mask=obs_mask)
     zero = torch.zeros(num_particles, batch, device=x.device)
     sums = {"log_q": zero, "log_p_latent": zero, "log_p_obs": zero}
     x_mean = None
-    for key, trace in (("log_q", guide_trace), ("model", model_trace)):
-        trace = prune_subsample_sites(trace)
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"] and name == x_site and obs_mask is not None:
-                log_p = masked_log_prob(site, obs_mask)
-            else:
-                log_p = cast(dist.TorchDistribution, site["fn"]).log_prob(cast(torch.Tensor, site["value"]))
-                log_p = scale_and_mask(log_p, 1.0, site["mask"])
-            lp = per_point_log_prob(site, log_p, particle_dim, data_plate, num_particles, batch)
-            slot = key if key == "log_q" else ("log_p_obs" if site["is_observed"] else "log_p_latent")
-            sums[slot] = sums[slot] + lp
-            if key == "model" and name == x_site and "x_mean" in keep:
-                x_mean = cast(dist.TorchDistribution, site["fn"]).mean.expand(num_particles, batch, *vae.data_shape)
+    for term in terms:
+        site = term.site
+        slot = "log_q" if term.role == "guide" else ("log_p_obs" if site["is_observed"] else "log_p_latent")
+        sums[slot] = sums[slot] + term.log_prob
+        if term.role == "model" and term.name == x_site and "x_mean" in keep:
+            x_mean = cast(dist.TorchDistribution, site["fn"]).mean.expand(num_particles, batch, *vae.data_shape)
     z = None
     if "z" in keep:
         z = cast(torch.Tensor, guide_trace.nodes[vae.site("z")]["value"])
