@@ -20,7 +20,8 @@ likelihood at the hard one-hot with the straight-through gradient of ``exp(y_m)`
 straight-through setting of the estimator (:func:`pyro_vae.distributions.relaxed.straight_through_override`). The
 derivative is taken through the value only: the score term of ``log q`` (zero in expectation) is left out, as the
 per-site estimators of :mod:`pyro_vae.infer.site_gradients` leave it out. ``M`` is the estimator's
-``cv_samples`` (10 for ``"gumbel-rao"``): ``M`` evaluations of the model per estimate.
+``cv_samples`` (10 for ``"gumbel-rao"``): ``1 + M`` evaluations of the model per estimate, the draw's own and the
+``M`` conditional draws' (:func:`gumbel_rao_evaluations`).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ score-function-mean-baseline    ``(f(z) - mean_m f(z'_m)) d log q(z)``          
 score-function-optimal-cv       ``(f(z) - c) s(z)``, ``c`` per parameter            ``1 + M`` (Normal)
 score-function-delta-cv         ``(f - f~)(z) s(z) + grad E f~``                    ``2 + 2 D`` (Normal)
 rloo                            ``(f(z_k) - mean_{j != k} f(z_j)) d log q(z_k)``     ``1`` per particle (any)
-measure-valued                  coupled weak derivative                             ``4 D`` (Normal)
-enumerate                       ``sum_c f(c) d q(c)``, every configuration ``c``     ``2^D`` (Bernoulli, categorical)
+measure-valued                  coupled weak derivative                             ``1 + 4 D`` (Normal)
+enumerate                       ``sum_c f(c) d q(c)``, every configuration ``c``     ``1 + V^D`` (Bernoulli/categorical)
 arm                             ``(f(b~) - f(b)) (u - 1/2)``, antithetic pair        ``2`` (Bernoulli)
 disarm                          ``1/2 (f(b~) - f(b)) 1[b != b~] (-1)^b s(|phi|)``    ``2`` (Bernoulli)
 muprop                          Taylor control variate at ``mu = sigma(phi)``       ``3`` passes (Bernoulli)
@@ -24,9 +24,10 @@ nvil                            ``(f(b) - B(x) - c) / max(1, sqrt v) d log q(b)`
 
 (:mod:`pyro_vae.infer.control_variates` and :mod:`pyro_vae.infer.measure_valued` hold the mathematics of the
 continuous ones, :mod:`pyro_vae.infer.discrete` that of the discrete ones; ``M`` is the estimator's
-``cv_samples``, ``D`` the number of event coordinates of the site; the delta method's ``2 + 2 D`` counts forward
-and backward passes.) Each kind is one :class:`SiteGradientRule` of :data:`SITE_GRADIENTS`: its term, computed
-from a :class:`~pyro_vae.infer.site_context.SiteContext`, its evaluations, the particles it needs and the learned
+``cv_samples``, ``D`` the number of event coordinates of the site, ``V`` the number of values of one coordinate
+(2 for a Bernoulli); the delta method's ``2 + 2 D`` counts forward and backward passes.) Each kind is one
+:class:`SiteGradientRule` of :data:`SITE_GRADIENTS`: its term, computed from a
+:class:`~pyro_vae.infer.site_context.SiteContext`, its evaluations, the particles it needs and the learned
 module it trains (MuProp's and NVIL's, REBAR's and RELAX's), which the ELBO holds in ``extra_modules()``.
 
 The cost ``f`` of a value of the site is the ELBO's own: the model is replayed with that value (every other
