@@ -31,7 +31,8 @@ modules trained with the VAE, as :func:`pyro_vae.fit` does) for the same number 
     # smoke run (CPU, digits, well under two minutes)
     python benchmarks/estimators.py --quick --out /tmp/est
     # reduced CPU run on MNIST, one thread (the committed estimators_cpu.*, about half an hour)
-    python benchmarks/estimators.py --data mnist --device cpu --threads 1 --steps 800 --eval-k 500 --tag cpu
+    python benchmarks/estimators.py --data mnist --device cpu --threads 1 --steps 800 --eval-k 500 --tag cpu \\
+        --checkpoint-dir /tmp/est_cpu
     # GPU: one part per call, repeated to continue (a run of --steps steps is read back, a shorter one resumed)
     python benchmarks/estimators.py --data mnist --device auto --steps 100000 --eval-every 1000 --tag gpu \\
         --checkpoint-dir /tmp/est_gpu --part relax-table --time-budget 20

@@ -9,7 +9,7 @@ test ELBO. Published numbers, same protocol (one stochastic layer, K = 5000):
 - Pythae's VAE reproduction (784-400-40): -89.78;
 - categorical VAE (20 x 10, Gumbel-softmax): negative ELBO 101.5 (Jang et al. 2017, Table 1).
 
-    # reduced-budget CPU run (about 15 minutes on one core)
+    # reduced-budget CPU run (about 25 minutes on one core; likelihood_cpu.json: 611 s training, 919 s evaluation)
     python benchmarks/likelihood.py --device cpu --threads 1 --time-budget 600 --eval-points 1000 --tag cpu
     # GPU: all 60,000 training images, Burda et al.'s schedule scaled to 2000 epochs, fit(cuda_graph=True)
     python benchmarks/likelihood.py --device cuda --data-dir .mnist --full-train --lr-schedule burda \
