@@ -799,7 +799,7 @@ def _importance_metrics(vae, test, args: argparse.Namespace) -> dict[str, Any]:
     ll = evaluation.log_likelihood(vae, test, args.iw_samples, batch_size=args.iw_batch_size,
                                    return_log_weights=args.iw_samples >= evaluation.PARETO_K_MIN_SAMPLES)
     out = ll.to_dict()
-    out["test_elbo"] = out.pop("elbo_iw")
+    out["test_elbo"] = out.pop("elbo")
     out["active_units"] = evaluation.active_units(vae, test)
     if ll.log_weights is not None:
         plots.save_pareto_k(ll.pareto_k(), Path(args.run) / "pareto_k.png")

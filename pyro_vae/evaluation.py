@@ -177,8 +177,11 @@ class LogLikelihood:
         return pareto_k(self.log_weights)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able summary (nats per data point)."""
-        out: dict[str, Any] = {"log_likelihood": self.mean, "log_likelihood_se": self.se, "elbo_iw": self.elbo,
+        """The JSON-able summary (nats per data point), keyed as the attributes: ``log_likelihood`` (:attr:`mean`,
+        the K-sample bound), ``log_likelihood_se``, ``elbo`` (:attr:`elbo`, the mean log-weight), ``gap``,
+        ``gap_se``, ``num_samples``, ``num_points``; ``global_source`` for a pair with global latents; the Pareto
+        k summaries when :attr:`log_weights` were kept."""
+        out: dict[str, Any] = {"log_likelihood": self.mean, "log_likelihood_se": self.se, "elbo": self.elbo,
                                "gap": self.gap, "gap_se": self.gap_se, "num_samples": self.num_samples,
                                "num_points": int(len(self.per_point))}
         if self.global_source is not None:

@@ -155,6 +155,9 @@ def test_pareto_k_flags_an_underdispersed_guide():
     assert float(k_narrow.median()) > 0.7 and float((k_narrow > 0.7).float().mean()) > 0.6
     assert float(k_wide.median()) < 0.5 and float((k_wide < 0.5).float().mean()) > 0.8
     summary = narrow.to_dict()
+    # each key is the attribute of that name: "elbo" is the mean log-weight, not the importance-weighted bound
+    assert summary["elbo"] == narrow.elbo and summary["log_likelihood"] == narrow.mean and "elbo_iw" not in summary
+    assert summary["elbo"] < summary["log_likelihood"]
     assert summary["pareto_k_frac_above_0.7"] == pytest.approx(float((k_narrow > 0.7).float().mean()))
 
 
