@@ -515,8 +515,16 @@ def pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
     ``k < 0.5``: the importance-sampled estimate is reliable; ``0.5 <= k < 0.7``: usable but slow to
     converge; ``k > 0.7``: the guide misses mass of the posterior and ``log p(x)`` is unreliable for that point.
 
-    ArviZ 0.x and 1.x: rows whose weights are all equal (every weight the same, the estimate exact) get
-    ``-inf`` on both; where the tail fit fails, ``k`` is ``inf`` (unreliable) on both: 0.x returns ``inf``
+    Rows whose weights are all equal (every weight the same, the estimate exact) get ``-inf``, on both ArviZ
+    lines. Equal means equal up to the rounding of the log weights' floating-point type: a row counts as equal
+    where ``max_k log w_k - min_k log w_k <= 64 eps max(1, max_k |log w_k|)``, ``eps`` the machine epsilon of
+    ``log_weights``' dtype (float32: ``1.2e-7``, so ``7.6e-6`` nats per nat of magnitude; float64: ``2.2e-16``),
+    i.e. the log weights agree to within 64 to 128 units in the last place of their magnitude. Log densities
+    are sums of many rounded terms, often larger than the log weight itself: at the exact posterior of
+    :func:`pyro_vae.models.linear_gaussian.linear_gaussian_vae` (every weight ``p(x)``) float32 log weights
+    spread by up to about 20 ``eps`` times their magnitude, a spread PSIS would otherwise fit as a tail
+    (finite ``k``, or ``inf`` where the largest weights tie). Rows spreading by more are fitted as they are.
+    Where the tail fit fails, ``k`` is ``inf`` (unreliable) on both: 0.x returns ``inf``
     itself, 1.x returns NaN or raises (largest weights all equal, or spanning more than about 700 nats),
     which becomes ``inf``. Both lines fit the ``M`` largest of ``K`` weights, 0.x with
     ``M = ceil(min(K / 5, 3 sqrt(K)))`` (as R's loo), 1.x with ``M = floor(K / 5)`` for ``K <= 225`` and
@@ -542,8 +550,11 @@ def pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
         raise DataError(message("log_weights", "finite log weights (-inf only for some zero weights)",
                                 f"NaN, +inf or only -inf in {int(bad.sum())} of {lw.shape[0]} rows",
                                 "check the model's and the guide's log densities at those data points"))
+    eps = torch.finfo(log_weights.dtype if log_weights.is_floating_point() else torch.float64).eps
+    # -inf (a zero weight) beside finite weights varies: the magnitude is taken over the finite ones only
+    magnitude = lw.abs().masked_fill(lw == -math.inf, 0.0).amax(1).clamp(min=1.0)
     k = torch.full((lw.shape[0],), -math.inf, dtype=torch.float64)
-    varies = lw.amax(1) > lw.amin(1)
+    varies = (lw.amax(1) - lw.amin(1) > 64 * eps * magnitude) | (lw.amin(1) == -math.inf)
     if bool(varies.any()):
         fitted = torch.as_tensor(_psis_k(lw[varies].numpy()), dtype=torch.float64)
         k[varies] = torch.where(torch.isnan(fitted), torch.full_like(fitted, math.inf), fitted)

@@ -25,6 +25,7 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence
 import pyro_vae
 from pyro_vae import evaluation
 from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.models.linear_gaussian import exact_log_likelihood, linear_gaussian_vae, set_exact_guide
 
 D, d, S = 6, 3, 0.5
 
@@ -220,6 +221,37 @@ def test_pareto_k_of_degenerate_weights_is_the_same_on_every_arviz_line():
             evaluation.pareto_k(torch.cat([lw[:3], torch.full((1, n), bad, dtype=torch.float64)]))
     with pytest.raises(DataError, match="only -inf in 1 of 1 rows"):
         evaluation.pareto_k(torch.full((1, n), -math.inf))
+
+
+def test_pareto_k_of_weights_equal_up_to_rounding_is_minus_inf():
+    # float32 log weights c + a few ulps of c: equal up to the dtype's rounding, the estimate exact (k = -inf);
+    # the same noise in float64, or float32 weights spread by 1e-3 nats, vary and are fitted.
+    gen = torch.Generator().manual_seed(0)
+    c = torch.tensor([[-12.3], [-4000.0], [0.01]])
+    noise = torch.randint(-4, 5, (3, 200), generator=gen).float()
+    lw = (c + noise * torch.finfo(torch.float32).eps * c.abs().clamp(min=1.0)).float()
+    assert bool((lw.amax(1) > lw.amin(1)).all())
+    assert evaluation.pareto_k(lw).tolist() == [-math.inf] * 3
+    same_in_float64 = c[:1].double() + noise[:1].double() * torch.finfo(torch.float32).eps * 12.3
+    assert float(evaluation.pareto_k(same_in_float64)[0]) != -math.inf
+    varied = (lw[:1] + 1e-3 * torch.randn(1, 200, generator=gen)).float()
+    assert math.isfinite(float(evaluation.pareto_k(varied)[0]))
+    # a zero weight beside equal ones: the row varies (a single dominant tail: no fit, inf)
+    assert float(evaluation.pareto_k(torch.cat([torch.tensor([[-math.inf]]), lw[:1, 1:]], 1))[0]) != -math.inf
+
+
+def test_pareto_k_at_the_exact_posterior_is_minus_inf():
+    # every importance weight is p(x): float32 rounding alone spreads the log weights, and no point is unreliable
+    torch.manual_seed(0)
+    x = torch.randn(20, 6) * 1.5
+    vae = linear_gaussian_vae(6, 2, seed=4)
+    set_exact_guide(vae)
+    res = evaluation.log_likelihood(vae, x, 100, return_log_weights=True)
+    assert (res.per_point - exact_log_likelihood(vae, x)).abs().max() < 1e-4
+    assert bool((res.log_weights.amax(1) > res.log_weights.amin(1)).any())
+    assert res.pareto_k().tolist() == [-math.inf] * 20
+    summary = res.to_dict()
+    assert summary["pareto_k_max"] == -math.inf and summary["pareto_k_frac_above_0.7"] == 0.0
 
 
 def test_active_units_count_dimensions_the_encoder_uses():
