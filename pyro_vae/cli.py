@@ -424,13 +424,14 @@ def _cli_words(text: str, iwae: bool) -> str:
     """A refusal of :func:`pyro_vae.fit`'s arguments with the command line's flags for its argument names:
     ``num_particles=K`` (and ``num_particles with estimator``) is ``--k`` under ``--objective iwae``
     (``iwae``) and ``--particles`` otherwise,
-    ``elbo="iwae"`` is ``--objective iwae``, ``elbo="trace"`` is ``--elbo trace`` (``--objective elbo`` under the
-    bound), ``estimator="x"`` is ``--estimator x``, ``relaxed=True`` is ``--relaxed``; a flag the message already
-    gave in parentheses is not repeated."""
+    ``elbo="iwae"`` is ``--objective iwae``, ``elbo="trace"`` is ``--elbo trace`` (``--objective elbo --elbo
+    trace`` under the bound), ``estimator="x"`` is ``--estimator x``, ``relaxed=True`` is ``--relaxed``; a flag
+    the message already gave in parentheses is not repeated. Only ``pyro_vae.fit``'s words are rewritten: a flag
+    the message quotes as the user typed it (``--elbo meanfield``) stays as it is."""
+    if iwae:  # under the bound, fit's elbo="x" is chosen by --objective elbo (--elbo is refused with --objective iwae)
+        text = re.sub(r'elbo="(?!iwae")(\w+)"(?: \(--elbo \1\))?', r"--objective elbo --elbo \1", text)
     for pattern, flag in _CLI_WORDS:
         text = re.sub(pattern, flag, text)
-    if iwae:  # under the bound, the ELBO is chosen by --objective elbo (--elbo is refused with --objective iwae)
-        text = re.sub(r"--elbo (\w+)", r"--objective elbo --elbo \1", text)
     particles = "--k" if iwae else "--particles"
     text = re.sub(r"\bnum_particles=K\b", f"{particles} K", text)
     text = re.sub(r"\bnum_particles with estimator\b", f"{particles} with estimator", text)

@@ -255,3 +255,20 @@ def test_fit_refuses_to_resume_to_fewer_epochs_and_trains_nothing_at_as_many(tmp
         fit(epochs=1, resume_from=tmp_path)
     assert len(fit(epochs=3, resume_from=tmp_path)) == 3
     assert (tmp_path / "manifest.json").read_bytes() == manifest
+
+
+def test_iwae_refusals_quote_the_flags_as_typed(tmp_path, capsys):
+    """Under --objective iwae, --elbo X is quoted as typed (and dropping it is the fix), while pyro_vae.fit's
+    elbo="trace" reads --objective elbo --elbo trace, the flags that choose the ELBO there."""
+    from pyro_vae.cli import main
+
+    base = ["train", "--data", "digits", "--z-dim", "2", "--hidden", "8", "--epochs", "1", "--no-progress",
+            "--device", "cpu", "--objective", "iwae", "--k", "4", "--out", str(tmp_path / "r")]
+    assert main([*base, "--elbo", "meanfield"]) == 2
+    err = capsys.readouterr().err
+    assert "expected no --elbo with --objective iwae" in err and "found --elbo meanfield. Fix: drop --elbo" in err
+    assert "--objective elbo" not in err
+    assert main([*base, "--estimator", "stl"]) == 2
+    err = capsys.readouterr().err
+    assert "or --objective elbo --elbo trace for this estimator" in err and 'elbo="trace"' not in err
+    assert not (tmp_path / "r").exists()
