@@ -4,7 +4,9 @@
 ``"meanfield"``: ``TraceMeanField_ELBO``; ``"iwae"``: the importance-weighted bound of
 :mod:`pyro_vae.infer.iwae`, not an ELBO), its particles and its gradient estimator (the ELBO classes of
 :mod:`pyro_vae.infer.estimators`); :func:`make_estimator_elbo` is the same factory with the estimator first.
-:func:`evaluate_elbo` averages Pyro's ELBO over a data set, in nats per data point.
+:func:`evaluate_elbo` averages Pyro's ELBO over a data set, in nats per data point. :func:`is_elbo` decides
+whether an ELBO object's value is the ELBO (its class is one of :data:`ELBO_CLASSES`) or another objective, such
+as a bound on ``log p(x)``; :func:`reporting_elbo` and :func:`evaluate_elbo` go by it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    ELBO,
+    JitTrace_ELBO,
+    JitTraceEnum_ELBO,
+    JitTraceGraph_ELBO,
+    JitTraceMeanField_ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
@@ -36,12 +49,80 @@ from pyro_vae.models.context import check_context, context_rows, declared_shapes
 from pyro_vae.models.vae import VAE, unit_kl_weight
 from pyro_vae.validation import integer
 
-__all__ = ["ELBOS", "BOUNDS", "make_elbo", "make_estimator_elbo", "check_elbo", "evaluate_elbo", "reporting_elbo"]
+__all__ = ["ELBOS", "BOUNDS", "ELBO_CLASSES", "make_elbo", "make_estimator_elbo", "check_elbo", "check_num_particles",
+           "evaluate_elbo", "is_elbo", "reporting_elbo"]
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 #: Training objectives that are not the ELBO: ``"iwae"``, the importance-weighted bound (Burda et al. 2016)
 #: with ``num_particles`` importance samples per data point.
 BOUNDS = {"iwae": ImportanceWeightedELBO}
+#: The ELBO classes whose value (``loss``) is the negative ELBO, ``-(E_q[log p(x, z)] - E_q[log q(z|x)])``
+#: estimated from ``num_particles`` draws (in closed form where ``TraceMeanField_ELBO`` has a registered KL and
+#: ``TraceEnum_ELBO`` sums an enumerated site): Pyro's ``Trace_ELBO``, ``TraceMeanField_ELBO``,
+#: ``TraceGraph_ELBO``, ``TraceEnum_ELBO`` and their ``Jit`` variants, and this library's estimator classes
+#: (:mod:`pyro_vae.infer.estimators`, :mod:`pyro_vae.infer.site_gradients`), which change gradients only. The
+#: class must match exactly: a subclass may change the value, and Pyro's ``RenyiELBO`` (a bound of order
+#: ``alpha != 1``, Li & Turner 2016; Pyro refuses ``alpha = 1``), ``TraceTailAdaptive_ELBO`` (a surrogate of the
+#: inclusive KL), ``TraceTMC_ELBO`` and :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO` (any ``K``) are not
+#: the ELBO.
+ELBO_CLASSES: tuple[type, ...] = (
+    Trace_ELBO, TraceMeanField_ELBO, TraceGraph_ELBO, TraceEnum_ELBO,
+    JitTrace_ELBO, JitTraceMeanField_ELBO, JitTraceGraph_ELBO, JitTraceEnum_ELBO,
+    EstimatorTrace_ELBO, EstimatorTraceMeanField_ELBO, EstimatorTraceGraph_ELBO,
+    SiteGradientTrace_ELBO, SiteGradientTraceMeanField_ELBO,
+)
+
+
+def is_elbo(loss_fn: Any) -> bool:
+    """Whether the value of the ELBO object ``loss_fn`` is the ELBO: its class is one of :data:`ELBO_CLASSES`
+    (exactly, not a subclass). ``False`` for a bound (the importance-weighted bound, Pyro's ``RenyiELBO``), any
+    other objective, and any class not listed, whose value is not known to be the ELBO."""
+    return type(loss_fn) in ELBO_CLASSES
+
+
+def _not_elbo_text(elbo: Any) -> str:
+    """What :func:`evaluate_elbo`'s refusal says it found: ``elbo`` named, and why its value is not the ELBO."""
+    if isinstance(elbo, str):
+        return f"{elbo!r}, the importance-weighted bound"
+    name = type(elbo).__name__
+    if isinstance(elbo, ImportanceWeightedELBO):
+        return f"{name}(num_particles={elbo.num_particles}), the importance-weighted bound"
+    if isinstance(elbo, RenyiELBO):
+        return (f"{name}(alpha={elbo.alpha}, num_particles={elbo.num_particles}), Renyi's bound (Li & Turner 2016; "
+                "alpha=0 is the importance-weighted bound)")
+    return f"{name}, a class whose value is not known to be the ELBO (not one of pyro_vae.infer.elbo.ELBO_CLASSES)"
+
+
+def check_num_particles(elbo: Any, num_particles: Any) -> int:
+    """The particles of the objective ``elbo`` (a name or an ELBO object) for ``num_particles`` (``None``: not
+    given): an ELBO object's own ``num_particles``; ``K`` for ``"iwae"``; 1 for ``"trace"`` and ``"meanfield"``
+    when not given.
+
+    Raises:
+        ConfigError: ``num_particles`` not ``None`` or an integer >= 1; ``"iwae"`` without ``num_particles``
+            (the bound needs ``K``; ``K = 1`` is the ELBO); an ELBO object with a ``num_particles`` other than
+            its own (set it on the object, or pass the objective's name).
+    """
+    if num_particles is not None:
+        num_particles = integer("num_particles", num_particles, 1)
+    if isinstance(elbo, ELBO):
+        own = int(elbo.num_particles)
+        if num_particles is not None and num_particles != own:
+            name = "iwae" if isinstance(elbo, ImportanceWeightedELBO) else "trace"
+            raise ConfigError(message(
+                "num_particles", f"the ELBO object's own num_particles ({own}) or None (the object sets its "
+                f"particles)", f"{num_particles} with a {type(elbo).__name__}(num_particles={own})",
+                f"set num_particles on the ELBO object ({type(elbo).__name__}(num_particles={num_particles}, ...)), "
+                f'or pass the objective\'s name (elbo="{name}", num_particles={num_particles})'))
+        return own
+    if num_particles is None:
+        if isinstance(elbo, str) and elbo in BOUNDS:
+            raise ConfigError(message(
+                f'num_particles with elbo="{elbo}"', "K, the importance samples per data point", "None",
+                "the IWAE bound needs K importance samples: pass num_particles=K (e.g. 50, as pyro-vae train "
+                "--objective iwae uses); K=1 is the ELBO"))
+        return 1
+    return num_particles
 
 
 def check_elbo(elbo: Any, estimator: str | Estimator = "pathwise") -> Estimator:
@@ -76,7 +157,7 @@ def check_elbo(elbo: Any, estimator: str | Estimator = "pathwise") -> Estimator:
     return est
 
 
-def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
+def make_elbo(elbo: str | ELBO = "trace", num_particles: int | None = None,
               estimator: str | Estimator = "pathwise", data_shape: Sequence[int] | None = None, *,
               baseline_beta: float = 0.9, nn_baseline: nn.Module | None = None,
               max_plate_nesting: int = 1, alpha: float = 0.0) -> ELBO:
@@ -89,7 +170,7 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
     pass ``estimator="score-function"`` or a per-site estimator for it). Any other estimator gets the class of
     :mod:`pyro_vae.infer.estimators` that applies it: ``EstimatorTraceGraph_ELBO`` (Pyro's ``TraceGraph_ELBO``)
     for the baseline estimators, else ``EstimatorTrace_ELBO`` or ``EstimatorTraceMeanField_ELBO``. The particles
-    are vectorized. An ELBO object is returned as is.
+    are vectorized. An ELBO object is returned as is (with its own particles).
 
     ``"iwae"`` gives :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`: the importance-weighted bound
     (Burda et al. 2016) with ``num_particles`` = ``K`` importance samples per data point (Renyi's bound of order
@@ -99,7 +180,9 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
     Args:
         elbo: ``"trace"``, ``"meanfield"``, ``"iwae"`` or a ``pyro.infer.ELBO`` object (pathwise estimator
             only).
-        num_particles: particles per estimate, an integer >= 1 (``"iwae"``: the importance samples ``K``).
+        num_particles: particles per estimate, an integer >= 1 (``"iwae"``: the importance samples ``K``, which
+            must be given); ``None`` (the default): 1 for ``"trace"`` and ``"meanfield"``, the object's own for
+            an ELBO object (:func:`check_num_particles`).
         estimator: a name of :data:`~pyro_vae.infer.estimators.ESTIMATORS` or an ``Estimator``.
         data_shape: shape of one data point; sizes the neural baseline of ``"score-function-neural-baseline"``.
         baseline_beta: decay of the average baseline of ``"score-function-baseline"``.
@@ -110,7 +193,8 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
         alpha: ``"iwae"`` only: the order of Renyi's bound, ``0 <= alpha < 1``.
 
     Raises:
-        ConfigError: as :func:`check_elbo`; ``num_particles`` not an integer >= 1; an ELBO object with an
+        ConfigError: as :func:`check_elbo`; as :func:`check_num_particles` (``num_particles`` not an integer
+            >= 1, ``"iwae"`` without it, an ELBO object with another); an ELBO object with an
             estimator other than pathwise; the neural baseline without ``data_shape`` or ``nn_baseline``; when
             the ELBO runs, ``"pathwise"`` at a guide site without ``rsample``
             (:class:`~pyro_vae.infer.estimators.EstimatorMessenger`).
@@ -119,8 +203,9 @@ def make_elbo(elbo: str | ELBO = "trace", num_particles: int = 1,
         if get_estimator(estimator) != ESTIMATORS["pathwise"]:
             raise ConfigError(message("estimator", '"pathwise" when elbo is an ELBO object', repr(estimator),
                                       'pass elbo="trace" with the estimator name'))
+        check_num_particles(elbo, num_particles)
         return elbo
-    num_particles = integer("num_particles", num_particles, 1)
+    num_particles = check_num_particles(elbo, num_particles)
     est = check_elbo(elbo, estimator)
     if elbo in BOUNDS:
         return BOUNDS[elbo](num_particles, alpha=alpha, estimator=est, max_plate_nesting=max_plate_nesting)
@@ -167,7 +252,7 @@ def _site_gradient_elbo(elbo: str, est: Estimator, kwargs: dict[str, Any], data_
 
 
 def make_estimator_elbo(estimator: str | Estimator = "pathwise", elbo: str | ELBO = "trace",
-                        num_particles: int = 1, *, data_shape: Sequence[int] | None = None,
+                        num_particles: int | None = None, *, data_shape: Sequence[int] | None = None,
                         baseline_beta: float = 0.9, nn_baseline: nn.Module | None = None,
                         max_plate_nesting: int = 1, alpha: float = 0.0) -> ELBO:
     """An alias of :func:`make_elbo` with the estimator as first argument: ``make_estimator_elbo(estimator,
@@ -177,17 +262,22 @@ def make_estimator_elbo(estimator: str | Estimator = "pathwise", elbo: str | ELB
 
 
 def reporting_elbo(loss_fn: ELBO) -> ELBO:
-    """The ELBO that reports the ELBO proper for a training objective ``loss_fn``: ``loss_fn`` itself when it
-    is an ELBO, a one-particle ``Trace_ELBO`` for the importance-weighted bound
-    (:class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`, whose value is not the ELBO)."""
-    if isinstance(loss_fn, ImportanceWeightedELBO):
-        return Trace_ELBO(max_plate_nesting=max(int(loss_fn.max_plate_nesting) - 1, 1)
-                          if loss_fn.max_plate_nesting != float("inf") else float("inf"))
-    return loss_fn
+    """The ELBO that reports the ELBO proper for a training objective ``loss_fn``: ``loss_fn`` itself when its
+    value is the ELBO (:func:`is_elbo`), else a one-particle ``Trace_ELBO`` (Monte Carlo KL): for the
+    importance-weighted bound (:class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`, any ``K``), Pyro's
+    ``RenyiELBO``, and any other class, whose value is not (or not known to be) the ELBO. Its plate nesting is
+    ``loss_fn``'s (the importance-weighted bound's particle plate not counted)."""
+    if is_elbo(loss_fn):
+        return loss_fn
+    nesting = loss_fn.max_plate_nesting
+    if isinstance(loss_fn, ImportanceWeightedELBO) and nesting != float("inf"):
+        nesting = max(int(nesting) - 1, 1)
+    return Trace_ELBO(max_plate_nesting=nesting)
 
 
-def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELBO = "trace", num_particles: int = 1,
-                  batch_size: int = 1024, context: Mapping[str, Any] | None = None) -> float:
+def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELBO = "trace",
+                  num_particles: int | None = None, batch_size: int = 1024,
+                  context: Mapping[str, Any] | None = None) -> float:
     """Mean ELBO per data point (nats) of ``data`` (``(N, *data_shape)``, any real dtype) under ``elbo``,
     without gradients, in batches of ``batch_size`` (an integer >= 1; :class:`ConfigError` otherwise).
 
@@ -208,12 +298,19 @@ def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELB
     whose first dimension is not ``N`` is a :class:`~pyro_vae.errors.DataError`; a name they take that is missing
     is the VAE's :class:`ConfigError`).
 
-    ``elbo="iwae"`` (or an :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO`) is refused: the importance-weighted
-    bound is not the ELBO; :func:`pyro_vae.log_likelihood` estimates it, with its standard error."""
-    if (isinstance(elbo, str) and elbo in BOUNDS) or isinstance(elbo, ImportanceWeightedELBO):
-        raise ConfigError(message("elbo", '"trace", "meanfield" or an ELBO object (this function reports the '
-                                  "ELBO)", f"{elbo!r}, the importance-weighted bound",
-                                  'pass elbo="trace", or use pyro_vae.log_likelihood(vae, data, K) for the bound'))
+    ``num_particles``: particles per batch's estimate, an integer >= 1; ``None`` (the default): 1 for a name, the
+    object's own for an ELBO object (another value is a :class:`ConfigError`, :func:`check_num_particles`).
+
+    ``elbo="iwae"`` is refused, and so is an ELBO object whose value is not the ELBO (:func:`is_elbo`: an
+    :class:`~pyro_vae.infer.iwae.ImportanceWeightedELBO` of any ``K``, Pyro's ``RenyiELBO``, or a class not in
+    :data:`ELBO_CLASSES`, a subclass included): the importance-weighted bound is not the ELBO;
+    :func:`pyro_vae.log_likelihood` estimates it, with its standard error."""
+    if (isinstance(elbo, str) and elbo in BOUNDS) or (isinstance(elbo, ELBO) and not is_elbo(elbo)):
+        raise ConfigError(message("elbo", '"trace", "meanfield" or an ELBO object whose value is the ELBO (one of '
+                                  "pyro_vae.infer.elbo.ELBO_CLASSES; this function reports the ELBO)",
+                                  _not_elbo_text(elbo),
+                                  'pass elbo="trace" (or a Trace_ELBO object with the particles you want), or use '
+                                  "pyro_vae.log_likelihood(vae, data, K) for the importance-weighted bound"))
     vae = as_pair(vae)
     if isinstance(vae, ModelGuidePair):
         return _pair_elbo(vae, data, elbo, num_particles, batch_size, context)
@@ -234,7 +331,7 @@ def evaluate_elbo(vae: VAE | ModelGuidePair | Any, data: Any, *, elbo: str | ELB
     return -total / n
 
 
-def _value_elbo(elbo: str | ELBO, num_particles: int, max_plate_nesting: int = 1) -> ELBO:
+def _value_elbo(elbo: str | ELBO, num_particles: int | None, max_plate_nesting: int = 1) -> ELBO:
     """Pyro's own ELBO of ``elbo`` for values only (:func:`evaluate_elbo`): checked as :func:`make_elbo` checks it,
     without the pathwise estimator's refusal of a guide site without ``rsample`` (which concerns gradients)."""
     loss_fn = make_elbo(elbo, num_particles, max_plate_nesting=max_plate_nesting)
@@ -264,7 +361,7 @@ def _value_only_guide(guide: Any, loss_fn: Any) -> Any:
     return _ValueOnly()(guide) if isinstance(loss_fn, TraceMeanField_ELBO) else guide
 
 
-def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles: int, batch_size: int,
+def _pair_elbo(pair: ModelGuidePair, data: Any, elbo: str | ELBO, num_particles: int | None, batch_size: int,
                context: Mapping[str, Any] | None) -> float:
     """:func:`evaluate_elbo` of a model/guide pair: each batch scored with ``num_data=N``, weighted ``b / N``."""
     x = as_data_rows(pair, data, "data")

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae.data import as_tensor_data, check_binarizable
 from pyro_vae.errors import ConfigError, DataError, message
-from pyro_vae.infer.elbo import BOUNDS, evaluate_elbo, make_elbo, reporting_elbo
+from pyro_vae.infer.elbo import BOUNDS, check_num_particles, evaluate_elbo, make_elbo, reporting_elbo
 from pyro_vae.infer.estimators import check_discrete_objective, check_estimator, default_estimator
 from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.losses import elbo_loss
@@ -66,7 +66,7 @@ def fit(
     train_data: Any,
     *,
     elbo: str | ELBO = "trace",
-    num_particles: int = 1,
+    num_particles: int | None = None,
     estimator: str | None = None,
     epochs: int = 10,
     batch_size: int = 128,
@@ -113,10 +113,16 @@ def fit(
             for a model/guide pair ``(N, ...)``, minibatched along the first dimension.
         elbo: ``"trace"``, ``"meanfield"``, ``"iwae"`` (the importance-weighted bound of Burda et al. 2016 with
             ``num_particles`` importance samples per data point, :mod:`pyro_vae.infer.iwae`) or any
-            ``pyro.infer.ELBO``. Under ``"iwae"`` the History's ``train_objective`` is the bound and
-            ``train_elbo`` / ``val_elbo`` stay the ELBO (a second, one-particle ``Trace_ELBO`` evaluation of each
-            minibatch before its step, at the same parameters, without gradients).
-        num_particles: Monte Carlo particles per step (vectorized); ``K`` for ``"iwae"``.
+            ``pyro.infer.ELBO``. Under ``"iwae"``, or an ELBO object whose value is not the ELBO
+            (:func:`pyro_vae.infer.elbo.is_elbo`: an ``ImportanceWeightedELBO``, Pyro's ``RenyiELBO``, or any class
+            not in :data:`pyro_vae.infer.elbo.ELBO_CLASSES`, a subclass included), the History's
+            ``train_objective`` is that objective and ``train_elbo`` / ``val_elbo`` stay the ELBO (a second,
+            one-particle ``Trace_ELBO`` evaluation of each minibatch before its step, at the same parameters,
+            without gradients, and of the validation data).
+        num_particles: Monte Carlo particles per step (vectorized); ``K`` for ``"iwae"``, which must be given
+            (``K = 1`` is the ELBO; ``pyro-vae train --objective iwae`` uses 50). ``None`` (the default): 1 for
+            ``"trace"`` and ``"meanfield"``; an ELBO object's own, and another value with an ELBO object is
+            refused (:func:`pyro_vae.infer.elbo.check_num_particles`).
         estimator: gradient estimator, a name of :data:`pyro_vae.infer.estimators.ESTIMATORS` (``"pathwise"``,
             ``"score-function"``, ``"score-function-baseline"``, ``"straight-through"``, ``"stl"`` for the
             ELBO, ``"dreg"`` for ``"iwae"``, ...). ``None`` (the default) picks one before training by
@@ -178,8 +184,9 @@ def fit(
         point; the ELBO is always the one with KL weight 1, see :class:`History`).
 
     Raises:
-        ConfigError: an argument out of range (checked before any work), a ``context`` that is not a dict of
-            names or that lacks a value the encoder or decoder takes (the VAE's error, naming the names),
+        ConfigError: an argument out of range (checked before any work), ``elbo="iwae"`` without
+            ``num_particles``, an ELBO object with a ``num_particles`` other than its own, a ``context`` that is
+            not a dict of names or that lacks a value the encoder or decoder takes (the VAE's error, naming the names),
             ``cuda_graph`` with context, ``val_context`` without ``val_data`` or without a per-data-point name
             of ``context``, a VAE too large for the device, a
             model/guide pair without a data plate over the minibatch or with an option only a VAE has, or
@@ -305,7 +312,7 @@ def _fit_config(vae: VAE | ModelGuidePair, callbacks: Sequence[Any], *, elbo: An
         clip_norm = positive("clip_norm", clip_norm)
     if checkpoint_every is not None:
         checkpoint_every = integer("checkpoint_every", checkpoint_every, 1)
-    num_particles = integer("num_particles", num_particles, 1)
+    num_particles = check_num_particles(elbo, num_particles)
     dynamic_binarize, progress, cuda_graph, overwrite = (boolean(name, value) for name, value in (
         ("dynamic_binarize", dynamic_binarize), ("progress", progress), ("cuda_graph", cuda_graph),
         ("overwrite", overwrite)))
@@ -356,7 +363,7 @@ class _Training:
     x: torch.Tensor  # (num_data, *data_shape), on the device
     xv: torch.Tensor | None  # validation data, where it was given
     loss_fn: ELBO
-    elbo_fn: ELBO  # the ELBO reported (loss_fn itself unless the objective is another bound)
+    elbo_fn: ELBO  # the ELBO reported (loss_fn itself when its value is the ELBO, see reporting_elbo)
     extra: list[torch.nn.Module]  # the ELBO's own modules (a neural baseline)
     user_params: dict[str, torch.Tensor]  # pyro.param sites of the user's parts, by name
     optimizer: torch.optim.Optimizer
