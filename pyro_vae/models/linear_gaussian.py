@@ -8,6 +8,11 @@ mean and pre-softplus scale are linear in ``x`` (an ``nn.Linear`` encoder), so f
               - 1/2 sum_j (v_j + m_j^2 - 1 - log v_j)
 
 with ``m``, ``v`` the guide's mean and variance. Used by the tests and benchmarks as ground truth.
+
+The functions take the VAE :func:`linear_gaussian_vae` builds, or the same model built as
+``VAE((D,), d, encoder="linear", decoder="linear", likelihood={"name": "normal", "scale": s})`` (the command
+line's ``--net linear --likelihood normal``). Any other VAE (another latent, prior or likelihood, data of more
+than one dimension, a decoder that is not affine) raises a ``ConfigError`` naming the part that differs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from pyro_vae.encoders import GaussianEncoder
+from pyro_vae.errors import ConfigError, message
 from pyro_vae.likelihoods import Normal
 from pyro_vae.models.vae import VAE
 
@@ -45,18 +51,50 @@ def linear_gaussian_vae(data_dim: int = 5, z_dim: int = 2, noise_scale: float = 
     return vae
 
 
+_FIX = ('build the VAE with linear_gaussian_vae(), or with encoder="linear", decoder="linear", likelihood="normal" '
+        "and 1-D data")
+
+
+def _affine(module: nn.Module, what: str) -> nn.Linear:
+    """The one ``nn.Linear`` of an affine network: the module itself, or an MLP without hidden layers (the
+    ``"linear"`` network of :class:`pyro_vae.VAE`, the command line's ``--net linear``).
+
+    Raises:
+        ConfigError: ``module`` is not affine."""
+    layers = list(getattr(getattr(module, "mlp", None), "net", ()))
+    if isinstance(module, nn.Linear) or (len(layers) == 1 and isinstance(layers[0], nn.Linear)):
+        return module if isinstance(module, nn.Linear) else layers[0]
+    raise ConfigError(message(what, 'an affine map (an nn.Linear, or the "linear" network)',
+                              type(module).__name__, _FIX))
+
+
 def _linear(vae: VAE) -> tuple[nn.Linear, nn.Linear]:
-    """The decoder and the encoder's network of a VAE that :func:`linear_gaussian_vae` built (both linear)."""
-    return cast(nn.Linear, vae.decoder), cast(nn.Linear, cast(GaussianEncoder, vae.encoder).net)
+    """The decoder and the encoder's network of a linear-Gaussian VAE (both affine)."""
+    _parts(vae)
+    return _affine(vae.decoder, "decoder"), _affine(cast(GaussianEncoder, vae.encoder).net, "encoder network")
 
 
 def _parts(vae: VAE) -> tuple[torch.Tensor, torch.Tensor, float]:
-    decoder, _ = _linear(vae)
+    """``W``, ``b`` and ``s`` of a linear-Gaussian VAE: a standard normal prior, an affine decoder, 1-D data and
+    the ``"normal"`` likelihood of fixed scale.
+
+    Raises:
+        ConfigError: a VAE of another model."""
+    for what, part, expected in (("latent", vae.latent, "gaussian"), ("prior", type(vae.prior).__name__,
+                                 "StandardNormal"), ("likelihood", type(vae.likelihood).__name__, "Normal")):
+        if part != expected:
+            raise ConfigError(message(f"vae {what}", f"{expected} (the linear-Gaussian VAE)", str(part), _FIX))
+    if len(vae.data_shape) != 1:
+        raise ConfigError(message("vae data_shape", "1-D data (the linear-Gaussian VAE)", str(vae.data_shape), _FIX))
+    decoder = _affine(vae.decoder, "decoder")
     return decoder.weight, decoder.bias, float(cast(Normal, vae.likelihood).scale)
 
 
 def exact_elbo(vae: VAE, x: torch.Tensor) -> torch.Tensor:
-    """Closed-form ELBO of each data point, ``(batch,)``; differentiable in the VAE's parameters."""
+    """Closed-form ELBO of each data point, ``(batch,)`` nats; differentiable in the VAE's parameters.
+
+    Raises:
+        ConfigError: ``vae`` is not a linear-Gaussian VAE (see the module's docstring)."""
     w, b, s = _parts(vae)
     m, scale = vae.encoder(x)
     v = scale.pow(2)
@@ -68,7 +106,10 @@ def exact_elbo(vae: VAE, x: torch.Tensor) -> torch.Tensor:
 
 
 def exact_log_likelihood(vae: VAE, x: torch.Tensor) -> torch.Tensor:
-    """``log p(x)`` of each data point, ``(batch,)``: ``x ~ N(b, W W^T + s^2 I)``."""
+    """``log p(x)`` of each data point, ``(batch,)`` nats: ``x ~ N(b, W W^T + s^2 I)``.
+
+    Raises:
+        ConfigError: ``vae`` is not a linear-Gaussian VAE (see the module's docstring)."""
     w, b, s = _parts(vae)
     cov = w @ w.T + s**2 * torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
     return torch.distributions.MultivariateNormal(b, covariance_matrix=cov).log_prob(x)
