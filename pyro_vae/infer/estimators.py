@@ -248,9 +248,18 @@ ESTIMATORS.update({e.name: e for e in (
 
 
 def get_estimator(estimator: str | Estimator) -> Estimator:
-    """The :class:`Estimator` of a name (or the object itself); :class:`ConfigError` for unknown names."""
+    """The :class:`Estimator` of a name (or the object itself).
+
+    Raises:
+        ConfigError: an unknown name, or neither a string nor an :class:`Estimator` (e.g. a dict of estimators
+            per site: one estimator applies to every latent site)."""
     if isinstance(estimator, Estimator):
         return estimator
+    if not isinstance(estimator, str):
+        raise ConfigError(message(
+            "estimator", "one name of ESTIMATORS (a string: " + ", ".join(ESTIMATORS) + ") or an Estimator",
+            f"{type(estimator).__name__} {estimator!r}"[:200],
+            "pass one estimator name per call; it applies to every latent guide site"))
     if estimator not in ESTIMATORS:
         raise ConfigError(message("estimator", "one of " + ", ".join(ESTIMATORS), repr(estimator),
                                   "pick a known estimator name"))
