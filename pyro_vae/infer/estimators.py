@@ -54,7 +54,7 @@ from pyro_vae.distributions.relaxed_bernoulli import LogitBernoulli, is_relaxed_
 from pyro_vae.distributions.wrapped import Wrapped
 from pyro_vae.encoders import BernoulliEncoder, RelaxedCategoricalEncoder
 from pyro_vae.errors import ConfigError, message
-from pyro_vae.infer.path_gradient import PathGradient, check_independent_parameters
+from pyro_vae.infer.path_gradient import PathGradient, check_independent_parameters, latent_inputs
 from pyro_vae.networks import MLP
 from pyro_vae.pyro_internals import ParticleHandlerMixin
 
@@ -78,10 +78,17 @@ __all__ = [
     "straight_through_override",
     "unwrap_independent",
     "SiteGradient",
+    "LATENT_INPUTS",
 ]
 
 #: Name prefix of the decaying-average baseline Pyro keeps in the param store (``+ site name``).
 BASELINE_PARAM = "__baseline_avg_downstream_cost_"
+
+#: Key of a guide site's ``infer`` dict under which :class:`EstimatorMessenger` (under Pyro's validation, for a
+#: per-site estimator) records the earlier latent sites, wrapped in :class:`SiteGradient`, from whose values the
+#: site's distribution is computed (:func:`~pyro_vae.infer.path_gradient.latent_inputs`): a tuple of names, read by
+#: :func:`pyro_vae.infer.site_gradients.check_fixed_sites`.
+LATENT_INPUTS = "pyro_vae_latent_inputs"
 
 
 class ScoreFunction(Wrapped):
@@ -442,6 +449,14 @@ class EstimatorMessenger(Messenger):
     model role, ``"straight-through"`` / ``"relaxed"`` decide how :meth:`pyro_vae.VAE.decoder_input` maps
     the log-space latent to the decoder (:func:`straight_through_override`).
 
+    Under Pyro's validation (with gradients enabled) it also checks the guide's dependencies between latent sites:
+    for ``"stl"``/``"dreg"`` it refuses a site whose parameters are computed from an earlier latent
+    (:func:`~pyro_vae.infer.path_gradient.check_independent_parameters`); for a per-site estimator it returns a
+    leaf that requires grad in place of each :class:`SiteGradient` draw (the trace keeps the draw) and records in a
+    later site's ``infer[LATENT_INPUTS]`` the sites its distribution is computed from
+    (:func:`~pyro_vae.infer.path_gradient.latent_inputs`), which the ELBO refuses where the estimator needs the
+    other sites fixed (:func:`pyro_vae.infer.site_gradients.check_fixed_sites`).
+
     Args:
         estimator: name or :class:`Estimator`.
         role: ``"guide"`` or ``"model"``.
@@ -463,7 +478,9 @@ class EstimatorMessenger(Messenger):
         self.baseline_beta = float(baseline_beta)
         self.nn_baseline = nn_baseline
         self.nn_baseline_input = nn_baseline_input
-        self._latent_values: dict[str, torch.Tensor] = {}  # this run's latent values (path-derivative checks)
+        # this run's latent values: for "stl"/"dreg" the draws (path-derivative checks); for a per-site estimator,
+        # under Pyro's validation, the leaf tensors returned in place of its detached draws (latent-input checks)
+        self._latent_values: dict[str, torch.Tensor] = {}
 
     def straight_through_at(self, site: str) -> bool | None:
         """At the log-space categorical latent ``site`` of the model (``role="model"``): ``True`` for the
@@ -481,6 +498,9 @@ class EstimatorMessenger(Messenger):
         return self.sites is None or msg["name"] in self.sites
 
     def _pyro_sample(self, msg: dict) -> None:
+        if self.role == "guide" and self.estimator.site_gradient is not None and self._latent_values and \
+                not msg["is_observed"] and is_validation_enabled():
+            self._record_latent_inputs(msg)
         if not self._applies(msg):
             return
         est = self.estimator
@@ -527,9 +547,25 @@ class EstimatorMessenger(Messenger):
             check_independent_parameters(fn, site, self._latent_values)
         return PathGradient(fn, site)
 
+    def _record_latent_inputs(self, msg: dict) -> None:
+        """Add to ``msg["infer"][LATENT_INPUTS]`` the earlier :class:`SiteGradient` sites of this run from whose
+        values the site's distribution is computed."""
+        inputs = latent_inputs(msg["fn"], self._latent_values)
+        if inputs:
+            known = tuple(msg["infer"].get(LATENT_INPUTS, ()))
+            msg["infer"][LATENT_INPUTS] = known + tuple(n for n in inputs if n not in known)
+
     def _pyro_post_sample(self, msg: dict) -> None:
         if self.role == "guide" and self.estimator.path_derivative and self._applies(msg):
             self._latent_values[msg["name"]] = msg["value"]
+        if self.role == "guide" and isinstance(msg["fn"], SiteGradient) and self._applies(msg) and \
+                is_validation_enabled() and torch.is_floating_point(msg["value"]) and torch.is_grad_enabled():
+            # The guide goes on with a leaf that requires grad in place of the detached draw (the trace, recorded
+            # by an outer handler, keeps the draw): a later site whose distribution is computed from it shows
+            # the dependency in the autograd graph. The parameters' gradients are unchanged.
+            probe = msg["value"].detach().requires_grad_(True)
+            msg["value"] = probe
+            self._latent_values[msg["name"]] = probe
         # Pyro keeps one decaying average per data position; when the batch size changes (the last
         # minibatch), restart it from its mean so shapes agree.
         if self.role != "guide" or self.estimator.baseline != "decaying" or not self._applies(msg):

@@ -30,7 +30,7 @@ from pyro.distributions.score_parts import ScoreParts
 from pyro_vae.distributions.wrapped import Wrapped
 from pyro_vae.errors import ConfigError, message
 
-__all__ = ["PathGradient", "detached", "distribution_parameters", "check_independent_parameters"]
+__all__ = ["PathGradient", "detached", "distribution_parameters", "latent_inputs", "check_independent_parameters"]
 
 _LOC_SCALE = (torch.distributions.Normal, torch.distributions.LogNormal, torch.distributions.Laplace,
               torch.distributions.Cauchy, torch.distributions.Gumbel)
@@ -124,22 +124,51 @@ def _kl_path_gradient(p: PathGradient, q: Any) -> torch.Tensor:
     return kl_divergence(p.base, q)
 
 
+def _parameter_tensors(obj: Any, seen: set[int]) -> list[torch.Tensor]:
+    """The tensors a distribution (or a transform of a ``TransformedDistribution``) holds as attributes, through
+    the distributions and transforms it holds (``Independent.base_dist``, a wrapper's ``base``, ``transforms``)."""
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    out: list[torch.Tensor] = []
+    for v in vars(obj).values():
+        for item in v if isinstance(v, (list, tuple)) else (v,):
+            if torch.is_tensor(item):
+                out.append(item)
+            elif isinstance(item, (torch.distributions.Distribution, torch.distributions.Transform)):
+                out.extend(_parameter_tensors(item, seen))
+    return out
+
+
+def latent_inputs(fn: Any, earlier: dict[str, torch.Tensor]) -> list[str]:
+    """The names of ``earlier`` (``{latent site: value}``, values that require grad) from whose values the
+    parameters of the distribution ``fn`` are computed: those its parameter tensors (the tensors it holds,
+    through ``Independent``, wrappers and transforms) reach in the autograd graph. One ``torch.autograd.grad``
+    call (graph kept); ``[]`` when no parameter requires grad (e.g. under ``torch.no_grad``).
+
+    The shared test behind the refusals of estimators that are sound only when a guide site's distribution does not
+    depend on another latent's value: :func:`check_independent_parameters` (``"stl"``, ``"dreg"``) and the per-site
+    estimators of :mod:`pyro_vae.infer.site_gradients` (``check_fixed_sites`` there)."""
+    params = [p for p in _parameter_tensors(fn, set()) if p.requires_grad]
+    inputs = {n: v for n, v in earlier.items() if torch.is_tensor(v) and v.requires_grad}
+    if not params or not inputs:
+        return []
+    grads = torch.autograd.grad([p.sum() for p in params], list(inputs.values()), allow_unused=True,
+                                retain_graph=True)
+    return [name for name, g in zip(inputs, grads, strict=True) if g is not None]
+
+
 def check_independent_parameters(fn: Any, site: str, earlier: dict[str, torch.Tensor]) -> None:
     """Refuse a guide site whose distribution's parameters depend on the values ``earlier`` of other latent
     sites (``{name: value}``): detaching them would drop a pathwise term, not only the score term.
 
     Raises:
         ConfigError: naming ``site`` and the latent site it depends on."""
-    params = [p for p in distribution_parameters(fn, site) if p.requires_grad]
-    inputs = {n: v for n, v in earlier.items() if torch.is_tensor(v) and v.requires_grad}
-    if not params or not inputs:
-        return
-    total = torch.stack([p.sum() for p in params]).sum()
-    grads = torch.autograd.grad(total, list(inputs.values()), allow_unused=True, retain_graph=True)
-    for name, g in zip(inputs, grads, strict=True):
-        if g is not None:
-            raise ConfigError(message(
-                f'estimator "stl"/"dreg" at site "{site}"',
-                "a guide distribution whose parameters do not depend on other latent sites (the detached "
-                "log q would drop a pathwise term)", f'parameters computed from the latent site "{name}"',
-                'use estimator="pathwise" for this guide'))
+    distribution_parameters(fn, site)  # a family stl can detach (ConfigError otherwise)
+    inputs = latent_inputs(fn, earlier)
+    if inputs:
+        raise ConfigError(message(
+            f'estimator "stl"/"dreg" at site "{site}"',
+            "a guide distribution whose parameters do not depend on other latent sites (the detached "
+            "log q would drop a pathwise term)", f'parameters computed from the latent site "{inputs[0]}"',
+            'use estimator="pathwise" for this guide'))

@@ -38,7 +38,11 @@ to the rest (the likelihood term) only. The model's other parameters (the decode
 Pyro, by differentiating ``log p`` at the drawn value.
 
 Assumptions, as in a VAE: the other guide sites do not depend on this site's value (a mean-field guide), and
-each plate entry's cost depends only on its own value (the entries are perturbed together).
+each plate entry's cost depends only on its own value (the entries are perturbed together). The first is checked:
+a term that evaluates the cost at values of the site other than its draw (every rule but ``rloo`` and ``nvil``,
+whose cost is the draw's own, the full ``log_r`` of ``Trace_ELBO``) would hold a later guide site at a draw that
+was made given the site's own draw, which is not the ELBO's cost of the other value; under Pyro's validation such
+a guide (a later site's distribution computed from the site's value) is refused, :func:`check_fixed_sites`.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from pyro_vae.infer.discrete import (
     nvil_term,
 )
 from pyro_vae.infer.estimators import (
+    LATENT_INPUTS,
     Estimator,
     EstimatorTrace_ELBO,
     EstimatorTraceMeanField_ELBO,
@@ -91,7 +96,8 @@ from pyro_vae.infer.site_context import PARTICLE_PLATE_NAME, SiteContext
 from pyro_vae.pyro_internals import particle_loss, particle_traces
 
 __all__ = ["SITE_GRADIENTS", "SiteGradientRule", "site_gradient_rule", "one_evaluation", "PARTICLE_PLATE_NAME",
-           "analytic_kl_sites", "site_cost", "unchecked", "site_surrogate", "evaluations", "SiteGradientTrace_ELBO",
+           "analytic_kl_sites", "site_cost", "unchecked", "site_surrogate", "check_fixed_sites", "evaluations",
+           "SiteGradientTrace_ELBO",
            "SiteGradientTraceMeanField_ELBO"]
 
 
@@ -242,6 +248,10 @@ class SiteGradientRule:
             learned); the ELBO holds it in ``extra_modules()``, so fit optimizes and checkpoints it.
         min_particles: the vectorized particles ``K`` an estimate needs.
         particles_reason: why it needs them (for the error message).
+        fixed_sites: the term evaluates the site's cost at values other than the draw (or otherwise relies on
+            the other latents being held at their draws): unbiased only when no later guide site's distribution is
+            computed from this site's value, and such a guide is refused (:func:`check_fixed_sites`). ``False``
+            for a term that reads the cost at the draw only (``rloo``, ``nvil``: unbiased for any guide).
     """
 
     term: Callable[[SiteContext], torch.Tensor]
@@ -249,6 +259,7 @@ class SiteGradientRule:
     module: Callable[[Sequence[int]], nn.Module] | None = None
     min_particles: int = 1
     particles_reason: str = ""
+    fixed_sites: bool = True
 
 
 #: The per-site estimators, keyed by ``Estimator.site_gradient``: one :class:`SiteGradientRule` each.
@@ -256,7 +267,7 @@ SITE_GRADIENTS: dict[str, SiteGradientRule] = {
     "mean-baseline": SiteGradientRule(_mean_baseline_term, lambda est, d, v: 1 + est.cv_samples),
     "optimal-cv": SiteGradientRule(_normal_term, lambda est, d, v: 1 + est.cv_samples),
     "delta-cv": SiteGradientRule(_normal_term, lambda est, d, v: 2 + 2 * d),
-    "rloo": SiteGradientRule(_rloo_term, min_particles=2,
+    "rloo": SiteGradientRule(_rloo_term, min_particles=2, fixed_sites=False,
                              particles_reason="K >= 2 draws (each is baselined by the mean of the others)"),
     "measure-valued": SiteGradientRule(_normal_term, lambda est, d, v: 1 + 4 * d),
     "rebar": SiteGradientRule(rebar_term, lambda est, d, v: REBAR_EVALUATIONS, module=rebar_control),
@@ -266,7 +277,7 @@ SITE_GRADIENTS: dict[str, SiteGradientRule] = {
     "arm": SiteGradientRule(arm_term, lambda est, d, v: 2),
     "disarm": SiteGradientRule(disarm_term, lambda est, d, v: 2),
     "muprop": SiteGradientRule(muprop_term, lambda est, d, v: 3, module=MuPropParameters),
-    "nvil": SiteGradientRule(nvil_term, module=NVILBaseline),
+    "nvil": SiteGradientRule(nvil_term, module=NVILBaseline, fixed_sites=False),
 }
 
 
@@ -276,6 +287,35 @@ def site_gradient_rule(est: Estimator) -> SiteGradientRule:
         raise ConfigError(message(f'estimator "{est.name}"', "a site_gradient of " + ", ".join(SITE_GRADIENTS),
                                   repr(est.site_gradient), "register its SiteGradientRule in SITE_GRADIENTS"))
     return SITE_GRADIENTS[est.site_gradient]
+
+
+def check_fixed_sites(est: Estimator, guide_trace: Trace) -> None:
+    """Refuse a guide on which the per-site estimator ``est`` is biased: one whose rule has
+    :attr:`SiteGradientRule.fixed_sites` and a latent site wrapped in
+    :class:`~pyro_vae.infer.estimators.SiteGradient` from whose value a later guide site's distribution is
+    computed. The dependencies are those :class:`~pyro_vae.infer.estimators.EstimatorMessenger` recorded in the
+    later sites' ``infer[LATENT_INPUTS]`` (under Pyro's validation, with gradients enabled; a trace without
+    them passes). Reads the trace only: no model or guide evaluation.
+
+    Raises:
+        ConfigError: naming the estimator, the site, the later site that depends on it, and the fixes.
+    """
+    if not site_gradient_rule(est).fixed_sites:
+        return
+    nodes: Any = guide_trace.nodes
+    for later, node in nodes.items():
+        if node["type"] != "sample":
+            continue
+        for name in node["infer"].get(LATENT_INPUTS, ()):
+            if name in nodes and isinstance(nodes[name]["fn"], SiteGradient):
+                raise ConfigError(message(
+                    f'estimator "{est.name}" at site "{name}"',
+                    "a guide whose later latent sites' distributions are not computed from this site's value (the "
+                    "estimator evaluates the ELBO's cost at other values of the site with the other latents held "
+                    "at their draws, which is biased when a later draw was made given this one)",
+                    f'guide site "{later}", whose distribution is computed from the value of "{name}"',
+                    'use "rloo" or "score-function" (unbiased for any guide), or "pathwise" for a '
+                    "reparameterized site; or make the guide mean-field"))
 
 
 def site_surrogate(est: Estimator, model: Callable, args: tuple, kwargs: dict, model_trace: Trace,
@@ -296,9 +336,11 @@ def site_surrogate(est: Estimator, model: Callable, args: tuple, kwargs: dict, m
         training: whether that module may update its running statistics.
 
     Raises:
-        ConfigError: an estimator at a site of a family it does not apply to; too few vectorized particles.
+        ConfigError: an estimator at a site of a family it does not apply to; too few vectorized particles; a
+            guide on which it is biased (:func:`check_fixed_sites`).
     """
     rule = site_gradient_rule(est)
+    check_fixed_sites(est, guide_trace)
     analytic = analytic_kl_sites(model_trace, guide_trace) if meanfield else set()
     total: torch.Tensor | float = 0.0
     for name, site in guide_trace.nodes.items():

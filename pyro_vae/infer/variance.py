@@ -75,7 +75,7 @@ from pyro_vae.infer.iwae import importance_weighted_terms, iwae_traces
 from pyro_vae.infer.kl import kl_report
 from pyro_vae.infer.pair import as_pair
 from pyro_vae.infer.path_gradient import PathGradient
-from pyro_vae.infer.site_gradients import site_gradient_rule, site_surrogate
+from pyro_vae.infer.site_gradients import check_fixed_sites, site_gradient_rule, site_surrogate
 from pyro_vae.models.context import check_context, declared_shapes
 from pyro_vae.models.linear_gaussian import exact_elbo
 from pyro_vae.models.vae import VAE
@@ -275,7 +275,14 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
     """Run the guide and the model once (the RNG left as it was, no gradients) and read the plan off.
 
     ``pyro.param`` statements create their params as a first ``SVI`` step would; registrations of the
-    VAE's own modules that the run adds to the param store are taken out again."""
+    VAE's own modules that the run adds to the param store are taken out again. For ``"stl"``/``"dreg"`` and the
+    per-site estimators the guide runs with gradients, so that under Pyro's validation the guides they are biased
+    on are refused as ``make_elbo``'s ELBO refuses them (the vectorized surrogate runs without validation):
+    :func:`~pyro_vae.infer.path_gradient.check_independent_parameters`,
+    :func:`~pyro_vae.infer.site_gradients.check_fixed_sites`.
+
+    Raises:
+        ConfigError: such a guide (under validation)."""
     groups = _module_groups(vae)
     ids = {id(p): n for items in groups.values() for n, p in items}
     store = pyro.get_param_store()
@@ -286,9 +293,13 @@ def _plan(vae: nn.Module, x: torch.Tensor, est: Estimator, num_particles: int, e
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         tracker = TrackNonReparam() if est.baseline is not None else contextlib.nullcontext()
+        checked = est.path_derivative or est.site_gradient is not None
         with poutine.trace(param_only=True) as params, tracker:
             iw = elbo == "iwae"
-            guide_tr = poutine.trace(_particles(guide, num_particles, iw)).get_trace(x, **kwargs)
+            with torch.enable_grad() if checked else contextlib.nullcontext():
+                guide_tr = poutine.trace(_particles(guide, num_particles, iw)).get_trace(x, **kwargs)
+            if est.site_gradient is not None:
+                check_fixed_sites(est, guide_tr)
             model_tr = poutine.trace(poutine.replay(_particles(model, num_particles, iw), trace=guide_tr)).get_trace(
                 x, **kwargs)
             model_tr, guide_tr = prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
