@@ -65,3 +65,41 @@ def test_loss_and_every_gradient_scale_with_num_data(latent, estimator, elbo):
     assert grads_n.keys() == grads_1.keys()
     for name, g in grads_1.items():
         torch.testing.assert_close(grads_n[name], FACTOR * g, rtol=1e-4, atol=1e-6, msg=f"parameter {name}")
+
+
+@pytest.mark.parametrize("estimator", ["nvil", "muprop", "relax"])
+def test_learned_parts_work_in_nats_per_data_point(estimator):
+    """The learned parts of NVIL, MuProp and RELAX (baselines, NVIL's running mean and variance, RELAX's
+    surrogate) are in nats per data point: with them away from their initial values (NVIL's variance
+    normalization active), scoring the batch with ``num_data = 3 B`` still scales every gradient of the model and
+    guide by exactly 3; what the learned parts themselves are trained on does not change (NVIL, MuProp), or is
+    RELAX's ``|G|^2``, 9 times as large. Deterministic (same draws at both scalings)."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = pyro_vae.VAE(data_shape=(6,), z_dim=3, hidden=(8,), likelihood="bernoulli", **LATENTS["bernoulli"])
+    x = torch.bernoulli(torch.full((B, 6), 0.4))
+    loss_fn = make_elbo("trace", 1, estimator, data_shape=(6,))
+    modules = loss_fn.extra_modules()
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            for name, buf in module.named_buffers():  # NVIL: mean -5 nats, variance 9 (normalization active)
+                buf.fill_(9.0 if name.endswith("var") else -5.0)
+    states = [copy.deepcopy(m.state_dict()) for m in modules]
+    own = []
+    for num_data in (B, FACTOR * B):
+        for module, state in zip(modules, states, strict=True):
+            module.load_state_dict(state)
+            module.zero_grad(set_to_none=True)
+        own.append(_gradients(vae, loss_fn, x, num_data, seed=1)[1])
+        own.append({n: p.grad.clone() for m in modules for n, p in m.named_parameters() if p.grad is not None})
+    grads_1, learned_1, grads_n, learned_n = own
+    assert any(bool(g.abs().sum() > 0) for n, g in grads_1.items() if n.startswith("encoder"))
+    for name, g in grads_1.items():
+        torch.testing.assert_close(grads_n[name], FACTOR * g, rtol=1e-4, atol=1e-6, msg=f"parameter {name}")
+    assert learned_1 and learned_n.keys() == learned_1.keys()
+    factor = FACTOR ** 2 if estimator == "relax" else 1
+    for name, g in learned_1.items():
+        torch.testing.assert_close(learned_n[name], factor * g, rtol=1e-4, atol=1e-6, msg=f"learned {name}")
+    pyro.clear_param_store()

@@ -194,7 +194,9 @@ def muprop_term(ctx: SiteContext) -> torch.Tensor:
     eta_0 f(mu) - eta_1 f'(mu).(b - mu) - B(x)`` (the first-order expansion at the mean-field point ``mu =
     sigma(phi)``, held fixed, scaled by the learned ``eta`` of :class:`MuPropParameters`, and its baseline), plus
     ``eta_1 f'(mu) . mu``, whose gradient is that of the expansion's expectation; minus ``1/2 l^2``, which trains
-    ``eta`` and ``B`` (the ELBO is maximized). ``f`` is evaluated at ``mu`` through the relaxed cost of the context
+    ``eta`` and ``B`` (the ELBO is maximized). The baseline and ``l`` in that squared error are in nats per data
+    point (the costs divided by :attr:`~pyro_vae.infer.site_context.SiteContext.cost_units`, ``num_data /
+    batch``), the score term multiplied back. ``f`` is evaluated at ``mu`` through the relaxed cost of the context
     (no support checks: the Bernoulli log-densities at a probability are their linear extension).
 
     Raises:
@@ -214,11 +216,12 @@ def muprop_term(ctx: SiteContext) -> torch.Tensor:
     slope, f_mu = grad(total, has_aux=True)(mu)
     slope, f_mu = slope.detach(), f_mu.detach()
     linear = (slope * (b - mu)).reshape(*batch, -1).sum(-1) if ctx.event_dim else slope * (b - mu)
+    units = ctx.cost_units  # the signal and B(x) in nats per data point; the score term scaled back
     f = ctx.detached_cost(b)
     baseline = _baseline(ctx, module, f)
     eta0, eta1 = module.eta[0], module.eta[1]
-    signal = f - eta0 * f_mu - eta1 * linear - baseline
-    term = (signal.detach() * ctx.base.log_prob(b)).sum() + (eta1.detach() * slope * family.probs).sum()
+    signal = (f - eta0 * f_mu - eta1 * linear) / units - baseline
+    term = units * (signal.detach() * ctx.base.log_prob(b)).sum() + (eta1.detach() * slope * family.probs).sum()
     return term - 0.5 * signal.pow(2).sum()
 
 
@@ -250,9 +253,8 @@ def _baseline(ctx: SiteContext, module: nn.Module, f: torch.Tensor) -> torch.Ten
 class NVILBaseline(nn.Module):
     """NVIL's learned parts (Mnih & Gregor 2014): the input-dependent baseline ``B(x)``
     (:class:`~pyro_vae.infer.estimators.NeuralBaseline`, an MLP from ``(..., *data_shape)`` to ``(...)``, 0 at first)
-    and the
-    running mean ``c`` and variance ``v`` of the learning signal ``f - B(x)`` (buffers, so they are checkpointed
-    and resumed with the module).
+    and the running mean ``c`` and variance ``v`` of the learning signal ``f / s - B(x)``, all in nats per data
+    point (:func:`nvil_term`; ``c`` and ``v`` are buffers, so they are checkpointed and resumed with the module).
 
     Args:
         data_shape: the shape of one data point.
@@ -290,20 +292,24 @@ class NVILBaseline(nn.Module):
 
 
 def nvil_term(ctx: SiteContext) -> torch.Tensor:
-    """NVIL at one site: ``((f - B(x) - c) / max(1, sqrt(v))) log q(b)`` (signal detached) minus the baseline's
-    squared error ``1/2 (f - c - B(x))^2``, both summed over plate entries; then, while training, ``c`` and ``v``
-    move towards the statistics of ``f - B(x)``. ``x`` is the model's first argument (the data batch).
+    """NVIL at one site: ``s ((f / s - B(x) - c) / max(1, sqrt(v))) log q(b)`` (signal detached) minus the
+    baseline's squared error ``1/2 (f / s - c - B(x))^2``, both summed over plate entries; then, while training,
+    ``c`` and ``v`` move towards the statistics of ``f / s - B(x)``. ``s`` is the scale of the cost
+    (:attr:`~pyro_vae.infer.site_context.SiteContext.cost_units`, ``num_data / batch``), so that ``B``, ``c`` and
+    ``v`` are in nats per data point, as in Mnih & Gregor (2014), whatever the batch size. ``x`` is the model's
+    first argument (the data batch).
 
     Raises:
         ConfigError: no :class:`NVILBaseline` (the ELBO's learned module), no data batch, or a baseline whose output
             does not broadcast to the site's plates.
     """
     module = _learned(ctx, NVILBaseline)
-    f = ctx.detached_cost(ctx.value)
+    units = ctx.cost_units  # B(x), c and v in nats per data point; the score term scaled back
+    f = ctx.detached_cost(ctx.value) / units
     baseline = _baseline(ctx, module, f)
     signal = f - baseline.detach()
     centred = (signal - module.mean) / module.scale()
-    term = (centred * ctx.base.log_prob(ctx.value)).sum() - 0.5 * (f - module.mean - baseline).pow(2).sum()
+    term = units * (centred * ctx.base.log_prob(ctx.value)).sum() - 0.5 * (f - module.mean - baseline).pow(2).sum()
     if ctx.training and module.training:
         module.update(signal)
     return term

@@ -127,13 +127,16 @@ class RebarControl(nn.Module):
         """``lambda = exp(log_temperature)``, a scalar tensor."""
         return self.log_temperature.exp()
 
-    def forward(self, cost: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, event_dim: int) -> torch.Tensor:
+    def forward(self, cost: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, event_dim: int,
+                units: float = 1.0) -> torch.Tensor:
         """``c(z)`` per plate entry, ``(*batch_shape)``, for the relaxation ``z`` ``(*batch_shape, *event_shape)``
-        and the site's cost ``cost(value) -> (*batch_shape)``."""
+        and the site's cost ``cost(value) -> (*batch_shape)``; the surrogate's output, in nats per data point, is
+        multiplied by ``units``, the scale of ``cost`` (:attr:`SiteContext.cost_units
+        <pyro_vae.infer.site_context.SiteContext.cost_units>`)."""
         y = torch.sigmoid(z / self.temperature.to(z.dtype))
         c = self.eta.to(z.dtype) * cost(y)
         if self.surrogate is not None:
-            c = c + self.surrogate(y, event_dim)
+            c = c + units * self.surrogate(y, event_dim)
         return c
 
 
@@ -174,7 +177,8 @@ def _relaxed_values_allowed(fn: Any) -> Iterator[None]:
 
 
 def rebar_gradient(cost: Callable[[torch.Tensor], torch.Tensor], value: torch.Tensor, logits: torch.Tensor,
-                   control: RebarControl, event_dim: int, create_graph: bool = True) -> torch.Tensor:
+                   control: RebarControl, event_dim: int, create_graph: bool = True,
+                   units: float = 1.0) -> torch.Tensor:
     """One REBAR / RELAX estimate ``G`` (module docstring) of the gradient of ``E cost(b)`` with respect to the
     logits of a Bernoulli site, ``value``'s shape.
 
@@ -185,6 +189,7 @@ def rebar_gradient(cost: Callable[[torch.Tensor], torch.Tensor], value: torch.Te
         control: the control variate.
         event_dim: the site's event dimensions.
         create_graph: keep ``G``'s graph in ``control``'s parameters (for their variance gradient).
+        units: the scale of ``cost`` per data point; RELAX's surrogate output is multiplied by it.
     """
     b = value.detach()
     theta = logits.detach().expand(b.shape)
@@ -194,11 +199,11 @@ def rebar_gradient(cost: Callable[[torch.Tensor], torch.Tensor], value: torch.Te
         f_b = cost(b)
 
     def relaxed(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = control(cost, t + noise, event_dim)
+        c = control(cost, t + noise, event_dim, units)
         return c.sum(), c
 
     def conditional(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = control(cost, conditional_logistic(t, b, v), event_dim)
+        c = control(cost, conditional_logistic(t, b, v), event_dim, units)
         return c.sum(), c
 
     # torch.func.grad: nested in gradient_samples' vmap, and differentiable in the control's parameters
@@ -234,7 +239,8 @@ def rebar_term(ctx: SiteContext) -> torch.Tensor:
     params = [p for p in control.parameters() if p.requires_grad] if ctx.training else []
     relaxed_cost = getattr(ctx, "relaxed_cost", None)
     with _relaxed_values_allowed(ctx.site["fn"]):
-        g = rebar_gradient(relaxed_cost or ctx.cost, value, logits, control, ctx.event_dim, create_graph=bool(params))
+        g = rebar_gradient(relaxed_cost or ctx.cost, value, logits, control, ctx.event_dim, create_graph=bool(params),
+                           units=ctx.cost_units)
     term = (g.detach() * logits).sum()
     if params:
         grads = torch.autograd.grad(g.pow(2).sum(), params, allow_unused=True)

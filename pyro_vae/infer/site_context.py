@@ -9,6 +9,7 @@ in one :class:`SiteContext`; this module sits below them all, so each can import
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,18 @@ class SiteContext:
     def event_dim(self) -> int:
         """The site's number of event dimensions."""
         return int(self.site["fn"].event_dim)
+
+    @property
+    def cost_units(self) -> float:
+        """The scale Pyro applies to the site's log-densities (its plates' ``num_data / batch`` and any
+        ``poutine.scale``, e.g. a KL weight; 1 where that is not a positive number): :meth:`cost` is the ELBO's
+        cost at that scale, and ``cost / cost_units`` is in nats per data point. The learned parts of NVIL,
+        MuProp and RELAX (their baselines, running statistics and surrogate) work in those per-data-point units,
+        so that what they learn does not depend on the batch size or ``num_data``; their terms are multiplied back
+        by ``cost_units``."""
+        scale = self.site.get("scale", 1.0)
+        value = float(scale) if not torch.is_tensor(scale) or scale.numel() == 1 else 1.0
+        return value if math.isfinite(value) and value > 0 else 1.0
 
     def detached_cost(self, value: torch.Tensor) -> torch.Tensor:
         """``cost(value)`` without gradients, ``(*batch_shape)``."""
