@@ -604,3 +604,15 @@ def test_exact_gradient_of_the_wrong_size_is_refused():
     assert module_only.numel() == 39
     with pytest.raises(ConfigError, match=r"exact: expected 45 numbers.*pyro\.param"):
         gradient_statistics(vae, x, "pathwise", 2, exact=module_only)
+
+
+def test_max_bias_z_of_an_estimator_exact_but_for_rounding_is_of_order_one():
+    """score-function-delta-cv is exact on the linear-Gaussian VAE's encoder (its cost is quadratic in z): the
+    encoder's samples agree to float32 rounding, which does not average out, so the z-score must not grow with
+    the sample count. Deterministic (seeded)."""
+    vae = linear_gaussian_vae(5, 2, seed=3)
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    exact = exact_gradient(vae, x) * 5  # num_data = 40 scales the batch's gradient by 40 / 8
+    s = gradient_statistics(vae, x, "score-function-delta-cv", 300, exact=exact, seed=1, num_data=40)
+    assert s["encoder"]["relative_bias"] < 1e-6 and s["encoder"]["max_bias_z"] < 1.0, s["encoder"]
+    assert s["decoder"]["max_bias_z"] < 4.0, s["decoder"]

@@ -770,12 +770,25 @@ def summarize(samples: torch.Tensor, exact: torch.Tensor | None = None) -> dict[
     """Statistics of ``(num_samples, D)`` gradient samples: ``mean_variance`` ``(1/D) tr Cov``,
     ``total_variance`` ``tr Cov``, ``snr`` (mean over coordinates of ``|mean| / std``, coordinates with
     zero variance left out), and with ``exact``: ``bias`` ``|mean - exact|_2``, ``relative_bias``
-    ``|mean - exact| / |exact|`` and ``max_bias_z`` (the largest ``|mean - exact| / standard error``)."""
+    ``|mean - exact| / |exact|`` and ``max_bias_z`` (the largest ``|mean - exact| / se`` over the coordinates
+    with variance; ``se = std / sqrt(n)``, the standard error of the mean, except on a coordinate whose spread
+    is rounding, ``std <= sqrt(eps) rms`` (``eps`` the machine epsilon of the coarser floating-point type of the
+    samples and ``exact``, float32: ``sqrt(eps) = 3.5e-4``; ``rms`` the coordinate's root mean square sample),
+    where ``se = std sqrt(1 + 1/n)``: the rounding of a float computation does not average out over samples,
+    so an estimator exact but for rounding (its samples agree to float precision) has a ``max_bias_z`` of
+    order 1 instead of one growing with ``n``)."""
     s = samples.double()
-    return _stats(s.shape[0], s.sum(0), s.pow(2).sum(0), exact)
+    return _stats(s.shape[0], s.sum(0), s.pow(2).sum(0), exact, _rounding_eps(samples, exact))
 
 
-def _stats(n: int, total: torch.Tensor, total_sq: torch.Tensor, exact: torch.Tensor | None) -> dict[str, Any]:
+def _rounding_eps(samples: torch.Tensor, exact: torch.Tensor | None) -> float:
+    """The machine epsilon of the coarser floating-point type of ``samples`` and ``exact`` (0 for integers)."""
+    return max((torch.finfo(t.dtype).eps for t in (samples, exact) if t is not None and t.is_floating_point()),
+               default=0.0)
+
+
+def _stats(n: int, total: torch.Tensor, total_sq: torch.Tensor, exact: torch.Tensor | None,
+           eps: float = 0.0) -> dict[str, Any]:
     mean = total / n
     var = ((total_sq - n * mean.pow(2)) / max(n - 1, 1)).clamp_min(0)
     std = var.sqrt()
@@ -792,7 +805,10 @@ def _stats(n: int, total: torch.Tensor, total_sq: torch.Tensor, exact: torch.Ten
     if exact is not None:
         e = exact.double().reshape(-1).to(mean.device)
         diff = mean - e
-        se = std / math.sqrt(n)
+        # a spread below sqrt(eps) of the samples' magnitude is rounding, which does not average out: the
+        # mean is then no closer to the exact value than one sample, and the standard error is the spread
+        rounding = var <= eps * (total_sq / n)
+        se = (var / n + torch.where(rounding, var, torch.zeros_like(var))).sqrt()
         out["bias"] = float(diff.norm())
         out["relative_bias"] = float(diff.norm() / e.norm().clamp_min(1e-300))
         out["max_bias_z"] = float((diff[live].abs() / se[live]).max()) if bool(live.any()) else math.nan
@@ -836,8 +852,9 @@ def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: str | Estima
     sync()
     start = time.perf_counter()
     total = total_sq = None
-    n = 0
+    n, eps = 0, 0.0
     for chunk in chunks:
+        eps = _rounding_eps(chunk, exact)
         c = chunk.double()
         total = c.sum(0) if total is None else total + c.sum(0)
         total_sq = c.pow(2).sum(0) if total_sq is None else total_sq + c.pow(2).sum(0)
@@ -847,8 +864,8 @@ def gradient_statistics(vae: nn.Module, x: torch.Tensor, estimator: str | Estima
     assert total is not None and total_sq is not None  # num_samples >= 1: at least one chunk
     parts_t, parts_q = _split(total, groups), _split(total_sq, groups)
     parts_e = _split(exact.reshape(-1), groups) if exact is not None else {}
-    out = {g: _stats(n, parts_t[g], parts_q[g], parts_e.get(g)) for g in groups}
-    out["all"] = _stats(n, total, total_sq, exact)
+    out = {g: _stats(n, parts_t[g], parts_q[g], parts_e.get(g), eps) for g in groups}
+    out["all"] = _stats(n, total, total_sq, exact, eps)
     for v in out.values():
         v["seconds"] = seconds
         v["analytic_kl_sites"] = list(plan.analytic_kl)
