@@ -282,27 +282,32 @@ def variance(data: dict[str, torch.Tensor], args, device) -> dict[str, Any]:
             for m, s in zip(shadows[label][1], sd, strict=True):
                 m.load_state_dict(s)
 
-    def hook(r: Run) -> None:
+    scale = x.shape[0] / BATCH
+
+    def hook(r: Run, final: bool = False) -> None:
         xb = r.batch()
         for fn, _, opt in shadows.values():
             opt.zero_grad(set_to_none=True)
             fn.loss_and_grads(r.vae.model, r.vae.guide, xb, num_data=x.shape[0])
             opt.step()
         r.optimizer.zero_grad(set_to_none=True)
-        if r.step % args.variance_every == 0 and not any(c["step"] == r.step for c in r.state["records"]):
+        if (final or r.step % args.variance_every == 0) and not any(c["step"] == r.step for c in r.state["records"]):
             twin.load_state_dict(r.vae.state_dict())
             for label, (e, el, kk, rel) in VARIANCE_RUNS.items():
                 module = (r.extra[0] if label == args.reference and r.extra else
                           shadows[label][1][0] if label in shadows else None)
+                # the training step's loss (num_data = N): the learned parts of NVIL, MuProp, REBAR and RELAX are
+                # trained on the cost at that scale; the variance is reported divided by (N / B)^2, in the units
+                # of the gradient of the batch's own ELBO
                 st = gradient_statistics(twin if rel else r.vae, xfix, e, args.variance_samples, num_particles=kk,
                                          elbo=el, nn_baseline=module, seed=args.seed + r.step,
-                                         method="loop" if rel else "vectorized")["encoder"]
+                                         method="loop" if rel else "vectorized", num_data=x.shape[0])["encoder"]
                 c = cost(e, kk, 200)
+                v = st["mean_variance"] / scale ** 2
                 r.state["records"].append({"step": r.step, "estimator": label, "estimator_name": e, "K": kk,
-                                           "elbo": el, "encoder_variance": st["mean_variance"],
+                                           "elbo": el, "num_data": x.shape[0], "encoder_variance": v,
                                            "encoder_snr": st["snr"], "evaluations": c,
-                                           "variance_x_evaluations": st["mean_variance"] * c,
-                                           "seconds": st["seconds"]})
+                                           "variance_x_evaluations": v * c, "seconds": st["seconds"]})
             print(f"  variance at step {r.step}: " + ", ".join(
                 f"{c['estimator']} {c['encoder_variance']:.3g}" for c in r.state["records"] if c["step"] == r.step),
                 flush=True)
@@ -311,7 +316,7 @@ def variance(data: dict[str, torch.Tensor], args, device) -> dict[str, Any]:
     every = args.variance_every
     run.train(lambda v: {"train_elbo": exact_elbo(v, x_eval, args.eval_particles)}, every, hook)
     if not any(c["step"] == run.step for c in run.state["records"]):
-        hook(run)  # the variances at the final parameters
+        hook(run, final=True)  # the variances at the final parameters
     return record(args, key, {"model": "linear", "reference": args.reference, "batch_points": BATCH,
                               "samples_per_estimate": args.variance_samples, "every": every, "steps": run.step,
                               "train_seconds": run.seconds, "curve": run.curve, "records": run.state["records"]})
@@ -532,8 +537,13 @@ def tables(report: dict[str, Any]) -> str:
         r = p["results"]
         last = max(c["step"] for c in r["records"])
         out += [f"**Same-trajectory variance** ({_budget(p)}): the linear belief net trained with `{r['reference']}` "
-                f"for {r['steps']} steps; each estimator's encoder gradient on one fixed batch of {r['batch_points']} "
-                f"training points, {r['samples_per_estimate']} estimates at the parameters of step {last}:", "",
+                f"for {r['steps']} steps; each estimator's encoder gradient of the training step's loss on one fixed "
+                f"batch of {r['batch_points']} training points, {r['samples_per_estimate']} estimates at the "
+                f"parameters of step {last}, the learned parts as trained"
+                + ("" if "num_data" not in r["records"][-1] else
+                   f" (num_data = {r['records'][-1]['num_data']}; the variance divided by "
+                   f"(num_data / {r['batch_points']})^2, in the units of the gradient of the batch's own ELBO)")
+                + ":", "",
                 "| estimator | K | evaluations per estimate | encoder variance | encoder SNR "
                 "| variance x evaluations |",
                 "| --- | --- | --- | --- | --- | --- |"]
