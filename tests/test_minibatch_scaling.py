@@ -103,3 +103,23 @@ def test_learned_parts_work_in_nats_per_data_point(estimator):
     for name, g in learned_1.items():
         torch.testing.assert_close(learned_n[name], factor * g, rtol=1e-4, atol=1e-6, msg=f"learned {name}")
     pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 0.01])
+def test_cost_units_are_the_minibatch_scale_whatever_the_kl_weight(beta, monkeypatch):
+    """``SiteContext.cost_units`` is the data plate's ``num_data / batch`` only: the VAE's KL weight (a
+    ``poutine.scale`` on the latent site) is not part of the per-data-point units of the learned parts."""
+    from pyro_vae.infer import site_context
+
+    seen = []
+    units = site_context.SiteContext.cost_units.fget
+    monkeypatch.setattr(site_context.SiteContext, "cost_units", property(lambda self: seen.append(units(self))
+                                                                        or seen[-1]))
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = pyro_vae.VAE(data_shape=(6,), z_dim=3, hidden=(8,), likelihood="bernoulli", beta=beta,
+                       **LATENTS["bernoulli"])
+    x = torch.bernoulli(torch.full((B, 6), 0.4))
+    make_elbo("trace", 1, "nvil", data_shape=(6,)).loss_and_grads(vae.model, vae.guide, x, num_data=10 * B)
+    assert seen and all(u == 10.0 for u in seen), seen
+    pyro.clear_param_store()

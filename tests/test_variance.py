@@ -616,3 +616,16 @@ def test_max_bias_z_of_an_estimator_exact_but_for_rounding_is_of_order_one():
     s = gradient_statistics(vae, x, "score-function-delta-cv", 300, exact=exact, seed=1, num_data=40)
     assert s["encoder"]["relative_bias"] < 1e-6 and s["encoder"]["max_bias_z"] < 1.0, s["encoder"]
     assert s["decoder"]["max_bias_z"] < 4.0, s["decoder"]
+
+
+def test_max_bias_z_still_sees_a_bias_in_noise_above_rounding():
+    """The rounding allowance applies to spreads within 256 eps of the samples' size only: float32 samples whose
+    spread is 1e-4 of their size (about 840 eps, Monte Carlo noise) keep the standard error of the mean, and a
+    bias of 10 standard errors reads as z of about 10 (the same as in float64). Deterministic (seeded)."""
+    torch.manual_seed(0)
+    n, noise = 10000, 1e-4
+    exact = torch.ones(3)
+    samples = (exact + 10 * noise / n ** 0.5 + noise * torch.randn(n, 3, dtype=torch.float64)).float()
+    z32 = summarize(samples, exact)["max_bias_z"]
+    z64 = summarize(samples.double(), exact.double())["max_bias_z"]
+    assert z32 == pytest.approx(z64) and z32 > 8

@@ -108,12 +108,15 @@ def check_num_particles(elbo: Any, num_particles: Any) -> int:
     if isinstance(elbo, ELBO):
         own = int(elbo.num_particles)
         if num_particles is not None and num_particles != own:
-            name = "iwae" if isinstance(elbo, ImportanceWeightedELBO) else "trace"
+            names = {ImportanceWeightedELBO: "iwae", TraceMeanField_ELBO: "meanfield", Trace_ELBO: "trace"}
+            name = next((n for cls, n in names.items() if isinstance(elbo, cls)), None)
+            by_name = "" if name is None else (f', or pass the objective\'s name (elbo="{name}", '
+                                               f"num_particles={num_particles})")
             raise ConfigError(message(
                 "num_particles", f"the ELBO object's own num_particles ({own}) or None (the object sets its "
                 f"particles)", f"{num_particles} with a {type(elbo).__name__}(num_particles={own})",
-                f"set num_particles on the ELBO object ({type(elbo).__name__}(num_particles={num_particles}, ...)), "
-                f'or pass the objective\'s name (elbo="{name}", num_particles={num_particles})'))
+                f"set num_particles on the ELBO object ({type(elbo).__name__}(num_particles={num_particles}, ...))"
+                + by_name))
         return own
     if num_particles is None:
         if isinstance(elbo, str) and elbo in BOUNDS:

@@ -83,15 +83,17 @@ class SiteContext:
 
     @property
     def cost_units(self) -> float:
-        """The scale Pyro applies to the site's log-densities (its plates' ``num_data / batch`` and any
-        ``poutine.scale``, e.g. a KL weight; 1 where that is not a positive number): :meth:`cost` is the ELBO's
-        cost at that scale, and ``cost / cost_units`` is in nats per data point. The learned parts of NVIL,
-        MuProp and RELAX (their baselines, running statistics and surrogate) work in those per-data-point units,
-        so that what they learn does not depend on the batch size or ``num_data``; their terms are multiplied back
-        by ``cost_units``."""
-        scale = self.site.get("scale", 1.0)
-        value = float(scale) if not torch.is_tensor(scale) or scale.numel() == 1 else 1.0
-        return value if math.isfinite(value) and value > 0 else 1.0
+        """The minibatch scale of the site's plates, ``num_data / batch`` (the product of ``full_size / size``
+        over its subsampled plates; 1 without subsampling): :meth:`cost` is the ELBO's cost with the data plate's
+        log-densities scaled by it, and ``cost / cost_units`` is in nats per data point. A ``poutine.scale`` such
+        as the VAE's KL weight is not part of it. The learned parts of NVIL, MuProp and RELAX (their baselines,
+        running statistics and surrogate) work in those per-data-point units, so that what they learn does not
+        depend on the batch size or ``num_data``; their terms are multiplied back by ``cost_units``."""
+        units = 1.0
+        for frame in self.site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size:
+                units *= float(frame.full_size) / float(frame.size)
+        return units if math.isfinite(units) and units > 0 else 1.0
 
     def detached_cost(self, value: torch.Tensor) -> torch.Tensor:
         """``cost(value)`` without gradients, ``(*batch_shape)``."""

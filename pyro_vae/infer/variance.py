@@ -772,8 +772,8 @@ def summarize(samples: torch.Tensor, exact: torch.Tensor | None = None) -> dict[
     zero variance left out), and with ``exact``: ``bias`` ``|mean - exact|_2``, ``relative_bias``
     ``|mean - exact| / |exact|`` and ``max_bias_z`` (the largest ``|mean - exact| / se`` over the coordinates
     with variance; ``se = std / sqrt(n)``, the standard error of the mean, except on a coordinate whose spread
-    is rounding, ``std <= sqrt(eps) rms`` (``eps`` the machine epsilon of the coarser floating-point type of the
-    samples and ``exact``, float32: ``sqrt(eps) = 3.5e-4``; ``rms`` the coordinate's root mean square sample),
+    is rounding, ``std <= 256 eps rms`` (``eps`` the machine epsilon of the coarser floating-point type of the
+    samples and ``exact``, float32: ``256 eps = 3.1e-5``; ``rms`` the coordinate's root mean square sample),
     where ``se = std sqrt(1 + 1/n)``: the rounding of a float computation does not average out over samples,
     so an estimator exact but for rounding (its samples agree to float precision) has a ``max_bias_z`` of
     order 1 instead of one growing with ``n``)."""
@@ -805,9 +805,9 @@ def _stats(n: int, total: torch.Tensor, total_sq: torch.Tensor, exact: torch.Ten
     if exact is not None:
         e = exact.double().reshape(-1).to(mean.device)
         diff = mean - e
-        # a spread below sqrt(eps) of the samples' magnitude is rounding, which does not average out: the
+        # a spread below 256 eps of the samples' magnitude is rounding, which does not average out: the
         # mean is then no closer to the exact value than one sample, and the standard error is the spread
-        rounding = var <= eps * (total_sq / n)
+        rounding = var <= (256 * eps) ** 2 * (total_sq / n)
         se = (var / n + torch.where(rounding, var, torch.zeros_like(var))).sqrt()
         out["bias"] = float(diff.norm())
         out["relative_bias"] = float(diff.norm() / e.norm().clamp_min(1e-300))
