@@ -236,7 +236,9 @@ def main(argv: Any = None) -> dict[str, Any]:
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
                           callbacks=callbacks, dynamic_binarize=True, progress=False,
                           checkpoint_dir=args.checkpoint_dir, resume_from=resume, cuda_graph=args.cuda_graph).epochs
-    train_seconds = time.perf_counter() - t0
+    call_seconds = time.perf_counter() - t0
+    # every epoch's training time, those of earlier calls of a resumed run included (the history is checkpointed)
+    train_seconds = float(sum(e["seconds"] for e in epochs)) if resume else call_seconds
     epochs_run = epochs[-1]["epoch"] if epochs else 0
     print(f"trained {epochs_run} epochs in {train_seconds:.0f} s; train ELBO {epochs[-1]['train_elbo']:.2f}",
           flush=True)
@@ -271,7 +273,8 @@ def main(argv: Any = None) -> dict[str, Any]:
         "elbo": None if iwae else args.elbo, "particles": None if iwae else args.particles,
         "train_k": args.k, "estimator": args.estimator, "batch_size": args.batch_size,
         "lr": args.lr, "optimizer": "Adam", "seed": args.seed, "epochs_run": epochs_run,
-        "time_budget_s": args.time_budget, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "time_budget_s": args.time_budget, "train_seconds": train_seconds, "train_seconds_this_call": call_seconds,
+        "resumed": resume is not None, "eval_seconds": eval_seconds,
         "k": args.eval_k, "quick": args.quick,
         "reduced_budget": bool(args.quick or args.time_budget or args.eval_points),
         "cuda_graph": args.cuda_graph, "prior": args.prior if args.latent == "gaussian" else "relaxed categorical",
