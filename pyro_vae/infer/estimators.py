@@ -166,6 +166,11 @@ class Estimator:
             (:class:`~pyro_vae.infer.path_gradient.PathGradient`): ``"stl"`` and ``"dreg"``.
         objectives: the objectives whose gradient it estimates: ``"elbo"`` and/or ``"iwae"`` (the
             importance-weighted bound of :mod:`pyro_vae.infer.iwae`).
+        fixed_sites: for a per-site estimator, whether its term evaluates the site's cost at values other than
+            the draw (or otherwise relies on the other latents being held at their draws): it is then unbiased
+            only when no later guide site's distribution is computed from the site's value, and such a guide is
+            refused (:func:`pyro_vae.infer.site_gradients.check_fixed_sites`). ``False`` for a term that reads the
+            cost at the draw only (``"rloo"``, ``"nvil"``: unbiased for any guide).
     """
 
     name: str
@@ -178,6 +183,7 @@ class Estimator:
     objectives: tuple[str, ...] = ("elbo",)
     site_gradient: str | None = None
     cv_samples: int = 0
+    fixed_sites: bool = True
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
@@ -211,7 +217,7 @@ ESTIMATORS.update({e.name: e for e in (
                           "8 independent draws (Gaussian latents)"),
     Estimator("score-function-delta-cv", site_gradient="delta-cv",
               description="REINFORCE with the second-order Taylor (delta-method) control variate (Gaussian latents)"),
-    Estimator("rloo", categorical="exact", site_gradient="rloo",
+    Estimator("rloo", categorical="exact", site_gradient="rloo", fixed_sites=False,
               description="REINFORCE leave-one-out: each of K >= 2 particles baselined by the others' mean cost"),
     Estimator("measure-valued", site_gradient="measure-valued",
               description="coupled measure-valued derivative, Weibull and double-sided Maxwell (Gaussian latents)"),
@@ -231,7 +237,7 @@ ESTIMATORS.update({e.name: e for e in (
     Estimator("muprop", site_gradient="muprop",
               description="REINFORCE with the first-order Taylor control variate at the mean-field point "
                           "(Gu et al. 2016; Bernoulli latents)"),
-    Estimator("nvil", categorical="exact", site_gradient="nvil",
+    Estimator("nvil", categorical="exact", site_gradient="nvil", fixed_sites=False,
               description="REINFORCE with a learned input-dependent baseline and variance normalization "
                           "(Mnih & Gregor 2014)"),
 )})
@@ -558,8 +564,9 @@ class EstimatorMessenger(Messenger):
     def _pyro_post_sample(self, msg: dict) -> None:
         if self.role == "guide" and self.estimator.path_derivative and self._applies(msg):
             self._latent_values[msg["name"]] = msg["value"]
-        if self.role == "guide" and isinstance(msg["fn"], SiteGradient) and self._applies(msg) and \
-                is_validation_enabled() and torch.is_floating_point(msg["value"]) and torch.is_grad_enabled():
+        if self.role == "guide" and self.estimator.fixed_sites and isinstance(msg["fn"], SiteGradient) and \
+                self._applies(msg) and is_validation_enabled() and torch.is_floating_point(msg["value"]) and \
+                torch.is_grad_enabled():
             # The guide goes on with a leaf that requires grad in place of the detached draw (the trace, recorded
             # by an outer handler, keeps the draw): a later site whose distribution is computed from it shows
             # the dependency in the autograd graph. The parameters' gradients are unchanged.

@@ -248,10 +248,8 @@ class SiteGradientRule:
             learned); the ELBO holds it in ``extra_modules()``, so fit optimizes and checkpoints it.
         min_particles: the vectorized particles ``K`` an estimate needs.
         particles_reason: why it needs them (for the error message).
-        fixed_sites: the term evaluates the site's cost at values other than the draw (or otherwise relies on
-            the other latents being held at their draws): unbiased only when no later guide site's distribution is
-            computed from this site's value, and such a guide is refused (:func:`check_fixed_sites`). ``False``
-            for a term that reads the cost at the draw only (``rloo``, ``nvil``: unbiased for any guide).
+    (Whether a rule needs the other latents held at their draws is the estimator's
+    :attr:`~pyro_vae.infer.estimators.Estimator.fixed_sites`.)
     """
 
     term: Callable[[SiteContext], torch.Tensor]
@@ -259,7 +257,6 @@ class SiteGradientRule:
     module: Callable[[Sequence[int]], nn.Module] | None = None
     min_particles: int = 1
     particles_reason: str = ""
-    fixed_sites: bool = True
 
 
 #: The per-site estimators, keyed by ``Estimator.site_gradient``: one :class:`SiteGradientRule` each.
@@ -267,7 +264,7 @@ SITE_GRADIENTS: dict[str, SiteGradientRule] = {
     "mean-baseline": SiteGradientRule(_mean_baseline_term, lambda est, d, v: 1 + est.cv_samples),
     "optimal-cv": SiteGradientRule(_normal_term, lambda est, d, v: 1 + est.cv_samples),
     "delta-cv": SiteGradientRule(_normal_term, lambda est, d, v: 2 + 2 * d),
-    "rloo": SiteGradientRule(_rloo_term, min_particles=2, fixed_sites=False,
+    "rloo": SiteGradientRule(_rloo_term, min_particles=2,
                              particles_reason="K >= 2 draws (each is baselined by the mean of the others)"),
     "measure-valued": SiteGradientRule(_normal_term, lambda est, d, v: 1 + 4 * d),
     "rebar": SiteGradientRule(rebar_term, lambda est, d, v: REBAR_EVALUATIONS, module=rebar_control),
@@ -277,7 +274,7 @@ SITE_GRADIENTS: dict[str, SiteGradientRule] = {
     "arm": SiteGradientRule(arm_term, lambda est, d, v: 2),
     "disarm": SiteGradientRule(disarm_term, lambda est, d, v: 2),
     "muprop": SiteGradientRule(muprop_term, lambda est, d, v: 3, module=MuPropParameters),
-    "nvil": SiteGradientRule(nvil_term, module=NVILBaseline, fixed_sites=False),
+    "nvil": SiteGradientRule(nvil_term, module=NVILBaseline),
 }
 
 
@@ -291,7 +288,7 @@ def site_gradient_rule(est: Estimator) -> SiteGradientRule:
 
 def check_fixed_sites(est: Estimator, guide_trace: Trace) -> None:
     """Refuse a guide on which the per-site estimator ``est`` is biased: one whose rule has
-    :attr:`SiteGradientRule.fixed_sites` and a latent site wrapped in
+    :attr:`~pyro_vae.infer.estimators.Estimator.fixed_sites` and a latent site wrapped in
     :class:`~pyro_vae.infer.estimators.SiteGradient` from whose value a later guide site's distribution is
     computed. The dependencies are those :class:`~pyro_vae.infer.estimators.EstimatorMessenger` recorded in the
     later sites' ``infer[LATENT_INPUTS]`` (under Pyro's validation, with gradients enabled; a trace without
@@ -300,7 +297,7 @@ def check_fixed_sites(est: Estimator, guide_trace: Trace) -> None:
     Raises:
         ConfigError: naming the estimator, the site, the later site that depends on it, and the fixes.
     """
-    if not site_gradient_rule(est).fixed_sites:
+    if est.site_gradient is None or not est.fixed_sites:
         return
     nodes: Any = guide_trace.nodes
     for later, node in nodes.items():
